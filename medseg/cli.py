@@ -1,0 +1,68 @@
+"""`medseg <command>` entry point. Thin: each command lives in ``medseg/commands/<name>.py``.
+
+A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Modules import heavy libraries inside ``run`` so that
+``medseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+# command name -> module path (a plain dict: the registry of CLI commands)
+COMMANDS: dict[str, str] = {
+    "synth": "medseg.commands.synth",
+    "import": "medseg.commands.importers",
+    "stats": "medseg.commands.stats",
+    "models": "medseg.commands.models",
+    "export": "medseg.commands.export",
+    "evaluate": "medseg.commands.evaluate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg", description="Lesion segmentation for volumetric CT and MR scans."
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_path in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as exc:  # a command whose module is not part of this build
+            if exc.name == module_path:
+                continue
+            raise
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""`medseg stats`: per-slice lesion statistics and the lesion-distribution curve of a manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "per-slice lesion statistics, case statistics and the lesion-distribution curve"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="data_manifest.csv")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--config", default=None, help="YAML config (sections data, stats)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set stats.axis=coronal (repeatable)")
+    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="shortcut for --set stats.axis=...")
+    parser.add_argument("--extent", choices=["foreground", "volume"], help="shortcut for --set stats.extent=...")
+    parser.add_argument("--split", default=None, help="only cases of this split")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
+    from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
+    from medseg.manifest import read_manifest
+
+    overrides = list(args.overrides)
+    if args.axis:
+        overrides.append(f"stats.axis={args.axis}")
+    if args.extent:
+        overrides.append(f"stats.extent={args.extent}")
+    cfg = load_config(args.config, overrides)
+    cases = read_manifest(args.manifest)
+    if args.split is not None:
+        cases = [c for c in cases if c.split == args.split]
+    stats = compute_dataset_stats(cases, cfg, progress=not args.no_progress)
+    paths = write_dataset_stats(stats, cfg, args.out)
+    n_ok, n_fail = len(stats.cases), len(stats.failures)
+    print(f"statistics of {n_ok} case(s) written to {args.out}" + (f"; {n_fail} failed (see {paths['failures']})" if n_fail else ""))
+    if "lesion_curve_png" in paths:
+        print(f"lesion-distribution curve: {paths['lesion_curve_png']}")
+    return 1 if n_ok == 0 and n_fail else 0

@@ -1,0 +1,144 @@
+"""``medseg stats``: per-slice lesion statistics of every case of a manifest, and the curve.
+
+Outputs (in ``out_dir``): ``slice_stats.csv``, ``case_stats.csv``, ``lesion_curve.csv``
+(aggregate), ``lesion_curve_per_case.csv``, ``lesion_curve.png``, ``failures.csv`` (cases that
+could not be read, with the reason; the others are still processed) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from medseg import atomic
+from medseg.config import Config, dump_config
+from medseg.errors import MedsegError
+from medseg.lesions import AXIS_INDEX, case_lesion_stats, foreground_extent, lesion_distribution_curve
+from medseg.manifest import Case
+from medseg.transforms import load_transforms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetStats:
+    slices: pd.DataFrame
+    cases: pd.DataFrame
+    curve: pd.DataFrame
+    curve_per_case: pd.DataFrame
+    failures: pd.DataFrame
+
+
+def slice_positions_mm(affine: np.ndarray, shape: tuple[int, int, int], axis: int) -> np.ndarray:
+    """World (RAS, mm) coordinate along ``axis`` of each slice centre of an oriented grid."""
+    n = shape[axis]
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    ijk = np.tile(centre, (n, 1))
+    ijk[:, axis] = np.arange(n)
+    world = ijk @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return world[:, axis]
+
+
+def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict]:
+    """Load one case (label, plus its first channel when the extent is the foreground) and
+    compute its statistics on the RAS-oriented grid."""
+    if case.label is None:
+        raise MedsegError(f"case {case.case_id}: no label file, statistics need one")
+    axis = AXIS_INDEX[cfg.stats.axis]
+    use_image = cfg.stats.extent == "foreground"
+    first_channel = case.channels[0]
+    keys = ["image"] if use_image else []
+    data = {"label": str(case.label)}
+    if use_image:
+        data["image"] = str(case.images[first_channel])
+    loaded = load_transforms(keys, "label", cfg.data.labels)(data)
+    label = loaded["label"]
+    mask = np.asarray(label[0])
+    affine = np.asarray(label.affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    extent = None
+    threshold = float("nan")
+    if use_image:
+        first, last, threshold = foreground_extent(
+            np.asarray(loaded["image"][0]), axis, case.modality, cfg.stats.foreground_threshold
+        )
+        extent = (first, last)
+    result = case_lesion_stats(
+        mask,
+        spacing,  # type: ignore[arg-type]
+        axis=axis,
+        extent=extent,
+        connectivity_2d=cfg.stats.connectivity_2d,
+        connectivity_3d=cfg.stats.connectivity_3d,
+        slice_positions_mm=slice_positions_mm(affine, mask.shape, axis),
+    )
+    slices = result.slices
+    slices.insert(0, "case_id", case.case_id)
+    row = {
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "modality": case.modality,
+        "split": case.split,
+        "axis": cfg.stats.axis,
+        "extent_mode": cfg.stats.extent,
+        "foreground_threshold": threshold,
+        **result.case,
+    }
+    return slices, row
+
+
+def compute_dataset_stats(cases: list[Case], cfg: Config, progress: bool = True) -> DatasetStats:
+    """Statistics of every labelled case; a failing case is recorded, not fatal."""
+    slice_frames: list[pd.DataFrame] = []
+    rows: list[dict] = []
+    failures: list[dict] = []
+    labelled = [c for c in cases if c.label is not None]
+    for case in tqdm(labelled, desc="lesion statistics", unit="case", disable=not progress):
+        try:
+            slices, row = stats_for_case(case, cfg)
+        except MedsegError as exc:
+            log.warning("case %s failed: %s", case.case_id, exc)
+            failures.append({"case_id": case.case_id, "stage": "stats", "error": str(exc)})
+            continue
+        except Exception as exc:  # noqa: BLE001 - a batch run records unexpected errors and goes on
+            log.exception("case %s failed unexpectedly", case.case_id)
+            failures.append({"case_id": case.case_id, "stage": "stats", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        slice_frames.append(slices)
+        rows.append(row)
+    slices_df = pd.concat(slice_frames, ignore_index=True) if slice_frames else pd.DataFrame()
+    cases_df = pd.DataFrame(rows)
+    if len(slices_df):
+        curve, per_case = lesion_distribution_curve(slices_df, cfg.stats.n_bins)
+    else:
+        curve, per_case = lesion_distribution_curve(pd.DataFrame(columns=["case_id"]), cfg.stats.n_bins)
+    return DatasetStats(slices_df, cases_df, curve, per_case, pd.DataFrame(failures, columns=["case_id", "stage", "error"]))
+
+
+def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write the CSVs, the curve PNG and the resolved config; returns the paths."""
+    from medseg.reporting import plot_lesion_curve
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "slice_stats": atomic.write_csv(out / "slice_stats.csv", stats.slices),
+        "case_stats": atomic.write_csv(out / "case_stats.csv", stats.cases),
+        "lesion_curve": atomic.write_csv(out / "lesion_curve.csv", stats.curve),
+        "lesion_curve_per_case": atomic.write_csv(out / "lesion_curve_per_case.csv", stats.curve_per_case),
+        "failures": atomic.write_csv(out / "failures.csv", stats.failures),
+    }
+    if len(stats.curve):
+        paths["lesion_curve_png"] = plot_lesion_curve(
+            stats.curve, out / "lesion_curve.png", axis_name=cfg.stats.axis, extent=cfg.stats.extent,
+            per_case=stats.curve_per_case, title=title,
+        )
+    with atomic.atomic_path(out / "config.yaml") as tmp:
+        dump_config(cfg, tmp)
+    paths["config"] = out / "config.yaml"
+    return paths

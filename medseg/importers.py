@@ -1,0 +1,219 @@
+"""Build manifests from common dataset layouts.
+
+- ``import_brats(root)``: folders (or one flat folder) of ``<case>_<channel>.nii.gz`` plus
+  ``<case>_seg.nii.gz`` (BraTS 2018-2021; BraTS 2023's ``<case>-<channel>`` naming too).
+- ``import_nnunet(root)``: nnU-Net v2 raw layout (``dataset.json`` with ``channel_names``,
+  ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``, optional ``imagesTs``) and
+  MSD-style ``dataset.json`` (``modality`` + ``training`` list) with 3-D images.
+- ``import_files(images_glob, labels_glob)``: image/label pairs matched by file stem.
+- ``import_dicom(root)``: one case per folder holding a DICOM series; the patient id is a
+  pseudonym of the DICOM PatientID, so no identifier enters the manifest.
+
+All return ``list[Case]``; ``write_manifest`` stores them with relative paths.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from medseg.errors import MedsegError
+from medseg.manifest import Case, pseudonymise
+
+NIFTI_RE = re.compile(r"^(?P<stem>.+?)(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha)$", re.IGNORECASE)
+LABEL_CHANNELS = ("seg", "label", "labels", "mask", "gt")
+LABEL_SUFFIXES = ("_seg", "-seg", "_label", "_labels", "_mask", "-mask", "_gt", "_roi", "-label")
+IMAGE_SUFFIXES = ("_0000", "_img", "_image", "-image", "_ct", "_mr")
+
+
+def channel_name(text: str) -> str:
+    """Manifest-safe channel name: lower case, letters/digits/underscores."""
+    name = re.sub(r"[^0-9a-zA-Z]+", "_", text.strip()).strip("_").lower()
+    return name or "image"
+
+
+def _split_case_channel(stem: str) -> tuple[str, str] | None:
+    cut = max(stem.rfind("_"), stem.rfind("-"))
+    if cut <= 0 or cut == len(stem) - 1:
+        return None
+    return stem[:cut], stem[cut + 1 :].lower()
+
+
+def import_brats(root: str | Path, modality: str = "MR") -> list[Case]:
+    """One case per ``<case>_<channel>`` group; ``seg``/``label``/``mask`` is the label."""
+    base = Path(root)
+    if not base.is_dir():
+        raise MedsegError(f"{base}: folder not found")
+    groups: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
+    for file in sorted(base.rglob("*")):
+        m = NIFTI_RE.match(file.name)
+        if not file.is_file() or not m:
+            continue
+        parts = _split_case_channel(m.group("stem"))
+        if parts is None:
+            continue
+        case_id, channel = parts
+        groups[(file.parent, case_id)][channel] = file
+    if not groups:
+        raise MedsegError(f"{base}: no <case>_<channel>.nii.gz files found")
+    cases: list[Case] = []
+    channel_sets: dict[frozenset[str], list[str]] = defaultdict(list)
+    seen: dict[str, Path] = {}
+    for (folder, case_id), files in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        label = next((files[c] for c in LABEL_CHANNELS if c in files), None)
+        images = {channel_name(c): f for c, f in sorted(files.items()) if c not in LABEL_CHANNELS}
+        if not images:
+            continue
+        if case_id in seen:
+            raise MedsegError(f"case id {case_id!r} appears in two folders: {seen[case_id]} and {folder}")
+        seen[case_id] = folder
+        channel_sets[frozenset(images)].append(case_id)
+        cases.append(Case(case_id, case_id, modality, images, label, "train" if label else ""))
+    if len(channel_sets) > 1:
+        detail = "; ".join(f"{sorted(k)}: {v[:3]}{'...' if len(v) > 3 else ''}" for k, v in channel_sets.items())
+        raise MedsegError(f"{base}: cases have different channel sets ({detail}); every case needs the same channels")
+    return cases
+
+
+def import_nnunet(root: str | Path, modality: str | None = None) -> list[Case]:
+    """nnU-Net v2 raw dataset (or MSD ``dataset.json`` with 3-D images)."""
+    base = Path(root)
+    spec_path = base / "dataset.json"
+    if not spec_path.is_file():
+        raise MedsegError(f"{spec_path}: dataset.json not found (is {base} an nnU-Net raw dataset folder?)")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MedsegError(f"{spec_path}: not valid JSON ({exc})") from None
+    names = spec.get("channel_names") or spec.get("modality")
+    if not isinstance(names, dict) or not names:
+        raise MedsegError(f"{spec_path}: needs 'channel_names' (nnU-Net v2) or 'modality' (MSD)")
+    order = sorted(names, key=int)
+    channels = [channel_name(str(names[k])) for k in order]
+    if len(set(channels)) != len(channels):
+        channels = [f"{c}_{k}" for c, k in zip(channels, order, strict=True)]
+    mod = modality or ("CT" if any(str(names[k]).strip().upper() == "CT" for k in order) else "MR")
+    cases: list[Case] = []
+    if "training" in spec and isinstance(spec["training"], list) and "channel_names" not in spec:
+        # MSD v1: each entry names one (possibly 4-D) image; only single-channel 3-D data maps to columns
+        if len(channels) > 1:
+            raise MedsegError(
+                f"{spec_path}: MSD dataset with {len(channels)} modalities stored as 4-D images; convert it with "
+                "nnUNetv2_convert_MSD_dataset (one file per channel) and import the converted folder"
+            )
+        for entry in spec["training"]:
+            img, lab = base / entry["image"], base / entry["label"]
+            cid = NIFTI_RE.match(img.name).group("stem") if NIFTI_RE.match(img.name) else img.stem
+            cases.append(Case(cid, cid, mod, {channels[0]: img.resolve()}, lab.resolve(), "train"))
+        for entry in spec.get("test", []):
+            img = base / (entry if isinstance(entry, str) else entry["image"])
+            cid = NIFTI_RE.match(img.name).group("stem") if NIFTI_RE.match(img.name) else img.stem
+            cases.append(Case(cid, cid, mod, {channels[0]: img.resolve()}, None, ""))
+        return cases
+    ending = spec.get("file_ending", ".nii.gz")
+    for folder, has_labels in (("imagesTr", True), ("imagesTs", False)):
+        img_dir = base / folder
+        if not img_dir.is_dir():
+            if has_labels:
+                raise MedsegError(f"{img_dir}: folder not found")
+            continue
+        suffix0 = f"_0000{ending}"
+        for first in sorted(img_dir.glob(f"*{suffix0}")):
+            cid = first.name[: -len(suffix0)]
+            images = {}
+            for idx, ch in zip(order, channels, strict=True):
+                f = img_dir / f"{cid}_{int(idx):04d}{ending}"
+                if not f.exists():
+                    raise MedsegError(f"{f}: channel {idx} ({ch}) of case {cid} is missing")
+                images[ch] = f.resolve()
+            label = (base / "labelsTr" / f"{cid}{ending}") if has_labels else None
+            if label is not None and not label.exists():
+                raise MedsegError(f"{label}: label of training case {cid} is missing")
+            cases.append(Case(cid, cid, mod, images, label.resolve() if label else None, "train" if label else ""))
+    if not cases:
+        raise MedsegError(f"{base}: no images named <case>_0000{ending} in imagesTr/")
+    return cases
+
+
+def _stem(path: Path) -> str:
+    m = NIFTI_RE.match(path.name)
+    return m.group("stem") if m else path.stem
+
+
+def _strip_suffix(stem: str, suffixes: tuple[str, ...]) -> str:
+    low = stem.lower()
+    for s in suffixes:
+        if low.endswith(s):
+            return stem[: -len(s)]
+    return stem
+
+
+def import_files(
+    images_glob: str, labels_glob: str | None = None, modality: str = "MR", channel: str = "image"
+) -> list[Case]:
+    """Pair images and labels by stem (``_seg``, ``_label``, ``_mask``, ``_0000``… suffixes removed).
+
+    Images without a label become inference rows; a label without an image is an error.
+    """
+    images = sorted(Path(p) for p in glob.glob(images_glob, recursive=True))
+    if not images:
+        raise MedsegError(f"no image files match {images_glob!r}")
+    by_id: dict[str, Path] = {}
+    for img in images:
+        cid = _strip_suffix(_stem(img), IMAGE_SUFFIXES)
+        if cid in by_id:
+            raise MedsegError(f"two images map to case id {cid!r}: {by_id[cid]} and {img}")
+        by_id[cid] = img
+    labels: dict[str, Path] = {}
+    if labels_glob:
+        for lab in sorted(Path(p) for p in glob.glob(labels_glob, recursive=True)):
+            cid = _strip_suffix(_stem(lab), LABEL_SUFFIXES)
+            if cid not in by_id:
+                raise MedsegError(f"{lab}: label has no matching image (expected an image with stem {cid!r})")
+            labels[cid] = lab
+    ch = channel_name(channel)
+    return [
+        Case(cid, cid, modality, {ch: img.resolve()}, labels[cid].resolve() if cid in labels else None,
+             "train" if cid in labels else "")
+        for cid, img in by_id.items()
+    ]
+
+
+def import_dicom(root: str | Path) -> list[Case]:
+    """One case per folder holding a DICOM series (the largest series of the folder).
+
+    case_id = folder path relative to ``root``; patient_id = pseudonym of PatientID; modality from
+    the DICOM Modality tag (CT or MR; other modalities are skipped with a warning).
+    """
+    import logging
+
+    import SimpleITK as sitk
+
+    base = Path(root)
+    if not base.is_dir():
+        raise MedsegError(f"{base}: folder not found")
+    log = logging.getLogger(__name__)
+    cases: list[Case] = []
+    folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]
+    for folder in folders:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if not ids:
+            continue
+        files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in ids), key=len)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+        tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
+        modality = tag("0008|0060").upper()
+        rel = folder.relative_to(base).as_posix() if folder != base else base.name
+        if modality not in ("CT", "MR"):
+            log.warning("skipping DICOM folder %s: modality %r is not CT or MR", rel, modality)
+            continue
+        patient = tag("0010|0020") or tag("0020|000d") or rel
+        cases.append(Case(channel_name(rel), pseudonymise(patient), modality, {"image": folder.resolve()}, None, ""))
+    if not cases:
+        raise MedsegError(f"{base}: no CT/MR DICOM series found")
+    return cases

@@ -1,0 +1,464 @@
+"""Read volumes (NIfTI, NRRD, MHA/MHD, DICOM series) and write masks on the source grid.
+
+Axis conventions
+----------------
+Arrays are in **file index order (I, J, K)**, the order nibabel uses and MONAI's readers
+return (SimpleITK's own arrays are (K, J, I); we transpose). ``affine`` maps (i, j, k, 1)
+to **RAS** world millimetres, nibabel's convention (ITK's LPS is converted).
+
+Reader choice
+-------------
+SimpleITK is used for every format: it reads ``.nii.gz`` about 1.7x faster than nibabel and
+3.9x faster than MONAI's default ``LoadImaged`` path (see docs/benchmarks.md), and it reads
+NRRD/MHA/DICOM, which nibabel cannot. ``SimpleITKReader`` exposes it through MONAI's
+``ImageReader`` interface so ``LoadImaged(reader=SimpleITKReader())`` works.
+
+Truncated ``.gz`` files are a trap: ITK silently returns zeros for the missing part.
+``read_volume`` therefore checks the gzip trailer's uncompressed size against the size the
+header promises and decompresses the stream fully only when they disagree.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from monai.data.image_reader import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from medseg.atomic import atomic_path
+from medseg.config import LabelConfig
+from medseg.errors import GeometryMismatchError, InputFileError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+AFFINE_ATOL = 1e-4
+
+
+@dataclass
+class Geometry:
+    """ITK-style voxel grid: ``size`` (I, J, K), ``spacing`` mm, ``origin`` and ``direction``
+    (row-major 3x3, columns = index axes) in **LPS** world coordinates."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 RAS affine (nibabel convention) of this grid."""
+        lps = np.eye(4)
+        lps[:3, :3] = np.asarray(self.direction, dtype=np.float64).reshape(3, 3) * np.asarray(self.spacing)
+        lps[:3, 3] = self.origin
+        return LPS_TO_RAS @ lps
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, size: Sequence[int]) -> Geometry:
+        """Inverse of ``affine``; raises ValueError for sheared affines ITK cannot represent."""
+        lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+        rot_zoom = lps[:3, :3]
+        spacing = np.linalg.norm(rot_zoom, axis=0)
+        direction = rot_zoom / spacing
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise ValueError("affine has shear; it cannot be written as an ITK direction matrix")
+        return cls(
+            size=tuple(int(s) for s in size),  # type: ignore[arg-type]
+            spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in lps[:3, 3]),  # type: ignore[arg-type]
+            direction=tuple(float(d) for d in direction.ravel()),
+        )
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
+        return cls(
+            size=tuple(image.GetSize()),  # type: ignore[arg-type]
+            spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
+            origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> None:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+
+
+@dataclass
+class Volume:
+    """A 3-D volume with its grid.
+
+    ``array``: shape (I, J, K), file index order. ``geometry`` gives spacing/origin/direction;
+    ``affine`` is the 4x4 RAS affine. ``path`` names the source for error messages.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.geometry.affine
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.spacing
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """True for supported volume files and for folders (read as DICOM series)."""
+    p = Path(path)
+    return p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _nifti_gz_payload_size(path: Path) -> int | None:
+    """Uncompressed size promised by a .nii.gz header (vox_offset + voxel bytes), or None."""
+    import nibabel as nib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(raw) < 348:
+        return None
+    try:
+        header = nib.Nifti1Header(raw, check=False)
+        nvox = int(np.prod(header.get_data_shape()))
+        return int(header["vox_offset"]) + nvox * header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - not a NIfTI-1 header; let ITK judge the file
+        return None
+
+
+def _check_gzip_complete(path: Path) -> bool:
+    """Raise InputFileError if a .gz file is truncated or corrupt; return True when ITK can
+    read it directly, False when it must be decompressed first.
+
+    Fast path: the gzip trailer (ISIZE, uncompressed size mod 2**32) equals the size the NIfTI
+    header promises. Otherwise the stream is decompressed fully, which detects truncation and
+    CRC errors. Multi-member gzip files (bgzip output) pass this check but ITK misreads them,
+    so they are flagged for decompression.
+    """
+    expected = _nifti_gz_payload_size(path)
+    if expected is not None:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", fh.read(4))
+        if isize == expected % (1 << 32):
+            return True
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                total += len(chunk)
+    except EOFError:
+        raise InputFileError(path, "file is truncated (the gzip stream ends early); re-copy or re-export it") from None
+    except (OSError, zlib.error) as exc:
+        raise InputFileError(path, f"file is corrupt (gzip error: {exc})") from None
+    if expected is not None and total < expected:
+        raise InputFileError(path, f"file is truncated: {total} bytes of image data, the header promises {expected}")
+    return expected is None
+
+
+def _is_float_nifti(path: Path) -> bool:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+
+
+def _read_float_nifti(path: Path) -> sitk.Image:
+    """Float NIfTI through nibabel: ITK's NIfTI reader silently turns NaN/Inf into 0, which
+    would hide broken data. Geometry still comes from ITK's header reading."""
+    import nibabel as nib
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    data = np.asarray(nib.load(str(path)).dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.T), isVector=False)
+    if image.GetDimension() == len(reader.GetSize()):
+        image.SetSpacing(reader.GetSpacing())
+        image.SetOrigin(reader.GetOrigin())
+        image.SetDirection(reader.GetDirection())
+    elif image.GetDimension() == 3 and len(reader.GetSize()) == 4:
+        image.SetSpacing(reader.GetSpacing()[:3])
+        image.SetOrigin(reader.GetOrigin()[:3])
+        d = reader.GetDirection()
+        image.SetDirection((d[0], d[1], d[2], d[4], d[5], d[6], d[8], d[9], d[10]))
+    return image
+
+
+def _read_decompressed(path: Path) -> sitk.Image:
+    """Read a .gz volume through a temporary uncompressed copy (multi-member gzip)."""
+    import shutil
+    import tempfile
+
+    inner = path.name[:-3]
+    with tempfile.TemporaryDirectory(prefix="medseg-") as tmp:
+        plain = Path(tmp) / inner
+        with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        return sitk.ReadImage(str(plain))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise InputFileError(folder, "folder holds no DICOM series (no readable DICOM files found)")
+    # Several series in one folder: take the one with most slices (typical: localisers beside
+    # the main series). The choice is deterministic and recorded in meta.
+    files_by_id = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids}
+    series_id = max(ids, key=lambda sid: (len(files_by_id[sid]), sid))
+    files = files_by_id[series_id]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    # Patient identifiers stay inside the DICOM files: no tag is copied into meta.
+    reader.MetaDataDictionaryArrayUpdateOff()
+    reader.LoadPrivateTagsOff()
+    image = reader.Execute()
+    if len(files) < 2:
+        raise InputFileError(folder, "DICOM series has a single slice; a 3-D volume is needed")
+    return image
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise InputFileError(path, "file not found")
+    if path.is_dir():
+        try:
+            return _read_dicom_series(path)
+        except RuntimeError as exc:
+            raise InputFileError(path, f"cannot read DICOM series ({_first_line(exc)})") from None
+    if path.stat().st_size == 0:
+        raise InputFileError(path, "file is empty")
+    direct = True
+    if path.name.lower().endswith(".gz"):
+        direct = _check_gzip_complete(path)
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")) and _is_float_nifti(path):
+            return _read_float_nifti(path)
+        return sitk.ReadImage(str(path)) if direct else _read_decompressed(path)
+    except RuntimeError as exc:
+        raise InputFileError(path, f"cannot read: not a supported image or the file is corrupt ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "ERROR" in ln or "error" in ln] or lines
+    return useful[-1][:200] if useful else type(exc).__name__
+
+
+def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputFileError(
+            path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector image); a scalar 3-D volume is expected"
+        )
+    dim = image.GetDimension()
+    size = list(image.GetSize())
+    if dim == 3:
+        return image
+    if dim == 4 and size[3] == 1:
+        return sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    if dim == 4:
+        raise InputFileError(path, f"is 4-D with shape {tuple(size)}; a 3-D volume is expected (split the 4th dimension into one file per channel)")
+    raise InputFileError(path, f"is {dim}-D with shape {tuple(size)}; a 3-D volume is expected")
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's pixel buffer to numpy and keeps the image alive.
+
+    ``sitk.GetArrayViewFromImage`` returns a view that does *not* own the image: once the
+    image is garbage-collected the view reads freed memory. An array built from this object
+    has it as ``.base``, so the image lives as long as any array viewing it (no copy).
+    """
+
+    def __init__(self, image: sitk.Image) -> None:
+        view = sitk.GetArrayViewFromImage(image)
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], False)  # writable: we own this image
+        self.__array_interface__ = interface
+        self._image = image
+        self._view = view
+
+
+def _array_view(image: sitk.Image) -> np.ndarray:
+    """(K, J, I) array sharing the image's memory, safe to keep after the image goes."""
+    return np.asarray(_ImageBuffer(image))
+
+
+def read_volume(path: str | Path, check_finite: bool = True) -> Volume:
+    """Read a 3-D volume (file or DICOM series folder) with its geometry.
+
+    Returns ``Volume`` whose array is (I, J, K) in the file's native dtype (a view, not a copy).
+    Raises ``InputFileError`` naming the file for: missing file, empty/corrupt/truncated file,
+    non-3-D or vector data, NaN/Inf voxels (when ``check_finite``).
+    """
+    p = Path(path)
+    image = _squeeze_to_3d(_read_sitk(p), p)
+    if min(image.GetSize()) < 1:
+        raise InputFileError(p, f"has an empty dimension {image.GetSize()}")
+    array = _array_view(image).transpose(2, 1, 0)
+    volume = Volume(array=array, geometry=Geometry.from_sitk(image), path=p)
+    if check_finite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n_bad = int(array.size - np.isfinite(array).sum())
+        raise InputFileError(p, f"contains {n_bad} NaN/Inf voxel(s); fix or mask them before use")
+    return volume
+
+
+def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> np.ndarray:
+    """Map a raw label array (I, J, K) to the uint8 binary lesion mask (0/1) per ``cfg``.
+
+    Raises ``InputFileError`` for non-integer values or values outside ``cfg.allowed_values``.
+    """
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputFileError(path, "label contains NaN/Inf values")
+        if not np.array_equal(array, np.round(array)):
+            raise InputFileError(path, "label has non-integer values (an interpolated mask?); labels must be integer-valued")
+    if cfg.allowed_values is not None:
+        present = present_values(array)
+        unexpected = sorted(set(present) - set(cfg.allowed_values))
+        if unexpected:
+            raise InputFileError(
+                path,
+                f"unexpected label value(s) {unexpected[:10]} (allowed: {sorted(cfg.allowed_values)}); "
+                "set data.labels.allowed_values / foreground in the config",
+            )
+    if cfg.foreground == "nonzero":
+        return (array > 0).astype(np.uint8)
+    return np.isin(array, np.asarray(cfg.foreground, dtype=array.dtype if array.dtype.kind in "iu" else np.float64)).astype(np.uint8)
+
+
+def present_values(array: np.ndarray) -> list[int]:
+    """Distinct integer values of a label array; bincount when the range is small (fast)."""
+    lo, hi = int(array.min()), int(array.max())
+    if array.dtype.kind in "iub" and hi - lo < 1 << 16:
+        counts = np.bincount((array.ravel() - lo).astype(np.int64, copy=False) if lo else array.ravel().astype(np.intp, copy=False), minlength=1)
+        return [int(v) + lo for v in np.flatnonzero(counts)]
+    return [int(v) for v in np.unique(array)]
+
+
+def read_label(path: str | Path, cfg: LabelConfig | None = None) -> Volume:
+    """Read a label file and map it to a uint8 binary lesion mask (0/1), shape (I, J, K)."""
+    volume = read_volume(path)
+    mask = map_labels(volume.array, cfg or LabelConfig(), volume.path)
+    return Volume(array=mask, geometry=volume.geometry, path=volume.path, meta={"raw_values": None})
+
+
+def check_same_grid(a: Volume, b: Volume, context: str = "") -> None:
+    """Raise ``GeometryMismatchError`` unless ``a`` and ``b`` share shape and affine (atol 1e-4 mm)."""
+    where = f" ({context})" if context else ""
+    if a.shape != b.shape:
+        raise GeometryMismatchError(
+            f"grid mismatch{where}: {a.path} has shape {a.shape} but {b.path} has shape {b.shape}; "
+            "they must be on one voxel grid (resample one onto the other first)"
+        )
+    if not np.allclose(a.affine, b.affine, atol=AFFINE_ATOL):
+        diff = float(np.abs(a.affine - b.affine).max())
+        raise GeometryMismatchError(
+            f"grid mismatch{where}: {a.path} and {b.path} have the same shape but different affines "
+            f"(max difference {diff:.4g} mm); they must be on one voxel grid"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_sitk_write(image: sitk.Image, out_path: Path, compress: bool) -> None:
+    with atomic_path(out_path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+
+
+def write_volume(
+    array: np.ndarray,
+    reference: Volume | Geometry,
+    out_path: str | Path,
+    dtype: np.dtype | type = np.uint8,
+    compress: bool = True,
+) -> Path:
+    """Write ``array`` (I, J, K) on the grid of ``reference`` atomically (temp file + rename).
+
+    The output has exactly the reference's shape, spacing, origin and direction, so it overlays
+    the source image in any viewer. The format follows the suffix (``.nii.gz`` recommended).
+    """
+    geometry = reference.geometry if isinstance(reference, Volume) else reference
+    arr = np.asarray(array)
+    if tuple(arr.shape) != tuple(geometry.size):
+        src = reference.path if isinstance(reference, Volume) else "reference grid"
+        raise GeometryMismatchError(
+            f"cannot write {out_path}: array shape {tuple(arr.shape)} differs from the source grid {tuple(geometry.size)} of {src}"
+        )
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr.astype(dtype, copy=False).transpose(2, 1, 0)))
+    geometry.apply_to(image)
+    out = Path(out_path)
+    _atomic_sitk_write(image, out, compress)
+    return out
+
+
+def write_mask(mask: np.ndarray, reference: Volume | Geometry, out_path: str | Path) -> Path:
+    """Write a uint8 mask (I, J, K) as compressed NIfTI on the reference grid, atomically."""
+    return write_volume(mask, reference, out_path, dtype=np.uint8, compress=True)
+
+
+# --------------------------------------------------------------------------- MONAI reader
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI ``ImageReader`` backed by SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders).
+
+    ``get_data`` returns the array in (I, J, K) order and meta with a RAS ``affine``, as
+    MONAI's NibabelReader does, so ``EnsureChannelFirstd``/``Orientationd`` work unchanged.
+    Validation (truncation, 4-D, NaN) is ``read_volume``'s.
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return all(is_volume_path(n) for n in names)
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> Volume | list[Volume]:
+        if isinstance(data, (str, os.PathLike)):
+            return read_volume(data, check_finite=self.check_finite)
+        return [read_volume(d, check_finite=self.check_finite) for d in data]
+
+    def get_data(self, img: Volume | list[Volume]) -> tuple[np.ndarray, dict]:
+        volumes = [img] if isinstance(img, Volume) else list(img)
+        first = volumes[0]
+        for other in volumes[1:]:
+            check_same_grid(first, other, "files stacked as channels")
+        affine = first.affine
+        meta: dict[str, Any] = {
+            MetaKeys.AFFINE: affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(first.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            "spacing": np.asarray(first.spacing),
+            "pixdim": np.asarray([1.0, *first.spacing]),
+        }
+        if len(volumes) == 1:
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan")
+            return first.array, meta
+        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1
+        return np.stack([v.array for v in volumes], axis=-1), meta

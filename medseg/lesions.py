@@ -1,0 +1,257 @@
+"""Per-slice and per-case lesion statistics, and the lesion-distribution curve.
+
+Inputs are RAS-oriented arrays with axes (R, A, S) (see ``medseg.transforms``); ``axis``
+is 0 (sagittal slices), 1 (coronal) or 2 (axial). Slice index 0 is the most left /
+posterior / inferior slice.
+
+Definitions
+-----------
+- 2-D lesion components: connected components inside one slice (8- or 4-connectivity).
+- 3-D lesions: connected components of the volume (26-, 18- or 6-connectivity).
+- Largest lesion diameter: the longest distance between two points of one 3-D lesion,
+  measured between the outer corners of its voxels (the physical extent, as pyradiomics'
+  Maximum3DDiameter does on its mesh), in mm.
+- Normalised position: (slice - first) / (last - first) over the case's extent (first/last
+  slice holding foreground, or the whole volume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
+
+AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+CT_FOREGROUND_HU = -500.0
+
+
+@dataclass
+class CaseLesionStats:
+    """Statistics of one case: ``slices`` has one row per slice, ``case`` one dict."""
+
+    slices: pd.DataFrame
+    case: dict
+
+
+def structure_2d(axis: int, connectivity: int) -> np.ndarray:
+    """3x3x3 structuring element connecting voxels only within slices normal to ``axis``."""
+    plane = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    s = np.zeros((3, 3, 3), dtype=bool)
+    index: list[slice | int] = [slice(None)] * 3
+    index[axis] = 1
+    s[tuple(index)] = plane
+    return s
+
+
+def structure_3d(connectivity: int) -> np.ndarray:
+    """26 -> full 3x3x3, 18 -> faces+edges, 6 -> faces."""
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    return ndimage.generate_binary_structure(3, rank)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box of the non-zero voxels, or None for an empty mask."""
+    index = []
+    for ax in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != ax)
+        nz = np.flatnonzero(mask.any(axis=others))
+        if nz.size == 0:
+            return None
+        index.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(index)
+
+
+def max_diameter_mm(component: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Longest corner-to-corner distance (mm) of a binary component (I, J, K) on an orthogonal grid."""
+    if not component.any():
+        return 0.0
+    boundary = component & ~ndimage.binary_erosion(component)
+    centres = np.argwhere(boundary).astype(np.float64)
+    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) for dz in (-0.5, 0.5)])
+    corners = (centres[:, None, :] + offsets[None, :, :]).reshape(-1, 3) * np.asarray(spacing)
+    corners = np.unique(corners, axis=0)
+    if len(corners) > 64:
+        try:
+            corners = corners[ConvexHull(corners).vertices]
+        except QhullError:
+            pass  # degenerate (flat) sets: fall back to all points
+    if len(corners) > 20000:  # pathological degenerate case: subsample deterministically
+        corners = corners[:: len(corners) // 20000 + 1]
+    return float(pdist(corners).max()) if len(corners) > 1 else 0.0
+
+
+def foreground_extent(
+    image: np.ndarray, axis: int, modality: str, threshold: float | None = None
+) -> tuple[int, int, float]:
+    """First and last slice along ``axis`` holding body/brain foreground, and the threshold used.
+
+    ``image``: (R, A, S) intensities. Threshold: given, or -500 HU for CT, or for MR the
+    Otsu threshold of a subsample. A slice belongs to the extent when at least
+    max(10, 0.1%) of its pixels exceed the threshold. Falls back to the whole volume.
+    (``case_lesion_stats`` further widens the extent to every slice holding lesion.)
+    """
+    if threshold is None:
+        if modality.upper() == "CT":
+            threshold = CT_FOREGROUND_HU
+        else:
+            from skimage.filters import threshold_otsu
+
+            sample = np.asarray(image[::2, ::2, ::2], dtype=np.float32).ravel()
+            lo, hi = np.percentile(sample, [0.5, 99.5])
+            sample = np.clip(sample, lo, hi)
+            threshold = float(threshold_otsu(sample)) if hi > lo else float(lo)
+    others = tuple(a for a in range(3) if a != axis)
+    counts = (image > threshold).sum(axis=others)
+    slice_pixels = image.size // image.shape[axis]
+    inside = np.flatnonzero(counts >= max(10, 0.001 * slice_pixels))
+    if inside.size == 0:
+        return 0, image.shape[axis] - 1, float(threshold)
+    return int(inside[0]), int(inside[-1]), float(threshold)
+
+
+def case_lesion_stats(
+    mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    axis: int = 2,
+    extent: tuple[int, int] | None = None,
+    connectivity_2d: int = 8,
+    connectivity_3d: int = 26,
+    slice_positions_mm: np.ndarray | None = None,
+) -> CaseLesionStats:
+    """Per-slice and per-case statistics of a binary lesion mask.
+
+    ``mask``: (R, A, S) bool/uint8; ``spacing``: mm per axis of ``mask``; ``extent``: first and
+    last slice of the case's extent (default: the whole volume); ``slice_positions_mm``:
+    world coordinate of each slice centre along ``axis`` (optional column).
+    """
+    mask = np.asarray(mask).astype(bool, copy=False)
+    n_slices = mask.shape[axis]
+    others = tuple(a for a in range(3) if a != axis)
+    pixel_area = float(np.prod([spacing[a] for a in others]))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    slice_pixels = int(np.prod([mask.shape[a] for a in others]))
+
+    voxels_per_slice = np.zeros(n_slices, dtype=np.int64)
+    comps_per_slice = np.zeros(n_slices, dtype=np.int64)
+    n_lesions = 0
+    largest_diam = 0.0
+    largest_ml = 0.0
+    box = bounding_box(mask)
+    if box is not None:
+        crop = mask[box]
+        offset = box[axis].start
+        voxels_per_slice[box[axis]] = crop.sum(axis=others)
+        labels_2d, n_2d = ndimage.label(crop, structure=structure_2d(axis, connectivity_2d))
+        if n_2d:
+            starts = np.array([sl[axis].start for sl in ndimage.find_objects(labels_2d)]) + offset
+            comps_per_slice += np.bincount(starts, minlength=n_slices)
+        labels_3d, n_lesions = ndimage.label(crop, structure=structure_3d(connectivity_3d))
+        if n_lesions:
+            sizes = np.bincount(labels_3d.ravel())[1:]
+            largest_ml = float(sizes.max()) * voxel_ml
+            for index, sl in enumerate(ndimage.find_objects(labels_3d), start=1):
+                largest_diam = max(largest_diam, max_diameter_mm(labels_3d[sl] == index, spacing))
+
+    first, last = extent if extent is not None else (0, n_slices - 1)
+    with_lesion = np.flatnonzero(voxels_per_slice)
+    outside = int(np.count_nonzero((with_lesion < first) | (with_lesion > last)))
+    if with_lesion.size:  # a lesion implies foreground: the extent always covers it
+        first, last = min(first, int(with_lesion[0])), max(last, int(with_lesion[-1]))
+    span = max(last - first, 1)
+    slice_index = np.arange(n_slices)
+    in_extent = (slice_index >= first) & (slice_index <= last)
+    norm = np.where(in_extent, (slice_index - first) / span, np.nan)
+    slices = pd.DataFrame(
+        {
+            "slice": slice_index,
+            "position_mm": slice_positions_mm if slice_positions_mm is not None else np.full(n_slices, np.nan),
+            "norm_position": norm,
+            "in_extent": in_extent,
+            "lesion_voxels": voxels_per_slice,
+            "lesion_area_mm2": voxels_per_slice * pixel_area,
+            "n_components_2d": comps_per_slice,
+            "lesion_fraction": voxels_per_slice / slice_pixels,
+        }
+    )
+    case = {
+        "n_slices": n_slices,
+        "extent_first": first,
+        "extent_last": last,
+        "n_lesions_3d": int(n_lesions),
+        "lesion_voxels": int(voxels_per_slice.sum()),
+        "lesion_volume_ml": float(voxels_per_slice.sum()) * voxel_ml,
+        "slices_with_lesion": int(with_lesion.size),
+        "first_lesion_slice": int(with_lesion[0]) if with_lesion.size else -1,
+        "last_lesion_slice": int(with_lesion[-1]) if with_lesion.size else -1,
+        "lesion_slices_outside_foreground": outside,
+        "largest_lesion_volume_ml": largest_ml,
+        "largest_lesion_diameter_mm": largest_diam,
+        "spacing_r": float(spacing[0]),
+        "spacing_a": float(spacing[1]),
+        "spacing_s": float(spacing[2]),
+    }
+    return CaseLesionStats(slices=slices, case=case)
+
+
+def case_curve(slices: pd.DataFrame, grid: np.ndarray, value: str = "lesion_area_mm2") -> tuple[np.ndarray, np.ndarray]:
+    """Resample one case's per-slice ``value`` onto normalised positions ``grid`` (in [0, 1]).
+
+    Returns (values on grid by linear interpolation, has-lesion on grid by nearest slice).
+    Slices outside the extent are ignored.
+    """
+    inside = slices[slices["in_extent"]]
+    pos = inside["norm_position"].to_numpy(dtype=np.float64)
+    val = inside[value].to_numpy(dtype=np.float64)
+    if len(pos) == 1:
+        return np.full(grid.shape, val[0]), np.full(grid.shape, val[0] > 0)
+    curve = np.interp(grid, pos, val)
+    nearest = np.clip(np.searchsorted(pos, grid), 0, len(pos) - 1)
+    left = np.clip(nearest - 1, 0, len(pos) - 1)
+    pick = np.where(np.abs(pos[left] - grid) <= np.abs(pos[nearest] - grid), left, nearest)
+    return curve, val[pick] > 0
+
+
+def lesion_distribution_curve(
+    slice_stats: pd.DataFrame, n_bins: int = 101, value: str = "lesion_area_mm2"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Aggregate per-slice statistics of many cases into the lesion-distribution curve.
+
+    ``slice_stats``: rows of ``case_lesion_stats(...).slices`` with a ``case_id`` column.
+    Returns (aggregate, per_case): aggregate has one row per normalised position with
+    mean, median, q25, q75 of ``value`` over cases and ``share_with_lesion`` (fraction of
+    cases with lesion at that position); per_case has columns case_id, position, value.
+    """
+    grid = np.linspace(0.0, 1.0, n_bins)
+    curves, flags, ids = [], [], []
+    for case_id, group in slice_stats.groupby("case_id", sort=False):
+        curve, has = case_curve(group, grid, value)
+        curves.append(curve)
+        flags.append(has)
+        ids.append(case_id)
+    if not curves:
+        empty = pd.DataFrame(columns=["position", "n_cases", "mean", "median", "q25", "q75", "share_with_lesion"])
+        return empty, pd.DataFrame(columns=["case_id", "position", value])
+    stack = np.vstack(curves)
+    aggregate = pd.DataFrame(
+        {
+            "position": grid,
+            "n_cases": len(curves),
+            "mean": stack.mean(axis=0),
+            "median": np.median(stack, axis=0),
+            "q25": np.percentile(stack, 25, axis=0),
+            "q75": np.percentile(stack, 75, axis=0),
+            "share_with_lesion": np.vstack(flags).mean(axis=0),
+        }
+    )
+    per_case = pd.DataFrame(
+        {
+            "case_id": np.repeat(ids, len(grid)),
+            "position": np.tile(grid, len(ids)),
+            value: stack.ravel(),
+        }
+    )
+    return aggregate, per_case

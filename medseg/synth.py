@@ -1,0 +1,191 @@
+"""Synthetic CT and MR phantoms with a known number of ellipsoid lesions.
+
+Each phantom is a body ellipsoid that spans part of the slice axis (so the foreground extent
+differs from the volume), an organ inside it (liver-like for CT, brain-like for MR), and
+``n_lesions`` non-touching ellipsoid lesions of varied size inside the organ. Grids are
+anisotropic and cycle through three storage orientations: RAS, LPS and oblique (rotated),
+so every consumer is exercised on non-identity affines.
+
+Arrays are built in voxel index order (I, J, K) and written with ``medseg.io.write_volume``.
+CT intensities are Hounsfield units (int16); MR has two channels, ``flair`` (lesions bright)
+and ``t1`` (lesions dark), with a smooth bias field and Rician-like noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from medseg.io import Geometry, write_volume
+from medseg.manifest import Case, assign_patient_splits, write_manifest
+
+ORIENTATIONS = ("ras", "lps", "oblique")
+
+
+@dataclass
+class Phantom:
+    """One synthetic case: channel arrays and label (I, J, K), RAS affine, lesion truth."""
+
+    images: dict[str, np.ndarray]
+    label: np.ndarray
+    affine: np.ndarray
+    orientation: str
+    lesions: list[dict] = field(default_factory=list)
+
+
+def phantom_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float], orientation: str, rng: np.random.Generator) -> np.ndarray:
+    """RAS affine for a grid centred on the world origin, in the given storage orientation."""
+    if orientation == "ras":
+        rot = np.eye(3)
+    elif orientation == "lps":
+        rot = np.diag([-1.0, -1.0, 1.0])
+    elif orientation == "oblique":
+        angles = rng.uniform(10, 25, size=3) * rng.choice([-1, 1], size=3)
+        rot = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    else:
+        raise ValueError(f"unknown orientation {orientation!r}; valid: {list(ORIENTATIONS)}")
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    centre = (np.asarray(shape) - 1) / 2.0
+    affine[:3, 3] = -affine[:3, :3] @ centre
+    return affine
+
+
+def _ellipsoid(shape: tuple[int, ...], centre_vox: np.ndarray, radii_vox: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Boolean ellipsoid inside its bounding box; returns (box, mask of the box)."""
+    lo = np.maximum(np.floor(centre_vox - radii_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_vox + radii_vox).astype(int) + 1, shape)
+    grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    dist = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre_vox, radii_vox, strict=True))
+    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), dist <= 1.0
+
+
+def make_phantom(
+    rng: np.random.Generator,
+    modality: str = "MR",
+    shape: tuple[int, int, int] = (128, 128, 40),
+    spacing: tuple[float, float, float] = (1.2, 1.2, 3.0),
+    orientation: str = "ras",
+    n_lesions: int = 3,
+) -> Phantom:
+    """Build one phantom. Lesion radii are 2.5-14 mm; lesions are >= 2 voxels apart."""
+    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+    sp = np.asarray(spacing, dtype=np.float64)
+    size_mm = np.asarray(shape) * sp
+    centre = (np.asarray(shape) - 1) / 2.0
+    # body: wide in-plane, covering ~75% of the slice axis (so foreground extent < volume)
+    body_radii = np.array([0.45, 0.40, 0.36]) * size_mm / sp * rng.uniform(0.92, 1.0, 3)
+    body_box, body_mask = _ellipsoid(shape, centre + rng.normal(0, 1.0, 3), body_radii)
+    body = np.zeros(shape, dtype=bool)
+    body[body_box] = body_mask
+    organ_radii = body_radii * np.array([0.8, 0.75, 0.85])
+    organ_centre = centre + rng.normal(0, 1.0, 3)
+    organ_box, organ_mask = _ellipsoid(shape, organ_centre, organ_radii)
+    organ = np.zeros(shape, dtype=bool)
+    organ[organ_box] = organ_mask
+    organ &= body
+
+    label = np.zeros(shape, dtype=np.uint8)
+    occupied = np.zeros(shape, dtype=bool)
+    lesions: list[dict] = []
+    attempts = 0
+    while len(lesions) < n_lesions and attempts < 500:
+        attempts += 1
+        radii_mm = rng.uniform(2.5, 14.0) * rng.uniform(0.7, 1.3, 3)
+        radii_vox = np.maximum(radii_mm / sp, 0.8)
+        c = organ_centre + rng.uniform(-0.7, 0.7, 3) * np.maximum(organ_radii - radii_vox, 0)
+        box, mask = _ellipsoid(shape, c, radii_vox)
+        if mask.sum() < 4 or not organ[box][mask].all():
+            continue
+        grown = ndimage.binary_dilation(mask, iterations=2)
+        big_box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, shape, strict=True))
+        region = np.zeros(shape, dtype=bool)
+        region[box] = mask
+        if (ndimage.binary_dilation(region[big_box], iterations=2) & occupied[big_box]).any():
+            continue
+        del grown
+        occupied[box] |= mask
+        label[box][mask] = 1
+        lesions.append({"centre_vox": c.round(2).tolist(), "radii_mm": radii_mm.round(2).tolist(), "voxels": int(mask.sum())})
+
+    noise = rng.normal(size=shape)
+    smooth = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    lesion = label.astype(bool)
+    if modality.upper() == "CT":
+        ct = np.full(shape, -1000.0)
+        ct[body] = -80.0 + 30 * smooth[body]  # fat/soft tissue mix
+        ct[organ] = 60.0 + 8 * smooth[organ]
+        hyper = rng.random() < 0.3
+        ct[lesion] = (120.0 if hyper else 25.0) + 8 * smooth[lesion]
+        ct += 12.0 * noise
+        ct = ndimage.gaussian_filter(ct, 0.6)
+        images = {"ct": np.clip(ct, -1024, 3071).round().astype(np.int16)}
+    else:
+        grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+        bias = 1.0 + 0.15 * (grid[0] * rng.uniform(-1, 1) + grid[1] * rng.uniform(-1, 1))
+        flair = np.zeros(shape)
+        flair[body] = 150.0
+        flair[organ] = 320.0 + 25 * smooth[organ]
+        flair[lesion] = 620.0 + 40 * smooth[lesion]
+        t1 = np.zeros(shape)
+        t1[body] = 250.0
+        t1[organ] = 420.0 + 20 * smooth[organ]
+        t1[lesion] = 230.0 + 20 * smooth[lesion]
+        images = {}
+        for name, arr in (("flair", flair), ("t1", t1)):
+            arr = ndimage.gaussian_filter(arr * bias, 0.7)
+            noisy = np.hypot(arr + 18 * rng.normal(size=shape), 18 * rng.normal(size=shape))  # Rician
+            images[name] = noisy.round().astype(np.int16)
+    return Phantom(images=images, label=label, affine=phantom_affine(shape, tuple(sp), orientation, rng),  # type: ignore[arg-type]
+                   orientation=orientation, lesions=lesions)
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    n_cases: int = 12,
+    modality: str = "MR",
+    shape: tuple[int, int, int] = (128, 128, 40),
+    seed: int = 0,
+    manifest_path: str | Path | None = None,
+    val_fraction: float = 0.25,
+    test_fraction: float = 0.25,
+) -> Path:
+    """Write ``n_cases`` phantoms as NIfTI plus a manifest (default ``out_dir/data_manifest.csv``)
+    and ``phantoms.csv`` (truth: lesion count and voxels per case). Returns the manifest path.
+
+    Deterministic for a given seed. Spacing varies per case (anisotropic, 2.5-4 mm slices).
+    """
+    import pandas as pd
+
+    from medseg import atomic
+
+    if modality.upper() not in ("CT", "MR"):
+        raise ValueError(f"modality must be CT or MR, got {modality!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases: list[Case] = []
+    truth: list[dict] = []
+    for i in range(n_cases):
+        rng = np.random.default_rng([seed, i])
+        mod = modality.upper()
+        spacing = (round(float(rng.uniform(0.8, 1.3)), 3),) * 2 + (round(float(rng.uniform(2.5, 4.0)), 3),)
+        orientation = ORIENTATIONS[i % len(ORIENTATIONS)]
+        n_lesions = int(rng.integers(1, 6))
+        phantom = make_phantom(rng, mod, shape, spacing, orientation, n_lesions)  # type: ignore[arg-type]
+        case_id = f"phantom_{i:03d}"
+        geometry = Geometry.from_affine(phantom.affine, shape)
+        images = {}
+        for name, arr in phantom.images.items():
+            images[name] = write_volume(arr, geometry, out / f"{case_id}_{name}.nii.gz", dtype=np.int16)
+        label_path = write_volume(phantom.label, geometry, out / f"{case_id}_label.nii.gz", dtype=np.uint8)
+        cases.append(Case(case_id, f"patient_{i:03d}", mod, images, label_path, ""))
+        truth.append({"case_id": case_id, "modality": mod, "orientation": orientation,
+                      "spacing": "x".join(str(s) for s in spacing), "n_lesions": len(phantom.lesions),
+                      "lesion_voxels": int(phantom.label.sum())})
+    assign_patient_splits(cases, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    atomic.write_csv(out / "phantoms.csv", pd.DataFrame(truth))
+    return write_manifest(cases, manifest_path or out / "data_manifest.csv")

@@ -1,0 +1,126 @@
+"""MONAI dict-transform chains, built from config.
+
+Each transform that MONAI lacks comes as an array transform plus its dictionary twin
+(MONAI's habit): ``MapLabels``/``MapLabelsd``, ``CheckSameGridd``.
+
+Shapes: after ``LoadImaged`` + ``EnsureChannelFirstd`` every key holds a MetaTensor
+(C, I, J, K); after ``Orientationd("RAS")`` the spatial axes are (R, A, S): axis 1 runs
+left->right, axis 2 posterior->anterior, axis 3 inferior->superior (no interpolation: only
+flips and axis permutations, to the closest RAS axes for oblique grids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Transform,
+)
+
+from medseg.config import LabelConfig
+from medseg.errors import GeometryMismatchError
+from medseg.io import AFFINE_ATOL, SimpleITKReader, map_labels
+
+
+def _source_name(data: Any) -> str:
+    if isinstance(data, MetaTensor):
+        return str(data.meta.get("filename_or_obj", "<array>"))
+    return "<array>"
+
+
+class MapLabels(Transform):
+    """Raw label values -> uint8 binary lesion mask (0/1), per ``LabelConfig``.
+
+    Input/output: array or MetaTensor of any shape (typically (1, I, J, K)); meta is kept.
+    Unexpected values raise ``InputFileError`` naming the source file.
+    """
+
+    def __init__(self, cfg: LabelConfig | None = None) -> None:
+        self.cfg = cfg or LabelConfig()
+
+    def __call__(self, label: Any) -> Any:
+        array = np.asarray(label)
+        mapped = map_labels(array, self.cfg, _source_name(label))
+        if isinstance(label, MetaTensor):
+            out = MetaTensor(torch.from_numpy(mapped), meta=label.meta)
+            return out
+        return mapped
+
+
+class MapLabelsd(MapTransform):
+    """Dictionary twin of ``MapLabels``."""
+
+    def __init__(self, keys: KeysCollection, cfg: LabelConfig | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mapper = MapLabels(cfg)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.mapper(d[key])
+        return d
+
+
+class CheckSameGridd(MapTransform):
+    """Raise ``GeometryMismatchError`` unless all ``keys`` share spatial shape and affine.
+
+    Expects MetaTensors (C, I, J, K) straight after loading (before any spatial transform).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if len(present) < 2:
+            return d
+        ref_key = present[0]
+        ref = d[ref_key]
+        for key in present[1:]:
+            other = d[key]
+            if tuple(ref.shape[-3:]) != tuple(other.shape[-3:]):
+                raise GeometryMismatchError(
+                    f"grid mismatch: {_source_name(ref)} ({ref_key}) has shape {tuple(ref.shape[-3:])} but "
+                    f"{_source_name(other)} ({key}) has shape {tuple(other.shape[-3:])}; they must share one voxel grid"
+                )
+            a, b = np.asarray(ref.affine), np.asarray(other.affine)
+            if not np.allclose(a, b, atol=AFFINE_ATOL):
+                raise GeometryMismatchError(
+                    f"grid mismatch: {_source_name(ref)} ({ref_key}) and {_source_name(other)} ({key}) have different "
+                    f"affines (max difference {float(np.abs(a - b).max()):.4g} mm); they must share one voxel grid"
+                )
+        return d
+
+
+def load_transforms(
+    image_keys: Sequence[str],
+    label_key: str | None,
+    label_cfg: LabelConfig | None = None,
+    orient: bool = True,
+) -> Compose:
+    """Load -> check grids -> map labels -> channel-first -> orient to RAS.
+
+    Output dict: each image key (1, R, A, S) float MetaTensor, label key (1, R, A, S) uint8 0/1.
+    """
+    keys = [*image_keys, *([label_key] if label_key else [])]
+    chain: list[Any] = [
+        LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
+        CheckSameGridd(keys),
+    ]
+    if label_key:
+        chain.append(MapLabelsd([label_key], label_cfg))
+    chain.append(EnsureChannelFirstd(keys, channel_dim="no_channel"))
+    if orient:
+        chain.append(Orientationd(keys, axcodes="RAS", labels=None))
+    return Compose(chain)

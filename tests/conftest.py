@@ -1,0 +1,72 @@
+"""Shared fixtures: synthetic NIfTI volumes with non-identity affines, real-data locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+BRATS_DIR = SHARED_DATA / "brats18"
+NRRD_DIR = SHARED_DATA / "radiomics_nrrd"
+
+
+def make_affine(kind: str, spacing=(0.7, 0.9, 3.2), origin=(-100.3, 20.7, 55.1)) -> np.ndarray:
+    """RAS affine of the given storage orientation: ras, lps, oblique or las."""
+    rot = {
+        "ras": np.eye(3),
+        "lps": np.diag([-1.0, -1.0, 1.0]),
+        "las": np.diag([-1.0, 1.0, 1.0]),
+        "oblique": Rotation.from_euler("xyz", [20, -15, 30], degrees=True).as_matrix(),
+    }[kind]
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+GEOMETRIES = ["ras", "lps", "las", "oblique"]
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def requires_brats() -> Path:
+    if not BRATS_DIR.is_dir():
+        pytest.skip(f"real BraTS data not available at {BRATS_DIR} (only on the team's machines)")
+    return BRATS_DIR
+
+
+@pytest.fixture
+def requires_nrrd() -> Path:
+    if not NRRD_DIR.is_dir():
+        pytest.skip(f"real NRRD data not available at {NRRD_DIR} (only on the team's machines)")
+    return NRRD_DIR
+
+
+def make_case_files(tmp: Path, case_id: str, affine: np.ndarray, shape=(40, 36, 12), channels=("flair", "t1"),
+                    rng: np.random.Generator | None = None) -> dict[str, Path]:
+    """Write a small multi-channel case with a two-lesion label; returns paths by role."""
+    rng = rng or np.random.default_rng(0)
+    out: dict[str, Path] = {}
+    for ch in channels:
+        arr = (rng.random(shape) * 100 + 50).astype(np.int16)
+        arr[:, :, :2] = 0  # empty slices at the bottom: outside the foreground
+        out[ch] = write_nifti(tmp / f"{case_id}_{ch}.nii.gz", arr, affine)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[5:10, 5:9, 4:7] = 1
+    label[20:24, 20:25, 8:10] = 1
+    out["label"] = write_nifti(tmp / f"{case_id}_seg.nii.gz", label, affine)
+    return out
