@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "models": "medseg.commands.models",
     "export": "medseg.commands.export",
     "evaluate": "medseg.commands.evaluate",
+    "train": "medseg.commands.train",
+    "infer": "medseg.commands.infer",
 }
 
 

@@ -182,6 +182,10 @@ def import_files(
     ]
 
 
+def _dicom_tag(reader: object, key: str) -> str:
+    return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # type: ignore[attr-defined]
+
+
 def import_dicom(root: str | Path) -> list[Case]:
     """One case per folder holding a DICOM series (the largest series of the folder).
 
@@ -206,13 +210,12 @@ def import_dicom(root: str | Path) -> list[Case]:
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         reader.ReadImageInformation()
-        tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
-        modality = tag("0008|0060").upper()
+        modality = _dicom_tag(reader, "0008|0060").upper()
         rel = folder.relative_to(base).as_posix() if folder != base else base.name
         if modality not in ("CT", "MR"):
             log.warning("skipping DICOM folder %s: modality %r is not CT or MR", rel, modality)
             continue
-        patient = tag("0010|0020") or tag("0020|000d") or rel
+        patient = _dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel
         cases.append(Case(channel_name(rel), pseudonymise(patient), modality, {"image": folder.resolve()}, None, ""))
     if not cases:
         raise MedsegError(f"{base}: no CT/MR DICOM series found")

@@ -344,8 +344,10 @@ def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> np.ndar
                 "set data.labels.allowed_values / foreground in the config",
             )
     if cfg.foreground == "nonzero":
-        return (array > 0).astype(np.uint8)
-    return np.isin(array, np.asarray(cfg.foreground, dtype=array.dtype if array.dtype.kind in "iu" else np.float64)).astype(np.uint8)
+        mask = array > 0
+    else:
+        mask = np.isin(array, np.asarray(cfg.foreground, dtype=array.dtype if array.dtype.kind in "iu" else np.float64))
+    return mask.view(np.uint8)  # bool -> uint8 0/1 without a copy
 
 
 def present_values(array: np.ndarray) -> list[int]:
@@ -378,6 +380,20 @@ def check_same_grid(a: Volume, b: Volume, context: str = "") -> None:
             f"grid mismatch{where}: {a.path} and {b.path} have the same shape but different affines "
             f"(max difference {diff:.4g} mm); they must be on one voxel grid"
         )
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an (I, J, K) array to the closest RAS axes (R, A, S) without copying.
+
+    Only axis permutations and flips (views), as MONAI's ``Orientation("RAS")`` does; oblique
+    grids keep their obliquity in the returned affine. Returns (array view, new RAS affine).
+    """
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(affine)
+    array_ras = nio.apply_orientation(array, ornt)
+    affine_ras = affine @ nio.inv_ornt_aff(ornt, array.shape)
+    return array_ras, affine_ras
 
 
 # --------------------------------------------------------------------------- writing

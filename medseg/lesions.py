@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -37,14 +38,30 @@ class CaseLesionStats:
     case: dict
 
 
-def structure_2d(axis: int, connectivity: int) -> np.ndarray:
-    """3x3x3 structuring element connecting voxels only within slices normal to ``axis``."""
-    plane = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
-    s = np.zeros((3, 3, 3), dtype=bool)
-    index: list[slice | int] = [slice(None)] * 3
-    index[axis] = 1
-    s[tuple(index)] = plane
-    return s
+def components_per_slice(mask: np.ndarray, axis: int, connectivity: int) -> np.ndarray:
+    """Number of in-plane connected components on each slice normal to ``axis``.
+
+    All slices are labelled in one 2-D call: they are stacked along one in-plane axis with an
+    empty row between neighbours (so nothing connects across slices). Labels are assigned in
+    raster order, so slice z owns a contiguous block of labels and its count is the growth of
+    the running maximum label. ``mask``: bool (I, J, K); returns int64 (mask.shape[axis],).
+    """
+    slices_first = np.moveaxis(mask, axis, 0)
+    n, h, w = slices_first.shape
+    stacked = np.zeros((n, h + 1, w), dtype=bool)
+    stacked[:, :h, :] = slices_first
+    labels, _ = ndimage.label(stacked.reshape(n * (h + 1), w), structure=ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1))
+    running = np.maximum.accumulate(labels.reshape(n, -1).max(axis=1))
+    return np.diff(running, prepend=0).astype(np.int64)
+
+
+def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """3-D connected components (6/18/26) of a bool array; labels 1..N in raster order.
+
+    Uses connected-components-3d (3-4x faster than scipy.ndimage.label on CT-sized masks).
+    """
+    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    return labels, int(n)
 
 
 def structure_3d(connectivity: int) -> np.ndarray:
@@ -54,32 +71,52 @@ def structure_3d(connectivity: int) -> np.ndarray:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of the non-zero voxels, or None for an empty mask."""
-    index = []
+    """Tight bounding box of the non-zero voxels, or None for an empty mask.
+
+    Each axis is reduced on the box found so far, so a mostly empty volume is scanned about
+    once in full rather than once per axis.
+    """
+    box = [slice(0, n) for n in mask.shape]
     for ax in range(mask.ndim):
         others = tuple(a for a in range(mask.ndim) if a != ax)
-        nz = np.flatnonzero(mask.any(axis=others))
+        nz = np.flatnonzero(mask[tuple(box)].any(axis=others))
         if nz.size == 0:
             return None
-        index.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(index)
+        start = box[ax].start
+        box[ax] = slice(start + int(nz[0]), start + int(nz[-1]) + 1)
+    return tuple(box)
+
+
+def _hull_points(points: np.ndarray) -> np.ndarray:
+    """Vertices of the convex hull of ``points`` (N, 3); all points when degenerate or few."""
+    if len(points) <= 16:
+        return points
+    try:
+        return points[ConvexHull(points).vertices]
+    except QhullError:  # flat or collinear sets
+        return points
 
 
 def max_diameter_mm(component: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Longest corner-to-corner distance (mm) of a binary component (I, J, K) on an orthogonal grid."""
-    if not component.any():
+    """Longest corner-to-corner distance (mm) of a binary component (I, J, K) on an orthogonal grid.
+
+    The farthest corner pair belongs to voxels whose centres are convex-hull vertices (the
+    distance is convex in the centre difference), and every hull vertex is the first or last
+    voxel of its line along K; so only those line ends, then their hull, then the corners of
+    the hull's voxels are compared.
+    """
+    present = component.any(axis=2)
+    if not present.any():
         return 0.0
-    boundary = component & ~ndimage.binary_erosion(component)
-    centres = np.argwhere(boundary).astype(np.float64)
-    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) for dz in (-0.5, 0.5)])
-    corners = (centres[:, None, :] + offsets[None, :, :]).reshape(-1, 3) * np.asarray(spacing)
-    corners = np.unique(corners, axis=0)
-    if len(corners) > 64:
-        try:
-            corners = corners[ConvexHull(corners).vertices]
-        except QhullError:
-            pass  # degenerate (flat) sets: fall back to all points
-    if len(corners) > 20000:  # pathological degenerate case: subsample deterministically
+    i, j = np.nonzero(present)
+    lines = component[i, j, :]
+    first = lines.argmax(axis=1)
+    last = component.shape[2] - 1 - lines[:, ::-1].argmax(axis=1)
+    ends = np.concatenate([np.stack([i, j, first], axis=1), np.stack([i, j, last], axis=1)]).astype(np.float64)
+    centres = _hull_points(ends * np.asarray(spacing))
+    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) for dz in (-0.5, 0.5)]) * np.asarray(spacing)
+    corners = _hull_points((centres[:, None, :] + offsets[None, :, :]).reshape(-1, 3))
+    if len(corners) > 20000:  # degenerate (flat) huge sets: subsample deterministically
         corners = corners[:: len(corners) // 20000 + 1]
     return float(pdist(corners).max()) if len(corners) > 1 else 0.0
 
@@ -128,7 +165,8 @@ def case_lesion_stats(
     last slice of the case's extent (default: the whole volume); ``slice_positions_mm``:
     world coordinate of each slice centre along ``axis`` (optional column).
     """
-    mask = np.asarray(mask).astype(bool, copy=False)
+    mask = np.asarray(mask)
+    mask = mask.view(bool) if mask.dtype == np.uint8 else mask.astype(bool, copy=False)
     n_slices = mask.shape[axis]
     others = tuple(a for a in range(3) if a != axis)
     pixel_area = float(np.prod([spacing[a] for a in others]))
@@ -142,18 +180,14 @@ def case_lesion_stats(
     largest_ml = 0.0
     box = bounding_box(mask)
     if box is not None:
-        crop = mask[box]
-        offset = box[axis].start
+        crop = np.ascontiguousarray(mask[box])  # labelling a strided view is ~2x slower
         voxels_per_slice[box[axis]] = crop.sum(axis=others)
-        labels_2d, n_2d = ndimage.label(crop, structure=structure_2d(axis, connectivity_2d))
-        if n_2d:
-            starts = np.array([sl[axis].start for sl in ndimage.find_objects(labels_2d)]) + offset
-            comps_per_slice += np.bincount(starts, minlength=n_slices)
-        labels_3d, n_lesions = ndimage.label(crop, structure=structure_3d(connectivity_3d))
+        comps_per_slice[box[axis]] = components_per_slice(crop, axis, connectivity_2d)
+        labels_3d, n_lesions = label_components(crop, connectivity_3d)
         if n_lesions:
-            sizes = np.bincount(labels_3d.ravel())[1:]
-            largest_ml = float(sizes.max()) * voxel_ml
-            for index, sl in enumerate(ndimage.find_objects(labels_3d), start=1):
+            info = cc3d.statistics(labels_3d, no_slice_conversion=False)
+            largest_ml = float(info["voxel_counts"][1:].max()) * voxel_ml
+            for index, sl in enumerate(info["bounding_boxes"][1:], start=1):
                 largest_diam = max(largest_diam, max_diameter_mm(labels_3d[sl] == index, spacing))
 
     first, last = extent if extent is not None else (0, n_slices - 1)

@@ -103,6 +103,22 @@ class CheckSameGridd(MapTransform):
         return d
 
 
+class LoadVolumed(LoadImaged):
+    """``LoadImaged`` that always reads with ``SimpleITKReader``.
+
+    A plain ``LoadImaged(reader=...)`` falls back to MONAI's other readers when ours raises,
+    so a 4-D or truncated file that we reject would be loaded anyway by nibabel. Passing the
+    reader at call time disables that fallback and lets our error (naming the file) through.
+    """
+
+    def __init__(self, keys: KeysCollection, check_finite: bool = True, **kwargs: Any) -> None:
+        self._volume_reader = SimpleITKReader(check_finite=check_finite)
+        super().__init__(keys, reader=self._volume_reader, image_only=True, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        return super().__call__(data, reader or self._volume_reader)
+
+
 def load_transforms(
     image_keys: Sequence[str],
     label_key: str | None,
@@ -115,7 +131,7 @@ def load_transforms(
     """
     keys = [*image_keys, *([label_key] if label_key else [])]
     chain: list[Any] = [
-        LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
+        LoadVolumed(keys),
         CheckSameGridd(keys),
     ]
     if label_key:
@@ -124,3 +140,22 @@ def load_transforms(
     if orient:
         chain.append(Orientationd(keys, axcodes="RAS", labels=None))
     return Compose(chain)
+
+
+def apply_chain(chain: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    """Run a transform chain, re-raising our own user-facing errors unwrapped.
+
+    MONAI wraps every exception in ``RuntimeError("applying transform ...")``; a user should
+    see "file X is truncated", not a transform traceback.
+    """
+    from medseg.errors import MedsegError
+
+    try:
+        return chain(data)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, MedsegError):
+                raise cause from None
+            cause = cause.__cause__
+        raise

@@ -11,7 +11,15 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from medseg.config import LabelConfig
 from medseg.errors import GeometryMismatchError, InputFileError
-from medseg.io import Geometry, SimpleITKReader, check_same_grid, map_labels, read_label, read_volume, write_mask
+from medseg.io import (
+    Geometry,
+    SimpleITKReader,
+    check_same_grid,
+    map_labels,
+    read_label,
+    read_volume,
+    write_mask,
+)
 
 
 @pytest.mark.parametrize("kind", GEOMETRIES)

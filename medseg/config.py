@@ -1,0 +1,330 @@
+"""Pydantic models of every config section, and ``load_config(path, overrides)``.
+
+Every section forbids unknown keys, so a typo fails at load time naming the key.
+Config files name registry keys (``model: {arch: unet_inception}``), never import paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base of all config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelConfig(StrictModel):
+    """How raw label-file values map to the binary lesion mask.
+
+    ``foreground``: ``"nonzero"`` (every value > 0 is lesion, e.g. BraTS whole tumour or 0/255
+    masks) or an explicit list of raw values that count as lesion (e.g. ``[1, 4]`` for BraTS
+    tumour core). ``allowed_values``: raw values that may appear at all; any other value is
+    an error naming the file (``None`` accepts any integer value).
+    """
+
+    foreground: Literal["nonzero"] | list[int] = "nonzero"
+    allowed_values: list[int] | None = None
+
+    @field_validator("foreground")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("foreground must be 'nonzero' or a non-empty list of label values")
+        return value
+
+
+AxisName = Literal["axial", "coronal", "sagittal"]
+
+
+class StatsConfig(StrictModel):
+    """Per-slice lesion statistics and the lesion-distribution curve.
+
+    ``axis``: slicing axis of the RAS-oriented volume (axial = S, coronal = A, sagittal = R).
+    ``extent``: what the normalised position [0, 1] spans: ``foreground`` = slices whose image
+    (first channel) exceeds ``foreground_threshold`` (body/brain extent; ``None`` = automatic,
+    Otsu-like: the image's 10th percentile plus 5% of its range for MR, -500 HU for CT),
+    ``volume`` = every slice of the volume.
+    ``n_bins``: points of the normalised curve. ``connectivity_2d``: 4 or 8 (in-plane
+    components); ``connectivity_3d``: 6, 18 or 26 (3-D lesions).
+    """
+
+    axis: AxisName = "axial"
+    extent: Literal["foreground", "volume"] = "foreground"
+    foreground_threshold: float | None = None
+    n_bins: int = Field(default=101, ge=2, le=10001)
+    connectivity_2d: Literal[4, 8] = 8
+    connectivity_3d: Literal[6, 18, 26] = 26
+
+
+class DataConfig(StrictModel):
+    """Where the data is and how labels are read."""
+
+    manifest: str = "data_manifest.csv"
+    labels: LabelConfig = Field(default_factory=LabelConfig)
+
+
+class RegionConfig(StrictModel):
+    """One evaluated region: which raw reference values and which predicted classes form it.
+
+    ``reference_values``: raw values of the label file (before ``data.labels`` mapping), e.g.
+    ``[1, 2, 4]`` for BraTS whole tumour. ``prediction_values``: predicted class indices that
+    form the region (multi-class models); ``None`` = every non-zero predicted voxel (binary).
+    """
+
+    reference_values: list[int] = Field(min_length=1)
+    prediction_values: list[int] | None = None
+
+    @field_validator("prediction_values")
+    @classmethod
+    def _non_empty_prediction(cls, value: Any) -> Any:
+        if value is not None and not value:
+            raise ValueError("prediction_values must be null (prediction > 0) or a non-empty list")
+        return value
+
+
+class EvaluationConfig(StrictModel):
+    """``medseg evaluate``: metrics of predicted masks against reference labels.
+
+    ``regions``: ``{name: [raw reference values]}`` or ``{name: {reference_values: [...],
+    prediction_values: [...]}}``; empty (default) = one region ``lesion``: the reference mapped
+    by ``data.labels`` against prediction > 0. ``connectivity``: 3-D lesion components (6, 18,
+    26). ``matching``: ``iou`` (one-to-one, IoU > ``iou_threshold``, LiTS) or ``overlap`` (any
+    shared voxel, BraTS). ``ap_iou_thresholds``: IoU thresholds of the AP/mAP average
+    (``iou_threshold`` is always evaluated too). ``size_edges_mm3``: small < edge0 <= medium <
+    edge1 <= large (lesion-recall buckets). ``slice_axis``: per-slice detection direction of the
+    RAS-oriented volume. ``surface_distances``: compute HD95/ASSD. ``split``: evaluate only
+    manifest rows of this split (``None`` = all rows with a label).
+    """
+
+    regions: dict[str, RegionConfig] = Field(default_factory=dict)
+    connectivity: Literal[6, 18, 26] = 26
+    matching: Literal["iou", "overlap"] = "iou"
+    iou_threshold: float = Field(default=0.5, ge=0.0, lt=1.0)
+    ap_iou_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    size_edges_mm3: tuple[float, float] = (500.0, 5000.0)
+    slice_axis: AxisName = "axial"
+    surface_distances: bool = True
+    split: Literal["train", "val", "test"] | None = None
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"reference_values": v} if isinstance(v, list) else v for k, v in value.items()}
+        return value
+
+    @field_validator("ap_iou_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= t < 1.0 for t in value):
+            raise ValueError("ap_iou_thresholds must be a non-empty list of values in [0, 1)")
+        return value
+
+    @field_validator("size_edges_mm3")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] < value[1]:
+            raise ValueError("size_edges_mm3 must be two increasing positive volumes, e.g. [500, 5000]")
+        return value
+
+
+class ModelConfig(StrictModel):
+    """Network: registry names (``arch``, ``encoder``) plus optional settings.
+
+    ``arch``: ``unet`` | ``unet_inception`` | ``deeplabv3plus``; ``encoder``: ``unet`` |
+    ``resnet18`` | ``resnet34`` | ``resnet50`` | ``xception`` (see ``medseg models``).
+    ``in_channels``: modalities x context slices (2.5D: e.g. 3 modalities x 3 slices = 9).
+    Settings left at None take the architecture's default; a setting the chosen architecture
+    and encoder cannot honour is an error. ``width``: multiplier of every channel count (1.0).
+    ``decoder_channels``: U-Net up-block widths, deepest first (default: halve from the
+    bottleneck). ``residual``: MONAI residual units in the U-Net conv blocks (false).
+    ``inception_branches``: 1x1 / 3x3 / 5x5 / pool branch widths as fractions of the skip's
+    channels (0.25, 0.5, 0.125, 0.125). ``output_stride``: DeepLabv3+ 8 or 16 (16).
+    ``aspp_rates``: three atrous rates (6, 12, 18 at OS16; 12, 24, 36 at OS8).
+    ``aspp_channels``: DeepLabv3+ ASPP/decoder width (256 x width). ``dropout``: U-Net decoder
+    blocks (0) / after the ASPP projection (0.1). ``norm``: ``batch`` | ``instance`` (batch).
+    ``pretrained_path``: local file of encoder weights (never downloaded).
+    """
+
+    arch: str = "unet_inception"
+    encoder: str = "resnet34"
+    in_channels: int = Field(default=3, ge=1)
+    out_channels: int = Field(default=1, ge=1)
+    width: float | None = Field(default=None, gt=0)
+    decoder_channels: list[Annotated[int, Field(ge=1)]] | None = None
+    residual: bool | None = None
+    inception_branches: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, min_length=4, max_length=4
+    )
+    output_stride: Literal[8, 16] | None = None
+    aspp_rates: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=3, max_length=3)
+    aspp_channels: int | None = Field(default=None, ge=1)
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    norm: Literal["batch", "instance"] | None = None
+    pretrained_path: str | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from medseg.models.registry import ARCHITECTURES
+
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {value!r}; valid: {', '.join(ARCHITECTURES)}")
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        from medseg.models.registry import ENCODERS
+
+        if value not in ENCODERS:
+            raise ValueError(f"unknown encoder {value!r}; valid: {', '.join(ENCODERS)}")
+        return value
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _local_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError("pretrained_path must be a local file path (weights are never downloaded)")
+        return value
+
+    @model_validator(mode="after")
+    def _settings_supported(self) -> ModelConfig:
+        if not self.model_fields_set:  # all defaults: valid, and no need to import torch
+            return self
+        from medseg.models.registry import split_options
+
+        try:
+            split_options(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class PreprocessConfig(StrictModel):
+    """Preprocessing shared by training and inference (stored in every checkpoint).
+
+    ``slice_axis``: 2-D slices are taken normal to this axis of the RAS-oriented volume.
+    ``context_slices``: k neighbours on each side (2.5D: 2k+1 slices x channels = in_channels).
+    ``spacing_inplane``: resample in-plane to this spacing in mm (``None`` = native grid).
+    ``ct_window``: HU window [low, high] scaled to [0, 1]. ``ct_body_hu``: body threshold.
+    ``mr_percentiles``: foreground percentiles clipped before the z-score.
+    ``crop_foreground``: crop to the body/brain box + ``crop_margin`` voxels in-plane and
+    ``crop_margin_slices`` along the slice axis (slices outside need no prediction).
+    """
+
+    slice_axis: AxisName = "axial"
+    context_slices: int = Field(default=1, ge=0, le=8)
+    spacing_inplane: tuple[float, float] | None = None
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    ct_body_hu: float = -500.0
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    crop_foreground: bool = True
+    crop_margin: int = Field(default=8, ge=0)
+    crop_margin_slices: int = Field(default=2, ge=0)
+
+    @field_validator("ct_window", "mr_percentiles")
+    @classmethod
+    def _increasing_pair(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError("must be two increasing numbers [low, high]")
+        return value
+
+    @field_validator("spacing_inplane")
+    @classmethod
+    def _positive_spacing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError("spacing_inplane must be two positive numbers (mm) or null")
+        return value
+
+
+class Config(StrictModel):
+    """The whole configuration. Sections are added by the stages that use them."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """One line per problem: ``source: field.path: message``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented sections in medseg/config.py)"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: type[StrictModel] = Config,
+) -> Any:
+    """Read a YAML config (or defaults when ``path`` is None), apply ``key=value`` overrides.
+
+    Raises ``ConfigError`` naming the file and field for every problem.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Save the resolved config as YAML (written next to every run's outputs)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

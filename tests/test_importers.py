@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_affine, write_nifti
+from test_io import write_dicom_series
+
+from medseg.errors import MedsegError
+from medseg.importers import import_brats, import_dicom, import_files, import_nnunet
+from medseg.io import Geometry
+from medseg.manifest import read_manifest, write_manifest
+
+
+def _vol(path, value=1):
+    return write_nifti(path, np.full((4, 4, 3), value, dtype=np.int16), np.eye(4))
+
+
+def test_brats_layout(tmp_path):
+    for case in ("Brats_A_1", "Brats_B_1"):
+        d = tmp_path / case
+        d.mkdir()
+        for ch in ("flair", "t1ce", "t2", "seg"):
+            _vol(d / f"{case}_{ch}.nii.gz")
+    # a validation case without segmentation, BraTS-2023 style names
+    d = tmp_path / "BraTS-GLI-00001-000"
+    d.mkdir()
+    for ch in ("flair", "t1ce", "t2"):
+        _vol(d / f"BraTS-GLI-00001-000-{ch}.nii.gz")
+    cases = import_brats(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS-GLI-00001-000", "Brats_A_1", "Brats_B_1"]
+    assert cases[1].channels == ["flair", "t1ce", "t2"] and cases[1].label.name == "Brats_A_1_seg.nii.gz"
+    assert cases[0].label is None
+    back = read_manifest(write_manifest(cases, tmp_path / "m.csv"))
+    assert len(back) == 3
+
+
+def test_brats_inconsistent_channels(tmp_path):
+    _vol(tmp_path / "a_flair.nii.gz"), _vol(tmp_path / "a_seg.nii.gz"), _vol(tmp_path / "b_t1.nii.gz")
+    with pytest.raises(MedsegError, match="different channel sets"):
+        import_brats(tmp_path)
+
+
+def test_nnunet_v2_layout(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "imagesTs").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT", "1": "CT late"}, "labels": {"background": 0, "tumor": 1}, "numTraining": 2,
+         "file_ending": ".nii.gz"}))
+    for cid in ("liver_001", "liver_002"):
+        _vol(tmp_path / "imagesTr" / f"{cid}_0000.nii.gz"), _vol(tmp_path / "imagesTr" / f"{cid}_0001.nii.gz")
+        _vol(tmp_path / "labelsTr" / f"{cid}.nii.gz")
+    _vol(tmp_path / "imagesTs" / "liver_100_0000.nii.gz"), _vol(tmp_path / "imagesTs" / "liver_100_0001.nii.gz")
+    cases = import_nnunet(tmp_path)
+    assert [c.case_id for c in cases] == ["liver_001", "liver_002", "liver_100"]
+    assert cases[0].modality == "CT" and cases[0].channels == ["ct", "ct_late"]
+    assert cases[2].label is None
+    (tmp_path / "imagesTr" / "liver_002_0001.nii.gz").unlink()
+    with pytest.raises(MedsegError, match=r"channel 1 \(ct_late\) of case liver_002 is missing"):
+        import_nnunet(tmp_path)
+
+
+def test_msd_multimodal_4d_gets_clear_error(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"modality": {"0": "FLAIR", "1": "T1w"}, "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    with pytest.raises(MedsegError, match="nnUNetv2_convert_MSD_dataset"):
+        import_nnunet(tmp_path)
+
+
+def test_files_by_glob(tmp_path):
+    for cid in ("p1", "p2", "p3"):
+        _vol(tmp_path / f"{cid}_ct.nii.gz")
+    _vol(tmp_path / "p1_mask.nii.gz"), _vol(tmp_path / "p2_mask.nii.gz")
+    cases = import_files(str(tmp_path / "*_ct.nii.gz"), str(tmp_path / "*_mask.nii.gz"), modality="CT", channel="ct")
+    assert {c.case_id: (c.label.name if c.label else None) for c in cases} == {
+        "p1": "p1_mask.nii.gz", "p2": "p2_mask.nii.gz", "p3": None}
+    _vol(tmp_path / "p9_mask.nii.gz")
+    with pytest.raises(MedsegError, match="p9_mask.nii.gz: label has no matching image"):
+        import_files(str(tmp_path / "*_ct.nii.gz"), str(tmp_path / "*_mask.nii.gz"), modality="CT")
+
+
+def test_dicom_folders_pseudonymise_patient(tmp_path):
+    arr = np.zeros((8, 8, 4), dtype=np.int16)
+    image = sitk.GetImageFromArray(arr.transpose(2, 1, 0).copy())
+    Geometry.from_affine(make_affine("lps", spacing=(1, 1, 2)), arr.shape).apply_to(image)
+    for name in ("study1", "study2"):
+        (tmp_path / name).mkdir()
+        write_dicom_series(image, tmp_path / name, modality="MR", patient_id="SECRET-123")
+    cases = import_dicom(tmp_path)
+    assert [c.case_id for c in cases] == ["study1", "study2"]
+    assert cases[0].patient_id == cases[1].patient_id and "SECRET" not in cases[0].patient_id
+    assert cases[0].modality == "MR"
+    text = write_manifest(cases, tmp_path / "m.csv").read_text()
+    assert "SECRET" not in text and "Doe" not in text and "1970" not in text
