@@ -1,0 +1,69 @@
+"""`medseg evaluate`: metrics of a prediction folder against the manifest's reference labels."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pred",
+        required=True,
+        metavar="DIR",
+        help="prediction folder: <case_id>_mask.nii.gz (+ optional _prob / _lesions files)",
+    )
+    parser.add_argument(
+        "--manifest", required=True, metavar="CSV", help="data manifest; rows with a label are evaluated"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: metrics_per_case.csv, lesion_matches.csv, pr_curve.csv, summary.json",
+    )
+    parser.add_argument("--config", metavar="YAML", help="config file (evaluation and data.labels sections)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="config override, e.g. evaluation.matching=overlap (repeatable)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="evaluate only this split (same as --set evaluation.split=...)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medseg.config import dump_config, load_config
+    from medseg.evaluation import evaluate
+
+    overrides = list(args.overrides)
+    if args.split:
+        overrides.append(f"evaluation.split={args.split}")
+    cfg = load_config(args.config, overrides)
+    summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress)
+    dump_config(cfg, f"{args.out}/config_used.yaml")
+    t = f"{cfg.evaluation.iou_threshold:g}"
+    print(f"evaluated {summary['n_cases']} case(s) -> {args.out}")
+    for name, region in summary["per_region"].items():
+        print(
+            f"  {name}: mean Dice {_fmt(region['voxel']['dice']['mean'])}, "
+            f"global Dice {_fmt(region['voxel']['global_dice'])}, "
+            f"lesion F1 {_fmt(region['lesion']['pooled']['f1'])}, AP@{t} {_fmt(region['detection']['ap'][t])}"
+        )
+    print(
+        f"  mAP@{t} {_fmt(summary['map']['at_iou_threshold'])}, mAP over IoU {cfg.evaluation.ap_iou_thresholds} "
+        f"{_fmt(summary['map']['mean_over_thresholds'])} (score source: {summary['score_source']})"
+    )
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

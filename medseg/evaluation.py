@@ -1,0 +1,755 @@
+"""Evaluate a folder of predicted masks against the manifest's reference labels (files -> tables).
+
+Prediction-folder contract (written by the inference stage, read here)
+-----------------------------------------------------------------------
+For every evaluated case ``<case_id>`` (manifest rows with a label, optionally one split):
+
+- ``<case_id>_mask.nii.gz`` (required): uint8 mask on the reference label's voxel grid (same
+  shape and affine, atol 1e-4 mm); 0 = background, 1 = lesion for binary models, class index
+  ``1..K`` for multi-class models.
+- ``<case_id>_prob.nii.gz`` (optional): float32 foreground probability on the same grid.
+- ``<case_id>_lesions.nii.gz`` + ``<case_id>_lesions.csv`` (optional, together): integer lesion
+  instance labels (0 = background) and one CSV row per instance with at least the columns
+  ``lesion_id, voxels, volume_ml, score_mean, score_max``.
+
+Detection score of a predicted lesion (used to rank lesions for AP): ``score_mean`` of the
+instance that overlaps it most (ties: lower id) when the instance map and CSV both exist; else
+the mean of ``_prob`` inside the lesion; else there is no score -- every lesion scores 1, the
+ranking falls back to lesion volume (larger first), and ``summary.json`` says
+``"score_source": "none"`` so nobody mistakes that AP for a ranked one. Each case records its
+source in ``metrics_per_case.csv``; ``summary.json`` reports ``mixed`` when cases differ.
+
+Regions
+-------
+By default one region ``lesion``: the reference label mapped by ``data.labels``
+(:class:`medseg.config.LabelConfig`) against ``prediction > 0``. ``evaluation.regions`` replaces it
+by named regions, each a set of raw reference values and optionally of predicted classes
+(``prediction_values``; default: every non-zero predicted voxel), e.g. BraTS
+``{whole_tumour: [1, 2, 4], tumour_core: [1, 4], enhancing: [4]}``. Each region is a "class" of
+AP/mAP.
+
+Outputs (in ``out_dir``)
+------------------------
+- ``metrics_per_case.csv``: one row per (case, region): voxel metrics and the ``empty`` flag
+  (:mod:`medseg.metrics.voxel`), lesion counts / P / R / F1 / lesion-wise Dice and recall by
+  size bucket (:mod:`medseg.metrics.lesion`), per-case AP per IoU threshold, slice-level
+  detection counts, sensitivity and specificity, score source.
+- ``lesion_matches.csv``: one row per reference and per predicted lesion: case, region, side,
+  lesion id, size (voxels, mm³), size bucket, centroid (voxel indices I, J, K), matched partner
+  ids, IoU and Dice with the partners, best single-lesion IoU, score.
+- ``pr_curve.csv``: per region and IoU threshold, the dataset-wide ranking: class,
+  iou_threshold, rank, score, precision, recall (plus case_id, lesion_id, tp).
+- ``summary.json``: the configuration used, case counts, per-region mean / median / std of each
+  metric (NaN skipped and counted), global Dice, empty-mask counts, pooled lesion metrics,
+  recall by size, AP per threshold, mAP per threshold and over thresholds, slice detection.
+
+Lesion tables, AP rankings and slice counts are pooled over all evaluated cases; per-case means
+are reported alongside. AP at IoU threshold ``t`` always uses the one-to-one ``iou`` matching at
+``t`` (whatever ``evaluation.matching`` says, which governs the lesion P/R/F1 and lesion Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from medseg import __version__
+from medseg.config import Config, LabelConfig
+from medseg.errors import InputFileError, ManifestError
+from medseg.io import Volume, check_same_grid, map_labels, read_volume
+from medseg.manifest import Case, read_manifest
+from medseg.metrics.detection import (
+    SliceCounts,
+    average_precision,
+    mean_ap,
+    precision_recall,
+    rank_order,
+    slice_axis,
+    slice_detection,
+)
+from medseg.metrics.lesion import (
+    SIZE_BUCKETS,
+    LesionCounts,
+    LesionMatching,
+    Side,
+    best_iou,
+    label_lesions,
+    lesion_counts,
+    match_lesions,
+    overlap_table,
+    size_buckets,
+)
+from medseg.metrics.voxel import EMPTY_FLAGS, VoxelMetrics, bounding_box, global_dice, voxel_metrics
+
+log = logging.getLogger(__name__)
+
+MASK_SUFFIX = "_mask.nii.gz"
+PROB_SUFFIX = "_prob.nii.gz"
+LESIONS_SUFFIX = "_lesions.nii.gz"
+LESIONS_CSV_SUFFIX = "_lesions.csv"
+VOXEL_COLUMNS = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95_mm",
+    "assd_mm",
+    "ref_volume_ml",
+    "pred_volume_ml",
+    "abs_volume_diff_ml",
+    "rel_volume_diff",
+)
+LESION_COLUMNS = ("lesion_precision", "lesion_recall", "lesion_f1", "lesion_dice")
+LESION_TABLE_COLUMNS = (
+    "case_id", "region", "side", "lesion_id", "voxels", "volume_mm3", "size_bucket", "centroid_i",
+    "centroid_j", "centroid_k", "matched", "matched_ids", "iou", "dice", "best_iou", "score",
+)  # fmt: skip
+PR_CURVE_COLUMNS = (
+    "class",
+    "iou_threshold",
+    "rank",
+    "score",
+    "precision",
+    "recall",
+    "case_id",
+    "lesion_id",
+    "tp",
+)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One evaluated region. ``reference_values=None``: the reference mapped by ``data.labels``;
+    ``prediction_values=None``: every non-zero predicted voxel."""
+
+    name: str
+    reference_values: tuple[int, ...] | None = None
+    prediction_values: tuple[int, ...] | None = None
+
+
+def regions_from_config(cfg: Config) -> list[Region]:
+    """The regions of ``cfg.evaluation.regions``, or the single default region ``lesion``."""
+    if not cfg.evaluation.regions:
+        return [Region("lesion")]
+    return [
+        Region(
+            name,
+            tuple(r.reference_values),
+            tuple(r.prediction_values) if r.prediction_values is not None else None,
+        )
+        for name, r in cfg.evaluation.regions.items()
+    ]
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """Paths of one case's prediction files (``None`` where an optional file is absent)."""
+
+    mask: Path
+    prob: Path | None
+    lesions: Path | None
+    lesions_csv: Path | None
+
+
+def prediction_files(pred_dir: Path, case_id: str) -> PredictionFiles:
+    """Locate a case's files per the contract; ``InputFileError`` when the mask is missing."""
+    mask = pred_dir / f"{case_id}{MASK_SUFFIX}"
+    if not mask.is_file():
+        raise InputFileError(
+            mask, f"prediction for case {case_id!r} not found (expected <case_id>{MASK_SUFFIX} in {pred_dir})"
+        )
+
+    def optional(suffix: str) -> Path | None:
+        p = pred_dir / f"{case_id}{suffix}"
+        return p if p.is_file() else None
+
+    lesions, lesions_csv = optional(LESIONS_SUFFIX), optional(LESIONS_CSV_SUFFIX)
+    if (lesions is None) != (lesions_csv is None):
+        present = lesions or lesions_csv
+        log.warning("%s: lesion instance map and CSV come together; this one is ignored", present)
+        lesions = lesions_csv = None
+    return PredictionFiles(mask, optional(PROB_SUFFIX), lesions, lesions_csv)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _integer_array(volume: Volume, what: str) -> np.ndarray:
+    """``volume.array`` as an integer array; InputFileError for non-integer values."""
+    arr = volume.array
+    if arr.dtype.kind in "iub":
+        return arr
+    if not np.array_equal(arr, np.round(arr)):
+        raise InputFileError(volume.path, f"{what} has non-integer values; an integer label map is expected")
+    return arr.astype(np.int32)
+
+
+def reference_masks(
+    raw: np.ndarray, path: Path, regions: Sequence[Region], labels: LabelConfig, zero_outside: bool = False
+) -> list[np.ndarray]:
+    """Boolean reference mask ``(I, J, K)`` of each region from the raw label array.
+
+    Every raw value is validated against ``labels`` (integer, ``allowed_values``) once.
+    ``zero_outside``: ``raw`` is a crop and the volume around it holds value 0."""
+    mapped = map_labels(raw, labels, path)
+    if zero_outside and labels.allowed_values is not None and 0 not in labels.allowed_values:
+        raise InputFileError(
+            path,
+            f"unexpected label value(s) [0] (allowed: {sorted(labels.allowed_values)}); "
+            "set data.labels.allowed_values / foreground in the config",
+        )
+    out = []
+    for region in regions:
+        if region.reference_values is None:
+            out.append(mapped.astype(bool))
+        else:
+            out.append(np.isin(raw, np.asarray(region.reference_values, dtype=np.int64)))
+    return out
+
+
+def prediction_masks(pred: np.ndarray, regions: Sequence[Region]) -> list[np.ndarray]:
+    """Boolean predicted mask ``(I, J, K)`` of each region from the predicted class map."""
+    out = []
+    for region in regions:
+        if region.prediction_values is None:
+            out.append(pred > 0)
+        else:
+            out.append(np.isin(pred, np.asarray(region.prediction_values, dtype=np.int64)))
+    return out
+
+
+def _zero_is_foreground(regions: Sequence[Region], labels: LabelConfig) -> bool:
+    """True when some region counts value 0 as foreground (then nothing may be cropped away)."""
+    for region in regions:
+        ref_values = region.reference_values
+        if ref_values is None:
+            ref_values = () if labels.foreground == "nonzero" else tuple(labels.foreground)
+        if 0 in ref_values or 0 in (region.prediction_values or ()):
+            return True
+    return False
+
+
+def case_box(
+    raw: np.ndarray, pred: np.ndarray, regions: Sequence[Region], labels: LabelConfig
+) -> tuple[slice, ...]:
+    """Bounding box ``(I, J, K)`` of every non-zero reference or predicted voxel (at least one
+    voxel); the whole volume when value 0 can be foreground. All per-region work runs on it."""
+    if _zero_is_foreground(regions, labels):
+        return tuple(slice(0, n) for n in raw.shape)
+    return bounding_box((raw != 0) | (pred != 0)) or tuple(slice(0, 1) for _ in raw.shape)
+
+
+# --------------------------------------------------------------------------- lesion scores
+
+
+def _instance_scores(path_csv: Path) -> dict[int, float]:
+    """``{lesion_id: score_mean}`` of a ``<case_id>_lesions.csv`` file."""
+    try:
+        table = pd.read_csv(path_csv)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path_csv, f"cannot read lesion table: {exc}") from None
+    missing = [c for c in ("lesion_id", "score_mean") if c not in table.columns]
+    if missing:
+        raise InputFileError(
+            path_csv, f"lesion table lacks column(s) {missing} (columns: {list(table.columns)})"
+        )
+    if table["score_mean"].isna().any():
+        raise InputFileError(path_csv, "lesion table has empty score_mean values")
+    return {int(i): float(s) for i, s in zip(table["lesion_id"], table["score_mean"], strict=True)}
+
+
+@dataclass(frozen=True)
+class ScoreSource:
+    """Where one case's predicted-lesion scores come from (see the module docstring).
+
+    ``kind``: ``lesions_csv``, ``probability`` or ``none``. ``prob``: the ``_prob`` array and
+    ``instances``: the ``_lesions`` array, ``(I, J, K)`` on the mask's grid (or the same crop of
+    it); ``instance_scores``: ``score_mean`` by instance id; ``path``: the file errors name.
+    """
+
+    kind: str = "none"
+    prob: np.ndarray | None = None
+    instances: np.ndarray | None = None
+    instance_scores: dict[int, float] | None = None
+    path: Path | None = None
+
+    def crop(self, box: tuple[slice, ...]) -> ScoreSource:
+        return ScoreSource(
+            self.kind,
+            None if self.prob is None else self.prob[box],
+            None if self.instances is None else self.instances[box],
+            self.instance_scores,
+            self.path,
+        )
+
+    def lesion_scores(
+        self, pred_labels: np.ndarray, n_pred: int, box: tuple[slice, ...], where: str
+    ) -> np.ndarray:
+        """``(n_pred,)`` score of each predicted lesion of ``pred_labels`` (a label map of the
+        sub-box ``box`` of this source's arrays)."""
+        if self.instances is not None and self.instance_scores is not None:
+            inst = np.where(pred_labels > 0, self.instances[box], 0).astype(np.int64, copy=False)
+            link = overlap_table(pred_labels, inst, n_pred, int(inst.max(initial=0)))
+            best = np.zeros(n_pred, dtype=np.int64)
+            best_count = np.zeros(n_pred, dtype=np.int64)
+            # pairs come sorted by (lesion, instance id): a strict ">" keeps the lower id on ties
+            for lesion, instance, count in zip(link.pair_ref, link.pair_pred, link.pair_inter, strict=True):
+                if count > best_count[lesion - 1]:
+                    best[lesion - 1], best_count[lesion - 1] = instance, count
+            if (best == 0).any():
+                raise InputFileError(
+                    self.path or "", f"{where}: a predicted lesion lies outside every lesion instance"
+                )
+            unknown = sorted({int(i) for i in best} - set(self.instance_scores))
+            if unknown:
+                raise InputFileError(
+                    self.path or "", f"{where}: lesion_id(s) {unknown[:10]} have no row in this table"
+                )
+            return np.array([self.instance_scores[int(i)] for i in best], dtype=np.float64)
+        if self.prob is not None:
+            flat = pred_labels.ravel()
+            sums = np.bincount(flat, weights=self.prob[box].ravel(), minlength=n_pred + 1)[1:]
+            return sums / np.maximum(np.bincount(flat, minlength=n_pred + 1)[1:], 1)
+        return np.ones(n_pred, dtype=np.float64)
+
+
+def read_score_source(files: PredictionFiles, ref: Volume, case_id: str) -> ScoreSource:
+    """Read the optional score files of one case, checking they lie on the reference grid."""
+    if files.lesions is not None and files.lesions_csv is not None:
+        volume = read_volume(files.lesions)
+        check_same_grid(ref, volume, f"case {case_id}: lesion instances vs reference")
+        instances = _integer_array(volume, "lesion instance map")
+        if instances.size and int(instances.min()) < 0:
+            raise InputFileError(files.lesions, "lesion instance map has negative values; 0 = background")
+        scores = _instance_scores(files.lesions_csv)
+        return ScoreSource("lesions_csv", instances=instances, instance_scores=scores, path=files.lesions_csv)
+    if files.prob is not None:
+        volume = read_volume(files.prob)
+        check_same_grid(ref, volume, f"case {case_id}: probability vs reference")
+        return ScoreSource("probability", prob=volume.array, path=files.prob)
+    return ScoreSource()
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass
+class RegionResult:
+    """Everything one (case, region) contributes to the tables and the dataset summary."""
+
+    row: dict[str, Any]
+    lesion_rows: list[dict[str, Any]]
+    voxel: VoxelMetrics
+    counts: LesionCounts
+    slices: SliceCounts
+    ref_buckets: np.ndarray
+    ref_detected: np.ndarray
+    pred_scores: np.ndarray
+    pred_volumes: np.ndarray
+    pred_tp: dict[float, np.ndarray]
+
+
+def _thresholds(cfg: Config) -> list[float]:
+    return sorted({*cfg.evaluation.ap_iou_thresholds, cfg.evaluation.iou_threshold})
+
+
+def _centroids(labels: np.ndarray, n: int, offset: Sequence[int]) -> np.ndarray:
+    """``(n, 3)`` mean voxel index (I, J, K) of lesions ``1..n`` of a label map whose first voxel
+    is voxel ``offset`` of the volume."""
+    flat = labels.ravel()
+    keep = flat > 0
+    ids = flat[keep] - 1
+    sizes = np.maximum(np.bincount(ids, minlength=n), 1).astype(np.float64)
+    coords = np.unravel_index(np.flatnonzero(keep), labels.shape)
+    return np.stack(
+        [np.bincount(ids, weights=coords[a], minlength=n) / sizes + offset[a] for a in range(3)], axis=1
+    )
+
+
+def _lesion_rows(
+    matching: LesionMatching,
+    labels: dict[str, np.ndarray],
+    scores: np.ndarray,
+    voxel_mm3: float,
+    offset: Sequence[int],
+    edges_mm3: Sequence[float],
+) -> list[dict[str, Any]]:
+    """One ``lesion_matches.csv`` row per reference and per predicted lesion (without case/region)."""
+    table = matching.table
+    rows: list[dict[str, Any]] = []
+    sides: tuple[tuple[Side, str, np.ndarray], ...] = (
+        ("ref", "reference", table.ref_sizes),
+        ("pred", "prediction", table.pred_sizes),
+    )
+    for side, side_name, sizes in sides:
+        n = sizes.size
+        if n == 0:
+            continue
+        centroids = _centroids(labels[side], n, offset)
+        partners = matching.partners(side)
+        iou, dice = matching.iou(side), matching.dice(side)
+        best = best_iou(table, side)
+        buckets = size_buckets(sizes * voxel_mm3, edges_mm3)
+        for k in range(n):
+            rows.append(
+                {
+                    "side": side_name,
+                    "lesion_id": k + 1,
+                    "voxels": int(sizes[k]),
+                    "volume_mm3": float(sizes[k] * voxel_mm3),
+                    "size_bucket": buckets[k],
+                    "centroid_i": round(float(centroids[k, 0]), 2),
+                    "centroid_j": round(float(centroids[k, 1]), 2),
+                    "centroid_k": round(float(centroids[k, 2]), 2),
+                    "matched": bool(partners[k]),
+                    "matched_ids": ";".join(str(p) for p in partners[k]),
+                    "iou": float(iou[k]),
+                    "dice": float(dice[k]),
+                    "best_iou": float(best[k]),
+                    "score": float(scores[k]) if side == "pred" else math.nan,
+                }
+            )
+    return rows
+
+
+def evaluate_region(
+    case_id: str,
+    region: Region,
+    pred_mask: np.ndarray,
+    ref_mask: np.ndarray,
+    spacing: Sequence[float],
+    axis: int,
+    cfg: Config,
+    scores: ScoreSource | None = None,
+    origin: Sequence[int] = (0, 0, 0),
+    outside_slices: int = 0,
+) -> RegionResult:
+    """Metrics of one region of one case. Masks: bool ``(I, J, K)`` of one shape, voxel size
+    ``spacing`` mm; ``axis``: the array axis of slice-level detection.
+
+    The masks (and ``scores``' arrays) may be a crop of the volume that holds every non-zero
+    voxel: ``origin`` is the crop's first voxel (for centroids) and ``outside_slices`` the
+    slices along ``axis`` that the crop leaves out (negative in both masks: true negatives)."""
+    ev = cfg.evaluation
+    scores = scores or ScoreSource()
+    voxel = voxel_metrics(pred_mask, ref_mask, spacing, distances=ev.surface_distances)
+    slices = slice_detection(pred_mask, ref_mask, axis) + SliceCounts(0, 0, 0, outside_slices)
+    voxel_mm3 = float(np.prod(spacing))
+
+    box = bounding_box(pred_mask | ref_mask) or tuple(slice(0, 0) for _ in range(3))
+    ref_labels, n_ref = label_lesions(ref_mask[box], ev.connectivity)
+    pred_labels, n_pred = label_lesions(pred_mask[box], ev.connectivity)
+    table = overlap_table(ref_labels, pred_labels, n_ref, n_pred)
+    matching = match_lesions(table, ev.matching, ev.iou_threshold)
+    counts = lesion_counts(matching)
+    pred_scores = scores.lesion_scores(pred_labels, n_pred, box, f"case {case_id}, region {region.name}")
+    pred_volumes = table.pred_sizes * voxel_mm3
+    pred_tp = {t: match_lesions(table, "iou", t).pred_matched for t in _thresholds(cfg)}
+    ref_buckets = size_buckets(table.ref_sizes * voxel_mm3, ev.size_edges_mm3)
+    detected = matching.ref_detected
+
+    row: dict[str, Any] = {"case_id": case_id, "region": region.name, **voxel.as_dict()}
+    row.update({k if k.startswith("lesion") else f"lesion_{k}": v for k, v in counts.as_dict().items()})
+    for bucket in SIZE_BUCKETS:
+        in_bucket = ref_buckets == bucket
+        row[f"n_ref_{bucket}"] = int(in_bucket.sum())
+        row[f"recall_{bucket}"] = float(detected[in_bucket].mean()) if in_bucket.any() else math.nan
+    order = rank_order(pred_scores, pred_volumes)
+    for t, tp in pred_tp.items():
+        row[f"ap_iou_{t:g}"] = average_precision(tp[order], n_ref)
+    row["ap_mean_iou"] = mean_ap([row[f"ap_iou_{t:g}"] for t in ev.ap_iou_thresholds])
+    row.update({f"slice_{k}": v for k, v in slices.as_dict().items()})
+    row["score_source"] = scores.kind
+
+    offset = [b.start + o for b, o in zip(box, origin, strict=True)]
+    labels = {"ref": ref_labels, "pred": pred_labels}
+    lesion_rows = [
+        {"case_id": case_id, "region": region.name, **r}
+        for r in _lesion_rows(matching, labels, pred_scores, voxel_mm3, offset, ev.size_edges_mm3)
+    ]
+    return RegionResult(
+        row=row,
+        lesion_rows=lesion_rows,
+        voxel=voxel,
+        counts=counts,
+        slices=slices,
+        ref_buckets=ref_buckets,
+        ref_detected=detected,
+        pred_scores=pred_scores,
+        pred_volumes=pred_volumes,
+        pred_tp=pred_tp,
+    )
+
+
+def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Region]) -> list[RegionResult]:
+    """Read one case's reference and prediction files; return one result per region."""
+    if case.label is None:
+        raise ValueError(f"case {case.case_id} has no label to evaluate against")
+    files = prediction_files(pred_dir, case.case_id)
+    ref = read_volume(case.label)
+    raw = _integer_array(ref, "reference label")
+    pred = read_volume(files.mask)
+    check_same_grid(ref, pred, f"case {case.case_id}: prediction vs reference")
+    pred_arr = _integer_array(pred, "predicted mask")
+    if pred_arr.size and int(pred_arr.min()) < 0:
+        raise InputFileError(files.mask, "predicted mask has negative values; 0 = background, 1..K = classes")
+    scores = read_score_source(files, ref, case.case_id)
+
+    axis = slice_axis(ref.affine, cfg.evaluation.slice_axis)
+    box = case_box(raw, pred_arr, regions, cfg.data.labels)
+    cropped = any(b.stop - b.start < n for b, n in zip(box, raw.shape, strict=True))
+    ref_masks = reference_masks(raw[box], ref.path, regions, cfg.data.labels, zero_outside=cropped)
+    pred_masks = prediction_masks(pred_arr[box], regions)
+    origin = [b.start for b in box]
+    outside = raw.shape[axis] - (box[axis].stop - box[axis].start)
+    return [
+        evaluate_region(
+            case.case_id,
+            region,
+            pred_mask,
+            ref_mask,
+            ref.spacing,
+            axis,
+            cfg,
+            scores.crop(box),
+            origin,
+            outside,
+        )
+        for region, ref_mask, pred_mask in zip(regions, ref_masks, pred_masks, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def describe(values: Sequence[float]) -> dict[str, float | int]:
+    """Mean, median, std (ddof=1), min, max over the non-NaN values; ``n`` used, ``n_nan`` skipped."""
+    arr = np.asarray(values, dtype=np.float64)
+    ok = arr[~np.isnan(arr)]
+    nan = math.nan
+    return {
+        "mean": float(ok.mean()) if ok.size else nan,
+        "median": float(np.median(ok)) if ok.size else nan,
+        "std": float(ok.std(ddof=1)) if ok.size > 1 else nan,
+        "min": float(ok.min()) if ok.size else nan,
+        "max": float(ok.max()) if ok.size else nan,
+        "n": int(ok.size),
+        "n_nan": int(arr.size - ok.size),
+    }
+
+
+def _pooled_ranking(results: Sequence[RegionResult], case_ids: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """Concatenate one region's predicted lesions over cases: ids, case ids, scores, volumes."""
+    ids = np.concatenate([np.arange(1, r.pred_scores.size + 1) for r in results])
+    cases = np.concatenate(
+        [np.full(r.pred_scores.size, c, dtype=object) for r, c in zip(results, case_ids, strict=True)]
+    )
+    scores = np.concatenate([r.pred_scores for r in results])
+    volumes = np.concatenate([r.pred_volumes for r in results])
+    return ids, cases, scores, volumes
+
+
+def summarise_region(
+    name: str, results: Sequence[RegionResult], case_ids: Sequence[str], cfg: Config
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Dataset summary of one region and its PR-curve rows (ranking pooled over cases)."""
+    ev = cfg.evaluation
+    voxel = {col: describe([getattr(r.voxel, col) for r in results]) for col in VOXEL_COLUMNS}
+    voxel["global_dice"] = global_dice(
+        [r.voxel.tp_voxels for r in results],
+        [r.voxel.fp_voxels for r in results],
+        [r.voxel.fn_voxels for r in results],
+    )
+    voxel["empty_cases"] = {flag: sum(r.voxel.empty == flag for r in results) for flag in EMPTY_FLAGS}
+
+    pooled = LesionCounts(0, 0, 0, 0, 0, 0.0)
+    for r in results:
+        pooled = pooled + r.counts
+    buckets = np.concatenate([r.ref_buckets for r in results])
+    detected = np.concatenate([r.ref_detected for r in results])
+    by_size = {}
+    for bucket in SIZE_BUCKETS:
+        sel = buckets == bucket
+        by_size[bucket] = {
+            "n_ref": int(sel.sum()),
+            "detected": int(detected[sel].sum()),
+            "recall": float(detected[sel].mean()) if sel.any() else math.nan,
+        }
+    lesion = {
+        "matching": ev.matching,
+        "iou_threshold": ev.iou_threshold,
+        "connectivity": ev.connectivity,
+        "pooled": pooled.as_dict(),
+        "per_case": {col: describe([r.row[col] for r in results]) for col in LESION_COLUMNS},
+        "recall_by_size": by_size,
+        "size_edges_mm3": list(ev.size_edges_mm3),
+    }
+
+    ids, cases, scores, volumes = _pooled_ranking(results, case_ids)
+    order = rank_order(scores, volumes)
+    n_ref = pooled.n_ref
+    ap: dict[str, float] = {}
+    curve_rows: list[dict[str, Any]] = []
+    for t in _thresholds(cfg):
+        tp = np.concatenate([r.pred_tp[t] for r in results])[order]
+        ap[f"{t:g}"] = average_precision(tp, n_ref)
+        precision, recall = precision_recall(tp, n_ref)
+        for rank, k in enumerate(order):
+            curve_rows.append(
+                {
+                    "class": name,
+                    "iou_threshold": t,
+                    "rank": rank + 1,
+                    "score": float(scores[k]),
+                    "precision": float(precision[rank]),
+                    "recall": float(recall[rank]),
+                    "case_id": cases[k],
+                    "lesion_id": int(ids[k]),
+                    "tp": bool(tp[rank]),
+                }
+            )
+    slices = SliceCounts(0, 0, 0, 0)
+    for r in results:
+        slices = slices + r.slices
+    summary = {
+        "voxel": voxel,
+        "lesion": lesion,
+        "detection": {
+            "ap": ap,
+            "ap_mean_over_thresholds": mean_ap([ap[f"{t:g}"] for t in ev.ap_iou_thresholds]),
+            "per_case_ap": {k: describe([r.row[f"ap_iou_{k}"] for r in results]) for k in ap},
+        },
+        "slices": {
+            "axis": ev.slice_axis,
+            **slices.as_dict(),
+            "per_case_sensitivity": describe([r.slices.sensitivity for r in results]),
+            "per_case_specificity": describe([r.slices.specificity for r in results]),
+        },
+    }
+    return summary, curve_rows
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (valid JSON), numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def select_cases(cases: Sequence[Case], split: str | None, manifest_path: Path) -> list[Case]:
+    """Manifest rows that have a label (and belong to ``split`` when given)."""
+    chosen = [c for c in cases if c.label is not None and (split is None or c.split == split)]
+    if not chosen:
+        where = f" in split {split!r}" if split else ""
+        raise ManifestError(manifest_path, [f"no case with a label{where}: nothing to evaluate"])
+    return chosen
+
+
+def evaluate(
+    pred_dir: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    cfg: Config | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``pred_dir`` against the labels of ``manifest_path``; write the four tables to
+    ``out_dir`` (see the module docstring) and return the summary dict (also ``summary.json``).
+
+    Raises ``InputFileError`` naming the file when a prediction is missing or unreadable,
+    ``GeometryMismatchError`` when its grid differs from the reference, ``ManifestError`` when
+    no case has a label.
+    """
+    cfg = cfg or Config()
+    pred_dir, manifest_path, out_dir = Path(pred_dir), Path(manifest_path), Path(out_dir)
+    if not pred_dir.is_dir():
+        raise InputFileError(pred_dir, "prediction folder not found")
+    regions = regions_from_config(cfg)
+    cases = select_cases(read_manifest(manifest_path), cfg.evaluation.split, manifest_path)
+
+    per_region: dict[str, list[RegionResult]] = {r.name: [] for r in regions}
+    sources: list[str] = []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
+        results = evaluate_case(case, pred_dir, cfg, regions)
+        sources.append(results[0].row["score_source"])
+        for region, result in zip(regions, results, strict=True):
+            per_region[region.name].append(result)
+
+    case_ids = [c.case_id for c in cases]
+    region_summaries: dict[str, Any] = {}
+    curve_rows: list[dict[str, Any]] = []
+    for region in regions:
+        summary, rows = summarise_region(region.name, per_region[region.name], case_ids, cfg)
+        region_summaries[region.name] = summary
+        curve_rows.extend(rows)
+    score_source = sources[0] if len(set(sources)) == 1 else "mixed"
+    if score_source == "none":
+        log.warning(
+            "no detection scores in %s: AP ranks lesions by volume only (score_source none)", pred_dir
+        )
+    elif score_source == "mixed":
+        log.warning(
+            "cases differ in score source %s: the pooled AP ranking mixes score kinds", sorted(set(sources))
+        )
+    thresholds = _thresholds(cfg)
+    map_by_t = {
+        f"{t:g}": mean_ap([s["detection"]["ap"][f"{t:g}"] for s in region_summaries.values()])
+        for t in thresholds
+    }
+    summary = {
+        "medseg_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pred_dir": str(pred_dir),
+        "manifest": str(manifest_path),
+        "n_cases": len(cases),
+        "case_ids": case_ids,
+        "regions": [r.name for r in regions],
+        "score_source": score_source,
+        "score_source_counts": {s: sources.count(s) for s in sorted(set(sources))},
+        "map": {
+            "by_iou_threshold": map_by_t,
+            "at_iou_threshold": map_by_t[f"{cfg.evaluation.iou_threshold:g}"],
+            "mean_over_thresholds": mean_ap([map_by_t[f"{t:g}"] for t in cfg.evaluation.ap_iou_thresholds]),
+            "iou_thresholds": list(cfg.evaluation.ap_iou_thresholds),
+        },
+        "per_region": region_summaries,
+        "config": cfg.model_dump(mode="json"),
+    }
+    summary = _json_safe(summary)
+    write_tables(out_dir, [per_region[r.name] for r in regions], curve_rows, summary)
+    return summary
+
+
+def write_tables(
+    out_dir: Path,
+    results: Sequence[Sequence[RegionResult]],
+    curve_rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> None:
+    """Write the four output files. ``results[region][case]``; rows go out case by case."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_case = list(zip(*results, strict=True))
+    rows = [r.row for case in by_case for r in case]
+    pd.DataFrame(rows).to_csv(out_dir / "metrics_per_case.csv", index=False)
+    lesion_rows = [lr for case in by_case for r in case for lr in r.lesion_rows]
+    pd.DataFrame(lesion_rows, columns=LESION_TABLE_COLUMNS).to_csv(
+        out_dir / "lesion_matches.csv", index=False
+    )
+    pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS).to_csv(out_dir / "pr_curve.csv", index=False)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
