@@ -28,6 +28,7 @@ demo: setup
 	@echo "demo finished: results in $(DEMO_OUT)/stats (lesion_curve.png, slice_stats.csv, case_stats.csv)"
 
 test: setup
+	@bash scripts/ensure_browser.sh
 	$(PY) -m pytest -q
 
 lint: setup

@@ -152,3 +152,17 @@ def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, t
         dump_config(cfg, tmp)
     paths["config"] = out / "config.yaml"
     return paths
+
+
+def prediction_cases(cases: list[Case], pred_dir: str | Path) -> list[Case]:
+    """Copies of ``cases`` whose label is the predicted mask ``<pred_dir>/<case_id>_mask.nii.gz``
+    (cases without a prediction are left out), for statistics of the predictions."""
+    from dataclasses import replace
+
+    folder = Path(pred_dir)
+    out = []
+    for case in cases:
+        mask = folder / f"{case.case_id}_mask.nii.gz"
+        if mask.is_file():
+            out.append(replace(case, label=mask))
+    return out

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from medseg.atomic import atomic_path  # noqa: E402
@@ -60,3 +61,100 @@ def plot_lesion_curve(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(out_path)
+
+
+def _save(fig: plt.Figure, out_path: str | Path) -> Path:
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out_path)
+
+
+def plot_pr_curves(pr_curve: pd.DataFrame, ap_by_class: dict[str, float], out_path: str | Path, iou_threshold: float) -> Path:
+    """Precision-recall curve per class at one IoU threshold (from evaluation's pr_curve.csv)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    subset = pr_curve[abs(pr_curve["iou_threshold"] - iou_threshold) < 1e-9]
+    for name, group in subset.groupby("class", sort=False):
+        group = group.sort_values("rank")
+        ap = ap_by_class.get(str(name), float("nan"))
+        ax.step([0, *group["recall"]], [1, *group["precision"]], where="post", label=f"{name} (AP {ap:.3f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("lesion recall")
+    ax.set_ylabel("lesion precision")
+    ax.set_title(f"Lesion detection, IoU > {iou_threshold:g}")
+    ax.grid(alpha=0.3)
+    if len(subset):
+        ax.legend(loc="lower left", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no predicted lesions", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out_path)
+
+
+def plot_lesion_sizes(matches: pd.DataFrame, out_path: str | Path, edges_mm3: tuple[float, float]) -> Path:
+    """Histogram of lesion volumes (log scale) for reference and predicted lesions."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    volumes = {side: matches.loc[matches["side"] == side, "volume_mm3"].to_numpy(float) for side in ("reference", "prediction")}
+    positive = [v[v > 0] for v in volumes.values() if len(v)]
+    if positive and any(len(v) for v in positive):
+        allv = np.concatenate(positive)
+        bins = np.logspace(np.log10(max(allv.min(), 1e-3)), np.log10(allv.max() * 1.01), 25)
+        for (side, v), colour in zip(volumes.items(), ("k", "tab:red"), strict=True):
+            if len(v):
+                ax.hist(v[v > 0], bins=bins, histtype="step", lw=1.5, color=colour, label=f"{side} ({len(v)})")
+        ax.set_xscale("log")
+        for edge in edges_mm3:
+            ax.axvline(edge, color="0.5", ls=":", lw=1)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("lesion volume (mm³)")
+    ax.set_ylabel("lesions")
+    ax.set_title("Lesion sizes (dotted: small / medium / large edges)")
+    return _save(fig, out_path)
+
+
+def plot_recall_by_size(recall_by_size: dict[str, dict], out_path: str | Path) -> Path:
+    """Bar chart of lesion-wise detection recall per size bucket (with counts)."""
+    fig, ax = plt.subplots(figsize=(5, 3.8), constrained_layout=True)
+    names = list(recall_by_size)
+    values = [recall_by_size[n].get("recall") for n in names]
+    bars = ax.bar(names, [v if v is not None else 0 for v in values], color="tab:blue", alpha=0.7)
+    for bar, n in zip(bars, names, strict=True):
+        info = recall_by_size[n]
+        text = f"{info.get('detected', 0)}/{info.get('n_ref', 0)}" if info.get("n_ref") else "none"
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, text, ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("detection recall")
+    ax.set_title("Detection recall by lesion size")
+    return _save(fig, out_path)
+
+
+def plot_overlay(
+    image: np.ndarray,
+    reference: np.ndarray | None,
+    prediction: np.ndarray | None,
+    spacing: tuple[float, float],
+    out_path: str | Path,
+    title: str,
+) -> Path:
+    """One axial slice (R, A) with reference (green) and predicted (red) lesion contours.
+
+    Arrays are 2-D (R, A) of the RAS-oriented volume; displayed radiologically (patient's
+    right on the image's left, anterior up), with the pixel aspect from ``spacing``.
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.4), constrained_layout=True)
+    shown = np.flipud(np.asarray(image, dtype=np.float32).T)  # rows: anterior at top; cols: R..L? see below
+    shown = shown[:, ::-1]  # radiological convention: patient right on the left
+    lo, hi = np.percentile(shown, [1, 99]) if shown.size else (0, 1)
+    extent = (0, shown.shape[1] * spacing[0], 0, shown.shape[0] * spacing[1])
+    ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, extent=extent, interpolation="nearest")
+    for mask, colour in ((reference, "lime"), (prediction, "red")):
+        if mask is not None and np.asarray(mask).any():
+            m = np.flipud(np.asarray(mask, dtype=np.float32).T)[:, ::-1]
+            ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0, extent=extent, origin="upper")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return _save(fig, out_path)
