@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "medseg.commands.evaluate",
     "train": "medseg.commands.train",
     "infer": "medseg.commands.infer",
+    "run": "medseg.commands.run",
 }
 
 

@@ -1,0 +1,473 @@
+"""Run a pipeline definition (YAML in ``pipelines/``) stage by stage, resumably.
+
+A pipeline file::
+
+    name: demo
+    description: synthetic phantoms -> statistics -> train -> infer -> evaluate -> report
+    config: ../configs/demo.yaml        # base config, relative to the pipeline file
+    manifest: ../data_manifest.csv      # relative to the pipeline file
+    checkpoint: null                    # a trained checkpoint (infer without a train stage)
+    stages:
+      - synth: {n: 12, seed: 0, out: ../demo_data}
+      - validate
+      - stats
+      - train
+      - infer: {split: test}
+      - evaluate: {split: test}
+      - report
+
+Run folder (``runs/<name>/<timestamp>``, or ``--out``; ``--resume`` reuses the newest):
+``config.yaml`` (resolved), ``pipeline.yaml`` (resolved), ``state.json`` (per stage: input
+fingerprint, output fingerprint, seconds), ``provenance.json`` (versions, checkpoint sha256,
+timings), ``run.log``, ``failures.csv`` (every failed case with its stage and reason), and one
+folder per stage. A stage is skipped when its input fingerprint (its options, the resolved
+config, the manifest's bytes and the output fingerprints of the stages before it) matches
+the recorded one and its outputs still exist; ``--force STAGE`` redoes one stage (and,
+through the fingerprints, whatever depends on its outputs). Stages that work per case skip
+finished cases themselves (inference).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from medseg import __version__, atomic
+from medseg.config import (
+    Config,
+    ConfigError,
+    StrictModel,
+    dump_config,
+    format_validation_error,
+    parse_override,
+)
+from medseg.errors import MedsegError
+from medseg.manifest import Case, read_manifest
+
+log = logging.getLogger(__name__)
+
+StageName = Literal["synth", "validate", "stats", "train", "infer", "evaluate", "report"]
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+class SynthOptions(StrictModel):
+    """Generate the demo phantoms (skipped when the manifest's files all exist)."""
+
+    n: int = Field(default=12, ge=1)
+    seed: int = 0
+    modality: Literal["MR", "CT"] = "MR"
+    shape: tuple[int, int, int] = (128, 128, 40)
+    out: str = "demo_data"
+
+
+class SplitOptions(StrictModel):
+    """Restrict a stage to the manifest rows of one split (``None`` = all rows)."""
+
+    split: Literal["train", "val", "test"] | None = None
+
+
+class InferOptions(SplitOptions):
+    tta: bool | None = None
+    write_prob: bool | None = None
+
+
+class NoOptions(StrictModel):
+    pass
+
+
+STAGE_OPTIONS: dict[str, type[StrictModel]] = {
+    "synth": SynthOptions,
+    "validate": NoOptions,
+    "stats": SplitOptions,
+    "train": NoOptions,
+    "infer": InferOptions,
+    "evaluate": SplitOptions,
+    "report": NoOptions,
+}
+
+
+class StageSpec(StrictModel):
+    name: StageName
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def parsed_options(self) -> StrictModel:
+        return STAGE_OPTIONS[self.name].model_validate(self.options)
+
+
+class PipelineSpec(StrictModel):
+    """A pipeline file (see the module docstring)."""
+
+    name: str
+    description: str = ""
+    config: str | None = None
+    manifest: str
+    checkpoint: str | None = None
+    stages: list[StageSpec]
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """Accept ``- stats`` and ``- infer: {split: test}`` besides ``{name: ..., options: ...}``."""
+        out = []
+        for item in value or []:
+            if isinstance(item, str):
+                out.append({"name": item})
+            elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
+                (name, options), = item.items()
+                out.append({"name": name, "options": options or {}})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("stages")
+    @classmethod
+    def _valid_order(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a stage appears twice: {names}")
+        order = list(STAGE_OPTIONS)
+        if names != sorted(names, key=order.index):
+            raise ValueError(f"stages must follow the order {order}; got {names}")
+        for stage in stages:
+            try:
+                stage.parsed_options()
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(f"stage {stage.name} options", exc)) from None
+        return stages
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineSpec, Config, Path]:
+    """Read a pipeline file and its config; ``overrides`` ``key=value`` go to the config, except
+    ``pipeline.<field>=...`` (e.g. ``pipeline.manifest=hospital.csv``, ``pipeline.checkpoint=...``).
+
+    Paths in the pipeline file are resolved against its folder; paths given as overrides
+    against the current directory. Returns (spec with absolute paths, config, pipeline path).
+    """
+    from medseg.config import load_config
+
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key in ("config", "manifest", "checkpoint"):
+        if tree.get(key):
+            tree[key] = str((p.parent / tree[key]).resolve())
+    config_overrides = []
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key.startswith("pipeline."):
+            field_name = key.split(".", 1)[1]
+            tree[field_name] = str(Path(value).resolve()) if field_name in ("config", "manifest", "checkpoint") and value else value
+        else:
+            config_overrides.append(text)
+    synth = next((s for s in tree.get("stages", []) if isinstance(s, dict) and "synth" in s), None)
+    if synth and isinstance(synth.get("synth"), dict) and synth["synth"].get("out"):
+        synth["synth"]["out"] = str((p.parent / synth["synth"]["out"]).resolve())
+    try:
+        spec = PipelineSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(path), exc)) from None
+    cfg = load_config(spec.config, config_overrides)
+    return spec, cfg, p
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunContext:
+    """What stages share: the run folder, resolved config, manifest and results so far."""
+
+    run_dir: Path
+    spec: PipelineSpec
+    cfg: Config
+    manifest: Path
+    progress: bool = True
+    checkpoint: Path | None = None
+    failures: list[dict] = field(default_factory=list)
+
+    def cases(self, split: str | None = None) -> list[Case]:
+        cases = read_manifest(self.manifest)
+        return [c for c in cases if split is None or c.split == split]
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.run_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def _hash_text(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def output_fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of every file under ``folder``."""
+    if not folder.exists():
+        return "missing"
+    entries = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in folder.rglob("*") if f.is_file() and ".partial" not in f.name)
+    return _hash_text(entries)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_synth(ctx: RunContext, opts: SynthOptions) -> None:
+    from medseg.synth import generate_dataset
+
+    if ctx.manifest.is_file():
+        try:
+            read_manifest(ctx.manifest)
+            log.info("synth: %s and its files exist, nothing to generate", ctx.manifest)
+            return
+        except MedsegError:
+            pass
+    generate_dataset(opts.out, n_cases=opts.n, modality=opts.modality, shape=opts.shape, seed=opts.seed,
+                     manifest_path=ctx.manifest)
+
+
+def stage_validate(ctx: RunContext, opts: NoOptions) -> None:
+    cases = read_manifest(ctx.manifest)
+    summary = {
+        "cases": len(cases),
+        "channels": cases[0].channels,
+        "modalities": sorted({c.modality for c in cases}),
+        "splits": {s or "unassigned": sum(c.split == s for c in cases) for s in ("train", "val", "test", "")},
+        "labelled": sum(c.label is not None for c in cases),
+    }
+    atomic.write_json(ctx.stage_dir("validate") / "manifest_summary.json", summary)
+    log.info("manifest: %s", summary)
+
+
+def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
+    from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
+
+    stats = compute_dataset_stats(ctx.cases(opts.split), ctx.cfg, progress=ctx.progress)
+    write_dataset_stats(stats, ctx.cfg, ctx.stage_dir("stats"), title="Reference lesion distribution")
+    ctx.failures += stats.failures.to_dict("records")
+
+
+def stage_train(ctx: RunContext, opts: NoOptions) -> None:
+    from medseg.engine.api import train_from_config
+
+    result = train_from_config(ctx.cfg, ctx.manifest, ctx.stage_dir("train"), progress=ctx.progress)
+    ctx.checkpoint = Path(result)
+
+
+def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
+    from medseg.inference.api import infer_manifest
+
+    if ctx.checkpoint is None:
+        raise ConfigError("stage infer needs a checkpoint: add a train stage or set 'checkpoint:' in the pipeline "
+                          "(or --set pipeline.checkpoint=PATH)")
+    overrides = {k: v for k, v in (("tta", opts.tta), ("write_prob", opts.write_prob)) if v is not None}
+    failures = infer_manifest([ctx.checkpoint], ctx.manifest, ctx.stage_dir("predictions"), split=opts.split,
+                              overrides=overrides, progress=ctx.progress)
+    ctx.failures += [dict(f, stage="infer") for f in failures]
+
+
+def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
+    from medseg.evaluation import evaluate
+
+    pred_dir = ctx.run_dir / "predictions"
+    done = {p.name[: -len("_mask.nii.gz")] for p in pred_dir.glob("*_mask.nii.gz")}
+    cases = [c for c in ctx.cases(opts.split) if c.label is not None]
+    missing = [c.case_id for c in cases if c.case_id not in done]
+    if missing:  # failed at inference: recorded there; evaluate the others
+        log.warning("evaluate: %d case(s) have no prediction (see failures.csv): %s", len(missing), missing[:5])
+    subset = ctx.stage_dir("evaluate") / "evaluated_manifest.csv"
+    from medseg.manifest import write_manifest
+
+    write_manifest([c for c in cases if c.case_id in done], subset)
+    evaluate(pred_dir, subset, ctx.stage_dir("evaluate"), ctx.cfg)
+
+
+def stage_report(ctx: RunContext, opts: NoOptions) -> None:
+    from medseg.dataset_stats import compute_dataset_stats, prediction_cases, write_dataset_stats
+    from medseg.report_html import ReportInputs, write_report
+
+    pred_dir = ctx.run_dir / "predictions"
+    cases = ctx.cases()
+    pred_stats_dir = None
+    if pred_dir.is_dir():
+        predicted = prediction_cases(cases, pred_dir)
+        if predicted:
+            stats = compute_dataset_stats(predicted, ctx.cfg, progress=False)
+            pred_stats_dir = ctx.stage_dir("prediction_stats")
+            write_dataset_stats(stats, ctx.cfg, pred_stats_dir, title="Predicted lesion distribution")
+    provenance = json.loads((ctx.run_dir / "provenance.json").read_text()) if (ctx.run_dir / "provenance.json").is_file() else {}
+    provenance["config"] = ctx.cfg.model_dump(mode="json")
+    stats_dir = ctx.run_dir / "stats"
+    eval_dir = ctx.run_dir / "evaluate"
+    inputs = ReportInputs(
+        title=f"medseg report — {ctx.spec.name}",
+        cases=[c for c in cases if (pred_dir / f"{c.case_id}_mask.nii.gz").is_file()] or cases,
+        ref_stats_dir=stats_dir if stats_dir.is_dir() else None,
+        pred_stats_dir=pred_stats_dir,
+        eval_dir=eval_dir if (eval_dir / "summary.json").is_file() else None,
+        pred_dir=pred_dir if pred_dir.is_dir() else None,
+        provenance=provenance,
+        axis=ctx.cfg.stats.axis,
+        extent=ctx.cfg.stats.extent,
+    )
+    write_report(inputs, ctx.stage_dir("report"))
+
+
+STAGES: dict[str, Callable[[RunContext, Any], None]] = {
+    "synth": stage_synth,
+    "validate": stage_validate,
+    "stats": stage_stats,
+    "train": stage_train,
+    "infer": stage_infer,
+    "evaluate": stage_evaluate,
+    "report": stage_report,
+}
+STAGE_OUTPUTS = {"synth": None, "validate": "validate", "stats": "stats", "train": "train", "infer": "predictions",
+                 "evaluate": "evaluate", "report": "report"}
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def choose_run_dir(spec: PipelineSpec, out: str | None, resume: bool, root: Path = Path("runs")) -> Path:
+    if out:
+        return Path(out).resolve()
+    base = (root / spec.name).resolve()
+    if resume:
+        existing = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
+        if existing:
+            return existing[-1]
+    return base / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import monai
+    import numpy
+    import torch
+
+    return {"medseg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "monai": monai.__version__, "numpy": numpy.__version__}
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    cfg: Config,
+    run_dir: Path,
+    force: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage of ``spec`` into ``run_dir`` (see module docstring). Returns the state."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("medseg").addHandler(handler)
+    logging.getLogger("medseg").setLevel(logging.INFO)
+    try:
+        return _run(spec, cfg, run_dir, force or [], progress)
+    finally:
+        logging.getLogger("medseg").removeHandler(handler)
+        handler.close()
+
+
+def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progress: bool) -> dict[str, Any]:
+    unknown = [f for f in force if f not in [s.name for s in spec.stages]]
+    if unknown:
+        raise ConfigError(f"--force {unknown}: not a stage of pipeline {spec.name} ({[s.name for s in spec.stages]})")
+    with atomic.atomic_path(run_dir / "config.yaml") as tmp:
+        dump_config(cfg, tmp)
+    atomic.write_text(run_dir / "pipeline.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    state_path = run_dir / "state.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    ctx = RunContext(run_dir, spec, cfg, Path(spec.manifest), progress,
+                     checkpoint=Path(spec.checkpoint) if spec.checkpoint else None)
+    previous = json.loads((run_dir / "failures_by_stage.json").read_text()) if (run_dir / "failures_by_stage.json").is_file() else {}
+    config_json = cfg.model_dump(mode="json")
+    upstream = ""
+    timings: dict[str, float] = {}
+    for stage in spec.stages:
+        opts = stage.parsed_options()
+        # synth creates the manifest: its only inputs are its options
+        manifest_bytes = ctx.manifest.read_bytes() if ctx.manifest.is_file() and stage.name != "synth" else b""
+        fingerprint = _hash_text(stage.name, opts.model_dump(mode="json"), config_json, spec.checkpoint,
+                                 hashlib.sha256(manifest_bytes).hexdigest(), upstream)
+        out_name = STAGE_OUTPUTS[stage.name]
+        out_dir = run_dir / out_name if out_name else None
+        record = state.get(stage.name, {})
+        outputs_intact = out_dir is None or record.get("output") == output_fingerprint(out_dir)
+        if record.get("fingerprint") == fingerprint and record.get("status") == "done" and outputs_intact and stage.name not in force:
+            log.info("stage %s: up to date, skipped", stage.name)
+            print(f"[{stage.name}] up to date (skipped)")
+            ctx.failures += previous.get(stage.name, [])
+            if stage.name == "train" and record.get("checkpoint"):
+                ctx.checkpoint = Path(record["checkpoint"])
+            upstream = _hash_text(upstream, record.get("output"))
+            timings[stage.name] = record.get("seconds", 0.0)
+            continue
+        print(f"[{stage.name}] running")
+        log.info("stage %s: running", stage.name)
+        n_fail_before = len(ctx.failures)
+        start = time.perf_counter()
+        STAGES[stage.name](ctx, opts)
+        seconds = time.perf_counter() - start
+        output = output_fingerprint(out_dir) if out_dir else "none"
+        state[stage.name] = {"fingerprint": fingerprint, "status": "done", "output": output, "seconds": round(seconds, 2),
+                             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                             "runs": record.get("runs", 0) + 1}
+        if stage.name == "train" and ctx.checkpoint is not None:
+            state[stage.name]["checkpoint"] = str(ctx.checkpoint)
+        previous[stage.name] = ctx.failures[n_fail_before:]
+        atomic.write_json(run_dir / "failures_by_stage.json", previous)
+        atomic.write_json(state_path, state)
+        upstream = _hash_text(upstream, output)
+        timings[stage.name] = round(seconds, 2)
+        log.info("stage %s: done in %.1f s", stage.name, seconds)
+        _write_provenance(ctx, timings)
+    _write_provenance(ctx, timings)
+    failures = pd.DataFrame(ctx.failures, columns=["case_id", "stage", "error"])
+    atomic.write_csv(run_dir / "failures.csv", failures)
+    return state
+
+
+def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
+    provenance: dict[str, Any] = {
+        "pipeline": ctx.spec.name,
+        "versions": _versions(),
+        "manifest": str(ctx.manifest),
+        "stage_seconds": timings,
+        "run_dir": str(ctx.run_dir),
+    }
+    if ctx.checkpoint is not None and ctx.checkpoint.is_file():
+        provenance["checkpoint"] = str(ctx.checkpoint)
+        provenance["checkpoint_sha256"] = sha256_file(ctx.checkpoint)
+    atomic.write_json(ctx.run_dir / "provenance.json", provenance)
