@@ -246,6 +246,207 @@ class PreprocessConfig(StrictModel):
         return value
 
 
+class InferenceConfig(StrictModel):
+    """``medseg infer``: whole-volume 2.5D sliding-window prediction and post-processing.
+
+    Prediction: ``roi_size`` is the in-plane sliding window (pixels); a slice that fits in it is
+    predicted as one window (the window shrinks to the slice), larger slices are tiled with
+    ``overlap`` and ``blend`` weighting (MONAI ``SlidingWindowInferer``). ``batch_size``:
+    windows per forward pass (``None``: 4 on CPU, 32 on CUDA; see docs/benchmarks.md).
+    ``precision``: ``auto`` = bf16 autocast on CPUs with AVX-512/AMX and on CUDA GPUs that
+    support it (else fp16 on CUDA, fp32 on other CPUs); ``fp32`` | ``bf16`` | ``fp16`` force one.
+    ``channels_last``: NHWC memory format for the forward pass. ``tta``: average over in-plane
+    flips ``tta_flips`` (0 = first, 1 = second in-plane axis) besides the plain prediction.
+
+    Post-processing (:func:`medseg.inference.postprocess`): binary models threshold the
+    probability at ``threshold`` (voxel is lesion when ``prob >= threshold``), multi-class models
+    take the argmax; then optional ``fill_holes`` (MONAI ``FillHoles``) and
+    ``largest_component`` (MONAI ``KeepLargestConnectedComponent``); then lesions (3-D
+    components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed.
+
+    Outputs: ``write_prob`` adds ``<case>_prob.nii.gz``; ``write_lesions`` the instance map and
+    lesion table. ``prefetch``: read and preprocess the next case while predicting this one.
+    """
+
+    roi_size: tuple[int, int] = (512, 512)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    batch_size: int | None = Field(default=None, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    tta: bool = False
+    tta_flips: list[list[Literal[0, 1]]] = Field(default_factory=lambda: [[0], [1], [0, 1]])
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_lesion_mm3: float = Field(default=10.0, ge=0.0)
+    fill_holes: bool = False
+    largest_component: bool = False
+    connectivity: Literal[6, 18, 26] = 26
+    write_prob: bool = False
+    write_lesions: bool = True
+    prefetch: bool = True
+
+    @field_validator("roi_size")
+    @classmethod
+    def _positive_roi(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError("roi_size must be two positive pixel counts, e.g. [512, 512]")
+        return value
+
+    @field_validator("tta_flips")
+    @classmethod
+    def _flips_valid(cls, value: list[list[int]]) -> list[list[int]]:
+        if any(not flip or len(set(flip)) != len(flip) for flip in value):
+            raise ValueError("tta_flips must be non-empty lists of distinct in-plane axes 0/1, e.g. [[0], [1], [0, 1]]")
+        return value
+
+
+class AugmentConfig(StrictModel):
+    """2-D augmentation of training slices (MONAI ``Rand*d``; image and label move together).
+
+    Probabilities are per sample. ``flip_axes``: in-plane axes flipped, each with probability
+    ``flip_prob`` (0 = first in-plane axis, e.g. R for axial slices). ``affine_prob``: rotation
+    by up to +-``rotate_deg`` degrees and zoom by up to +-``scale`` (0.15 = 0.85-1.15).
+    ``elastic_prob``: elastic deformation with control points every ``elastic_spacing``
+    pixels displaced by ``elastic_magnitude`` (MONAI ``Rand2DElasticd``). Intensity (on the
+    normalised image, every channel together): ``intensity_prob`` scales by 1 +- ``intensity_scale``
+    and shifts by +-``intensity_shift``; ``contrast_prob`` applies a gamma drawn from ``gamma``;
+    ``noise_prob`` adds Gaussian noise of std ``noise_std``; ``blur_prob`` Gaussian blur with a
+    sigma drawn from ``blur_sigma`` pixels. ``enabled: false`` turns every random transform off
+    (the patch crop stays).
+    """
+
+    enabled: bool = True
+    flip_axes: list[Literal[0, 1]] = Field(default_factory=lambda: [0, 1])
+    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    affine_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    rotate_deg: float = Field(default=15.0, ge=0.0, le=180.0)
+    scale: float = Field(default=0.15, ge=0.0, lt=1.0)
+    elastic_prob: float = Field(default=0.2, ge=0.0, le=1.0)
+    elastic_spacing: int = Field(default=24, ge=2)
+    elastic_magnitude: tuple[float, float] = (1.0, 2.0)
+    intensity_prob: float = Field(default=0.3, ge=0.0, le=1.0)
+    intensity_scale: float = Field(default=0.1, ge=0.0)
+    intensity_shift: float = Field(default=0.1, ge=0.0)
+    contrast_prob: float = Field(default=0.3, ge=0.0, le=1.0)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = Field(default=0.15, ge=0.0, le=1.0)
+    noise_std: float = Field(default=0.1, ge=0.0)
+    blur_prob: float = Field(default=0.1, ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+
+    @field_validator("elastic_magnitude", "gamma", "blur_sigma")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1]:
+            raise ValueError("must be a range [low, high] with 0 < low <= high")
+        return value
+
+
+class OptimizerConfig(StrictModel):
+    """``name``: ``adamw`` (decoupled ``weight_decay``) or ``sgd`` (``momentum``, ``nesterov``).
+
+    ``lr`` is the peak learning rate reached after the warm-up."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    momentum: float = Field(default=0.99, ge=0.0, lt=1.0)
+    nesterov: bool = True
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule, stepped every iteration.
+
+    Linear warm-up from ``lr * warmup_start`` over ``warmup_epochs`` epochs, then ``poly``
+    (``lr * (1 - t) ** power``), ``cosine`` (from ``lr`` down to ``lr * min_lr_ratio``) or
+    ``constant``; ``t`` runs from 0 after the warm-up to 1 at the last step of ``train.epochs``.
+    """
+
+    name: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_epochs: float = Field(default=1.0, ge=0.0)
+    warmup_start: float = Field(default=0.01, gt=0.0, le=1.0)
+    power: float = Field(default=0.9, gt=0.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class LossConfig(StrictModel):
+    """Dice + cross-entropy (MONAI ``DiceCELoss``): BCE on a sigmoid for one output channel
+    (binary lesion mask), softmax CE for several classes. ``dice_weight`` and ``ce_weight``
+    weight the two terms; ``batch_dice``: one Dice over the whole batch (robust to slices
+    without lesion) instead of a mean of per-slice Dices."""
+
+    dice_weight: float = Field(default=1.0, ge=0.0)
+    ce_weight: float = Field(default=1.0, ge=0.0)
+    batch_dice: bool = True
+
+    @model_validator(mode="after")
+    def _some_term(self) -> LossConfig:
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError("dice_weight and ce_weight cannot both be 0")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """``medseg train``: 2.5D slice training on the manifest's ``train`` split, validated on
+    whole ``val`` volumes (post-processed with the ``inference`` settings).
+
+    Sampling: each epoch draws ``samples_per_epoch`` slices (over all ranks), batches of
+    ``batch_size`` per rank of which a share ``lesion_fraction`` comes from slices holding
+    lesion and the rest from slices without; ``patch_size`` is the training crop (pixels,
+    in-plane axes in order; smaller slices are padded), centred on a lesion pixel with
+    probability ``lesion_crop_prob`` for lesion slices. ``cache_dir``: on-disk cache of the
+    preprocessed volumes, keyed by a fingerprint of the files and the preprocessing config
+    (``null``: keep them in memory only). ``num_workers``/``prefetch_factor``: DataLoader
+    workers per rank.
+
+    Precision and speed: ``amp``: ``auto`` = bf16 autocast on CUDA GPUs that support it (else
+    fp16 with a gradient scaler), none on the CPU; ``bf16`` | ``fp16`` | ``off`` force one.
+    ``channels_last``: NHWC on CUDA. ``threads``: ``torch.set_num_threads`` per rank
+    (``null``: PyTorch's default). ``grad_clip``: max gradient norm (``null``: no clipping).
+
+    Stopping: at most ``epochs``; ``patience`` validations without a Dice improvement larger
+    than ``min_delta`` stop early (``null``: never); ``max_minutes`` stops before an epoch that
+    would end past the budget. ``val_every``: epochs between validations. ``save_every``:
+    also keep ``epoch_NNN.pt`` every so many epochs (``null``: only ``best.pt`` and ``last.pt``).
+    ``seed`` seeds the model initialisation, sampling and augmentation (the same seed gives
+    the same run on the CPU); ``deterministic`` also asks PyTorch for deterministic kernels.
+    """
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(default=100, ge=1)
+    samples_per_epoch: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    patch_size: tuple[int, int] = (192, 192)
+    lesion_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    lesion_crop_prob: float = Field(default=0.9, ge=0.0, le=1.0)
+    cache_dir: str | None = None
+    num_workers: int = Field(default=2, ge=0)
+    prefetch_factor: int = Field(default=2, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    threads: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=5.0, gt=0.0)
+    val_every: int = Field(default=1, ge=1)
+    val_batch_size: int = Field(default=16, ge=1)
+    patience: int | None = Field(default=20, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+    max_minutes: float | None = Field(default=None, gt=0.0)
+    save_every: int | None = Field(default=None, ge=1)
+    deterministic: bool = True
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError("patch_size must be two pixel counts >= 8, e.g. [192, 192]")
+        return value
+
+
 class Config(StrictModel):
     """The whole configuration. Sections are added by the stages that use them."""
 
@@ -254,6 +455,8 @@ class Config(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

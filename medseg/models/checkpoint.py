@@ -1,0 +1,126 @@
+"""Model checkpoints: plain tensors and primitives only, written atomically, read with ``weights_only``.
+
+File content (a ``dict``)::
+
+    format          "medseg-checkpoint"
+    format_version  1
+    medseg_version  the writing package's version
+    model           ModelConfig as a plain dict
+    state_dict      the model's tensors
+    extra           the caller's plain data (epoch, metrics, optimiser state, ...)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from medseg import __version__
+from medseg.config import ModelConfig, format_validation_error
+from medseg.errors import MedsegError
+
+FORMAT = "medseg-checkpoint"
+FORMAT_VERSION = 1
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.Size)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is nested dicts/lists/tuples of tensors and primitives."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is not a str or int")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(
+            f"{where}: {type(value).__name__} cannot go into a checkpoint (tensors and primitives only)"
+        )
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, model_cfg: ModelConfig, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights, its config and ``extra`` to ``path`` atomically (temp file + rename).
+
+    ``extra`` must hold only tensors and primitives (``TypeError`` otherwise), so that
+    ``torch.load(weights_only=True)`` can read it back. Returns the path written.
+    """
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medseg_version": __version__,
+        "model": model_cfg.model_dump(mode="json"),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    _check_plain(payload["extra"], "extra")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (on the CPU, ``weights_only=True``).
+
+    Raises ``MedsegError`` naming the file when it is missing, unreadable or not a medseg checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, disallowed pickle content, ...
+        raise MedsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MedsegError(f"{path}: not a medseg checkpoint (no 'format: {FORMAT}' entry)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise MedsegError(
+            f"{path}: checkpoint format version {payload.get('format_version')!r} is not supported "
+            f"(this medseg reads version {FORMAT_VERSION})"
+        )
+    for key in ("model", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise MedsegError(f"{path}: checkpoint has no {key!r} dict")
+    return payload
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Rebuild the model a checkpoint was saved from and load its weights.
+
+    Returns ``(model, model_cfg)``; the model is in eval mode. The encoder's ``pretrained_path``
+    is not read again (the checkpoint's weights replace it), and is cleared in the returned config.
+    """
+    from medseg.models.registry import build_model
+
+    payload = load_checkpoint(path)
+    try:
+        cfg = ModelConfig.model_validate({**payload["model"], "pretrained_path": None})
+    except ValidationError as exc:
+        raise MedsegError(format_validation_error(f"{path} (model config)", exc)) from None
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise MedsegError(f"{path}: weights do not match the model in its config: {exc}") from exc
+    model.eval()
+    return model, cfg

@@ -1,0 +1,117 @@
+"""Model registry: plain dicts of architectures and encoders, ``build_model(cfg)``, ``list_models()``.
+
+An architecture builder is ``build(encoder, out_channels, **options) -> nn.Module``; an encoder
+builder is ``build(in_channels, **options) -> Encoder``. ``build_model`` passes each optional
+``ModelConfig`` setting that is not None to every builder whose signature names it (timm's
+habit: None means "the model's default"). A setting that neither the architecture nor the
+encoder accepts is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from medseg.errors import ConfigError
+from medseg.models.deeplab import build_deeplabv3plus
+from medseg.models.encoders import (
+    Encoder,
+    load_pretrained,
+    resnet18_encoder,
+    resnet34_encoder,
+    resnet50_encoder,
+    unet_encoder,
+    xception_encoder,
+)
+from medseg.models.unet import build_unet, build_unet_inception
+
+if TYPE_CHECKING:
+    from medseg.config import ModelConfig
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "unet": build_unet,
+    "unet_inception": build_unet_inception,
+    "deeplabv3plus": build_deeplabv3plus,
+}
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "unet": unet_encoder,
+    "resnet18": resnet18_encoder,
+    "resnet34": resnet34_encoder,
+    "resnet50": resnet50_encoder,
+    "xception": xception_encoder,
+}
+
+# ModelConfig fields handed to the builders (the others are structural: names, channels, weights)
+OPTION_FIELDS: tuple[str, ...] = (
+    "width",
+    "decoder_channels",
+    "residual",
+    "inception_branches",
+    "output_stride",
+    "aspp_rates",
+    "aspp_channels",
+    "dropout",
+    "norm",
+)
+
+
+def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
+    if name not in registry:
+        raise ConfigError(f"unknown model.{kind} {name!r}; valid: {', '.join(registry)}")
+    return registry[name]
+
+
+def _accepted(builder: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(builder).parameters)
+
+
+def list_encoders() -> list[str]:
+    """Names of every registered encoder."""
+    return list(ENCODERS)
+
+
+def list_models() -> list[tuple[str, str]]:
+    """Every ``(architecture, encoder)`` pair that ``build_model`` can build."""
+    return [(arch, enc) for arch in ARCHITECTURES for enc in ENCODERS]
+
+
+def split_options(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``cfg``'s non-None options split into ``(encoder_kwargs, arch_kwargs)``.
+
+    Raises ``ConfigError`` for an unknown name or a setting that neither builder accepts.
+    """
+    arch = _lookup(ARCHITECTURES, "arch", cfg.arch)
+    enc = _lookup(ENCODERS, "encoder", cfg.encoder)
+    options = {k: getattr(cfg, k) for k in OPTION_FIELDS if getattr(cfg, k) is not None}
+    arch_ok, enc_ok = _accepted(arch), _accepted(enc)
+    unsupported = sorted(k for k in options if k not in arch_ok and k not in enc_ok)
+    if unsupported:
+        supported = sorted(k for k in OPTION_FIELDS if k in arch_ok or k in enc_ok)
+        raise ConfigError(
+            f"model.{', model.'.join(unsupported)} not supported by arch {cfg.arch!r} with encoder "
+            f"{cfg.encoder!r}; its settings are: {', '.join(supported)} (leave the others unset)"
+        )
+    return (
+        {k: v for k, v in options.items() if k in enc_ok},
+        {k: v for k, v in options.items() if k in arch_ok},
+    )
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build ``cfg.arch`` on ``cfg.encoder``: ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` logits.
+
+    Loads ``cfg.pretrained_path`` (a local file of encoder weights) into the encoder, adapting
+    the input conv when the file was trained with another input channel count.
+    """
+    enc_kwargs, arch_kwargs = split_options(cfg)
+    try:
+        encoder = ENCODERS[cfg.encoder](in_channels=cfg.in_channels, **enc_kwargs)
+        if cfg.pretrained_path is not None:
+            load_pretrained(encoder, cfg.pretrained_path)
+        return ARCHITECTURES[cfg.arch](encoder, out_channels=cfg.out_channels, **arch_kwargs)
+    except ValueError as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
+        raise ConfigError(f"model ({cfg.arch} / {cfg.encoder}): {exc}") from exc
