@@ -7,7 +7,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MEDSEG := $(VENV)/bin/medseg
-DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test lint clean
 
@@ -20,12 +19,10 @@ $(VENV)/.medseg-installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,export]"
 	touch $@
 
-# Main job on the embedded default: synthesise the demo phantoms that data_manifest.csv
-# names, then compute their lesion statistics and the lesion-distribution curve.
+# Main job on the embedded default: the demo pipeline (synthetic phantoms -> statistics ->
+# training -> inference -> evaluation -> HTML report). It prints where the report is.
 demo: setup
-	$(MEDSEG) synth --out demo_data --n 12 --seed 0 --manifest data_manifest.csv
-	$(MEDSEG) stats data_manifest.csv --out $(DEMO_OUT)/stats
-	@echo "demo finished: results in $(DEMO_OUT)/stats (lesion_curve.png, slice_stats.csv, case_stats.csv)"
+	$(MEDSEG) run pipelines/demo.yaml
 
 test: setup
 	@bash scripts/ensure_browser.sh

@@ -308,8 +308,9 @@ class AugmentConfig(StrictModel):
     by up to +-``rotate_deg`` degrees and zoom by up to +-``scale`` (0.15 = 0.85-1.15).
     ``elastic_prob``: elastic deformation with control points every ``elastic_spacing``
     pixels displaced by ``elastic_magnitude`` (MONAI ``Rand2DElasticd``). Intensity (on the
-    normalised image, every channel together): ``intensity_prob`` scales by 1 +- ``intensity_scale``
-    and shifts by +-``intensity_shift``; ``contrast_prob`` applies a gamma drawn from ``gamma``;
+    normalised image): ``intensity_prob`` scales each modality by its own 1 +- ``intensity_scale``
+    and shifts it by its own +-``intensity_shift`` (the same for all its context slices, as a
+    different scanner or normalisation would); ``contrast_prob`` applies a gamma drawn from ``gamma``;
     ``noise_prob`` adds Gaussian noise of std ``noise_std``; ``blur_prob`` Gaussian blur with a
     sigma drawn from ``blur_sigma`` pixels. ``enabled: false`` turns every random transform off
     (the patch crop stays).
@@ -400,16 +401,20 @@ class TrainConfig(StrictModel):
     workers per rank.
 
     Precision and speed: ``amp``: ``auto`` = bf16 autocast on CUDA GPUs that support it (else
-    fp16 with a gradient scaler), none on the CPU; ``bf16`` | ``fp16`` | ``off`` force one.
-    ``channels_last``: NHWC on CUDA. ``threads``: ``torch.set_num_threads`` per rank
-    (``null``: PyTorch's default). ``grad_clip``: max gradient norm (``null``: no clipping).
+    fp16 with a gradient scaler) and on CPUs with AVX-512 BF16 / AMX, fp32 on other CPUs;
+    ``bf16`` | ``fp16`` | ``off`` force one. ``channels_last``: NHWC weights and inputs.
+    ``threads``: ``torch.set_num_threads`` per rank (``null``: PyTorch's default; 1 is much
+    faster on a CPU shared with other jobs). ``grad_clip``: max gradient norm (``null``: off).
 
     Stopping: at most ``epochs``; ``patience`` validations without a Dice improvement larger
     than ``min_delta`` stop early (``null``: never); ``max_minutes`` stops before an epoch that
-    would end past the budget. ``val_every``: epochs between validations. ``save_every``:
+    would end past the budget. ``val_every``: epochs between validations;
+    ``val_batch_size``: slices per forward pass there (``null``: ``inference.batch_size``). ``save_every``:
     also keep ``epoch_NNN.pt`` every so many epochs (``null``: only ``best.pt`` and ``last.pt``).
     ``seed`` seeds the model initialisation, sampling and augmentation (the same seed gives
     the same run on the CPU); ``deterministic`` also asks PyTorch for deterministic kernels.
+    ``ema_decay``: validate and save an exponential moving average of the weights with this
+    decay (``medseg.engine.ema``; ``null``: the raw weights).
     """
 
     seed: int = 0
@@ -428,12 +433,13 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=5.0, gt=0.0)
     val_every: int = Field(default=1, ge=1)
-    val_batch_size: int = Field(default=16, ge=1)
+    val_batch_size: int | None = Field(default=None, ge=1)
     patience: int | None = Field(default=20, ge=1)
     min_delta: float = Field(default=0.0, ge=0.0)
     max_minutes: float | None = Field(default=None, gt=0.0)
     save_every: int | None = Field(default=None, ge=1)
     deterministic: bool = True
+    ema_decay: float | None = Field(default=0.995, ge=0.0, lt=1.0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -511,7 +517,7 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if loaded is None:
@@ -530,4 +536,4 @@ def load_config(
 
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Save the resolved config as YAML (written next to every run's outputs)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -751,5 +751,5 @@ def write_tables(
         out_dir / "lesion_matches.csv", index=False
     )
     pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS).to_csv(out_dir / "pr_curve.csv", index=False)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return summary

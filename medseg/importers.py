@@ -85,7 +85,7 @@ def import_nnunet(root: str | Path, modality: str | None = None) -> list[Case]:
     if not spec_path.is_file():
         raise MedsegError(f"{spec_path}: dataset.json not found (is {base} an nnU-Net raw dataset folder?)")
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedsegError(f"{spec_path}: not valid JSON ({exc})") from None
     names = spec.get("channel_names") or spec.get("modality")

@@ -151,7 +151,7 @@ def write_manifest(cases: list[Case], path: str | Path) -> Path:
             return Path(_relpath(Path(file).resolve(), out.parent)).as_posix()
 
     tmp = out.with_name(f".{out.name}.partial")
-    with tmp.open("w", newline="") as fh:
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
         for c in cases:

@@ -117,6 +117,13 @@ class PipelineSpec(StrictModel):
     checkpoint: str | None = None
     stages: list[StageSpec]
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _local_checkpoint(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"checkpoint file not found: {value}")
+        return value
+
     @field_validator("stages", mode="before")
     @classmethod
     def _short_form(cls, value: Any) -> Any:
@@ -162,7 +169,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     if not p.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
@@ -277,22 +284,38 @@ def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
 
 
 def stage_train(ctx: RunContext, opts: NoOptions) -> None:
-    from medseg.engine.api import train_from_config
+    """Train on the manifest's train split, validate on val; resumes an interrupted run exactly."""
+    from medseg.engine.trainer import train
 
-    result = train_from_config(ctx.cfg, ctx.manifest, ctx.stage_dir("train"), progress=ctx.progress)
-    ctx.checkpoint = Path(result)
+    out = ctx.stage_dir("train")
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.data.manifest = str(ctx.manifest)
+    result = train(cfg, out, resume=(out / "last.pt").is_file(), progress=ctx.progress)
+    best = out / "best.pt"
+    ctx.checkpoint = best if best.is_file() else out / "last.pt"
+    log.info("train: %d epoch(s), best val Dice %.4f at epoch %d (%s)", result.epochs_done, result.best_metric,
+             result.best_epoch, result.stop_reason)
 
 
 def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
-    from medseg.inference.api import infer_manifest
+    """Predict the manifest's cases (of ``split``) with the trained or given checkpoint.
+
+    Inference settings are the checkpoint's, overridden by the ``inference`` keys set in this
+    pipeline's config and by the stage options. Finished cases are skipped on a re-run.
+    """
+    from medseg.inference.cases import cases_from_manifest
+    from medseg.inference.runner import load_bundle, run_inference
 
     if ctx.checkpoint is None:
         raise ConfigError("stage infer needs a checkpoint: add a train stage or set 'checkpoint:' in the pipeline "
                           "(or --set pipeline.checkpoint=PATH)")
-    overrides = {k: v for k, v in (("tta", opts.tta), ("write_prob", opts.write_prob)) if v is not None}
-    failures = infer_manifest([ctx.checkpoint], ctx.manifest, ctx.stage_dir("predictions"), split=opts.split,
-                              overrides=overrides, progress=ctx.progress)
-    ctx.failures += [dict(f, stage="infer") for f in failures]
+    explicit = {k: getattr(ctx.cfg.inference, k) for k in ctx.cfg.inference.model_fields_set}
+    explicit.update({k: v for k, v in (("tta", opts.tta), ("write_prob", opts.write_prob)) if v is not None})
+    overrides = [f"inference.{k}={json.dumps(v)}" for k, v in explicit.items()]
+    bundle = load_bundle([ctx.checkpoint], overrides)
+    cases = cases_from_manifest(ctx.manifest, bundle.channels, bundle.modality, opts.split)
+    summary = run_inference(cases, bundle, ctx.stage_dir("predictions"), show_progress=ctx.progress)
+    ctx.failures += [{"case_id": case_id, "stage": "infer", "error": error} for case_id, error in summary.failures]
 
 
 def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
@@ -324,13 +347,13 @@ def stage_report(ctx: RunContext, opts: NoOptions) -> None:
             stats = compute_dataset_stats(predicted, ctx.cfg, progress=False)
             pred_stats_dir = ctx.stage_dir("prediction_stats")
             write_dataset_stats(stats, ctx.cfg, pred_stats_dir, title="Predicted lesion distribution")
-    provenance = json.loads((ctx.run_dir / "provenance.json").read_text()) if (ctx.run_dir / "provenance.json").is_file() else {}
+    provenance = json.loads((ctx.run_dir / "provenance.json").read_text(encoding="utf-8")) if (ctx.run_dir / "provenance.json").is_file() else {}
     provenance["config"] = ctx.cfg.model_dump(mode="json")
     stats_dir = ctx.run_dir / "stats"
     eval_dir = ctx.run_dir / "evaluate"
     inputs = ReportInputs(
         title=f"medseg report — {ctx.spec.name}",
-        cases=[c for c in cases if (pred_dir / f"{c.case_id}_mask.nii.gz").is_file()] or cases,
+        cases=cases,
         ref_stats_dir=stats_dir if stats_dir.is_dir() else None,
         pred_stats_dir=pred_stats_dir,
         eval_dir=eval_dir if (eval_dir / "summary.json").is_file() else None,
@@ -408,10 +431,10 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
         dump_config(cfg, tmp)
     atomic.write_text(run_dir / "pipeline.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     state_path = run_dir / "state.json"
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
     ctx = RunContext(run_dir, spec, cfg, Path(spec.manifest), progress,
                      checkpoint=Path(spec.checkpoint) if spec.checkpoint else None)
-    previous = json.loads((run_dir / "failures_by_stage.json").read_text()) if (run_dir / "failures_by_stage.json").is_file() else {}
+    previous = json.loads((run_dir / "failures_by_stage.json").read_text(encoding="utf-8")) if (run_dir / "failures_by_stage.json").is_file() else {}
     config_json = cfg.model_dump(mode="json")
     upstream = ""
     timings: dict[str, float] = {}

@@ -48,6 +48,13 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     return None
 
 
+def _num(value: Any, fmt: str = "{:.4f}") -> str:
+    """A number for the page; ``n/a`` for missing/NaN (JSON null)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return fmt.format(value) if isinstance(value, (int, float)) else html.escape(str(value))
+
+
 def _img_tag(png: Path, alt: str) -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -81,6 +88,17 @@ def _overview(inputs: ReportInputs, ref_cases: pd.DataFrame | None) -> str:
         )
         parts.append(_table(ref_cases[cols], "overview"))
     return "".join(parts)
+
+
+def _reference_curve_of(inputs: ReportInputs, case_ids: set[str], n_bins: int) -> pd.DataFrame | None:
+    """The reference lesion-distribution curve over ``case_ids`` only (the predicted cases)."""
+    from medseg.lesions import lesion_distribution_curve
+
+    slices = _read_csv(inputs.ref_stats_dir / "slice_stats.csv") if inputs.ref_stats_dir else None
+    if slices is None or not case_ids:
+        return None
+    subset = slices[slices["case_id"].isin(case_ids)]
+    return lesion_distribution_curve(subset, n_bins)[0] if len(subset) else None
 
 
 def _pick_cases(metrics: pd.DataFrame) -> list[tuple[str, str]]:
@@ -136,9 +154,10 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
         curves.append(_img_tag(png, "Reference lesions: area per slice along the normalised axis"))
     if pred_curve is not None and len(pred_curve):
         per_case = _read_csv(inputs.pred_stats_dir / "lesion_curve_per_case.csv")  # type: ignore[operator]
+        same_cases = _reference_curve_of(inputs, set(per_case["case_id"]) if per_case is not None else set(), len(pred_curve))
         png = reporting.plot_lesion_curve(pred_curve, out / "lesion_curve_predicted.png", inputs.axis, inputs.extent, per_case,
-                                          title="Predicted vs reference lesion distribution", reference=ref_curve,
-                                          label="predicted lesion area")
+                                          title="Predicted vs reference lesion distribution (same cases)",
+                                          reference=same_cases, label="predicted lesion area")
         curves.append(_img_tag(png, "Predicted lesions (red) against the reference mean (dashed)"))
     if curves:
         sections.append(("Lesion-distribution curves", "".join(curves)))
@@ -146,7 +165,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     # evaluation
     metrics = _read_csv(inputs.eval_dir / "metrics_per_case.csv") if inputs.eval_dir else None
     summary_path = inputs.eval_dir / "summary.json" if inputs.eval_dir else None
-    summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else None
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path and summary_path.is_file() else None
     if metrics is not None and len(metrics) and summary is not None:
         cols = [c for c in ("case_id", "region", "dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "ref_volume_ml",
                             "pred_volume_ml", "rel_volume_diff", "lesion_n_ref", "lesion_n_pred", "lesion_f1", "empty")
@@ -158,14 +177,15 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
             hd = voxel.get("hd95_mm", {})
             pooled = info.get("lesion", {}).get("pooled", {})
             lines.append(
-                f"<li><b>{html.escape(region)}</b>: mean Dice {dice.get('mean', float('nan')):.4f} "
-                f"(median {dice.get('median', float('nan')):.4f}), global Dice {voxel.get('global_dice', float('nan')):.4f}, "
-                f"HD95 mean {hd.get('mean', float('nan')):.2f} mm; lesion precision {pooled.get('precision', float('nan')):.3f}, "
-                f"recall {pooled.get('recall', float('nan')):.3f}, F1 {pooled.get('f1', float('nan')):.3f}</li>"
+                f"<li><b>{html.escape(region)}</b>: mean Dice {_num(dice.get('mean'))} (median {_num(dice.get('median'))}), "
+                f"global Dice {_num(voxel.get('global_dice'))}, HD95 mean {_num(hd.get('mean'), '{:.2f}')} mm; "
+                f"lesion precision {_num(pooled.get('precision'), '{:.3f}')}, recall {_num(pooled.get('recall'), '{:.3f}')}, "
+                f"F1 {_num(pooled.get('f1'), '{:.3f}')}</li>"
             )
         m = summary.get("map", {})
-        lines.append(f"<li>mAP at IoU {m.get('iou_thresholds', [''])[-1] if m.get('iou_thresholds') else ''}: "
-                     f"{m.get('at_iou_threshold', float('nan')):.3f}; mean over IoU thresholds: {m.get('mean_over_thresholds', float('nan')):.3f} "
+        thresholds = m.get("iou_thresholds") or []
+        lines.append(f"<li>mAP at the matching IoU: {_num(m.get('at_iou_threshold'), '{:.3f}')}; mean over IoU thresholds "
+                     f"{thresholds}: {_num(m.get('mean_over_thresholds'), '{:.3f}')} "
                      f"(detection scores: {html.escape(str(summary.get('score_source')))})</li>")
         sections.append(("Metrics", f"<ul>{''.join(lines)}</ul>" + _table(metrics[cols], "metrics")))
         figures = []
@@ -198,7 +218,8 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
             sections.append(("Slice overlays (largest reference lesion slice)", "".join(overlays)))
     elif inputs.pred_dir is not None and inputs.cases:
         overlays = []
-        for case in inputs.cases[:3]:
+        predicted = [c for c in inputs.cases if (inputs.pred_dir / f"{c.case_id}_mask.nii.gz").is_file()]
+        for case in predicted[:3]:
             png = _overlay_png(case, inputs.pred_dir, inputs.axis, out / f"overlay_{case.case_id}.png", case.case_id)
             if png is not None:
                 overlays.append(_img_tag(png, f"{case.case_id}: prediction red"))
