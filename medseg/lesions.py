@@ -187,8 +187,15 @@ def case_lesion_stats(
         if n_lesions:
             info = cc3d.statistics(labels_3d, no_slice_conversion=False)
             largest_ml = float(info["voxel_counts"][1:].max()) * voxel_ml
-            for index, sl in enumerate(info["bounding_boxes"][1:], start=1):
-                largest_diam = max(largest_diam, max_diameter_mm(labels_3d[sl] == index, spacing))
+            # a lesion's diameter is at most its bounding-box diagonal: visit lesions by that
+            # bound, largest first, and stop once no remaining lesion can beat the maximum
+            boxes = info["bounding_boxes"][1:]
+            bounds = [float(np.linalg.norm([(b.stop - b.start) * s for b, s in zip(box, spacing, strict=True)])) for box in boxes]
+            for index in np.argsort(bounds)[::-1]:
+                if bounds[index] <= largest_diam:
+                    break
+                sl = boxes[index]
+                largest_diam = max(largest_diam, max_diameter_mm(labels_3d[sl] == index + 1, spacing))
 
     first, last = extent if extent is not None else (0, n_slices - 1)
     with_lesion = np.flatnonzero(voxels_per_slice)
