@@ -255,8 +255,11 @@ class InferenceConfig(StrictModel):
     windows per forward pass (``None``: 4 on CPU, 32 on CUDA; see docs/benchmarks.md).
     ``precision``: ``auto`` = bf16 autocast on CPUs with AVX-512/AMX and on CUDA GPUs that
     support it (else fp16 on CUDA, fp32 on other CPUs); ``fp32`` | ``bf16`` | ``fp16`` force one.
-    ``channels_last``: NHWC memory format for the forward pass. ``tta``: average over in-plane
-    flips ``tta_flips`` (0 = first, 1 = second in-plane axis) besides the plain prediction.
+    ``channels_last``: NHWC memory format for the forward pass. ``threads``: CPU threads of
+    ``medseg infer`` (``torch.set_num_threads``; ``None`` = torch's default, one per core; on a
+    CPU shared with other jobs 1 can be several times faster, see docs/benchmarks.md).
+    ``tta``: average over in-plane flips ``tta_flips`` (0 = first, 1 = second in-plane axis)
+    besides the plain prediction.
 
     Post-processing (:func:`medseg.inference.postprocess`): binary models threshold the
     probability at ``threshold`` (voxel is lesion when ``prob >= threshold``), multi-class models
@@ -274,6 +277,7 @@ class InferenceConfig(StrictModel):
     batch_size: int | None = Field(default=None, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    threads: int | None = Field(default=None, ge=1)
     tta: bool = False
     tta_flips: list[list[Literal[0, 1]]] = Field(default_factory=lambda: [[0], [1], [0, 1]])
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)

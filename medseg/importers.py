@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.io import preserve_locale
 from medseg.manifest import Case, pseudonymise
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha)$", re.IGNORECASE)
@@ -192,13 +193,20 @@ def import_dicom(root: str | Path) -> list[Case]:
     case_id = folder path relative to ``root``; patient_id = pseudonym of PatientID; modality from
     the DICOM Modality tag (CT or MR; other modalities are skipped with a warning).
     """
-    import logging
 
-    import SimpleITK as sitk
 
     base = Path(root)
     if not base.is_dir():
         raise MedsegError(f"{base}: folder not found")
+    with preserve_locale():
+        return _import_dicom_folders(base)
+
+
+def _import_dicom_folders(base: Path) -> list[Case]:
+    import logging
+
+    import SimpleITK as sitk
+
     log = logging.getLogger(__name__)
     cases: list[Case] = []
     folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]

@@ -21,10 +21,12 @@ header promises and decompresses the stream fully only when they disagree.
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +222,27 @@ def _read_decompressed(path: Path) -> sitk.Image:
         return sitk.ReadImage(str(plain))
 
 
+@contextmanager
+def preserve_locale() -> Iterator[None]:
+    """Restore the C library locale after GDCM calls.
+
+    GDCM (SimpleITK's DICOM library) switches the process locale to "C"; Python then opens
+    text files as ASCII by default, and any later non-ASCII write in the same process fails.
+    """
+    saved = {cat: locale.setlocale(cat) for cat in (locale.LC_CTYPE, locale.LC_NUMERIC)}
+    try:
+        yield
+    finally:
+        for cat, value in saved.items():
+            locale.setlocale(cat, value)
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    with preserve_locale():
+        return _read_dicom_series_unguarded(folder)
+
+
+def _read_dicom_series_unguarded(folder: Path) -> sitk.Image:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise InputFileError(folder, "folder holds no DICOM series (no readable DICOM files found)")

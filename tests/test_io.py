@@ -16,6 +16,7 @@ from medseg.io import (
     SimpleITKReader,
     check_same_grid,
     map_labels,
+    preserve_locale,
     read_label,
     read_volume,
     write_mask,
@@ -75,6 +76,11 @@ def test_dicom_series_folder(tmp_path, rng):
 
 def write_dicom_series(image: sitk.Image, folder, modality: str = "CT", patient_id: str = "SECRET-123") -> None:
     """Write ``image`` as a DICOM series (one file per slice) with geometry tags."""
+    with preserve_locale():  # GDCM switches the process locale to "C"
+        _write_dicom_series(image, folder, modality, patient_id)
+
+
+def _write_dicom_series(image: sitk.Image, folder, modality: str, patient_id: str) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = image.GetDirection()

@@ -46,7 +46,7 @@ def test_demo_writes_every_artefact_consistently(demo_run):
     for case_id in test_ids:
         for suffix in ("_mask.nii.gz", "_lesions.csv", "_lesions.nii.gz"):
             assert (run_dir / "predictions" / f"{case_id}{suffix}").is_file()
-    html = (run_dir / "report" / "report.html").read_text()
+    html = (run_dir / "report" / "report.html").read_text(encoding="utf-8")
     assert all(c.case_id in html for c in cases)  # the overview lists every case
     metrics = pd.read_csv(run_dir / "evaluate" / "metrics_per_case.csv")
     assert sorted(metrics["case_id"]) == sorted(test_ids)

@@ -1,0 +1,84 @@
+"""`medseg infer`: predict lesion masks for a manifest or for image files / DICOM folders."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "predict lesion masks (+ lesion tables) on the source grid of each input image"
+
+EPILOG = """\
+inputs:
+  --manifest M          every row of a data manifest (or --split S), case ids from the manifest
+  --input P [P ...]     one case per --input: one path per checkpoint channel, in the checkpoint's
+                        channel order, or channel=PATH in any order; case=NAME sets the case id.
+                        Single-channel checkpoints: every path is its own case.
+                        Paths: NIfTI, NRRD, MHA/MHD files or DICOM series folders.
+examples:
+  medseg infer --checkpoint run/best.pt --manifest data_manifest.csv --split test --out preds/
+  medseg infer --checkpoint run/best.pt --input flair=a_flair.nii.gz t1ce=a_t1ce.nii.gz t2=a_t2.nii.gz --out preds/
+  medseg infer --checkpoint ct.pt --input scan1.nrrd scan2/ scan3.nii.gz --out preds/ --tta
+outputs (in --out): <case>_mask.nii.gz, <case>_lesions.nii.gz, <case>_lesions.csv, optional
+  <case>_prob.nii.gz, <case>_complete.json (marker), failures.csv, inference.json.
+  A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
+exit status: 0 when every case succeeded or was already complete, 1 when some case failed.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                        help="model checkpoint from medseg train; repeat to ensemble (probabilities averaged)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", metavar="CSV", help="data manifest listing the cases")
+    source.add_argument("--input", action="append", nargs="+", metavar="PATH", help="one case's channel paths (see below)")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="with --manifest: only this split")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (inference.batch_size)")
+    parser.add_argument("--tta", action="store_true", help="average over in-plane flips (inference.tta)")
+    parser.add_argument("--write-prob", action="store_true", help="also write <case>_prob.nii.gz (inference.write_prob)")
+    parser.add_argument("--set", action="append", default=[], metavar="inference.KEY=VALUE", dest="overrides",
+                        help="override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _device(requested: str) -> str:
+    """torchrun: ``cuda`` means this process' GPU (``LOCAL_RANK``)."""
+    import os
+
+    if requested == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return requested
+
+
+def run(args: argparse.Namespace) -> int:
+    from medseg.errors import MedsegError
+    from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
+    from medseg.inference.runner import load_bundle, run_inference
+
+    log = logging.getLogger("medseg.infer")
+    overrides = list(args.overrides)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise MedsegError(f"--batch-size must be >= 1, got {args.batch_size}")
+        overrides.append(f"inference.batch_size={args.batch_size}")
+    if args.tta:
+        overrides.append("inference.tta=true")
+    if args.write_prob:
+        overrides.append("inference.write_prob=true")
+    if args.split and not args.manifest:
+        raise MedsegError("--split needs --manifest")
+    bundle = load_bundle(args.checkpoint, overrides, _device(args.device))
+    if args.manifest:
+        cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)
+    else:
+        cases = cases_from_inputs(args.input, bundle.channels)
+    cases = check_cases(cases)
+    summary = run_inference(cases, bundle, args.out, show_progress=not args.no_progress)
+    log.info("%d case(s) predicted, %d already complete, %d failed (%.1f s)",
+             len(summary.done), len(summary.skipped), len(summary.failures), summary.seconds)
+    for case_id, error in summary.failures:
+        log.error("%s: %s", case_id, error)
+    return 1 if summary.failures else 0

@@ -1,0 +1,169 @@
+"""Preprocessed training volumes: the shared preprocessing chain, cached on disk by fingerprint.
+
+Every case goes through ``medseg.preprocessing.preprocess_transforms`` (the chain inference
+uses too) once; the result is stored slice-major for fast 2.5D access:
+
+- ``image``: (C, S, H, W) float32 — channels in manifest order, then slices along
+  ``preprocess.slice_axis``, then the two in-plane axes in RAS order (axial: S, then R, A;
+  coronal: A, then R, S; sagittal: R, then A, S). ``image[:, s]`` is exactly the slice that
+  ``context_stack(volume_cras, s, k, axis=slice_axis)`` takes from the (C, R, A, S) volume.
+- ``label``: (S, H, W) uint8 0/1.
+- ``spacing``: voxel size in mm along (S, H, W).
+
+The on-disk cache (``train.cache_dir``) holds one ``<case_id>-<fingerprint>.pt`` per case; the
+fingerprint covers the image and label files (path, size, modification time), the channels,
+modality, label mapping, every preprocessing setting that changes the volume, and the source
+of the preprocessing modules, so a change to any of them preprocesses the case again.
+Files are written atomically and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import LabelConfig, PreprocessConfig
+from medseg.errors import MedsegError
+from medseg.manifest import Case
+
+CACHE_VERSION = 1
+SLICE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # spatial axis of the (R, A, S) volume
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainVolume:
+    """One preprocessed case (see the module docstring for shapes and axis order)."""
+
+    case_id: str
+    image: torch.Tensor
+    label: torch.Tensor
+    spacing: tuple[float, float, float]
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.image.shape[1])
+
+
+def _code_digest() -> str:
+    import medseg.io
+    import medseg.preprocessing
+    import medseg.transforms
+
+    text = "".join(inspect.getsource(m) for m in (medseg.io, medseg.preprocessing, medseg.transforms))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(case: Case, preprocess: PreprocessConfig, labels: LabelConfig) -> str:
+    """Hex digest identifying ``case``'s preprocessed volume (see the module docstring)."""
+    files = []
+    for role, path in [*case.images.items(), ("label", case.label)]:
+        if path is None:
+            raise MedsegError(f"case {case.case_id}: training needs a label file")
+        stat = Path(path).stat()
+        files.append([role, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    settings = preprocess.model_dump(mode="json")
+    settings.pop("context_slices")  # chooses neighbours at sampling time; the volume is the same
+    payload = {
+        "version": CACHE_VERSION,
+        "code": _code_digest(),
+        "modality": case.modality,
+        "files": files,
+        "preprocess": settings,
+        "labels": labels.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig) -> TrainVolume:
+    """Run the shared preprocessing chain on one labelled case; return it slice-major."""
+    from medseg.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
+    from medseg.transforms import apply_chain
+
+    if case.label is None:
+        raise MedsegError(f"case {case.case_id}: training needs a label file")
+    chain = preprocess_transforms(preprocess, case.modality, case.channels, with_label=True, label_cfg=labels)
+    data = {channel_key(c): str(p) for c, p in case.images.items()}
+    data[LABEL_KEY] = str(case.label)
+    out = apply_chain(chain, data)
+    image, label = out[IMAGE_KEY], out[LABEL_KEY]
+    affine = np.asarray(image.affine, dtype=np.float64)
+    spacing_ras = np.linalg.norm(affine[:3, :3], axis=0)
+    axis = SLICE_AXIS[preprocess.slice_axis]
+    order = [axis, *[a for a in range(3) if a != axis]]
+    return TrainVolume(
+        case_id=case.case_id,
+        image=torch.movedim(image.as_tensor(), axis + 1, 1).contiguous().float(),
+        label=torch.movedim(label.as_tensor()[0], axis, 0).contiguous().to(torch.uint8),
+        spacing=tuple(float(spacing_ras[a]) for a in order),  # type: ignore[arg-type]
+    )
+
+
+def _cache_file(cache_dir: Path, case: Case, digest: str) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case.case_id)
+    return cache_dir / f"{safe}-{digest[:20]}.pt"
+
+
+def _save(volume: TrainVolume, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"case_id": volume.case_id, "image": volume.image, "label": volume.label, "spacing": list(volume.spacing)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> TrainVolume | None:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return TrainVolume(payload["case_id"], payload["image"], payload["label"], tuple(payload["spacing"]))
+    except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
+        log.warning("ignoring unreadable cache file %s (%s)", path, exc)
+        return None
+
+
+def load_volume(
+    case: Case, preprocess: PreprocessConfig, labels: LabelConfig, cache_dir: str | Path | None = None
+) -> TrainVolume:
+    """The preprocessed volume of ``case``, from ``cache_dir`` when present there (else built
+    and, with a ``cache_dir``, stored)."""
+    if cache_dir is None:
+        return preprocess_case(case, preprocess, labels)
+    path = _cache_file(Path(cache_dir), case, fingerprint(case, preprocess, labels))
+    if path.is_file():
+        volume = _load(path)
+        if volume is not None:
+            return volume
+    volume = preprocess_case(case, preprocess, labels)
+    _save(volume, path)
+    return volume
+
+
+def load_volumes(
+    cases: Sequence[Case],
+    preprocess: PreprocessConfig,
+    labels: LabelConfig,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> list[TrainVolume]:
+    """``load_volume`` for each case, in order (with a tqdm bar when ``progress``)."""
+    from tqdm import tqdm
+
+    return [
+        load_volume(case, preprocess, labels, cache_dir)
+        for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress, leave=False)
+    ]

@@ -1,0 +1,77 @@
+"""Checks before training: manifest, splits, modality, channels and the model's input width.
+
+Everything a user can get wrong is found here, before any volume is preprocessed, and
+reported as a ``ConfigError``/``ManifestError`` naming the file and field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.config import Config
+from medseg.errors import ConfigError, ManifestError
+from medseg.manifest import Case, read_manifest
+
+
+@dataclass
+class TrainingCases:
+    """The manifest's labelled ``train`` and ``val`` cases (patient-level splits, as written in
+    the manifest), their channel names in input order and their one modality."""
+
+    manifest: Path
+    train: list[Case]
+    val: list[Case]
+    channels: list[str]
+    modality: str
+
+
+def expected_in_channels(n_channels: int, context_slices: int) -> int:
+    """Model input width of 2.5D stacks: channels x (2k + 1) slices."""
+    return n_channels * (2 * context_slices + 1)
+
+
+def check_training_setup(cfg: Config) -> TrainingCases:
+    """Read ``data.manifest`` and check it against the config; raise before any training work.
+
+    Checks: the manifest reads (columns, files), it has ``train`` cases, no patient is in both
+    ``train`` and ``val`` (splits are patient-level, never case- or slice-level), one modality across
+    the training and validation rows, ``model.in_channels`` = channels x (2 *
+    ``preprocess.context_slices`` + 1), and ``model.out_channels`` is 1 (sigmoid) or 2
+    (softmax) for the binary lesion masks that preprocessing produces.
+    """
+    manifest = Path(cfg.data.manifest)
+    cases = read_manifest(manifest)
+    train = [c for c in cases if c.split == "train"]
+    val = [c for c in cases if c.split == "val"]
+    if not train:
+        raise ManifestError(manifest, ["no row has split 'train'; assign splits (e.g. medseg import ... --val-fraction 0.2)"])
+    shared = sorted({c.patient_id for c in train} & {c.patient_id for c in val})
+    if shared:
+        raise ManifestError(
+            manifest,
+            [f"patient(s) {shared} have cases in both train and val; splits must be patient-level "
+             "(medseg.manifest.assign_patient_splits)"],
+        )  # fmt: skip
+    modalities = sorted({c.modality for c in train + val})
+    if len(modalities) > 1:
+        counts = ", ".join(f"{m}: {sum(c.modality == m for c in train + val)} rows" for m in modalities)
+        raise ManifestError(
+            manifest,
+            [f"training needs one modality, but the train/val rows mix {counts}; write one manifest per modality"],
+        )
+    channels = train[0].channels
+    k = cfg.preprocess.context_slices
+    expected = expected_in_channels(len(channels), k)
+    if cfg.model.in_channels != expected:
+        raise ConfigError(
+            f"model.in_channels is {cfg.model.in_channels}, but {manifest} has {len(channels)} channel(s) "
+            f"{channels} x (2 * preprocess.context_slices + 1 = {2 * k + 1}) slices = {expected} inputs; "
+            f"set model.in_channels: {expected}"
+        )
+    if cfg.model.out_channels > 2:
+        raise ConfigError(
+            f"model.out_channels is {cfg.model.out_channels}, but training labels are binary lesion masks "
+            "(data.labels); use 1 (sigmoid) or 2 (softmax)"
+        )
+    return TrainingCases(manifest, train, val, channels, modalities[0])

@@ -1,0 +1,161 @@
+"""3-D lesion instances of a predicted mask and their table (``<case>_lesions.csv``).
+
+Everything is measured on the **source grid** (I, J, K) of the input image, the grid the mask
+is written on. World coordinates are scanner millimetres in **RAS** (nibabel's convention, the
+``affine`` of :class:`medseg.io.Volume`): +x towards the patient's Right, +y Anterior, +z
+Superior. DICOM/ITK scanner coordinates are LPS: ``x_lps = -x_ras``, ``y_lps = -y_ras``,
+``z_lps = z_ras``.
+
+Columns (one row per lesion, ``lesion_id`` = the value in ``<case>_lesions.nii.gz``):
+
+=========================  ==================================================================
+lesion_id                  1..N, in raster order of the (I, J, K) array (cc3d labelling)
+class                      most frequent predicted class in the lesion (1 for binary models)
+voxels, volume_ml          size; mL = voxels x voxel volume / 1000
+score_mean, score_max      mean and max lesion probability inside the lesion
+centroid_i/j/k             centroid in voxel indices of the source grid
+centroid_x/y/z_ras_mm      the same point in RAS world millimetres (scanner coordinates)
+bbox_i_min ... bbox_k_max  bounding box, inclusive voxel indices
+max_inplane_diameter_mm    longest distance between pixel corners of the lesion within one
+                           slice normal to the slicing axis (RECIST-like), over all slices
+=========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cc3d
+import numpy as np
+import pandas as pd
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
+
+LESION_COLUMNS = (
+    "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
+    "centroid_i", "centroid_j", "centroid_k", "centroid_x_ras_mm", "centroid_y_ras_mm", "centroid_z_ras_mm",
+    "bbox_i_min", "bbox_i_max", "bbox_j_min", "bbox_j_max", "bbox_k_min", "bbox_k_max",
+    "max_inplane_diameter_mm",
+)  # fmt: skip
+CORNERS_2D = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+
+
+def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """3-D lesion instances of ``mask > 0``: (labels (I, J, K) uint16 or uint32, count N)."""
+    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=connectivity, return_N=True)
+    dtype = np.uint16 if n < 1 << 16 else np.uint32
+    return labels.astype(dtype, copy=False), int(n)
+
+
+def source_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
+    """Index axis (0, 1, 2 = I, J, K) of a grid that ``Orientation("RAS")`` maps to ``ras_axis``."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
+    return int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
+
+
+def _hull(points: np.ndarray) -> np.ndarray:
+    if len(points) <= 8:
+        return points
+    try:
+        return points[ConvexHull(points).vertices]
+    except QhullError:  # collinear points (a one-pixel-wide line)
+        return points
+
+
+def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
+    """Longest corner-to-corner distance (mm) of a 2-D pixel set.
+
+    ``pixels``: (N, 2) integer indices; ``spacing``: mm along the two axes (an orthogonal grid).
+    The farthest corner pair lies on the convex hull of the pixel centres' corners.
+    """
+    scale = np.asarray(spacing, dtype=np.float64)
+    centres = _hull(pixels.astype(np.float64))
+    corners = _hull(((centres[:, None, :] + CORNERS_2D[None]) * scale).reshape(-1, 2))
+    return float(pdist(corners).max()) if len(corners) > 1 else 0.0
+
+
+def _max_inplane_diameter(component: np.ndarray, axis: int, spacing: Sequence[float]) -> float:
+    plane_spacing = [spacing[a] for a in range(3) if a != axis]
+    best = 0.0
+    moved = np.moveaxis(component, axis, 0)
+    for sl in moved:
+        pixels = np.argwhere(sl)
+        if len(pixels):
+            best = max(best, inplane_diameter_mm(pixels, plane_spacing))
+    return best
+
+
+def _scores(labels: np.ndarray, n: int, prob: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and max of ``prob`` per lesion, from the lesion voxels only (scipy's
+    ``ndimage.maximum`` argsorts the whole volume: 0.6 s on a BraTS case)."""
+    inside = labels > 0
+    ids = labels[inside]
+    values = np.asarray(prob)[inside].astype(np.float64, copy=False)
+    means = np.bincount(ids, weights=values, minlength=n + 1)[1:] / np.maximum(counts, 1)
+    order = np.argsort(ids, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    maxes = np.maximum.reduceat(values[order], starts)
+    return means, maxes
+
+
+def lesion_table(
+    labels: np.ndarray,
+    n: int,
+    lesion_prob: np.ndarray | None,
+    affine: np.ndarray,
+    spacing: Sequence[float],
+    slice_axis: int,
+    classes: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One row per lesion of ``labels`` (columns: module docstring, ``LESION_COLUMNS``).
+
+    ``labels``: (I, J, K) instance ids 0..n; ``lesion_prob``: (I, J, K) lesion probability or
+    None (scores NaN); ``affine``: 4x4 RAS; ``spacing``: mm along I, J, K; ``slice_axis``: index
+    axis normal to the slices (see ``source_slice_axis``); ``classes``: (I, J, K) uint8 predicted
+    classes (None: class 1 for every lesion).
+    """
+    if n == 0:
+        return pd.DataFrame({c: pd.Series(dtype=np.float64 if "mm" in c or "score" in c or c == "volume_ml" else np.int64)
+                             for c in LESION_COLUMNS})
+    stats = cc3d.statistics(labels, no_slice_conversion=False)
+    counts = np.asarray(stats["voxel_counts"][1 : n + 1], dtype=np.int64)
+    centroids = np.asarray(stats["centroids"][1 : n + 1], dtype=np.float64)
+    boxes = stats["bounding_boxes"][1 : n + 1]
+    ids = np.arange(1, n + 1)
+    if lesion_prob is not None:
+        score_mean, score_max = _scores(labels, n, lesion_prob, counts)
+    else:
+        score_mean = score_max = np.full(n, np.nan)
+    if classes is not None:
+        cls = np.empty(n, dtype=np.int64)
+        for index, box in enumerate(boxes, start=1):
+            values = classes[box][labels[box] == index]
+            cls[index - 1] = int(np.bincount(values).argmax())
+    else:
+        cls = np.ones(n, dtype=np.int64)
+    world = (np.asarray(affine, dtype=np.float64) @ np.c_[centroids, np.ones(n)].T).T[:, :3]
+    diameters = np.array(
+        [_max_inplane_diameter(labels[box] == index, slice_axis, spacing) for index, box in enumerate(boxes, start=1)]
+    )
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    table = {
+        "lesion_id": ids,
+        "class": cls,
+        "voxels": counts,
+        "volume_ml": counts * voxel_ml,
+        "score_mean": score_mean,
+        "score_max": score_max,
+        "centroid_i": centroids[:, 0],
+        "centroid_j": centroids[:, 1],
+        "centroid_k": centroids[:, 2],
+        "centroid_x_ras_mm": world[:, 0],
+        "centroid_y_ras_mm": world[:, 1],
+        "centroid_z_ras_mm": world[:, 2],
+    }
+    for axis, name in enumerate("ijk"):
+        table[f"bbox_{name}_min"] = np.array([b[axis].start for b in boxes], dtype=np.int64)
+        table[f"bbox_{name}_max"] = np.array([b[axis].stop - 1 for b in boxes], dtype=np.int64)
+    table["max_inplane_diameter_mm"] = diameters
+    return pd.DataFrame(table, columns=list(LESION_COLUMNS))

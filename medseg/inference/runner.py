@@ -1,0 +1,429 @@
+"""Checkpoints -> models + config; one case end to end; batches with resume, failures and sharding.
+
+Per case: read + preprocess with the checkpoint's own chain (``preprocess_transforms`` of the
+config stored in the checkpoint) -> ``predict_volume`` on the preprocessed (C, R, A, S) grid
+-> ``Invertd`` of the probabilities onto the source grid (I, J, K) -> ``postprocess`` there ->
+lesion instances and table -> atomic writes + completion marker (:mod:`.outputs`).
+
+Batch (``run_inference``): cases whose outputs are complete are skipped; the next case is read
+and preprocessed in a background thread while the current one is predicted; a failing case is
+recorded (``failures.csv``: case_id, error) and the run carries on. Under ``torchrun`` (env
+``RANK``/``WORLD_SIZE``) rank r takes cases r, r + W, r + 2W, ...; each rank records its
+failures, and rank 0 merges them into ``failures.csv`` after a barrier (gloo process group).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from pydantic import ValidationError
+from torch import nn
+
+from medseg import __version__
+from medseg.atomic import write_csv, write_json
+from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
+from medseg.errors import ConfigError, MedsegError
+from medseg.inference.cases import InferenceCase, check_case_id
+from medseg.inference.lesion_table import label_lesions, lesion_table, source_slice_axis
+from medseg.inference.outputs import discard_case, expected_outputs, is_complete, start_case, write_case
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import predict_volume, prepare_models, resolve_device
+from medseg.io import Geometry
+from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
+from medseg.transforms import apply_chain
+
+log = logging.getLogger(__name__)
+
+AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+FAILURES_FILE = "failures.csv"
+RUN_RECORD = "inference.json"
+# settings that do not change what is written (left out of the per-case fingerprint)
+NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class InferenceBundle:
+    """Everything fixed for a run: models (eval, on ``device``), the checkpoint's config
+    (with inference overrides), its channels (input order) and modality."""
+
+    models: list[nn.Module]
+    config: Config
+    channels: list[str]
+    modality: str
+    checkpoints: list[Path]
+    device: torch.device
+
+    @property
+    def inference(self) -> InferenceConfig:
+        return self.config.inference
+
+    def fingerprint(self) -> str:
+        """Hash of the checkpoints (path, size, mtime) and the output-relevant settings."""
+        settings = self.inference.model_dump(mode="json", exclude=set(NEUTRAL_SETTINGS))
+        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.checkpoints]
+        text = json.dumps({"checkpoints": files, "inference": settings}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def apply_inference_overrides(cfg: InferenceConfig, overrides: Sequence[str]) -> InferenceConfig:
+    """``inference.key=value`` overrides on top of ``cfg``; other sections are refused.
+
+    Preprocessing and model settings come from the checkpoint and cannot be changed at
+    inference (the model was trained with them).
+    """
+    tree = cfg.model_dump(mode="json")
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != "inference" or not name or "." in name:
+            raise ConfigError(
+                f"--set {text!r}: only inference.<key> can be set at inference time "
+                "(preprocessing and model settings are the checkpoint's)"
+            )
+        tree[name] = value
+    try:
+        return InferenceConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("--set (inference)", exc)) from None
+
+
+def _checkpoint_contract(path: Path, extra: Any) -> tuple[Config, list[str], str]:
+    if not isinstance(extra, dict) or not all(k in extra for k in ("config", "channels", "modality")):
+        raise MedsegError(
+            f"{path}: checkpoint lacks extra['config'/'channels'/'modality'] (write it with medseg train); "
+            "inference needs the preprocessing it was trained with"
+        )
+    try:
+        config = Config.model_validate(extra["config"])
+    except ValidationError as exc:
+        raise MedsegError(format_validation_error(f"{path} (stored config)", exc)) from None
+    channels = [str(c) for c in extra["channels"]]
+    modality = str(extra["modality"]).upper()
+    if not channels or modality not in ("CT", "MR"):
+        raise MedsegError(f"{path}: checkpoint has channels {channels} and modality {modality!r}; need >= 1 channel and CT or MR")
+    return config, channels, modality
+
+
+def load_bundle(
+    checkpoints: Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    device: str | torch.device | None = None,
+) -> InferenceBundle:
+    """Load one or more checkpoints (an ensemble) for inference.
+
+    All checkpoints must share channels, modality, preprocessing and output channels (their
+    probabilities are averaged). The inference settings are the first checkpoint's, then
+    ``overrides`` (``inference.key=value``). Raises ``MedsegError`` naming the file otherwise.
+    """
+    from medseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if not checkpoints:
+        raise MedsegError("no checkpoint given (--checkpoint)")
+    dev = resolve_device(device)
+    paths = [Path(p) for p in checkpoints]
+    models: list[nn.Module] = []
+    first: tuple[Config, list[str], str] | None = None
+    for path in paths:
+        config, channels, modality = _checkpoint_contract(path, load_checkpoint(path).get("extra"))
+        model, model_cfg = model_from_checkpoint(path)
+        context = config.preprocess.context_slices
+        needed = len(channels) * (2 * context + 1)
+        if model_cfg.in_channels != needed:
+            raise MedsegError(
+                f"{path}: model has {model_cfg.in_channels} input channels but {len(channels)} channel(s) x "
+                f"{2 * context + 1} context slices = {needed}"
+            )
+        if first is None:
+            first = (config, channels, modality)
+            out_channels = model_cfg.out_channels
+        else:
+            ref_cfg, ref_channels, ref_modality = first
+            if (channels, modality) != (ref_channels, ref_modality) or config.preprocess != ref_cfg.preprocess:
+                raise MedsegError(
+                    f"{path}: channels/modality/preprocessing differ from {paths[0]}; an ensemble needs identical inputs"
+                )
+            if model_cfg.out_channels != out_channels:
+                raise MedsegError(f"{path}: {model_cfg.out_channels} output channels, {paths[0]} has {out_channels}")
+        models.append(model)
+    assert first is not None
+    config, channels, modality = first
+    config = config.model_copy(update={"inference": apply_inference_overrides(config.inference, overrides)})
+    prepare_models(models, dev, config.inference.channels_last)
+    if config.inference.threads is not None:
+        torch.set_num_threads(config.inference.threads)
+    return InferenceBundle(models, config, channels, modality, paths, dev)
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed: ``data[IMAGE_KEY]`` (C, R, A, S) MetaTensor, source grid."""
+
+    case: InferenceCase
+    data: dict[str, Any]
+    geometry: Geometry
+    seconds: float
+
+
+@dataclass
+class CaseResult:
+    """Outputs of one case on the source grid (I, J, K)."""
+
+    mask: np.ndarray
+    lesion_prob: np.ndarray
+    lesions: np.ndarray | None
+    table: pd.DataFrame | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class CasePredictor:
+    """Runs cases through one bundle; reusable across cases (the chain is built once)."""
+
+    def __init__(self, bundle: InferenceBundle) -> None:
+        self.bundle = bundle
+        cfg = bundle.config
+        self.chain: Compose = preprocess_transforms(cfg.preprocess, bundle.modality, bundle.channels, with_label=False)
+        self.ras_axis = AXIS_INDEX[cfg.preprocess.slice_axis]
+
+    def prepare(self, case: InferenceCase) -> PreparedCase:
+        """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
+        if case.problem is not None:
+            raise MedsegError(f"case {case.case_id}: {case.problem}")
+        start = time.perf_counter()
+        data = apply_chain(self.chain, {channel_key(c): str(case.images[c]) for c in self.bundle.channels})
+        image = data[IMAGE_KEY]
+        size = [int(s) for s in np.asarray(image.meta["spatial_shape"])]
+        geometry = Geometry.from_affine(np.asarray(image.meta["original_affine"], dtype=np.float64), size)
+        return PreparedCase(case, {IMAGE_KEY: image}, geometry, time.perf_counter() - start)
+
+    def to_source(self, prob: torch.Tensor, prepared: PreparedCase) -> np.ndarray:
+        """(K, R, A, S) probabilities on the preprocessed grid -> float32 (K, I, J, K) source grid."""
+        image = prepared.data[IMAGE_KEY]
+        pred = MetaTensor(prob, meta=copy.copy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+        inverted = Invertd("pred", self.chain, orig_keys=IMAGE_KEY, nearest_interp=False)({IMAGE_KEY: image, "pred": pred})
+        out = inverted["pred"]
+        array = out.as_tensor().numpy() if isinstance(out, MetaTensor) else np.asarray(out)
+        return array.astype(np.float32, copy=False)
+
+    def predict(self, prepared: PreparedCase) -> CaseResult:
+        """Predict, map to the source grid, post-process, label lesions (no writing)."""
+        cfg = self.bundle.inference
+        timings = {"read_preprocess": prepared.seconds}
+        start = time.perf_counter()
+        image = prepared.data[IMAGE_KEY]
+        prob = predict_volume(
+            self.bundle.models, image, self.bundle.config.preprocess.context_slices, cfg, self.bundle.device,
+            axis=self.ras_axis + 1,
+        )
+        timings["predict"] = time.perf_counter() - start
+        start = time.perf_counter()
+        prob_src = self.to_source(prob[None] if prob.ndim == 3 else prob, prepared)
+        del prob
+        spacing = prepared.geometry.spacing
+        mask = postprocess(prob_src[0] if prob_src.shape[0] == 1 else prob_src, spacing, cfg)
+        lesion_prob = prob_src[0] if prob_src.shape[0] == 1 else 1.0 - prob_src[0]
+        lesions = table = None
+        if cfg.write_lesions:
+            lesions, n = label_lesions(mask, cfg.connectivity)
+            affine = prepared.geometry.affine
+            table = lesion_table(
+                lesions, n, lesion_prob, affine, spacing, source_slice_axis(affine, self.ras_axis),
+                classes=mask if prob_src.shape[0] > 1 else None,
+            )
+        timings["postprocess"] = time.perf_counter() - start
+        return CaseResult(mask, lesion_prob, lesions, table, timings)
+
+    def write(self, prepared: PreparedCase, result: CaseResult, out_dir: Path, fingerprint: str) -> list[Path]:
+        """Write ``result`` on the source grid, marker last (:func:`.outputs.write_case`)."""
+        cfg = self.bundle.inference
+        return write_case(
+            out_dir, prepared.case.case_id, prepared.geometry, result.mask, fingerprint,
+            prob=result.lesion_prob if cfg.write_prob else None, lesions=result.lesions, table=result.table,
+            info={"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
+                  "timings_s": {k: round(v, 4) for k, v in result.timings.items()}},
+        )
+
+    def run_case(self, case: InferenceCase, out_dir: str | Path) -> list[Path]:
+        """One case end to end (no prefetch): read, preprocess, predict, post-process, write."""
+        out = Path(out_dir)
+        start_case(out, case.case_id)
+        prepared = self.prepare(case)
+        return self.write(prepared, self.predict(prepared), out, self.bundle.fingerprint())
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class RunSummary:
+    """Case ids this rank completed, skipped (already complete) and failed (case_id, error)."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment (``RANK``, ``WORLD_SIZE``); (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard(cases: Sequence[InferenceCase], rank: int, world: int) -> list[InferenceCase]:
+    """Rank ``rank``'s share: cases rank, rank + world, ... (balanced to within one case)."""
+    return list(cases[rank::world])
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _rank_failures_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / f".failures.rank{rank}.csv"
+
+
+def merge_failures(out_dir: Path, world: int) -> pd.DataFrame:
+    """Rank 0: concatenate every rank's failure file into ``failures.csv`` (then remove them)."""
+    frames = []
+    for rank in range(world):
+        part = _rank_failures_path(out_dir, rank)
+        if part.is_file():
+            frames.append(pd.read_csv(part, dtype=str, keep_default_na=False))
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "error"])
+    merged = merged.sort_values("case_id", kind="stable").reset_index(drop=True)
+    write_csv(out_dir / FAILURES_FILE, merged)
+    for rank in range(world):
+        _rank_failures_path(out_dir, rank).unlink(missing_ok=True)
+    return merged
+
+
+def _init_distributed(world: int) -> bool:
+    """Join torchrun's process group (gloo: CPU barriers only); True when this call created it."""
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_inference(
+    cases: Sequence[InferenceCase],
+    bundle: InferenceBundle,
+    out_dir: str | Path,
+    show_progress: bool = True,
+) -> RunSummary:
+    """Predict every case not already complete in ``out_dir`` (this rank's share under torchrun).
+
+    Writes each case's outputs (:mod:`.outputs`), ``failures.csv`` (case_id, error; header only
+    when nothing failed; merged by rank 0) and ``inference.json`` (settings, checkpoints,
+    counts; rank 0). Returns this rank's summary.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
+    created_group = _init_distributed(world)  # early: a broken torchrun setup fails before any work
+    start = time.perf_counter()
+    cfg = bundle.inference
+    fingerprint = bundle.fingerprint()
+    predictor = CasePredictor(bundle)
+    summary = RunSummary()
+    todo: list[InferenceCase] = []
+    for case in shard(cases, rank, world):
+        if case.problem is None and is_complete(out, case.case_id, expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions), fingerprint):
+            summary.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    if summary.skipped:
+        log.info("rank %d: %d case(s) already complete, skipped", rank, len(summary.skipped))
+
+    def prepare(case: InferenceCase) -> PreparedCase:
+        if case.problem is not None:
+            raise MedsegError(f"case {case.case_id}: {case.problem}")
+        start_case(out, case.case_id)
+        return predictor.prepare(case)
+
+    bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
+               disable=not show_progress, position=rank if world > 1 else None)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as pool:
+        upcoming: Future[PreparedCase] | None = pool.submit(prepare, todo[0]) if todo and cfg.prefetch else None
+        for i, case in enumerate(todo):
+            try:
+                current = upcoming.result() if upcoming is not None else prepare(case)
+            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
+                current = None
+                summary.failures.append((case.case_id, _error_text(exc)))
+            upcoming = pool.submit(prepare, todo[i + 1]) if cfg.prefetch and i + 1 < len(todo) else None
+            if current is not None:
+                try:
+                    predictor.write(current, predictor.predict(current), out, fingerprint)
+                    summary.done.append(case.case_id)
+                except Exception as exc:  # noqa: BLE001
+                    summary.failures.append((case.case_id, _error_text(exc)))
+                del current
+            if summary.failures and summary.failures[-1][0] == case.case_id:
+                log.warning("case %s failed: %s", case.case_id, summary.failures[-1][1])
+                if check_case_id(case.case_id) is None:  # never touch files an unusable id could name
+                    discard_case(out, case.case_id)
+            bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+
+    frame = pd.DataFrame(summary.failures, columns=["case_id", "error"])
+    if world > 1:
+        write_csv(_rank_failures_path(out, rank), frame)
+        _barrier(world)
+        if rank == 0:
+            merge_failures(out, world)
+    else:
+        write_csv(out / FAILURES_FILE, frame)
+    if rank == 0:
+        write_json(out / RUN_RECORD, {
+            "medseg_version": __version__,
+            "checkpoints": [str(p) for p in bundle.checkpoints],
+            "channels": bundle.channels,
+            "modality": bundle.modality,
+            "device": str(bundle.device),
+            "world_size": world,
+            "inference": cfg.model_dump(mode="json"),
+            "rank0": {"done": len(summary.done), "skipped": len(summary.skipped),
+                      "failed": len(summary.failures), "seconds": round(summary.seconds, 3)},
+        })
+    if created_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary

@@ -1,0 +1,107 @@
+"""postprocess and the lesion table: thresholds, small-lesion removal in mm3, holes, components, measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_affine
+
+from medseg.config import InferenceConfig
+from medseg.inference import postprocess
+from medseg.inference.lesion_table import (
+    LESION_COLUMNS,
+    inplane_diameter_mm,
+    label_lesions,
+    lesion_table,
+    source_slice_axis,
+)
+
+
+def test_threshold_is_inclusive_and_tensor_or_array():
+    prob = np.array([0.2, 0.5, 0.7], np.float32).reshape(1, 1, 3)
+    cfg = InferenceConfig(min_lesion_mm3=0)
+    np.testing.assert_array_equal(postprocess(prob, (1, 1, 1), cfg)[0, 0], [0, 1, 1])
+    out = postprocess(torch.from_numpy(prob), (1, 1, 1), cfg.model_copy(update={"threshold": 0.6}))
+    assert out.dtype == np.uint8 and out.tolist() == [[[0, 0, 1]]]
+
+
+def test_small_lesions_removed_by_volume_in_mm3():
+    prob = np.zeros((10, 10, 10), np.float32)
+    prob[1:3, 1:3, 1] = 1  # 4 voxels
+    prob[6:9, 6:9, 6:9] = 1  # 27 voxels
+    spacing = (1.0, 1.0, 2.5)  # 4 voxels = 10 mm3
+    kept = postprocess(prob, spacing, InferenceConfig(min_lesion_mm3=10.0))
+    assert int(kept.sum()) == 31
+    removed = postprocess(prob, spacing, InferenceConfig(min_lesion_mm3=10.5))
+    assert int(removed.sum()) == 27 and removed[1, 1, 1] == 0
+
+
+def test_connectivity_decides_what_one_lesion_is():
+    prob = np.zeros((6, 6, 6), np.float32)
+    prob[1, 1, 1] = prob[2, 2, 2] = 1  # touch by a corner only
+    cfg = InferenceConfig(min_lesion_mm3=1.5)
+    assert int(postprocess(prob, (1, 1, 1), cfg).sum()) == 2  # 26-connected: one 2-voxel lesion
+    assert int(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"connectivity": 6})).sum()) == 0
+
+
+def test_fill_holes_and_largest_component():
+    prob = np.zeros((12, 12, 12), np.float32)
+    prob[1:6, 1:6, 1:6] = 1
+    prob[3, 3, 3] = 0  # a hole
+    prob[9:11, 9:11, 9:11] = 1  # a second, smaller lesion
+    plain = postprocess(prob, (1, 1, 1), InferenceConfig(min_lesion_mm3=0))
+    assert plain[3, 3, 3] == 0 and plain[9, 9, 9] == 1
+    filled = postprocess(prob, (1, 1, 1), InferenceConfig(min_lesion_mm3=0, fill_holes=True, largest_component=True))
+    assert filled.dtype == np.uint8
+    assert filled[3, 3, 3] == 1 and filled[9, 9, 9] == 0 and int(filled.sum()) == 125
+
+
+def test_multiclass_argmax():
+    prob = np.zeros((3, 4, 4, 4), np.float32)
+    prob[0] = 0.6
+    prob[2, :2] = 0.9
+    prob[1, 3] = 0.7
+    mask = postprocess(prob, (1, 1, 1), InferenceConfig(min_lesion_mm3=0))
+    assert set(np.unique(mask[:2])) == {2} and set(np.unique(mask[3])) == {1} and set(np.unique(mask[2])) == {0}
+
+
+def test_inplane_diameter_is_corner_to_corner():
+    pixels = np.argwhere(np.ones((3, 4), bool))
+    np.testing.assert_allclose(inplane_diameter_mm(pixels, (0.5, 2.0)), np.hypot(1.5, 8.0))
+    np.testing.assert_allclose(inplane_diameter_mm(np.array([[0, 0]]), (1.0, 1.0)), np.sqrt(2))
+    line = np.array([[0, i] for i in range(20)])  # collinear centres
+    np.testing.assert_allclose(inplane_diameter_mm(line, (1.0, 1.0)), np.hypot(1.0, 20.0))
+
+
+@pytest.mark.parametrize("kind", ["ras", "lps", "oblique"])
+def test_lesion_table_measures(kind):
+    affine = make_affine(kind, spacing=(0.5, 2.0, 3.0))
+    mask = np.zeros((20, 12, 8), np.uint8)
+    mask[2:5, 3:7, 1:3] = 1  # lesion 1: 3 x 4 pixels on 2 slices
+    mask[10:12, 8:10, 5] = 1  # lesion 2
+    prob = np.where(mask > 0, 0.8, 0.1).astype(np.float32)
+    prob[2, 3, 1] = 0.95
+    labels, n = label_lesions(mask)
+    axis = source_slice_axis(affine, 2)
+    assert n == 2 and labels.dtype == np.uint16 and axis == 2
+    table = lesion_table(labels, n, prob, affine, (0.5, 2.0, 3.0), axis)
+    assert list(table.columns) == list(LESION_COLUMNS)
+    first = table.iloc[0]
+    assert first.lesion_id == 1 and first.voxels == 24 and first["class"] == 1
+    np.testing.assert_allclose(first.volume_ml, 24 * 3.0 / 1000)
+    np.testing.assert_allclose([first.score_mean, first.score_max], [(23 * 0.8 + 0.95) / 24, 0.95], rtol=1e-6)
+    centre = np.array([3.0, 4.5, 1.5])
+    np.testing.assert_allclose([first.centroid_i, first.centroid_j, first.centroid_k], centre)
+    np.testing.assert_allclose([first.centroid_x_ras_mm, first.centroid_y_ras_mm, first.centroid_z_ras_mm],
+                               (affine @ [*centre, 1])[:3], atol=1e-6)
+    assert [first.bbox_i_min, first.bbox_i_max, first.bbox_j_min, first.bbox_j_max, first.bbox_k_min, first.bbox_k_max] == [2, 4, 3, 6, 1, 2]
+    np.testing.assert_allclose(first.max_inplane_diameter_mm, np.hypot(1.5, 8.0))
+    empty = lesion_table(*label_lesions(np.zeros_like(mask)), prob, affine, (0.5, 2.0, 3.0), axis)
+    assert list(empty.columns) == list(LESION_COLUMNS) and len(empty) == 0
+
+
+def test_slice_axis_follows_the_orientation():
+    permuted = np.array([[0, 0, 2.0, 0], [1.0, 0, 0, 0], [0, -3.0, 0, 0], [0, 0, 0, 1]])  # i->A, j->S(-), k->R
+    assert source_slice_axis(permuted, 2) == 1  # axial slices are normal to j
+    assert source_slice_axis(permuted, 0) == 2 and source_slice_axis(permuted, 1) == 0

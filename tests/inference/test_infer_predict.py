@@ -1,0 +1,109 @@
+"""predict_volume: 2.5D stacks, windows, TTA, ensembles, precision, axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from infer_helpers import ChannelThreshold
+from torch import nn
+
+from medseg.config import InferenceConfig, ModelConfig
+from medseg.inference import predict_volume
+from medseg.inference.predictor import autocast_dtype, effective_roi
+from medseg.models import build_model
+
+
+def _binary_volume(shape=(2, 23, 19, 11), seed=0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.random(shape) > 0.6).astype(np.float32))
+
+
+@pytest.mark.parametrize("axis", [1, 2, 3, -1])
+@pytest.mark.parametrize("context", [0, 2])
+def test_identity_model_reproduces_the_centre_slice_on_every_axis(axis, context):
+    volume = _binary_volume()
+    channel = 1
+    model = ChannelThreshold(context * 2 + channel, 0.5)  # centre slice, second modality
+    prob = predict_volume([model], volume, context, InferenceConfig(batch_size=3), "cpu", axis=axis)
+    assert prob.shape == volume.shape[1:] and prob.dtype == torch.float32
+    np.testing.assert_array_equal((prob >= 0.5).numpy(), volume[channel].numpy() > 0.5)
+
+
+def test_neighbour_channels_are_offset_major_with_replicated_edges():
+    volume = _binary_volume(shape=(2, 9, 8, 7), seed=1)
+    # context 1, 2 modalities: channels [z-1: m0, m1, z: m0, m1, z+1: m0, m1]; pick z-1 of m1
+    prob = predict_volume([ChannelThreshold(1, 0.5)], volume, 1, InferenceConfig(), "cpu")
+    expected = torch.cat([volume[1, :, :, :1], volume[1, :, :, :-1]], dim=-1) > 0.5  # slice z sees z-1 (z=0 sees itself)
+    np.testing.assert_array_equal((prob >= 0.5).numpy(), expected.numpy())
+
+
+def test_tiled_windows_tta_and_ensemble_keep_the_identity():
+    volume = _binary_volume(shape=(1, 70, 45, 6), seed=2)
+    cfg = InferenceConfig(roi_size=(32, 24), overlap=0.5, blend="gaussian", tta=True, batch_size=2)
+    assert effective_roi(cfg.roi_size, (70, 45)) == (32, 24) and effective_roi((512, 512), (70, 45)) == (70, 45)
+    prob = predict_volume([ChannelThreshold(1, 0.5), ChannelThreshold(1, 0.5, gain=20.0)], volume, 1, cfg, "cpu")
+    np.testing.assert_array_equal((prob >= 0.5).numpy(), volume[0].numpy() > 0.5)
+    assert float(prob[volume[0] > 0.5].min()) > 0.99 and float(prob[volume[0] < 0.5].max()) < 0.01
+
+
+def test_ensemble_averages_probabilities():
+    volume = torch.zeros(1, 6, 5, 4)
+    cfg = InferenceConfig(precision="fp32")
+    low, high = ChannelThreshold(1, 0.0, gain=0.0), ChannelThreshold(1, -1.0, gain=1.0)  # sigmoid(0), sigmoid(1)
+    prob = predict_volume([low, high], volume, 1, cfg, "cpu")
+    np.testing.assert_allclose(prob.numpy(), (0.5 + 1 / (1 + np.exp(-1.0))) / 2, rtol=1e-6)
+
+
+class _MarksFirstRow(nn.Module):
+    """Identity plus a lesion on the first row of every window: not flip-equivariant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = 40 * (x[:, :1] - 0.5)
+        logits[:, :, 0, :] = 40.0
+        return logits
+
+
+def test_tta_flips_back_before_averaging():
+    volume = torch.zeros(1, 8, 6, 3)
+    volume[0, 1, 2, :] = 1
+    prob = predict_volume([_MarksFirstRow()], volume, 0, InferenceConfig(tta=True, tta_flips=[[0]]), "cpu")
+    # plain pass: rows 0 and 1; flipped pass, flipped back: rows 7 and 1. Each pass weighs half.
+    np.testing.assert_allclose(prob[1, 2].numpy(), 1.0, atol=1e-4)
+    np.testing.assert_allclose(prob[0].numpy(), 0.5, atol=1e-4)
+    np.testing.assert_allclose(prob[7].numpy(), 0.5, atol=1e-4)
+    np.testing.assert_allclose(prob[2:7].numpy(), 0.0, atol=1e-4)
+
+
+def test_multiclass_returns_softmax_probabilities_per_class():
+    model = build_model(ModelConfig(arch="unet", encoder="unet", in_channels=3, out_channels=3, width=0.125))
+    volume = torch.randn(1, 20, 18, 5)
+    prob = predict_volume([model], volume, 1, InferenceConfig(precision="fp32"), "cpu")
+    assert prob.shape == (3, 20, 18, 5)
+    torch.testing.assert_close(prob.sum(0), torch.ones(20, 18, 5))
+
+
+def test_bf16_batching_and_train_state():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="unet", encoder="unet", in_channels=6, width=0.125))
+    model.train()
+    volume = torch.randn(2, 33, 29, 9)
+    reference = predict_volume([model], volume, 1, InferenceConfig(precision="fp32", batch_size=1), "cpu")
+    assert model.training  # a trainer calling predict_volume for validation keeps its mode
+    batched = predict_volume([model], volume, 1, InferenceConfig(precision="fp32", batch_size=7), "cpu")
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
+    bf16 = predict_volume([model], volume, 1, InferenceConfig(precision="bf16", channels_last=True), "cpu")
+    assert float((bf16 - reference).abs().max()) < 0.05
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("fp16", cpu) is torch.float16
+    assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)
+
+
+def test_bad_axis_is_refused():
+    with pytest.raises(ValueError, match="spatial axis"):
+        predict_volume([ChannelThreshold(0, 0.5)], torch.zeros(1, 4, 4, 4), 0, InferenceConfig(), "cpu", axis=0)
