@@ -358,7 +358,11 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="inference.key=value for medseg")
     parser.add_argument("--sweep", action="store_true", help="only the batch / memory format / precision sweep")
+    parser.add_argument("--threads", type=int, help="torch threads for every variant (default: torch's, one per core)")
+    parser.add_argument("--skip-ct", action="store_true", help="only the BraTS volume (and the batch)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from medseg.config import ModelConfig
     from medseg.inference.cases import InferenceCase
@@ -399,17 +403,18 @@ def main() -> int:
             results["batch"] = bench_batch(bundle, batch_cases, tmp, max(1, args.repeats - 1))
             print(json.dumps(results["batch"], indent=1), flush=True)
 
-        ct_path = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
-        context = bundle.config.preprocess.context_slices
-        ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
-        torch.manual_seed(0)
-        ct_model = build_model(ct_model_cfg)
-        prepare_models([ct_model], "cpu", bundle.inference.channels_last)
-        config = bundle.config.model_copy(update={"model": ct_model_cfg})
-        ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], torch.device("cpu"))
-        rows.append(bench_volume(f"ct512x512x{args.ct_slices} (random weights)", ct_bundle,
-                                 InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp))
-        print(json.dumps(rows[-1], indent=1), flush=True)
+        if not args.skip_ct:
+            ct_path = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
+            context = bundle.config.preprocess.context_slices
+            ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
+            torch.manual_seed(0)
+            ct_model = build_model(ct_model_cfg)
+            prepare_models([ct_model], "cpu", bundle.inference.channels_last)
+            config = bundle.config.model_copy(update={"model": ct_model_cfg})
+            ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], torch.device("cpu"))
+            rows.append(bench_volume(f"ct512x512x{args.ct_slices} (random weights)", ct_bundle,
+                                     InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp))
+            print(json.dumps(rows[-1], indent=1), flush=True)
     results["rows"] = rows
     print("\n| volume | medseg s | baseline s | forward alone s | speed-up | ratio to forward | Dice bf16 vs fp32 | Dice vs baseline | peak RSS MB (medseg / baseline) | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -31,6 +31,8 @@ import pandas as pd
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+from medseg.lesions import bounding_box
+
 LESION_COLUMNS = (
     "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
     "centroid_i", "centroid_j", "centroid_k", "centroid_x_ras_mm", "centroid_y_ras_mm", "centroid_z_ras_mm",
@@ -41,10 +43,19 @@ CORNERS_2D = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
 
 
 def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """3-D lesion instances of ``mask > 0``: (labels (I, J, K) uint16 or uint32, count N)."""
-    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=connectivity, return_N=True)
-    dtype = np.uint16 if n < 1 << 16 else np.uint32
-    return labels.astype(dtype, copy=False), int(n)
+    """3-D lesion instances of ``mask > 0``: (labels (I, J, K) uint16 or uint32, count N).
+
+    Ids 1..N in raster order of the volume (only the mask's bounding box is labelled: the
+    same components, the same order, several times faster on lesion-sized boxes).
+    """
+    mask = np.asarray(mask)
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros(mask.shape, np.uint16), 0
+    crop, n = cc3d.connected_components(np.ascontiguousarray(mask[box] > 0), connectivity=connectivity, return_N=True)
+    labels = np.zeros(mask.shape, np.uint16 if n < 1 << 16 else np.uint32)
+    labels[box] = crop
+    return labels, int(n)
 
 
 def source_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
@@ -119,16 +130,21 @@ def lesion_table(
     if n == 0:
         return pd.DataFrame({c: pd.Series(dtype=np.float64 if "mm" in c or "score" in c or c == "volume_ml" else np.int64)
                              for c in LESION_COLUMNS})
+    outer = bounding_box(labels)  # every measure is taken inside the lesions' bounding box
+    assert outer is not None, "n > 0 but labels are empty"
+    origin = np.array([sl.start for sl in outer])
+    labels = np.ascontiguousarray(labels[outer])
     stats = cc3d.statistics(labels, no_slice_conversion=False)
     counts = np.asarray(stats["voxel_counts"][1 : n + 1], dtype=np.int64)
-    centroids = np.asarray(stats["centroids"][1 : n + 1], dtype=np.float64)
+    centroids = np.asarray(stats["centroids"][1 : n + 1], dtype=np.float64) + origin
     boxes = stats["bounding_boxes"][1 : n + 1]
     ids = np.arange(1, n + 1)
     if lesion_prob is not None:
-        score_mean, score_max = _scores(labels, n, lesion_prob, counts)
+        score_mean, score_max = _scores(labels, n, np.asarray(lesion_prob)[outer], counts)
     else:
         score_mean = score_max = np.full(n, np.nan)
     if classes is not None:
+        classes = np.asarray(classes)[outer]
         cls = np.empty(n, dtype=np.int64)
         for index, box in enumerate(boxes, start=1):
             values = classes[box][labels[box] == index]
@@ -155,7 +171,7 @@ def lesion_table(
         "centroid_z_ras_mm": world[:, 2],
     }
     for axis, name in enumerate("ijk"):
-        table[f"bbox_{name}_min"] = np.array([b[axis].start for b in boxes], dtype=np.int64)
-        table[f"bbox_{name}_max"] = np.array([b[axis].stop - 1 for b in boxes], dtype=np.int64)
+        table[f"bbox_{name}_min"] = np.array([b[axis].start for b in boxes], dtype=np.int64) + origin[axis]
+        table[f"bbox_{name}_max"] = np.array([b[axis].stop - 1 for b in boxes], dtype=np.int64) + origin[axis]
     table["max_inplane_diameter_mm"] = diameters
     return pd.DataFrame(table, columns=list(LESION_COLUMNS))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from medseg.config import InferenceConfig
+from medseg.lesions import bounding_box
 
 HOPS = {6: 1, 18: 2, 26: 3}  # MONAI's connectivity = orthogonal hops
 
@@ -42,14 +43,16 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_mm3: fl
 
     ``mask``: uint8 (X, Y, Z), binary or class indices (components of the union of classes).
     """
-    if min_mm3 <= 0 or not mask.any():
+    if min_mm3 <= 0:
         return mask
     voxel_mm3 = float(np.prod(spacing))
     min_voxels = math.ceil(min_mm3 / voxel_mm3 - 1e-9)  # voxels * voxel_mm3 < min_mm3  <=>  voxels < min_voxels
-    if min_voxels <= 1:
+    box = bounding_box(mask) if min_voxels > 1 else None
+    if box is None:
         return mask
-    kept = cc3d.dust(mask > 0, threshold=min_voxels, connectivity=connectivity)
-    mask[~kept] = 0
+    crop = mask[box]  # lesions are small against the volume: label only their bounding box
+    kept = cc3d.dust(np.ascontiguousarray(crop > 0), threshold=min_voxels, connectivity=connectivity)
+    crop[~kept] = 0
     return mask
 
 

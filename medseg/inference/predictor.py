@@ -25,7 +25,6 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from medseg.config import InferenceConfig
-from medseg.preprocessing import context_stack
 
 CPU_BATCH = 4  # windows per forward on CPU: 48 slices/s at 4 vs 37 at 16 (docs/benchmarks.md)
 CUDA_BATCH = 32
@@ -116,6 +115,36 @@ class EnsembleProbability:
         return total.div_(n) if n > 1 else total
 
 
+class SliceStacks:
+    """2.5D inputs of slices ``start:stop`` from one slice-major copy of the volume.
+
+    ``volume``: (C, ...) with slices along ``axis``. Same values and channel order as
+    ``medseg.preprocessing.context_stack`` (neighbour offset major, modality minor, edges
+    replicated). The copy is made once, contiguous per slice, so each batch reads whole slices
+    instead of gathering one voxel per cache line from a volume whose slicing axis is the
+    innermost (axial slices of a RAS volume). With ``channels_last`` the copy is (S, H, W, C)
+    and each stack comes out channels_last (NHWC) from a single gather, ready for the model.
+    """
+
+    def __init__(self, volume: torch.Tensor, axis: int, context: int, channels_last: bool) -> None:
+        plane = [a for a in range(1, 4) if a != axis]
+        self.context, self.channels_last = context, channels_last
+        order = (axis, *plane, 0) if channels_last else (axis, 0, *plane)
+        self.slices = volume.permute(order).contiguous()  # (S, H, W, C) or (S, C, H, W)
+        self.offsets = torch.arange(-context, context + 1)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        n_slices = self.slices.shape[0]
+        index = (torch.arange(start, stop)[:, None] + self.offsets[None, :]).clamp(0, n_slices - 1)  # (N, 2k+1)
+        gathered = self.slices[index]  # (N, 2k+1, H, W, C) or (N, 2k+1, C, H, W)
+        n = stop - start
+        if self.channels_last:
+            _, _, h, w, c = gathered.shape
+            nhwc = gathered.permute(0, 2, 3, 1, 4).reshape(n, h, w, -1)  # channel = offset * C + modality
+            return nhwc.permute(0, 3, 1, 2)  # (N, Cin, H, W), channels_last memory
+        return gathered.reshape(n, -1, *gathered.shape[-2:])
+
+
 def effective_roi(roi_size: Sequence[int], plane: Sequence[int]) -> tuple[int, int]:
     """Window actually used: ``roi_size`` shrunk to the slice (H, W) where the slice is smaller."""
     return (min(int(roi_size[0]), int(plane[0])), min(int(roi_size[1]), int(plane[1])))
@@ -201,20 +230,18 @@ def _predict(
         cache_roi_weight_map=True,
     )
 
-    # slice-major and contiguous: each 2.5D stack then reads whole slices instead of gathering
-    # one voxel per cache line from a volume whose slicing axis is the innermost (axial RAS)
-    slices = torch.movedim(volume, spatial_axis, 1).contiguous()  # (C, n_slices, H, W)
+    stacks = SliceStacks(volume, spatial_axis, context, cfg.channels_last)
     out: torch.Tensor | None = None  # (K, n_slices, H, W), filled batch by batch
     for start in range(0, n_slices, batch):
         stop = min(start + batch, n_slices)
-        stack = context_stack(slices, list(range(start, stop)), context, axis=1)  # (N, Cin, H, W)
+        stack = stacks(start, stop)  # (N, Cin, H, W)
         prob = inferer(stack.to(dev, non_blocking=True), network)  # (N, K, H, W)
         if out is None:
-            out = torch.empty((prob.shape[1], *slices.shape[1:]), dtype=torch.float32)
+            out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32)
         out[:, start:stop] = prob.transpose(0, 1).to("cpu", torch.float32)
         if progress is not None:
             progress(stop)
     assert out is not None
-    del slices
+    del stacks
     out = torch.movedim(out, 1, spatial_axis)  # back to the axis order of ``image`` (a strided view)
     return out[0] if out.shape[0] == 1 else out

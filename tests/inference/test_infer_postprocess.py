@@ -105,3 +105,15 @@ def test_slice_axis_follows_the_orientation():
     permuted = np.array([[0, 0, 2.0, 0], [1.0, 0, 0, 0], [0, -3.0, 0, 0], [0, 0, 0, 1]])  # i->A, j->S(-), k->R
     assert source_slice_axis(permuted, 2) == 1  # axial slices are normal to j
     assert source_slice_axis(permuted, 0) == 2 and source_slice_axis(permuted, 1) == 0
+
+
+def test_bounding_box_labelling_matches_the_whole_volume(rng):
+    import cc3d
+
+    mask = (rng.random((30, 25, 20)) > 0.93).astype(np.uint8)
+    mask[:5] = 0
+    mask[:, -4:] = 0
+    labels, n = label_lesions(mask, connectivity=6)
+    full, n_full = cc3d.connected_components(mask > 0, connectivity=6, return_N=True)
+    assert n == n_full > 10
+    np.testing.assert_array_equal(labels, full)

@@ -107,3 +107,17 @@ def test_precision_resolution():
 def test_bad_axis_is_refused():
     with pytest.raises(ValueError, match="spatial axis"):
         predict_volume([ChannelThreshold(0, 0.5)], torch.zeros(1, 4, 4, 4), 0, InferenceConfig(), "cpu", axis=0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_slice_stacks_match_context_stack(channels_last, axis):
+    from medseg.inference.predictor import SliceStacks
+    from medseg.preprocessing import context_stack
+
+    volume = torch.randn(3, 7, 6, 5)
+    stacks = SliceStacks(volume, axis, 2, channels_last)
+    n = volume.shape[axis]
+    got = stacks(1, n)
+    torch.testing.assert_close(got, context_stack(volume, list(range(1, n)), 2, axis=axis), rtol=0, atol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
