@@ -1,8 +1,9 @@
 """Inference speed: ``medseg`` end to end vs the baseline a user would write vs the forward pass alone.
 
 Volumes: one BraTS case (240x240x155, 3 MR channels, the trained checkpoint) and one synthetic
-CT-sized volume (512x512xN int16, 1 channel, same architecture with 1-channel input, random
-weights: speed and memory only). For each volume, in this one process:
+CT-sized volume (512x512xN int16 phantom with eight lesions, 1 channel) predicted by the same
+architecture with a 1-channel input, trained inside the benchmark for ``--ct-train-seconds``
+on a smaller phantom (so its masks are lesion-like, not the noise of random weights). For each volume, in this one process:
 
 - ``medseg``: ``CasePredictor.run_case`` -- read, preprocess (the checkpoint's chain),
   2.5D whole-slice window prediction (``predict_volume``, default ``InferenceConfig``),
@@ -130,23 +131,60 @@ def train_fallback(out: Path, minutes: float) -> Path:
     return save_checkpoint(out, model.eval(), model_cfg, extra)
 
 
-def synthetic_ct(path: Path, shape: tuple[int, int, int]) -> Path:
-    """512x512xN int16 CT: air, an elliptic body at 40 HU with noise, a few 120 HU lesions; LPS, 0.8x0.8x2.5 mm."""
+def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tuple[Path, Path]:
+    """int16 CT phantom and its label: air, an elliptic body at 40 HU, noise (sd 15 HU), eight
+    ellipsoid lesions at 110 HU (radius 4-18 px in-plane, 1-4 slices); LPS-stored grid, 0.8 x
+    0.8 x 2.5 mm. Returns (image path, label path)."""
     from medseg.io import Geometry, write_volume
 
-    rng = np.random.default_rng(0)
-    i, j = np.ogrid[: shape[0], : shape[1]]
+    rng = np.random.default_rng(seed)
+    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
     body = ((i - shape[0] / 2) / (shape[0] * 0.42)) ** 2 + ((j - shape[1] / 2) / (shape[1] * 0.33)) ** 2 < 1
     volume = np.full(shape, -1000, np.int16)
-    volume[body] = 40
+    volume[np.broadcast_to(body, shape)] = 40
+    label = np.zeros(shape, np.uint8)
+    for _ in range(8):
+        r = rng.uniform([4, 4, 1], [18, 18, 4])
+        c = rng.uniform([0.3, 0.35, 0.1], [0.7, 0.65, 0.9]) * np.array(shape)
+        label[((i - c[0]) / r[0]) ** 2 + ((j - c[1]) / r[1]) ** 2 + ((k - c[2]) / r[2]) ** 2 < 1] = 1
+    volume[label > 0] = 110
     volume += rng.normal(0, 15, shape).astype(np.int16)
-    margin_k = min(20, shape[2] // 3)
-    for _ in range(6):
-        c = rng.integers([150, 180, margin_k], [shape[0] - 150, shape[1] - 180, shape[2] - margin_k + 1])
-        volume[c[0] - 12 : c[0] + 12, c[1] - 10 : c[1] + 10, max(c[2] - 4, 0) : c[2] + 4] = 120
     geometry = Geometry(size=shape, spacing=(0.8, 0.8, 2.5), origin=(-200.0, -180.0, 50.0),
-                        direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    return write_volume(volume, geometry, path, dtype=np.int16)
+                        direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    label_path = path.with_name(path.name.replace(".nii.gz", "_label.nii.gz"))
+    return write_volume(volume, geometry, path, dtype=np.int16), write_volume(label, geometry, label_path)
+
+
+def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path) -> torch.nn.Module:
+    """The CT model of the benchmark: ``model_cfg`` trained for ``seconds`` on a 256x256x48 phantom
+    (another seed than the benchmark volume), full slices, Dice + BCE, bf16 autocast."""
+    from medseg.models import build_model
+    from medseg.preprocessing import channel_key, context_stack, preprocess_transforms
+    from medseg.transforms import apply_chain
+
+    image_path, label_path = synthetic_ct(tmp / "ct_train.nii.gz", (256, 256, 48), seed=1)
+    chain = preprocess_transforms(preprocess, "CT", ["ct"], True)
+    data = apply_chain(chain, {channel_key("ct"): str(image_path), "label": str(label_path)})
+    image, label = data["image"].as_tensor(), data["label"].as_tensor()[0].float()
+    torch.manual_seed(0)
+    model = build_model(model_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    with_lesion = torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 4)
+        x = context_stack(image, list(map(int, idx)), preprocess.context_slices)
+        y = label[:, :, idx].permute(2, 0, 1)[:, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x).float()
+        prob = torch.sigmoid(logits)
+        loss = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 def baseline_predict(model: torch.nn.Module, image: torch.Tensor, context: int, axis: int) -> torch.Tensor:
@@ -353,6 +391,7 @@ def main() -> int:
     parser.add_argument("--case", default="Brats18_2013_20_1", help="BraTS case folder name (a validation case of runs/brats)")
     parser.add_argument("--batch-cases", type=int, default=4, help="BraTS cases of the batch (prefetch) measurement; 0 = skip")
     parser.add_argument("--ct-slices", type=int, default=200)
+    parser.add_argument("--ct-train-seconds", type=float, default=90.0, help="training time of the CT phantom model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-minutes", type=float, default=5.0, help="fallback training time")
     parser.add_argument("--json", help="also write the results here")
@@ -367,7 +406,6 @@ def main() -> int:
     from medseg.config import ModelConfig
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import InferenceBundle, load_bundle, prepare_models
-    from medseg.models import build_model
 
     if not BRATS.is_dir():
         print(f"BraTS data not found at {BRATS}", file=sys.stderr)
@@ -404,16 +442,17 @@ def main() -> int:
             print(json.dumps(results["batch"], indent=1), flush=True)
 
         if not args.skip_ct:
-            ct_path = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
+            ct_path, ct_label = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
             context = bundle.config.preprocess.context_slices
             ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
-            torch.manual_seed(0)
-            ct_model = build_model(ct_model_cfg)
+            ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_seconds, tmp)
+            results["ct_model_source"] = (f"{ct_model_cfg.arch}/{ct_model_cfg.encoder} trained inside this benchmark for "
+                                          f"{args.ct_train_seconds:.0f} s on a synthetic 256x256x48 CT phantom")
             prepare_models([ct_model], "cpu", bundle.inference.channels_last)
             config = bundle.config.model_copy(update={"model": ct_model_cfg})
             ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], torch.device("cpu"))
-            rows.append(bench_volume(f"ct512x512x{args.ct_slices} (random weights)", ct_bundle,
-                                     InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp))
+            rows.append(bench_volume(f"ct512x512x{args.ct_slices} (synthetic)", ct_bundle,
+                                     InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp, ct_label))
             print(json.dumps(rows[-1], indent=1), flush=True)
     results["rows"] = rows
     print("\n| volume | medseg s | baseline s | forward alone s | speed-up | ratio to forward | Dice bf16 vs fp32 | Dice vs baseline | peak RSS MB (medseg / baseline) | load |")

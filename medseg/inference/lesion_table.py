@@ -88,13 +88,18 @@ def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def _max_inplane_diameter(component: np.ndarray, axis: int, spacing: Sequence[float]) -> float:
+    """Max over slices normal to ``axis`` of ``inplane_diameter_mm``; only the first and last
+    pixel of each row can be hull vertices, so a slice contributes at most 2 x rows points."""
     plane_spacing = [spacing[a] for a in range(3) if a != axis]
+    moved = np.moveaxis(component, axis, 0)  # (S, H, W)
+    present = moved.any(axis=2)  # (S, H)
+    first = moved.argmax(axis=2)
+    last = moved.shape[2] - 1 - moved[:, :, ::-1].argmax(axis=2)
     best = 0.0
-    moved = np.moveaxis(component, axis, 0)
-    for sl in moved:
-        pixels = np.argwhere(sl)
-        if len(pixels):
-            best = max(best, inplane_diameter_mm(pixels, plane_spacing))
+    for z in np.flatnonzero(present.any(axis=1)):
+        rows = np.flatnonzero(present[z])
+        ends = np.concatenate([np.stack([rows, first[z, rows]], axis=1), np.stack([rows, last[z, rows]], axis=1)])
+        best = max(best, inplane_diameter_mm(ends, plane_spacing))
     return best
 
 

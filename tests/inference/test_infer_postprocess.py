@@ -117,3 +117,20 @@ def test_bounding_box_labelling_matches_the_whole_volume(rng):
     full, n_full = cc3d.connected_components(mask > 0, connectivity=6, return_N=True)
     assert n == n_full > 10
     np.testing.assert_array_equal(labels, full)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_inplane_diameter_equals_brute_force(rng, axis):
+    from scipy.spatial.distance import pdist
+
+    from medseg.inference.lesion_table import _max_inplane_diameter
+
+    component = rng.random((9, 8, 7)) > 0.6
+    spacing = (0.7, 1.3, 2.0)
+    plane = [spacing[a] for a in range(3) if a != axis]
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    expected = max(
+        pdist(((np.argwhere(sl)[:, None, :] + corners[None]) * plane).reshape(-1, 2)).max()
+        for sl in np.moveaxis(component, axis, 0) if sl.sum() > 0
+    )
+    np.testing.assert_allclose(_max_inplane_diameter(component, axis, spacing), expected)
