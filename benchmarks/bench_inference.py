@@ -91,7 +91,7 @@ def find_checkpoint(explicit: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def train_fallback(out: Path, minutes: float) -> Path:
+def train_fallback(out: Path, minutes: float, device: torch.device, brats: Path) -> Path:
     """No trained checkpoint: train a small 2.5D U-Net on BraTS slices for ``minutes`` (labelled in the output)."""
     from medseg.config import Config, ModelConfig, PreprocessConfig
     from medseg.models import build_model
@@ -103,12 +103,12 @@ def train_fallback(out: Path, minutes: float) -> Path:
     pre = PreprocessConfig(context_slices=1)
     chain = preprocess_transforms(pre, "MR", channels, True)
     volumes = []
-    for case in sorted(BRATS.iterdir())[1:9]:  # the first case is the benchmark case
+    for case in sorted(brats.iterdir())[1:9]:  # the first case is the benchmark case
         data = apply_chain(chain, {**{channel_key(c): str(case / f"{case.name}_{c}.nii.gz") for c in channels},
                                    "label": str(case / f"{case.name}_seg.nii.gz")})
         volumes.append((data["image"].as_tensor(), data["label"].as_tensor()[0].float()))
     model_cfg = ModelConfig(arch="unet", encoder="resnet18", in_channels=9, width=0.5)
-    model = build_model(model_cfg).train()
+    model = build_model(model_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(0)
     deadline = time.monotonic() + minutes * 60
@@ -116,9 +116,9 @@ def train_fallback(out: Path, minutes: float) -> Path:
         image, label = volumes[rng.integers(len(volumes))]
         with_lesion = torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()
         idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 8)
-        x = context_stack(image, list(map(int, idx)), 1)
-        y = label[:, :, idx].permute(2, 0, 1)[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = context_stack(image, list(map(int, idx)), 1).to(device)
+        y = label[:, :, idx].permute(2, 0, 1)[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(x).float()
         prob = torch.sigmoid(logits)
         dice = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
@@ -128,7 +128,7 @@ def train_fallback(out: Path, minutes: float) -> Path:
         opt.step()
     config = Config(model=model_cfg, preprocess=pre)
     extra = {"config": config.model_dump(mode="json"), "channels": channels, "modality": "MR"}
-    return save_checkpoint(out, model.eval(), model_cfg, extra)
+    return save_checkpoint(out, model.cpu().eval(), model_cfg, extra)
 
 
 def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tuple[Path, Path]:
@@ -155,7 +155,7 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tupl
     return write_volume(volume, geometry, path, dtype=np.int16), write_volume(label, geometry, label_path)
 
 
-def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path) -> torch.nn.Module:
+def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path, device: torch.device) -> torch.nn.Module:
     """The CT model of the benchmark: ``model_cfg`` trained for ``seconds`` on a 256x256x48 phantom
     (another seed than the benchmark volume), full slices, Dice + BCE, bf16 autocast."""
     from medseg.models import build_model
@@ -167,16 +167,16 @@ def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path) -> torch.nn
     data = apply_chain(chain, {channel_key("ct"): str(image_path), "label": str(label_path)})
     image, label = data["image"].as_tensor(), data["label"].as_tensor()[0].float()
     torch.manual_seed(0)
-    model = build_model(model_cfg).train()
+    model = build_model(model_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(0)
     with_lesion = torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 4)
-        x = context_stack(image, list(map(int, idx)), preprocess.context_slices)
-        y = label[:, :, idx].permute(2, 0, 1)[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = context_stack(image, list(map(int, idx)), preprocess.context_slices).to(device)
+        y = label[:, :, idx].permute(2, 0, 1)[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(x).float()
         prob = torch.sigmoid(logits)
         loss = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
@@ -194,14 +194,15 @@ def baseline_predict(model: torch.nn.Module, image: torch.Tensor, context: int, 
     from medseg.preprocessing import context_stack
 
     volume = image.as_tensor() if hasattr(image, "as_tensor") else image
+    device = next(model.parameters()).device
     n = volume.shape[axis]
     out = torch.empty(volume.shape[1:], dtype=torch.float32)
     out_view = torch.movedim(out, axis - 1, 0)
     with torch.no_grad():
         for z in range(n):
-            x = context_stack(volume, z, context, axis=axis)[None]
+            x = context_stack(volume, z, context, axis=axis)[None].to(device)
             logits = sliding_window_inference(x, (256, 256), 4, model, overlap=0.5, mode="gaussian")
-            out_view[z] = torch.sigmoid(logits[0, 0])
+            out_view[z] = torch.sigmoid(logits[0, 0]).cpu()
     return out
 
 
@@ -294,8 +295,8 @@ def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]
     batch = cfg.batch_size or default_batch_size(bundle.device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     context = bundle.config.preprocess.context_slices
-    return [context_stack(image, list(range(s, min(s + batch, n_slices))), context, axis=axis).contiguous(memory_format=fmt)
-            for s in range(0, n_slices, batch)]
+    return [context_stack(image, list(range(s, min(s + batch, n_slices))), context, axis=axis)
+            .to(bundle.device).contiguous(memory_format=fmt) for s in range(0, n_slices, batch)]
 
 
 def run_forward(bundle, stacks: list[torch.Tensor]) -> None:
@@ -306,6 +307,8 @@ def run_forward(bundle, stacks: list[torch.Tensor]) -> None:
         for x in stacks:
             for model in bundle.models:
                 net._forward(model, x)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize(bundle.device)
 
 
 def bench_batch(bundle, cases, tmp: Path, repeats: int) -> dict:
@@ -399,6 +402,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="only the batch / memory format / precision sweep")
     parser.add_argument("--threads", type=int, help="torch threads for every variant (default: torch's, one per core)")
     parser.add_argument("--skip-ct", action="store_true", help="only the BraTS volume (and the batch)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (medseg, baseline and forward bound all on it)")
+    parser.add_argument("--brats-dir", default=str(BRATS), help="folder of BraTS case folders")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,26 +412,29 @@ def main() -> int:
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import InferenceBundle, load_bundle, prepare_models
 
-    if not BRATS.is_dir():
-        print(f"BraTS data not found at {BRATS}", file=sys.stderr)
+    brats = Path(args.brats_dir).resolve()
+    if not brats.is_dir():
+        print(f"BraTS data not found at {brats}", file=sys.stderr)
         return 1
+    device = torch.device(args.device)
     results: dict = {"date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "load_at_start": os.getloadavg()}
+                     "load_at_start": os.getloadavg(), "device": str(device),
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         ckpt = find_checkpoint(args.checkpoint)
         if ckpt is None:
             print(f"no trained checkpoint found: training a fallback model on BraTS for {args.train_minutes} min", flush=True)
-            ckpt = train_fallback(tmp / "fallback.pt", args.train_minutes)
+            ckpt = train_fallback(tmp / "fallback.pt", args.train_minutes, device, brats)
             results["model_source"] = f"fallback: trained inside this benchmark for {args.train_minutes} min on 8 BraTS cases"
         else:
             results["model_source"] = str(ckpt)
-        bundle = load_bundle([ckpt], args.overrides, "cpu")
+        bundle = load_bundle([ckpt], args.overrides, str(device))
         results["model"] = bundle.config.model.model_dump(mode="json", exclude_none=True)
         results["parameters_m"] = round(sum(p.numel() for p in bundle.models[0].parameters()) / 1e6, 2)
         results["inference"] = bundle.inference.model_dump(mode="json")
-        case_dir = BRATS / args.case
+        case_dir = brats / args.case
         brats_case = InferenceCase(args.case, {c: case_dir / f"{args.case}_{c}.nii.gz" for c in bundle.channels})
         if args.sweep:
             results["sweep"] = sweep(bundle, brats_case, args.repeats)
@@ -436,8 +444,8 @@ def main() -> int:
         rows = [bench_volume("brats", bundle, brats_case, args.repeats, tmp, case_dir / f"{args.case}_seg.nii.gz")]
         print(json.dumps(rows[-1], indent=1), flush=True)
         if args.batch_cases:
-            names = [args.case, *[p.name for p in sorted(BRATS.iterdir()) if p.name != args.case]][: args.batch_cases]
-            batch_cases = [InferenceCase(n, {c: BRATS / n / f"{n}_{c}.nii.gz" for c in bundle.channels}) for n in names]
+            names = [args.case, *[p.name for p in sorted(brats.iterdir()) if p.name != args.case]][: args.batch_cases]
+            batch_cases = [InferenceCase(n, {c: brats / n / f"{n}_{c}.nii.gz" for c in bundle.channels}) for n in names]
             results["batch"] = bench_batch(bundle, batch_cases, tmp, max(1, args.repeats - 1))
             print(json.dumps(results["batch"], indent=1), flush=True)
 
@@ -445,12 +453,12 @@ def main() -> int:
             ct_path, ct_label = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
             context = bundle.config.preprocess.context_slices
             ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
-            ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_seconds, tmp)
+            ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_seconds, tmp, device)
             results["ct_model_source"] = (f"{ct_model_cfg.arch}/{ct_model_cfg.encoder} trained inside this benchmark for "
                                           f"{args.ct_train_seconds:.0f} s on a synthetic 256x256x48 CT phantom")
-            prepare_models([ct_model], "cpu", bundle.inference.channels_last)
+            prepare_models([ct_model], str(device), bundle.inference.channels_last)
             config = bundle.config.model_copy(update={"model": ct_model_cfg})
-            ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], torch.device("cpu"))
+            ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], device)
             rows.append(bench_volume(f"ct512x512x{args.ct_slices} (synthetic)", ct_bundle,
                                      InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp, ct_label))
             print(json.dumps(rows[-1], indent=1), flush=True)

@@ -38,6 +38,8 @@ def block(trainer: Trainer, batches, steps: int, device: torch.device) -> float:
         batch = next(batches)
         trainer.step(trainer.model, batch, device)
         n += batch["image"].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return n / (time.perf_counter() - start)
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="timed blocks of each kind")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (AMP/channels_last follow the config)")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -60,7 +63,7 @@ def main() -> None:
         torch.set_num_threads(t.threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, progress=False)
-        info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device))
         trainer.setup(cases, info)
         trainer.model.train()
         trainer.sampler.set_epoch(1)

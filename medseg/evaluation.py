@@ -67,6 +67,7 @@ from medseg import __version__
 from medseg.config import Config, LabelConfig
 from medseg.errors import InputFileError, ManifestError
 from medseg.io import Volume, check_same_grid, map_labels, read_volume
+from medseg.lesions import label_components
 from medseg.manifest import Case, read_manifest
 from medseg.metrics.detection import (
     SliceCounts,
@@ -83,7 +84,6 @@ from medseg.metrics.lesion import (
     LesionMatching,
     Side,
     best_iou,
-    label_lesions,
     lesion_counts,
     match_lesions,
     overlap_table,
@@ -447,8 +447,8 @@ def evaluate_region(
     voxel_mm3 = float(np.prod(spacing))
 
     box = bounding_box(pred_mask | ref_mask) or tuple(slice(0, 0) for _ in range(3))
-    ref_labels, n_ref = label_lesions(ref_mask[box], ev.connectivity)
-    pred_labels, n_pred = label_lesions(pred_mask[box], ev.connectivity)
+    ref_labels, n_ref = label_components(ref_mask[box], ev.connectivity)
+    pred_labels, n_pred = label_components(pred_mask[box], ev.connectivity)
     table = overlap_table(ref_labels, pred_labels, n_ref, n_pred)
     matching = match_lesions(table, ev.matching, ev.iou_threshold)
     counts = lesion_counts(matching)

@@ -28,10 +28,9 @@ from collections.abc import Sequence
 import cc3d
 import numpy as np
 import pandas as pd
-from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
-from medseg.lesions import bounding_box
+from medseg.lesions import bounding_box, hull_vertices
 
 LESION_COLUMNS = (
     "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
@@ -42,37 +41,12 @@ LESION_COLUMNS = (
 CORNERS_2D = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
 
 
-def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """3-D lesion instances of ``mask > 0``: (labels (I, J, K) uint16 or uint32, count N).
-
-    Ids 1..N in raster order of the volume (only the mask's bounding box is labelled: the
-    same components, the same order, several times faster on lesion-sized boxes).
-    """
-    mask = np.asarray(mask)
-    box = bounding_box(mask)
-    if box is None:
-        return np.zeros(mask.shape, np.uint16), 0
-    crop, n = cc3d.connected_components(np.ascontiguousarray(mask[box] > 0), connectivity=connectivity, return_N=True)
-    labels = np.zeros(mask.shape, np.uint16 if n < 1 << 16 else np.uint32)
-    labels[box] = crop
-    return labels, int(n)
-
-
 def source_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
     """Index axis (0, 1, 2 = I, J, K) of a grid that ``Orientation("RAS")`` maps to ``ras_axis``."""
     import nibabel.orientations as nio
 
     ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
     return int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
-
-
-def _hull(points: np.ndarray) -> np.ndarray:
-    if len(points) <= 8:
-        return points
-    try:
-        return points[ConvexHull(points).vertices]
-    except QhullError:  # collinear points (a one-pixel-wide line)
-        return points
 
 
 def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
@@ -82,8 +56,8 @@ def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
     The farthest corner pair lies on the convex hull of the pixel centres' corners.
     """
     scale = np.asarray(spacing, dtype=np.float64)
-    centres = _hull(pixels.astype(np.float64))
-    corners = _hull(((centres[:, None, :] + CORNERS_2D[None]) * scale).reshape(-1, 2))
+    centres = hull_vertices(pixels.astype(np.float64))
+    corners = hull_vertices(((centres[:, None, :] + CORNERS_2D[None]) * scale).reshape(-1, 2))
     return float(pdist(corners).max()) if len(corners) > 1 else 0.0
 
 

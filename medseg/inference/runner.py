@@ -39,11 +39,12 @@ from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.cases import InferenceCase, check_case_id
-from medseg.inference.lesion_table import label_lesions, lesion_table, source_slice_axis
+from medseg.inference.lesion_table import lesion_table, source_slice_axis
 from medseg.inference.outputs import discard_case, expected_outputs, is_complete, start_case, write_case
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import predict_volume, prepare_models, resolve_device
 from medseg.io import Geometry
+from medseg.lesions import label_components
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
 from medseg.transforms import apply_chain
 
@@ -244,7 +245,7 @@ class CasePredictor:
         lesion_prob = prob_src[0] if prob_src.shape[0] == 1 else 1.0 - prob_src[0]
         lesions = table = None
         if cfg.write_lesions:
-            lesions, n = label_lesions(mask, cfg.connectivity)
+            lesions, n = label_components(mask, cfg.connectivity)
             affine = prepared.geometry.affine
             table = lesion_table(
                 lesions, n, lesion_prob, affine, spacing, source_slice_axis(affine, self.ras_axis),

@@ -35,27 +35,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
 
 MatchMode = Literal["iou", "overlap"]
 Side = Literal["ref", "pred"]
 SIZE_BUCKETS = ("small", "medium", "large")
-_RANK = {6: 1, 18: 2, 26: 3}
-
-
-def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """Connected components of a boolean 3-D mask.
-
-    ``connectivity``: 6 (faces), 18 (faces + edges) or 26 (faces + edges + corners).
-    Returns ``(labels, n)``: int32 array of ``mask``'s shape with lesions ``1..n``.
-    """
-    if connectivity not in _RANK:
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    if mask.ndim != 3:
-        raise ValueError(f"lesion labelling expects a 3-D mask, got shape {mask.shape}")
-    structure = ndimage.generate_binary_structure(3, _RANK[connectivity])
-    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=structure, output=np.int32)
-    return labels, int(n)
 
 
 @dataclass(frozen=True)

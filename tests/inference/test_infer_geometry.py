@@ -19,9 +19,9 @@ from test_io import write_dicom_series
 
 from medseg.config import InferenceConfig, PreprocessConfig
 from medseg.inference.cases import InferenceCase
-from medseg.inference.lesion_table import label_lesions
 from medseg.inference.runner import CasePredictor
 from medseg.io import Geometry, read_volume
+from medseg.lesions import label_components as label_lesions
 
 
 def _check_outputs(out_dir, case_id, lesion, affine):

@@ -12,10 +12,10 @@ from medseg.inference import postprocess
 from medseg.inference.lesion_table import (
     LESION_COLUMNS,
     inplane_diameter_mm,
-    label_lesions,
     lesion_table,
     source_slice_axis,
 )
+from medseg.lesions import label_components as label_lesions
 
 
 def test_threshold_is_inclusive_and_tensor_or_array():

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from medseg.lesions import label_components as label_lesions
 from medseg.metrics.lesion import (
     LesionCounts,
     best_iou,
-    label_lesions,
     lesion_counts,
     match_lesions,
     overlap_table,
