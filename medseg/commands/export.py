@@ -1,19 +1,29 @@
-"""`medseg export CHECKPOINT --format onnx|torchscript`: export a trained model and check it."""
+"""`medseg export CHECKPOINT --format onnx|torchscript|inference`: export a trained model and check it."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "export a checkpoint to ONNX or TorchScript and check it against PyTorch (max abs diff)"
+HELP = (
+    "export a checkpoint to ONNX or TorchScript (checked against PyTorch) or to a slim medseg "
+    "checkpoint for inference (no optimiser/training state)"
+)
 
 TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file written by medseg (training)")
-    parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
     parser.add_argument(
-        "--out", default=None, help="output file (default: CHECKPOINT stem + .onnx / .torchscript.pt)"
+        "--format",
+        choices=["onnx", "torchscript", "inference"],
+        required=True,
+        help="export format (inference = medseg checkpoint without training state, for medseg infer)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output file (default: CHECKPOINT stem + .onnx / .torchscript.pt / _inference.pt)",
     )
     parser.add_argument("--height", type=int, default=256, help="example input height (default 256)")
     parser.add_argument("--width", type=int, default=256, help="example input width (default 256)")
@@ -25,16 +35,26 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from medseg.errors import ConfigError, MedsegError
-    from medseg.models.checkpoint import model_from_checkpoint
+    from medseg.models.checkpoint import model_from_checkpoint, write_inference_checkpoint
     from medseg.models.export import SUFFIXES, export_model, onnxruntime_available, verify_export
 
     if args.height < 1 or args.width < 1:
         raise ConfigError("--height and --width must be positive")
     model, cfg = model_from_checkpoint(args.checkpoint)
     checkpoint = Path(args.checkpoint)
-    out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + SUFFIXES[args.format])
+    suffix = "_inference.pt" if args.format == "inference" else SUFFIXES[args.format]
+    out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + suffix)
     if out.resolve() == checkpoint.resolve():
         raise ConfigError(f"{out}: --out would overwrite the checkpoint; choose another path")
+    if args.format == "inference":
+        write_inference_checkpoint(checkpoint, out)
+        slim, _ = model_from_checkpoint(out)
+        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), slim.state_dict().values(), strict=True))
+        if not same:
+            raise MedsegError(f"{out}: weights differ from {checkpoint}")
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {checkpoint.stat().st_size / 1e6:.1f} MB before; "
+              f"{cfg.arch}/{cfg.encoder}, weights identical)")  # fmt: skip
+        return 0
     torch.manual_seed(0)
     example = torch.randn(1, cfg.in_channels, args.height, args.width)
     export_model(model, out, args.format, example)

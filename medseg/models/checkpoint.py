@@ -65,6 +65,11 @@ def save_checkpoint(
         "extra": dict(extra or {}),
     }
     _check_plain(payload["extra"], "extra")
+    return _write_payload(payload, path)
+
+
+def _write_payload(payload: dict[str, Any], path: Path) -> Path:
+    """``torch.save`` to a temp file beside ``path``, fsync, rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -124,3 +129,19 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
         raise MedsegError(f"{path}: weights do not match the model in its config: {exc}") from exc
     model.eval()
     return model, cfg
+
+
+# training state in ``extra`` that inference never reads (the optimiser alone is ~2x the weights)
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "sampler", "rng", "train_weights", "bad_validations")
+
+
+def write_inference_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """Copy of checkpoint ``source`` without its training state (``TRAINING_STATE_KEYS``).
+
+    The weights, model config and what inference needs (training config, channels, modality,
+    epoch, metrics) stay, so ``medseg infer`` reads it like the original; ``--resume`` cannot.
+    For sharing a trained model (about a third of the size of ``best.pt``). Written atomically.
+    """
+    payload = load_checkpoint(source)
+    extra = {k: v for k, v in payload.get("extra", {}).items() if k not in TRAINING_STATE_KEYS}
+    return _write_payload({**payload, "extra": {**extra, "inference_only": True}}, Path(out))

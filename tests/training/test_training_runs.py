@@ -136,3 +136,23 @@ def test_checkpoint_runs_through_medseg_infer(two_epochs, manifest, tmp_path):
     (case,) = [c for c in read_manifest(manifest) if c.split == "val"]
     mask = nib.load(str(out / f"{case.case_id}_mask.nii.gz"))
     assert mask.shape == nib.load(str(case.label)).shape
+
+
+def test_inference_export_drops_training_state_and_predicts_the_same(two_epochs, tmp_path, capsys):
+    from medseg.cli import main
+    from medseg.config import InferenceConfig
+    from medseg.inference import predict_volume
+    from medseg.inference.runner import load_bundle
+
+    slim = tmp_path / "model_inference.pt"
+    assert main(["export", str(two_epochs / "best.pt"), "--format", "inference", "--out", str(slim)]) == 0
+    assert "weights identical" in capsys.readouterr().out
+    extra = load_checkpoint(slim)["extra"]
+    assert extra["inference_only"] and not {"optimizer", "train_weights", "rng"} & set(extra)
+    assert slim.stat().st_size < (two_epochs / "best.pt").stat().st_size
+    volume = torch.randn(2, 40, 36, 7)
+    probs = [
+        predict_volume(load_bundle([path]).models, volume, 1, InferenceConfig(precision="fp32"), "cpu")
+        for path in (two_epochs / "best.pt", slim)
+    ]
+    torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=0)
