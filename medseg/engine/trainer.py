@@ -59,6 +59,7 @@ from medseg.losses import build_loss
 
 log = logging.getLogger(__name__)
 RESUME_CHECKED_SECTIONS = ("data", "preprocess", "model")
+MIN_HEAD_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,26 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 def bare(model: nn.Module) -> nn.Module:
     """The network inside a DDP wrapper (or the model itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def thin_head_warning(model: nn.Module) -> str | None:
+    """A warning when the 1x1 output ``head`` reads fewer than ``MIN_HEAD_CHANNELS`` features, else None.
+
+    The head reads ReLU outputs (>= 0), so when all its weights are negative every logit is at
+    most the head's bias: a binary model then predicts no lesion anywhere (Dice 0) whatever it
+    sees. With C channels a fresh head draws that with probability 2**-C (1 in 16 at C = 4, what
+    the default decoder gives a ResNet at width 0.25), and the early push of the background
+    voxels towards negative logits makes it likelier still.
+    """
+    head = getattr(bare(model), "head", None)
+    if not isinstance(head, nn.Conv2d) or head.in_channels >= MIN_HEAD_CHANNELS:
+        return None
+    return (
+        f"the output head reads only {head.in_channels} decoder channel(s) (ReLU outputs); if all its "
+        "weights turn negative, every logit is capped at its bias and the model predicts no lesion at all. "
+        f"Give the last decoder block at least {MIN_HEAD_CHANNELS} channels (model.decoder_channels, e.g. "
+        "ending in 16) or raise model.width"
+    )
 
 
 class Trainer:
@@ -147,6 +168,9 @@ class Trainer:
 
         cfg = self.cfg
         self.model: nn.Module = build_model(cfg.model).to(info.device)
+        warning = thin_head_warning(self.model)
+        if warning is not None and info.is_main:
+            log.warning("%s", warning)
         self.channels_last = cfg.train.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
