@@ -247,10 +247,14 @@ class ASPP(nn.Module):
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad ``(B, C, H, W)`` at the bottom/right so H and W are multiples of ``multiple``.
+    """Pad ``(B, C, H, W)`` at the bottom/right, repeating the edge pixels, so H and W are multiples
+    of ``multiple``.
 
-    Always calls ``F.pad`` (possibly with zero padding) so traced/exported graphs stay valid for
-    every input size.
+    Edge replication, not zeros: inputs are normalised images, where 0 is average tissue, so a
+    zero frame beside a slice's background border looks like tissue and invites false-positive
+    logits that leak into the real pixels through the receptive field. Always calls ``F.pad``
+    (possibly with zero amounts) so traced/exported graphs stay valid for every input size.
     """
     h, w = x.shape[-2], x.shape[-1]
-    return F.pad(x, [0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple])
+    pads = [0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple]
+    return F.pad(x, pads, mode="replicate")

@@ -108,7 +108,7 @@ class UNetDecoder(nn.Module):
 class UNet(nn.Module):
     """Encoder -> U-Net decoder -> 1x1 conv head; ``(B, Cin, H, W) -> (B, out_channels, H, W)`` logits.
 
-    Any ``H x W``: the input is zero-padded (bottom/right) to a multiple of the encoder's
+    Any ``H x W``: the input is edge-padded (bottom/right) to a multiple of the encoder's
     deepest stride and the logits are cropped back.
     """
 
