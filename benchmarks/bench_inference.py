@@ -156,26 +156,33 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tupl
 
 
 def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path, device: torch.device) -> torch.nn.Module:
-    """The CT model of the benchmark: ``model_cfg`` trained for ``seconds`` on a 256x256x48 phantom
-    (another seed than the benchmark volume), full slices, Dice + BCE, bf16 autocast."""
+    """The CT model of the benchmark: ``model_cfg`` trained for ``seconds`` on four 256x256x32
+    phantoms (other seeds than the benchmark volume, so lesion positions cannot be memorised),
+    batches of 8 slices (70% with lesion) cropped to one random 128x128 window, Dice + BCE,
+    bf16 autocast."""
     from medseg.models import build_model
     from medseg.preprocessing import channel_key, context_stack, preprocess_transforms
     from medseg.transforms import apply_chain
 
-    image_path, label_path = synthetic_ct(tmp / "ct_train.nii.gz", (256, 256, 48), seed=1)
     chain = preprocess_transforms(preprocess, "CT", ["ct"], True)
-    data = apply_chain(chain, {channel_key("ct"): str(image_path), "label": str(label_path)})
-    image, label = data["image"].as_tensor(), data["label"].as_tensor()[0].float()
+    volumes = []
+    for seed in range(1, 5):
+        image_path, label_path = synthetic_ct(tmp / f"ct_train{seed}.nii.gz", (256, 256, 32), seed=seed)
+        data = apply_chain(chain, {channel_key("ct"): str(image_path), "label": str(label_path)})
+        label = data["label"].as_tensor()[0].float()
+        volumes.append((data["image"].as_tensor(), label, torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()))
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(0)
-    with_lesion = torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 4)
-        x = context_stack(image, list(map(int, idx)), preprocess.context_slices).to(device)
-        y = label[:, :, idx].permute(2, 0, 1)[:, None].to(device)
+        image, label, with_lesion = volumes[rng.integers(len(volumes))]
+        idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 8)
+        x = context_stack(image, list(map(int, idx)), preprocess.context_slices)
+        y = label[:, :, idx].permute(2, 0, 1)[:, None]
+        r0, c0 = (int(rng.integers(0, n - 127)) for n in x.shape[-2:])  # one random 128x128 crop per batch
+        x, y = x[..., r0 : r0 + 128, c0 : c0 + 128].to(device), y[..., r0 : r0 + 128, c0 : c0 + 128].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(x).float()
         prob = torch.sigmoid(logits)
@@ -461,7 +468,7 @@ def main() -> int:
             ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
             ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_seconds, tmp, device)
             results["ct_model_source"] = (f"{ct_model_cfg.arch}/{ct_model_cfg.encoder} trained inside this benchmark for "
-                                          f"{args.ct_train_seconds:.0f} s on a synthetic 256x256x48 CT phantom")
+                                          f"{args.ct_train_seconds:.0f} s on four synthetic 256x256x32 CT phantoms")
             prepare_models([ct_model], str(device), bundle.inference.channels_last)
             config = bundle.config.model_copy(update={"model": ct_model_cfg})
             ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], device)
