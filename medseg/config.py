@@ -268,7 +268,9 @@ class InferenceConfig(StrictModel):
     components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed.
 
     Outputs: ``write_prob`` adds ``<case>_prob.nii.gz``; ``write_lesions`` the instance map and
-    lesion table. ``prefetch``: read and preprocess the next case while predicting this one.
+    lesion table. ``prefetch``: read and preprocess the next case while predicting this one
+    (``auto``: on CUDA, where the GPU waits for the CPU's I/O; off on a CPU, where both compete for
+    the same cores -- 4 BraTS cases on 2 cores: 1.48x the forward time with it, 1.37x without).
     """
 
     roi_size: tuple[int, int] = (512, 512)
@@ -287,7 +289,7 @@ class InferenceConfig(StrictModel):
     connectivity: Literal[6, 18, 26] = 26
     write_prob: bool = False
     write_lesions: bool = True
-    prefetch: bool = True
+    prefetch: bool | Literal["auto"] = "auto"
 
     @field_validator("roi_size")
     @classmethod

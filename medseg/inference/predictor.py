@@ -220,8 +220,13 @@ def _predict(
     n_slices = volume.shape[spatial_axis]
     plane = [s for i, s in enumerate(volume.shape[1:], start=1) if i != spatial_axis]
     batch = cfg.batch_size or default_batch_size(dev)
+    roi = effective_roi(cfg.roi_size, plane)
+    # one window covering the slice: blending weights are constant, so the inferer's padding,
+    # importance map and weighted accumulation are pure overhead (~a third of the forward time
+    # on a CPU); call the network on the whole slices instead -- the same probabilities
+    whole_slice = tuple(roi) == tuple(plane)
     inferer = SlidingWindowInferer(
-        roi_size=effective_roi(cfg.roi_size, plane),
+        roi_size=roi,
         sw_batch_size=batch,
         overlap=cfg.overlap,
         mode=cfg.blend,
@@ -235,7 +240,8 @@ def _predict(
     for start in range(0, n_slices, batch):
         stop = min(start + batch, n_slices)
         stack = stacks(start, stop)  # (N, Cin, H, W)
-        prob = inferer(stack.to(dev, non_blocking=True), network)  # (N, K, H, W)
+        stack = stack.to(dev, non_blocking=True)
+        prob = network(stack) if whole_slice else inferer(stack, network)  # (N, K, H, W)
         if out is None:
             out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32)
         out[:, start:stop] = prob.transpose(0, 1).to("cpu", torch.float32)

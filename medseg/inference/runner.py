@@ -379,15 +379,16 @@ def run_inference(
 
     bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
                disable=not show_progress, position=rank if world > 1 else None)
+    prefetch = cfg.prefetch if cfg.prefetch != "auto" else bundle.device.type == "cuda"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as pool:
-        upcoming: Future[PreparedCase] | None = pool.submit(prepare, todo[0]) if todo and cfg.prefetch else None
+        upcoming: Future[PreparedCase] | None = pool.submit(prepare, todo[0]) if todo and prefetch else None
         for i, case in enumerate(todo):
             try:
                 current = upcoming.result() if upcoming is not None else prepare(case)
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
                 current = None
                 summary.failures.append((case.case_id, _error_text(exc)))
-            upcoming = pool.submit(prepare, todo[i + 1]) if cfg.prefetch and i + 1 < len(todo) else None
+            upcoming = pool.submit(prepare, todo[i + 1]) if prefetch and i + 1 < len(todo) else None
             if current is not None:
                 try:
                     predictor.write(current, predictor.predict(current), out, fingerprint)

@@ -121,3 +121,19 @@ def test_slice_stacks_match_context_stack(channels_last, axis):
     got = stacks(1, n)
     torch.testing.assert_close(got, context_stack(volume, list(range(1, n)), 2, axis=axis), rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_whole_slice_window_skips_the_inferer_with_the_same_probabilities():
+    from monai.inferers import sliding_window_inference
+
+    from medseg.preprocessing import context_stack
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="unet", encoder="resnet18", in_channels=6, width=0.125)).eval()
+    volume = torch.randn(2, 40, 37, 5)
+    cfg = InferenceConfig(precision="fp32", batch_size=2, blend="gaussian", overlap=0.5)
+    prob = predict_volume([model], volume, 1, cfg, "cpu")  # roi 512 > slice: one window per slice
+    with torch.no_grad():
+        x = context_stack(volume, list(range(5)), 1)
+        expected = sliding_window_inference(x, (40, 37), 2, model, overlap=0.5, mode="gaussian")
+    torch.testing.assert_close(prob, torch.sigmoid(expected[:, 0]).permute(1, 2, 0), atol=1e-5, rtol=0)
