@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     ConcatItemsd,
@@ -88,9 +89,24 @@ class NormalizeCTd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = d[key].float() if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key], dtype=torch.float32)
-            d[key] = ((x.clamp(self.low, self.high) - self.low) / (self.high - self.low)).to(torch.float32)
+            x = plain_float32(d[key])
+            x.clamp_(self.low, self.high).sub_(self.low).div_(self.high - self.low)
+            d[key] = like_input(x, d[key])
         return d
+
+
+def plain_float32(value: Any) -> torch.Tensor:
+    """A float32 copy of ``value`` as a plain tensor (arithmetic on a MetaTensor goes through
+    MONAI's ``__torch_function__``, which tracks meta data at every op)."""
+    x = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+    return x.to(torch.float32, copy=True)
+
+
+def like_input(result: torch.Tensor, value: Any) -> torch.Tensor:
+    """``result`` with ``value``'s meta data and applied operations when ``value`` is a MetaTensor."""
+    if isinstance(value, MetaTensor):
+        return MetaTensor(result, meta=dict(value.meta), applied_operations=list(value.applied_operations))
+    return result
 
 
 class NormalizeMRd(MapTransform):
@@ -107,19 +123,19 @@ class NormalizeMRd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = d[key].float() if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key], dtype=torch.float32)
+            x = plain_float32(d[key])
             fg = torch.from_numpy(foreground_mask(x, "MR"))
             out = torch.empty_like(x)
+            any_fg = bool(fg.any())
             for c in range(x.shape[0]):
                 channel = x[c]
-                values = channel[fg] if fg.any() else channel.reshape(-1)
+                values = channel[fg] if any_fg else channel.reshape(-1)
                 sample = values[:: max(1, values.numel() // 2_000_000)].numpy()
-                lo, hi = np.percentile(sample, self.percentiles)
-                clipped = channel.clamp(float(lo), float(hi))
-                inside = clipped[fg] if fg.any() else clipped.reshape(-1)
-                mean, std = inside.mean(), inside.std()
-                out[c] = (clipped - mean) / (std if std > 1e-6 else 1.0)
-            d[key] = out
+                lo, hi = (float(v) for v in np.percentile(sample, self.percentiles))
+                inside = values.clamp_(lo, hi)  # the clipped foreground (values is a copy)
+                mean, std = float(inside.mean()), float(inside.std())
+                torch.clamp(channel, lo, hi, out=out[c]).sub_(mean).div_(std if std > 1e-6 else 1.0)
+            d[key] = like_input(out, d[key])
         return d
 
 
