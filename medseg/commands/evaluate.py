@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_set_option
+
 HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
 
 
@@ -24,14 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output folder: metrics_per_case.csv, lesion_matches.csv, pr_curve.csv, summary.json",
     )
     parser.add_argument("--config", metavar="YAML", help="config file (evaluation and data.labels sections)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="config override, e.g. evaluation.matching=overlap (repeatable)",
-    )
+    add_set_option(parser, "config override, e.g. evaluation.matching=overlap (repeatable)")
     parser.add_argument(
         "--split",
         choices=["train", "val", "test"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from medseg.commands import add_set_option
+
 HELP = "predict lesion masks (+ lesion tables) on the source grid of each input image"
 
 EPILOG = """\
@@ -39,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (inference.batch_size)")
     parser.add_argument("--tta", action="store_true", help="average over in-plane flips (inference.tta)")
     parser.add_argument("--write-prob", action="store_true", help="also write <case>_prob.nii.gz (inference.write_prob)")
-    parser.add_argument("--set", action="append", default=[], metavar="inference.KEY=VALUE", dest="overrides",
-                        help="override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)")
+    add_set_option(parser, "override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)",
+                   metavar="inference.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

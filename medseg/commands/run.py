@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_set_option
+
 HELP = "run a pipeline (pipelines/*.yaml): validate -> stats -> [train] -> infer -> evaluate -> report"
 
 
@@ -12,8 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run folder (default runs/<name>/<timestamp>); an existing one is resumed")
     parser.add_argument("--resume", action="store_true", help="continue the newest run folder of this pipeline")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (train.max_minutes=2) or pipeline field (pipeline.manifest=m.csv)")
+    add_set_option(parser, "config override (train.max_minutes=2) or pipeline field (pipeline.manifest=m.csv)")
     parser.add_argument("--no-progress", action="store_true")
 
 

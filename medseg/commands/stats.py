@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_set_option
+
 HELP = "per-slice lesion statistics, case statistics and the lesion-distribution curve"
 
 
@@ -11,8 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="data_manifest.csv")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=None, help="YAML config (sections data, stats)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set stats.axis=coronal (repeatable)")
+    add_set_option(parser, "override a config value, e.g. --set stats.axis=coronal (repeatable)")
     parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="shortcut for --set stats.axis=...")
     parser.add_argument("--extent", choices=["foreground", "volume"], help="shortcut for --set stats.extent=...")
     parser.add_argument("--split", default=None, help="only cases of this split")

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_set_option
+
 HELP = "train a 2D/2.5D segmentation model on the manifest's train split (torchrun for several processes)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config (sections data, preprocess, model, train, ...)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="config override, e.g. train.epochs=50 (repeatable)",
-    )
+    add_set_option(parser, "config override, e.g. train.epochs=50 (repeatable)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
