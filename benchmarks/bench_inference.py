@@ -91,6 +91,31 @@ def find_checkpoint(explicit: str | None) -> Path | None:
     return found[0] if found else None
 
 
+def train_for(
+    model: torch.nn.Module,
+    seconds: float,
+    device: torch.device,
+    batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.nn.Module:
+    """Train ``model`` on ``device`` for ``seconds``: ``batch(rng)`` gives CPU tensors (x (N, Cin, H, W),
+    y (N, 1, H, W)); AdamW lr 2e-3, Dice + BCE, bf16 autocast. Returns the model (train mode)."""
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        x, y = (t.to(device) for t in batch(rng))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(x).float()
+        prob = torch.sigmoid(logits)
+        loss = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 def train_fallback(out: Path, minutes: float, device: torch.device, brats: Path) -> Path:
     """No trained checkpoint: train a small 2.5D U-Net on BraTS slices for ``minutes`` (labelled in the output)."""
     from medseg.config import Config, ModelConfig, PreprocessConfig
@@ -108,24 +133,14 @@ def train_fallback(out: Path, minutes: float, device: torch.device, brats: Path)
                                    "label": str(case / f"{case.name}_seg.nii.gz")})
         volumes.append((data["image"].as_tensor(), data["label"].as_tensor()[0].float()))
     model_cfg = ModelConfig(arch="unet", encoder="resnet18", in_channels=9, width=0.5)
-    model = build_model(model_cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    rng = np.random.default_rng(0)
-    deadline = time.monotonic() + minutes * 60
-    while time.monotonic() < deadline:
+
+    def batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = volumes[rng.integers(len(volumes))]
         with_lesion = torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()
         idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 8)
-        x = context_stack(image, list(map(int, idx)), 1).to(device)
-        y = label[:, :, idx].permute(2, 0, 1)[:, None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(x).float()
-        prob = torch.sigmoid(logits)
-        dice = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
-        loss = dice + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return context_stack(image, list(map(int, idx)), 1), label[:, :, idx].permute(2, 0, 1)[:, None]
+
+    model = train_for(build_model(model_cfg), minutes * 60, device, batch)
     config = Config(model=model_cfg, preprocess=pre)
     extra = {"config": config.model_dump(mode="json"), "channels": channels, "modality": "MR"}
     return save_checkpoint(out, model.cpu().eval(), model_cfg, extra)
@@ -171,27 +186,17 @@ def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path, device: tor
         data = apply_chain(chain, {channel_key("ct"): str(image_path), "label": str(label_path)})
         label = data["label"].as_tensor()[0].float()
         volumes.append((data["image"].as_tensor(), label, torch.nonzero(label.sum((0, 1)) > 0).flatten().numpy()))
-    torch.manual_seed(0)
-    model = build_model(model_cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    rng = np.random.default_rng(0)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+
+    def batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, label, with_lesion = volumes[rng.integers(len(volumes))]
         idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 8)
         x = context_stack(image, list(map(int, idx)), preprocess.context_slices)
         y = label[:, :, idx].permute(2, 0, 1)[:, None]
         r0, c0 = (int(rng.integers(0, n - 127)) for n in x.shape[-2:])  # one random 128x128 crop per batch
-        x, y = x[..., r0 : r0 + 128, c0 : c0 + 128].to(device), y[..., r0 : r0 + 128, c0 : c0 + 128].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(x).float()
-        prob = torch.sigmoid(logits)
-        loss = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
-        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+        return x[..., r0 : r0 + 128, c0 : c0 + 128], y[..., r0 : r0 + 128, c0 : c0 + 128]
+
+    torch.manual_seed(0)
+    return train_for(build_model(model_cfg), seconds, device, batch).eval()
 
 
 def baseline_predict(model: torch.nn.Module, image: torch.Tensor, context: int, axis: int) -> torch.Tensor:
