@@ -19,6 +19,7 @@ Flip TTA and several models are averaged in probability space (float32).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -222,26 +223,26 @@ def _predict(
     batch = cfg.batch_size or default_batch_size(dev)
     roi = effective_roi(cfg.roi_size, plane)
     # one window covering the slice: blending weights are constant, so the inferer's padding,
-    # importance map and weighted accumulation are pure overhead (~a third of the forward time
-    # on a CPU); call the network on the whole slices instead -- the same probabilities
-    whole_slice = tuple(roi) == tuple(plane)
-    inferer = SlidingWindowInferer(
-        roi_size=roi,
-        sw_batch_size=batch,
-        overlap=cfg.overlap,
-        mode=cfg.blend,
-        sw_device=dev,
-        device=dev,
-        cache_roi_weight_map=True,
-    )
+    # importance map and weighted accumulation are pure overhead (predict of a BraTS case on
+    # the CPU: 2.06 s -> 1.76 s); the network then runs on the whole slices -- same probabilities
+    predict: Callable[[torch.Tensor], torch.Tensor] = network
+    if tuple(roi) != tuple(plane):
+        inferer = SlidingWindowInferer(
+            roi_size=roi,
+            sw_batch_size=batch,
+            overlap=cfg.overlap,
+            mode=cfg.blend,
+            sw_device=dev,
+            device=dev,
+            cache_roi_weight_map=True,
+        )
+        predict = partial(inferer, network=network)
 
     stacks = SliceStacks(volume, spatial_axis, context, cfg.channels_last)
     out: torch.Tensor | None = None  # (K, n_slices, H, W), filled batch by batch
     for start in range(0, n_slices, batch):
         stop = min(start + batch, n_slices)
-        stack = stacks(start, stop)  # (N, Cin, H, W)
-        stack = stack.to(dev, non_blocking=True)
-        prob = network(stack) if whole_slice else inferer(stack, network)  # (N, K, H, W)
+        prob = predict(stacks(start, stop).to(dev, non_blocking=True))  # (N, Cin, H, W) -> (N, K, H, W)
         if out is None:
             out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32)
         out[:, start:stop] = prob.transpose(0, 1).to("cpu", torch.float32)
