@@ -123,19 +123,18 @@ class NormalizeMRd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = plain_float32(d[key])
+            x = plain_float32(d[key])  # our copy: normalised in place
             fg = torch.from_numpy(foreground_mask(x, "MR"))
-            out = torch.empty_like(x)
             any_fg = bool(fg.any())
             for c in range(x.shape[0]):
                 channel = x[c]
-                values = channel[fg] if any_fg else channel.reshape(-1)
+                values = channel[fg] if any_fg else channel.reshape(-1)  # a copy, or channel itself
                 sample = values[:: max(1, values.numel() // 2_000_000)].numpy()
                 lo, hi = (float(v) for v in np.percentile(sample, self.percentiles))
-                inside = values.clamp_(lo, hi)  # the clipped foreground (values is a copy)
+                inside = values.clamp_(lo, hi)  # the clipped foreground
                 mean, std = float(inside.mean()), float(inside.std())
-                torch.clamp(channel, lo, hi, out=out[c]).sub_(mean).div_(std if std > 1e-6 else 1.0)
-            d[key] = like_input(out, d[key])
+                channel.clamp_(lo, hi).sub_(mean).div_(std if std > 1e-6 else 1.0)
+            d[key] = like_input(x, d[key])
         return d
 
 
