@@ -318,8 +318,11 @@ class AugmentConfig(StrictModel):
     and shifts it by its own +-``intensity_shift`` (the same for all its context slices, as a
     different scanner or normalisation would); ``contrast_prob`` applies a gamma drawn from ``gamma``;
     ``noise_prob`` adds Gaussian noise of std ``noise_std``; ``blur_prob`` Gaussian blur with a
-    sigma drawn from ``blur_sigma`` pixels. ``enabled: false`` turns every random transform off
-    (the patch crop stays).
+    sigma drawn from ``blur_sigma`` pixels. ``translate``: the training crop may reach up to this
+    fraction of the patch size beyond each slice border (image edge-replicated, label
+    background), so anatomy lands at every offset of the network's pooling grid and beside
+    frames of background, as it does when inference pads or tiles a slice. ``enabled: false``
+    turns every random transform off (the patch crop stays, without the margin).
     """
 
     enabled: bool = True
@@ -340,6 +343,7 @@ class AugmentConfig(StrictModel):
     noise_std: float = Field(default=0.1, ge=0.0)
     blur_prob: float = Field(default=0.1, ge=0.0, le=1.0)
     blur_sigma: tuple[float, float] = (0.5, 1.0)
+    translate: float = Field(default=0.15, ge=0.0, le=0.45)
 
     @field_validator("elastic_magnitude", "gamma", "blur_sigma")
     @classmethod

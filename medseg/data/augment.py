@@ -6,7 +6,8 @@ together (bilinear for the image, nearest for the label); intensity transforms t
 the image. The chain is
 
     SpatialPadd (to the patch size; image edge-replicated, label zero)
-    -> RandLesionCropd (patch, lesion-centred for lesion slices)
+    -> RandLesionCropd (patch, lesion-centred for lesion slices; may reach ``translate`` x the
+       patch beyond the slice border, edge-replicated, so content lands at every offset)
     -> RandFlipd per axis -> RandAffined (rotation, zoom) -> Rand2DElasticd
     -> RandModalityIntensityd (scale and shift per modality) -> RandAdjustContrastd (gamma)
     -> RandGaussianNoised -> RandGaussianSmoothd -> EnsureTyped (plain tensors)
@@ -51,18 +52,41 @@ class RandLesionCropd(Randomizable, MapTransform):
     """Crop ``keys`` (each (C, H, W), at least ``size``) to ``size`` = (h, w).
 
     With probability ``lesion_prob``, when ``label_key`` holds lesion, the crop is centred on
-    a random lesion pixel (shifted to stay inside); otherwise its position is uniform.
+    a random lesion pixel (shifted to stay inside the allowed range); otherwise its position is
+    uniform. ``margin`` = (mh, mw): the crop may reach up to that many pixels beyond each border
+    of the slice. The part outside is filled per key by ``pad_modes`` ("replicate": edge pixels,
+    for images; "constant": 0, for labels). Without a margin, a patch nearly as large as the
+    slice (e.g. 160x192 from a 162x191 foreground-cropped BraTS slice) always sits at the same
+    offset: the network then learns one alignment of the anatomy to its pooling grid and to the
+    patch border, and its masks change when inference pads or tiles the slice differently.
     """
 
-    def __init__(self, keys: KeysCollection, label_key: str, size: Sequence[int], lesion_prob: float) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str,
+        size: Sequence[int],
+        lesion_prob: float,
+        margin: Sequence[int] = (0, 0),
+        pad_modes: Sequence[str] | str = "replicate",
+    ) -> None:
         MapTransform.__init__(self, keys)
         self.label_key = label_key
         self.size = (int(size[0]), int(size[1]))
         self.lesion_prob = lesion_prob
+        self.margin = (int(margin[0]), int(margin[1]))
+        if min(self.margin) < 0:
+            raise ValueError(f"RandLesionCropd: margin must be >= 0, got {margin}")
+        modes = [pad_modes] * len(self.keys) if isinstance(pad_modes, str) else list(pad_modes)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"RandLesionCropd: {len(modes)} pad modes for {len(self.keys)} keys")
+        self.pad_modes = dict(zip(self.keys, modes, strict=True))
 
     def randomize(self, label: torch.Tensor) -> tuple[int, int]:
+        """Top-left corner of the crop in slice pixels (negative = beyond the top/left border)."""
         h, w = label.shape[-2:]
         ph, pw = self.size
+        mh, mw = self.margin
         if h < ph or w < pw:
             raise ValueError(f"RandLesionCropd: input {h}x{w} is smaller than the patch {ph}x{pw}; pad first")
         use_lesion = self.R.random_sample() < self.lesion_prob
@@ -70,17 +94,29 @@ class RandLesionCropd(Randomizable, MapTransform):
             ys, xs = torch.nonzero(label.reshape(-1, h, w).amax(dim=0) > 0, as_tuple=True)
             if ys.numel():
                 k = int(self.R.randint(ys.numel()))
-                top = min(max(int(ys[k]) - ph // 2, 0), h - ph)
-                left = min(max(int(xs[k]) - pw // 2, 0), w - pw)
+                top = min(max(int(ys[k]) - ph // 2, -mh), h - ph + mh)
+                left = min(max(int(xs[k]) - pw // 2, -mw), w - pw + mw)
                 return top, left
-        return int(self.R.randint(h - ph + 1)), int(self.R.randint(w - pw + 1))
+        return int(self.R.randint(-mh, h - ph + mh + 1)), int(self.R.randint(-mw, w - pw + mw + 1))
+
+    def _crop(self, x: torch.Tensor, top: int, left: int, mode: str) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = self.size
+        r0, c0 = max(top, 0), max(left, 0)
+        r1, c1 = min(top + ph, h), min(left + pw, w)
+        inside = x[..., r0:r1, c0:c1]
+        pads = [c0 - left, left + pw - c1, r0 - top, top + ph - r1]
+        if not any(pads):
+            return inside
+        flat = torch.as_tensor(inside).reshape(-1, r1 - r0, c1 - c0)
+        padded = torch.nn.functional.pad(flat, pads, mode=mode)
+        return padded.reshape(*inside.shape[:-2], ph, pw)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         top, left = self.randomize(d[self.label_key])
-        ph, pw = self.size
         for key in self.key_iterator(d):
-            d[key] = d[key][..., top : top + ph, left : left + pw]
+            d[key] = self._crop(d[key], top, left, self.pad_modes[key])
         return d
 
 
@@ -133,6 +169,14 @@ class SharedRandomCompose(Compose):
         return self
 
 
+def crop_margin(cfg: AugmentConfig, patch_size: Sequence[int]) -> tuple[int, int]:
+    """Pixels the training crop may reach beyond each slice border: ``translate`` x the patch
+    size (0 when augmentation is off)."""
+    if not cfg.enabled:
+        return (0, 0)
+    return (round(cfg.translate * patch_size[0]), round(cfg.translate * patch_size[1]))
+
+
 def train_transforms(
     cfg: AugmentConfig, patch_size: Sequence[int], lesion_crop_prob: float, n_modalities: int = 1
 ) -> SharedRandomCompose:
@@ -142,7 +186,7 @@ def train_transforms(
     keys = [IMAGE, LABEL]
     chain: list[Any] = [
         SpatialPadd(keys, spatial_size=tuple(patch_size), mode=("edge", "constant")),
-        RandLesionCropd(keys, LABEL, patch_size, lesion_crop_prob),
+        RandLesionCropd(keys, LABEL, patch_size, lesion_crop_prob, crop_margin(cfg, patch_size), ("replicate", "constant")),
     ]
     if cfg.enabled:
         chain += [RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in sorted(set(cfg.flip_axes))]

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from medseg.config import AugmentConfig, Config, PreprocessConfig
 from medseg.data import (
     LesionAwareSampler,
+    RandLesionCropd,
     RandModalityIntensityd,
     SliceDataset,
     SliceIndex,
@@ -154,7 +155,7 @@ def test_augmentation_is_seeded_and_moves_image_and_label_together():
 
 def test_intensity_augmentation_leaves_the_label_alone():
     volume = toy_volume(lesion_slices=(2,))
-    aug = AugmentConfig(flip_prob=0, affine_prob=0, elastic_prob=0, intensity_prob=1, contrast_prob=1, noise_prob=1)
+    aug = AugmentConfig(flip_prob=0, affine_prob=0, elastic_prob=0, translate=0, intensity_prob=1, contrast_prob=1, noise_prob=1)
     dataset = SliceDataset([volume], SliceIndex.from_volumes([volume]), 0, train_transforms(aug, (20, 24), 0.0))
     sample = dataset[(2, 5)]
     torch.testing.assert_close(sample["label"][0], volume.label[2].float())
@@ -201,3 +202,43 @@ def test_modality_intensity_is_shared_by_the_context_slices_of_a_modality():
     assert not torch.allclose(f0, f1)  # the modalities drew their own factors
     with pytest.raises(ValueError, match="multiple"):
         RandModalityIntensityd("image", 4, 0.1, 0.1, 1.0)({"image": x})
+
+
+def test_crop_margin_places_the_slice_at_every_offset_with_replicated_image_and_empty_label():
+    h, w = 10, 12
+    image = torch.arange(h * w, dtype=torch.float32).reshape(1, h, w)
+    label = torch.ones(1, h, w)
+    crop = RandLesionCropd(["image", "label"], "label", (h, w), 0.0, margin=(3, 4), pad_modes=("replicate", "constant"))
+    corners = set()
+    for seed in range(200):
+        crop.set_random_state(seed)
+        out = crop({"image": image, "label": label})
+        top, left = _corner(out["image"], image)
+        corners.add((top, left))
+        assert out["image"].shape == (1, h, w) and out["label"].shape == (1, h, w)
+        # the label is 1 exactly where the crop lies inside the slice, 0 in the margin
+        rows = torch.arange(h) + top
+        cols = torch.arange(w) + left
+        inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+        torch.testing.assert_close(out["label"][0], inside.float())
+        # the image is the slice's edge-replicated extension
+        expected = image[0][rows.clamp(0, h - 1)][:, cols.clamp(0, w - 1)]
+        torch.testing.assert_close(out["image"][0], expected)
+    tops, lefts = {c[0] for c in corners}, {c[1] for c in corners}
+    assert tops == set(range(-3, 4)) and lefts == set(range(-4, 5))
+
+
+def _corner(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int]:
+    """Top-left corner of ``patch`` in ``image`` coordinates (image values are row * w + col)."""
+    w = image.shape[-1]
+    # the central pixel of the patch lies inside the slice for margins under half the patch
+    ph, pw = patch.shape[-2:]
+    value = int(patch[0, ph // 2, pw // 2])
+    return value // w - ph // 2, value % w - pw // 2
+
+
+def test_translate_sets_the_training_crop_margin():
+    from medseg.data.augment import crop_margin
+
+    assert crop_margin(AugmentConfig(translate=0.25), (160, 192)) == (40, 48)
+    assert crop_margin(AugmentConfig(translate=0.25, enabled=False), (160, 192)) == (0, 0)
