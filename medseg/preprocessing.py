@@ -170,14 +170,15 @@ def preprocess_transforms(
     keys = [channel_key(c) for c in channels]
     all_keys = [*keys, *([LABEL_KEY] if with_label else [])]
     spatial = [IMAGE_KEY, *([LABEL_KEY] if with_label else [])]
-    chain: list[Any] = [LoadVolumed(all_keys), CheckSameGridd(all_keys)]
+    # the files' own dtype (e.g. int16) through concatenation, orientation and crop: half the
+    # memory traffic of float32, and normalisation makes its float32 copy anyway (same values)
+    chain: list[Any] = [LoadVolumed(all_keys, dtype=None), CheckSameGridd(all_keys)]
     if with_label:
         chain.append(MapLabelsd([LABEL_KEY], label_cfg))
     chain += [
         EnsureChannelFirstd(all_keys, channel_dim="no_channel"),
         ConcatItemsd(keys, IMAGE_KEY),
         DeleteItemsd(keys),
-        EnsureTyped([IMAGE_KEY], dtype=torch.float32, track_meta=True),
         Orientationd(spatial, axcodes="RAS", labels=None),
     ]
     if cfg.spacing_inplane is not None:
