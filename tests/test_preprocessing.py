@@ -98,3 +98,30 @@ def test_foreground_mask_rules():
     mr = np.zeros((1, 10, 10, 10))
     mr[0, 2:8, 2:8, 2:8] = 100
     assert foreground_mask(mr, "MR").sum() == 216
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32, np.float64])
+@pytest.mark.parametrize("spacing_inplane", [None, (1.5, 1.5)])
+def test_chain_gives_the_float32_result_whatever_the_file_dtype(tmp_path, rng, dtype, spacing_inplane):
+    """The chain carries the files' own dtype until normalisation: uint16 DICOM-like MR, uint8,
+    int32 and float64 files give the values their float32 copies give, and invert exactly."""
+    affine = make_affine("oblique", spacing=(0.9, 1.1, 3.0))
+    shape = (30, 26, 8)
+    brain = np.zeros(shape, dtype=bool)
+    brain[5:25, 4:22, 1:7] = True
+    values = np.where(brain, rng.integers(100, 250, shape), 0)
+    cfg = PreprocessConfig(crop_margin=2, crop_margin_slices=1, spacing_inplane=spacing_inplane)
+    outs = []
+    for name, dt in (("native", dtype), ("float32", np.float32)):
+        path = write_nifti(tmp_path / f"{name}.nii.gz", values.astype(dt), affine)
+        chain = preprocess_transforms(cfg, "MR", ["t1"], False)
+        out = apply_chain(chain, {"image_t1": str(path)})
+        assert out["image"].dtype == torch.float32
+        outs.append((chain, out))
+    torch.testing.assert_close(outs[0][1]["image"].as_tensor(), outs[1][1]["image"].as_tensor())
+    chain, out = outs[0]
+    image = out["image"]
+    pred = MetaTensor(torch.ones((1, *image.shape[1:])), meta=image.meta, applied_operations=image.applied_operations)
+    back = Invertd("pred", chain, orig_keys="image", nearest_interp=True)({**out, "pred": pred})["pred"]
+    assert tuple(back.shape[1:]) == shape
+    np.testing.assert_allclose(np.asarray(back.affine), affine, atol=1e-4)
