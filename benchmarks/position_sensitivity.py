@@ -25,14 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_inference import BRATS, dice  # this folder is on sys.path when the script runs
 
-REPO = Path(__file__).resolve().parents[1]
-BRATS = (REPO / ".." / "shared" / "data" / "brats18").resolve()
 SHIFTS = [(1, 0), (0, 1), (3, 5), (8, 8), (7, 13), (16, 16)]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 1.0 if not (a.any() or b.any()) else float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
 @torch.no_grad()
