@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
@@ -421,6 +422,18 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # --------------------------------------------------------------------------- writing
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous copy of ``array`` (itself when it already is). MONAI's ``LoadImage`` makes
+    its arrays contiguous with numpy; for the (I, J, K) view of a SimpleITK buffer that is a
+    transposing copy, which torch makes ~2x faster (blocked, multi-threaded; same values)."""
+    if array.flags.c_contiguous:
+        return array
+    if array.dtype.kind in "biuf" and array.dtype.isnative:
+        return torch.from_numpy(array).contiguous().numpy()
+    return np.ascontiguousarray(array)
+
+
+
 def _atomic_sitk_write(image: sitk.Image, out_path: Path, compress: bool) -> None:
     with atomic_path(out_path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
@@ -445,7 +458,7 @@ def write_volume(
         raise GeometryMismatchError(
             f"cannot write {out_path}: array shape {tuple(arr.shape)} differs from the source grid {tuple(geometry.size)} of {src}"
         )
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr.astype(dtype, copy=False).transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(_contiguous(arr.astype(dtype, copy=False).transpose(2, 1, 0)))  # (K, J, I)
     geometry.apply_to(image)
     out = Path(out_path)
     _atomic_sitk_write(image, out, compress)
@@ -497,6 +510,6 @@ class SimpleITKReader(ImageReader):
         }
         if len(volumes) == 1:
             meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan")
-            return first.array, meta
+            return _contiguous(first.array), meta
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1
         return np.stack([v.array for v in volumes], axis=-1), meta

@@ -25,6 +25,7 @@ above the Otsu threshold. The crop keeps ``crop_margin`` voxels around the foreg
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -120,22 +121,35 @@ class NormalizeMRd(MapTransform):
         super().__init__(keys)
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
 
+    def _normalise_channel(self, channel: torch.Tensor, fg: np.ndarray | None) -> None:
+        """One (...) float32 channel in place; ``fg``: its foreground (bool, same shape) or None = all."""
+        # numpy's boolean indexing: the same values in the same order as torch's, ~10x faster
+        values = torch.from_numpy(channel.numpy()[fg]) if fg is not None else channel.reshape(-1)  # a copy, or channel itself
+        sample = values[:: max(1, values.numel() // 2_000_000)].numpy()
+        lo, hi = (float(v) for v in np.percentile(sample, self.percentiles))
+        inside = values.clamp_(lo, hi)  # the clipped foreground
+        mean, std = float(inside.mean()), float(inside.std())
+        channel.clamp_(lo, hi).sub_(mean).div_(std if std > 1e-6 else 1.0)
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             x = plain_float32(d[key])  # our copy: normalised in place
-            fg = torch.from_numpy(foreground_mask(x, "MR"))
-            any_fg = bool(fg.any())
-            for c in range(x.shape[0]):
-                channel = x[c]
-                values = channel[fg] if any_fg else channel.reshape(-1)  # a copy, or channel itself
-                sample = values[:: max(1, values.numel() // 2_000_000)].numpy()
-                lo, hi = (float(v) for v in np.percentile(sample, self.percentiles))
-                inside = values.clamp_(lo, hi)  # the clipped foreground
-                mean, std = float(inside.mean()), float(inside.std())
-                channel.clamp_(lo, hi).sub_(mean).div_(std if std > 1e-6 else 1.0)
+            fg = foreground_mask(x, "MR")
+            mask = fg if fg.any() else None
+            if x.shape[0] == 1:
+                self._normalise_channel(x[0], mask)
+            else:  # channels are independent: one thread each (percentiles and copies release the GIL)
+                with ThreadPoolExecutor(max_workers=x.shape[0], thread_name_prefix="medseg-norm") as pool:
+                    list(pool.map(self._normalise_channel, x.unbind(0), [mask] * x.shape[0]))
             d[key] = like_input(x, d[key])
         return d
+
+
+def plain_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``CropForegroundd``'s ``select_fn`` for the bool ``foreground`` mask: the mask itself as a
+    plain tensor (MONAI's default ``mask > 0`` on a MetaTensor costs 30 ms per BraTS case)."""
+    return mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
 
 
 class ForegroundMaskd(MapTransform):
@@ -191,7 +205,7 @@ def preprocess_transforms(
         margin[{"sagittal": 0, "coronal": 1, "axial": 2}[cfg.slice_axis]] = cfg.crop_margin_slices
         chain += [
             ForegroundMaskd(modality, cfg.ct_body_hu),
-            CropForegroundd(spatial, source_key=FOREGROUND_KEY, margin=margin, allow_smaller=True),
+            CropForegroundd(spatial, source_key=FOREGROUND_KEY, select_fn=plain_mask, margin=margin, allow_smaller=True),
             DeleteItemsd([FOREGROUND_KEY]),
         ]
     if modality.upper() == "CT":

@@ -12,6 +12,7 @@ flips and axis permutations, to the closest RAS axes for oblique grids).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,10 @@ class LoadVolumed(LoadImaged):
     A plain ``LoadImaged(reader=...)`` falls back to MONAI's other readers when ours raises,
     so a 4-D or truncated file that we reject would be loaded anyway by nibabel. Passing the
     reader at call time disables that fallback and lets our error (naming the file) through.
+
+    Several keys (channels, label) are read concurrently, one thread each: decompression and
+    the axis-reordering copy release the GIL (docs/benchmarks.md). The first failing key's
+    error is raised.
     """
 
     def __init__(self, keys: KeysCollection, check_finite: bool = True, **kwargs: Any) -> None:
@@ -116,7 +121,16 @@ class LoadVolumed(LoadImaged):
         super().__init__(keys, reader=self._volume_reader, image_only=True, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        return super().__call__(data, reader or self._volume_reader)
+        chosen = reader or self._volume_reader
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if len(keys) < 2:
+            return super().__call__(d, chosen)
+        with ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="medseg-load") as pool:
+            futures = [pool.submit(self._loader, d[key], chosen) for key in keys]
+            for key, future in zip(keys, futures, strict=True):
+                d[key] = future.result()
+        return d
 
 
 def load_transforms(
