@@ -117,33 +117,46 @@ class EnsembleProbability:
 
 
 class SliceStacks:
-    """2.5D inputs of slices ``start:stop`` from one slice-major copy of the volume.
+    """2.5D inputs of slices ``start:stop`` as views of one slice-major copy of the volume.
 
     ``volume``: (C, ...) with slices along ``axis``. Same values and channel order as
     ``medseg.preprocessing.context_stack`` (neighbour offset major, modality minor, edges
-    replicated). The copy is made once, contiguous per slice, so each batch reads whole slices
-    instead of gathering one voxel per cache line from a volume whose slicing axis is the
-    innermost (axial slices of a RAS volume). With ``channels_last`` the copy is (S, H, W, C)
-    and each stack comes out channels_last (NHWC) from a single gather, ready for the model.
+    replicated). The copy is made once, with ``context`` replicated edge slices at both ends,
+    in a layout where the 2.5D stack of slice i is one run of memory:
+
+    - NCHW: (S + 2k, C, H, W); slice i's stack is the (2k + 1) * C planes starting at plane i * C;
+    - NHWC (``channels_last``): (H, W, S + 2k, C); at each pixel, slice i's stack is the
+      (2k + 1) * C values starting at i * C.
+
+    So a batch of consecutive slices is an ``as_strided`` view (no gather, no index tensor),
+    and the only per-batch work is the one copy that makes it dense in the model's memory
+    format: (N, Cin, H, W), channels_last memory when ``channels_last``.
     """
 
     def __init__(self, volume: torch.Tensor, axis: int, context: int, channels_last: bool) -> None:
         plane = [a for a in range(1, 4) if a != axis]
         self.context, self.channels_last = context, channels_last
-        order = (axis, *plane, 0) if channels_last else (axis, 0, *plane)
-        self.slices = volume.permute(order).contiguous()  # (S, H, W, C) or (S, C, H, W)
-        self.offsets = torch.arange(-context, context + 1)
+        self.n_slices = volume.shape[axis]
+        self.channels = volume.shape[0]
+        self.plane = tuple(volume.shape[a] for a in plane)
+        slice_dim = 2 if channels_last else 0
+        order = (*plane, axis, 0) if channels_last else (axis, 0, *plane)
+        ordered = volume.permute(order)  # (H, W, S, C) or (S, C, H, W)
+        first = ordered.narrow(slice_dim, 0, 1).expand(*[context if d == slice_dim else -1 for d in range(4)])
+        last = ordered.narrow(slice_dim, self.n_slices - 1, 1).expand(*[context if d == slice_dim else -1 for d in range(4)])
+        self.slices = torch.cat([first, ordered, last], dim=slice_dim).contiguous() if context else ordered.contiguous()
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
-        n_slices = self.slices.shape[0]
-        index = (torch.arange(start, stop)[:, None] + self.offsets[None, :]).clamp(0, n_slices - 1)  # (N, 2k+1)
-        gathered = self.slices[index]  # (N, 2k+1, H, W, C) or (N, 2k+1, C, H, W)
-        n = stop - start
+        n, c, k = stop - start, self.channels, self.context
+        h, w = self.plane
+        cin = c * (2 * k + 1)
+        base = self.slices
         if self.channels_last:
-            _, _, h, w, c = gathered.shape
-            nhwc = gathered.permute(0, 2, 3, 1, 4).reshape(n, h, w, -1)  # channel = offset * C + modality
-            return nhwc.permute(0, 3, 1, 2)  # (N, Cin, H, W), channels_last memory
-        return gathered.reshape(n, -1, *gathered.shape[-2:])
+            s_padded = base.shape[2]
+            view = base.as_strided((n, h, w, cin), (c, w * s_padded * c, s_padded * c, 1), base.storage_offset() + start * c)
+            return view.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # (N, Cin, H, W), NHWC memory
+        view = base.as_strided((n, cin, h, w), (c * h * w, h * w, w, 1), base.storage_offset() + start * c * h * w)
+        return view.contiguous()
 
 
 def effective_roi(roi_size: Sequence[int], plane: Sequence[int]) -> tuple[int, int]:
