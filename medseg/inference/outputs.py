@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,17 @@ def write_case(
     """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_volume(mask, geometry, out_dir / (case_id + MASK_SUFFIX), dtype=np.uint8)]
+    volumes: list[tuple[np.ndarray, str, Any]] = [(mask, MASK_SUFFIX, np.uint8)]
     if prob is not None:
-        written.append(write_volume(prob, geometry, out_dir / (case_id + PROB_SUFFIX), dtype=np.float32))
+        volumes.append((prob, PROB_SUFFIX, np.float32))
     if lesions is not None and table is not None:
-        written.append(write_volume(lesions, geometry, out_dir / (case_id + LESIONS_SUFFIX), dtype=lesions.dtype))
+        volumes.append((lesions, LESIONS_SUFFIX, lesions.dtype))
+    # one thread per volume: the axis-reordering copy and the gzip compression release the GIL
+    with ThreadPoolExecutor(max_workers=len(volumes), thread_name_prefix="medseg-write") as pool:
+        futures = [pool.submit(write_volume, array, geometry, out_dir / (case_id + suffix), dtype=dtype)
+                   for array, suffix, dtype in volumes]
+        written = [future.result() for future in futures]
+    if lesions is not None and table is not None:
         written.append(write_table(out_dir / (case_id + LESIONS_CSV_SUFFIX), table))
     record = {"case_id": case_id, "fingerprint": fingerprint, "files": {p.name: p.stat().st_size for p in written},
               **(info or {}), "write_seconds": round(time.perf_counter() - start, 4)}
