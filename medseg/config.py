@@ -268,9 +268,11 @@ class InferenceConfig(StrictModel):
     components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed.
 
     Outputs: ``write_prob`` adds ``<case>_prob.nii.gz``; ``write_lesions`` the instance map and
-    lesion table. ``prefetch``: read and preprocess the next case while predicting this one
-    (``auto``: on CUDA, where the GPU waits for the CPU's I/O; off on a CPU, where both compete for
-    the same cores -- 4 BraTS cases on 2 cores: 1.48x the forward time with it, 1.37x without).
+    lesion table. ``prefetch``: in a batch, read and preprocess the next case and post-process
+    and write the previous one in background threads while the network predicts this one
+    (``auto``: on CUDA, where the GPU otherwise waits for the CPU's I/O -- 4 BraTS cases on an
+    H200: 1.04 s with it, 1.70 s without; off on a CPU, where all of it competes for the same
+    cores; docs/benchmarks.md).
     """
 
     roi_size: tuple[int, int] = (512, 512)

@@ -226,17 +226,20 @@ class CasePredictor:
         array = out.as_tensor().numpy() if isinstance(out, MetaTensor) else np.asarray(out)
         return array.astype(np.float32, copy=False)
 
-    def predict(self, prepared: PreparedCase) -> CaseResult:
-        """Predict, map to the source grid, post-process, label lesions (no writing)."""
-        cfg = self.bundle.inference
-        timings = {"read_preprocess": prepared.seconds}
+    def probabilities(self, prepared: PreparedCase) -> tuple[torch.Tensor, float]:
+        """The network's part: (R, A, S) or (K, R, A, S) probabilities on the preprocessed grid
+        (:func:`predict_volume`), and the seconds it took."""
         start = time.perf_counter()
-        image = prepared.data[IMAGE_KEY]
         prob = predict_volume(
-            self.bundle.models, image, self.bundle.config.preprocess.context_slices, cfg, self.bundle.device,
-            axis=self.ras_axis + 1,
+            self.bundle.models, prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
+            self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1,
         )
-        timings["predict"] = time.perf_counter() - start
+        return prob, time.perf_counter() - start
+
+    def finish(self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float = 0.0) -> CaseResult:
+        """The CPU part after the network: map ``prob`` to the source grid, post-process, label lesions."""
+        cfg = self.bundle.inference
+        timings = {"read_preprocess": prepared.seconds, "predict": predict_seconds}
         start = time.perf_counter()
         prob_src = self.to_source(prob[None] if prob.ndim == 3 else prob, prepared)
         del prob
@@ -253,6 +256,11 @@ class CasePredictor:
             )
         timings["postprocess"] = time.perf_counter() - start
         return CaseResult(mask, lesion_prob, lesions, table, timings)
+
+    def predict(self, prepared: PreparedCase) -> CaseResult:
+        """Predict, map to the source grid, post-process, label lesions (no writing)."""
+        prob, seconds = self.probabilities(prepared)
+        return self.finish(prepared, prob, seconds)
 
     def write(self, prepared: PreparedCase, result: CaseResult, out_dir: Path, fingerprint: str) -> list[Path]:
         """Write ``result`` on the source grid, marker last (:func:`.outputs.write_case`)."""
@@ -379,28 +387,65 @@ def run_inference(
 
     bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
                disable=not show_progress, position=rank if world > 1 else None)
-    prefetch = cfg.prefetch if cfg.prefetch != "auto" else bundle.device.type == "cuda"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as pool:
-        upcoming: Future[PreparedCase] | None = pool.submit(prepare, todo[0]) if todo and prefetch else None
+    overlap = cfg.prefetch if cfg.prefetch != "auto" else bundle.device.type == "cuda"
+
+    def record_failure(case_id: str, exc: BaseException) -> None:
+        summary.failures.append((case_id, _error_text(exc)))
+        log.warning("case %s failed: %s", case_id, summary.failures[-1][1])
+        if check_case_id(case_id) is None:  # never touch files an unusable id could name
+            discard_case(out, case_id)
+
+    def finish_and_write(prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:
+        predictor.write(prepared, predictor.finish(prepared, prob, seconds), out, fingerprint)
+
+    finishing: tuple[str, Future[None]] | None = None  # the previous case, post-processed + written in the background
+
+    def settle() -> None:
+        """Wait for the previous case's outputs and record its result (keeps one case pending)."""
+        nonlocal finishing
+        if finishing is not None:
+            case_id, future = finishing
+            finishing = None
+            try:
+                future.result()
+                summary.done.append(case_id)
+            except Exception as exc:  # noqa: BLE001
+                record_failure(case_id, exc)
+            bar.update(1)
+
+    # with ``overlap``: one thread reads the next case and another post-processes and writes the
+    # previous one while this thread runs the network on the current one
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-finish") as finisher:
+        upcoming: Future[PreparedCase] | None = reader.submit(prepare, todo[0]) if todo and overlap else None
         for i, case in enumerate(todo):
+            current: PreparedCase | None = None
+            prob: torch.Tensor | None = None
             try:
                 current = upcoming.result() if upcoming is not None else prepare(case)
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
-                current = None
-                summary.failures.append((case.case_id, _error_text(exc)))
-            upcoming = pool.submit(prepare, todo[i + 1]) if prefetch and i + 1 < len(todo) else None
+                error: BaseException = exc
+            upcoming = reader.submit(prepare, todo[i + 1]) if overlap and i + 1 < len(todo) else None
             if current is not None:
                 try:
-                    predictor.write(current, predictor.predict(current), out, fingerprint)
+                    prob, seconds = predictor.probabilities(current)
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            settle()
+            if current is None or prob is None:
+                record_failure(case.case_id, error)
+                bar.update(1)
+            elif overlap:
+                finishing = (case.case_id, finisher.submit(finish_and_write, current, prob, seconds))
+            else:
+                try:
+                    finish_and_write(current, prob, seconds)
                     summary.done.append(case.case_id)
                 except Exception as exc:  # noqa: BLE001
-                    summary.failures.append((case.case_id, _error_text(exc)))
-                del current
-            if summary.failures and summary.failures[-1][0] == case.case_id:
-                log.warning("case %s failed: %s", case.case_id, summary.failures[-1][1])
-                if check_case_id(case.case_id) is None:  # never touch files an unusable id could name
-                    discard_case(out, case.case_id)
-            bar.update(1)
+                    record_failure(case.case_id, exc)
+                bar.update(1)
+            del current, prob
+        settle()
     bar.close()
     summary.seconds = time.perf_counter() - start
 

@@ -53,12 +53,16 @@ def _complete(out: Path, case_id: str, ckpt: Path) -> bool:
     return is_complete(out, case_id, expected_outputs(case_id, False, True), bundle.fingerprint())
 
 
-def test_corrupt_case_is_recorded_and_the_batch_goes_on(tmp_path, checkpoint):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_corrupt_case_is_recorded_and_the_batch_goes_on(tmp_path, checkpoint, overlap):
+    """``overlap`` (``inference.prefetch``): the next case is read and the previous one written
+    in background threads; failures and outputs must be the same as one case at a time."""
     manifest = _manifest(tmp_path, 3, corrupt=1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "case1_mask.nii.gz").write_bytes(b"stale output of an earlier run")
-    code = main(["infer", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), "--no-progress"])
+    code = main(["infer", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), "--no-progress",
+                 "--set", f"inference.prefetch={str(overlap).lower()}"])
     assert code == 1
     assert sorted(p.name for p in out.glob("*_mask.nii.gz")) == ["case0_mask.nii.gz", "case2_mask.nii.gz"]
     failures = pd.read_csv(out / "failures.csv")
@@ -77,6 +81,31 @@ def test_corrupt_case_is_recorded_and_the_batch_goes_on(tmp_path, checkpoint):
     good.to_csv(tmp_path / "good.csv", index=False)
     summary = evaluate(out, tmp_path / "good.csv", tmp_path / "eval", progress=False)
     assert summary["score_source"] == "lesions_csv"
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, monkeypatch):
+    from medseg.inference import runner
+
+    real_write = runner.CasePredictor.write
+
+    def write(self, prepared, result, out_dir, fingerprint):
+        if prepared.case.case_id == "case0":
+            real_write(self, prepared, result, out_dir, fingerprint)  # files on disk, then the failure
+            raise OSError("disk full")
+        return real_write(self, prepared, result, out_dir, fingerprint)
+
+    monkeypatch.setattr(runner.CasePredictor, "write", write)
+    manifest = _manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    cases = cases_from_manifest(manifest, ["flair", "t1"], "MR")
+    bundle = load_bundle([checkpoint], [f"inference.prefetch={str(overlap).lower()}"])
+    summary = runner.run_inference(cases, bundle, out, show_progress=False)
+    assert summary.done == ["case1", "case2"] and [c for c, _ in summary.failures] == ["case0"]
+    assert "disk full" in summary.failures[0][1]
+    assert pd.read_csv(out / "failures.csv").case_id.tolist() == ["case0"]
+    assert not list(out.glob("case0_*"))  # no output of the failed case may pass for a result
+    assert all(_complete(out, c, checkpoint) for c in ("case1", "case2"))
 
 
 def test_interrupted_batch_resumes_without_truncated_files(tmp_path, checkpoint):
