@@ -24,6 +24,7 @@ import gzip
 import locale
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -238,8 +239,13 @@ def preserve_locale() -> Iterator[None]:
             locale.setlocale(cat, value)
 
 
+# one DICOM series read at a time: ``preserve_locale`` saves and restores a process-wide setting,
+# which two overlapping reads (channels loaded in parallel threads) would leave at GDCM's "C"
+_DICOM_LOCK = threading.Lock()
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    with preserve_locale():
+    with _DICOM_LOCK, preserve_locale():
         return _read_dicom_series_unguarded(folder)
 
 

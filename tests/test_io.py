@@ -74,6 +74,35 @@ def test_dicom_series_folder(tmp_path, rng):
     np.testing.assert_array_equal(volume.array, arr)
 
 
+def test_channels_load_in_parallel_with_the_same_arrays_and_locale(tmp_path, rng):
+    """``LoadVolumed`` reads its keys in threads: DICOM series (GDCM changes the process
+    locale) and NIfTI side by side give the arrays read one by one, and the locale survives."""
+    import locale
+
+    from medseg.transforms import LoadVolumed
+
+    affine = make_affine("lps", spacing=(0.8, 0.8, 2.5))
+    arrays, files = {}, {}
+    for i, key in enumerate(["a", "b", "c", "d"]):
+        arrays[key] = (rng.random((16, 14, 6)) * 1000).astype(np.int16)
+        if i < 2:
+            image = sitk.GetImageFromArray(arrays[key].transpose(2, 1, 0).copy())
+            Geometry.from_affine(affine, arrays[key].shape).apply_to(image)
+            files[key] = tmp_path / f"series_{key}"
+            files[key].mkdir()
+            write_dicom_series(image, files[key])
+        else:
+            files[key] = write_nifti(tmp_path / f"{key}.nii.gz", arrays[key], affine)
+    before = locale.setlocale(locale.LC_CTYPE)
+    for _ in range(3):
+        loaded = LoadVolumed(list(files))({k: str(v) for k, v in files.items()})
+        for key, arr in arrays.items():
+            assert loaded[key].is_contiguous()
+            np.testing.assert_array_equal(np.asarray(loaded[key]), arr)
+            np.testing.assert_allclose(np.asarray(loaded[key].affine), affine, atol=1e-4)
+    assert locale.setlocale(locale.LC_CTYPE) == before
+
+
 def write_dicom_series(image: sitk.Image, folder, modality: str = "CT", patient_id: str = "SECRET-123") -> None:
     """Write ``image`` as a DICOM series (one file per slice) with geometry tags."""
     with preserve_locale():  # GDCM switches the process locale to "C"
