@@ -83,6 +83,26 @@ def test_corrupt_case_is_recorded_and_the_batch_goes_on(tmp_path, checkpoint, ov
     assert summary["score_source"] == "lesions_csv"
 
 
+def test_overlapped_batch_writes_what_the_sequential_one_writes(tmp_path, checkpoint):
+    """The reader, the network and the finisher run on different cases at once (sharing the
+    checkpoint's transform chain); the outputs must be those of one case at a time."""
+    from medseg.inference import runner
+
+    manifest = _manifest(tmp_path, 4)
+    cases = cases_from_manifest(manifest, ["flair", "t1"], "MR")
+    for overlap in (False, True):
+        bundle = load_bundle([checkpoint], [f"inference.prefetch={str(overlap).lower()}", "inference.write_prob=true"])
+        summary = runner.run_inference(cases, bundle, tmp_path / f"out_{overlap}", show_progress=False)
+        assert summary.done == [f"case{i}" for i in range(4)]
+    for i in range(4):
+        for suffix in ("_mask.nii.gz", "_prob.nii.gz", "_lesions.nii.gz"):
+            a, b = (nib.load(str(tmp_path / f"out_{o}" / f"case{i}{suffix}")) for o in (False, True))
+            np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+            np.testing.assert_array_equal(a.affine, b.affine)
+        tables = [pd.read_csv(tmp_path / f"out_{o}" / f"case{i}_lesions.csv") for o in (False, True)]
+        pd.testing.assert_frame_equal(*tables)
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, monkeypatch):
     from medseg.inference import runner
