@@ -151,10 +151,7 @@ class ModelConfig(StrictModel):
     ``aspp_rates``: three atrous rates (6, 12, 18 at OS16; 12, 24, 36 at OS8).
     ``aspp_channels``: DeepLabv3+ ASPP/decoder width (256 x width). ``dropout``: U-Net decoder
     blocks (0) / after the ASPP projection (0.1). ``norm``: ``batch`` | ``instance`` (batch).
-    ``pretrained_path``: local file of encoder weights (never downloaded). ``antialias``: blur
-    before every stride-2 max-pool/conv of the encoder (:mod:`medseg.models.antialias`; any
-    arch/encoder; false), which makes the masks depend less on where a slice sits on the
-    pooling grid.
+    ``pretrained_path``: local file of encoder weights (never downloaded).
     """
 
     arch: str = "unet_inception"
@@ -173,7 +170,6 @@ class ModelConfig(StrictModel):
     dropout: float | None = Field(default=None, ge=0, lt=1)
     norm: Literal["batch", "instance"] | None = None
     pretrained_path: str | None = None
-    antialias: bool = False
 
     @field_validator("arch")
     @classmethod

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.models.antialias import antialias_downsampling
 from medseg.models.deeplab import build_deeplabv3plus
 from medseg.models.encoders import (
     Encoder,
@@ -106,18 +105,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """Build ``cfg.arch`` on ``cfg.encoder``: ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` logits.
 
     Loads ``cfg.pretrained_path`` (a local file of encoder weights) into the encoder, adapting
-    the input conv when the file was trained with another input channel count. With
-    ``cfg.antialias`` the encoder's stride-2 layers are anti-aliased after the architecture has
-    set its strides (:func:`medseg.models.antialias.antialias_downsampling`).
+    the input conv when the file was trained with another input channel count.
     """
     enc_kwargs, arch_kwargs = split_options(cfg)
     try:
         encoder = ENCODERS[cfg.encoder](in_channels=cfg.in_channels, **enc_kwargs)
         if cfg.pretrained_path is not None:
             load_pretrained(encoder, cfg.pretrained_path)
-        model = ARCHITECTURES[cfg.arch](encoder, out_channels=cfg.out_channels, **arch_kwargs)
-        if cfg.antialias:
-            antialias_downsampling(encoder)
-        return model
+        return ARCHITECTURES[cfg.arch](encoder, out_channels=cfg.out_channels, **arch_kwargs)
     except ValueError as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
         raise ConfigError(f"model ({cfg.arch} / {cfg.encoder}): {exc}") from exc
