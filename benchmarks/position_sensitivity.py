@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from bench_inference import BRATS, dice  # this folder is on sys.path when the script runs
 
-SHIFTS = [(1, 0), (0, 1), (3, 5), (8, 8), (7, 13), (16, 16)]
+SHIFTS = [(1, 0), (0, 1), (3, 5), (8, 8), (7, 13), (16, 16), (32, 32)]  # the U-Nets' stride is 32: (32, 32) keeps the pooling phase
 
 
 @torch.no_grad()
