@@ -428,16 +428,20 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # --------------------------------------------------------------------------- writing
 
 
+# dtypes whose copies every supported torch version implements (unsigned 16/32/64-bit: not before 2.3+)
+_TORCH_COPY_DTYPES = {np.dtype(t) for t in (np.bool_, np.int8, np.uint8, np.int16, np.int32, np.int64,
+                                            np.float16, np.float32, np.float64)}
+
+
 def _contiguous(array: np.ndarray) -> np.ndarray:
     """C-contiguous copy of ``array`` (itself when it already is). MONAI's ``LoadImage`` makes
     its arrays contiguous with numpy; for the (I, J, K) view of a SimpleITK buffer that is a
     transposing copy, which torch makes ~2x faster (blocked, multi-threaded; same values)."""
     if array.flags.c_contiguous:
         return array
-    if array.dtype.kind in "biuf" and array.dtype.isnative:
+    if array.dtype in _TORCH_COPY_DTYPES and array.dtype.isnative:
         return torch.from_numpy(array).contiguous().numpy()
     return np.ascontiguousarray(array)
-
 
 
 def _atomic_sitk_write(image: sitk.Image, out_path: Path, compress: bool) -> None:

@@ -239,3 +239,16 @@ def test_write_refuses_wrong_shape(tmp_path, rng):
     with pytest.raises(GeometryMismatchError, match="differs from the source grid"):
         write_mask(np.zeros((8, 8, 5), np.uint8), volume, tmp_path / "m.nii.gz")
     assert not list(tmp_path.glob("*partial*"))
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.int16, np.uint16, ">i2", np.int32, np.uint32, np.float32, np.float64])
+def test_reader_arrays_are_c_contiguous_copies_with_the_same_values(dtype):
+    """The reader hands MONAI (I, J, K) arrays already C-contiguous (torch's copy where torch
+    supports the dtype, numpy's otherwise), so ``LoadImage`` makes no second copy."""
+    from medseg.io import _contiguous
+
+    view = (np.arange(5 * 6 * 7).reshape(7, 6, 5) % 3).astype(dtype).transpose(2, 1, 0)  # a (K, J, I) buffer seen as (I, J, K)
+    out = _contiguous(view)
+    assert out.flags.c_contiguous and out.dtype == view.dtype
+    np.testing.assert_array_equal(out, view)
+    assert _contiguous(out) is out
