@@ -50,9 +50,15 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_mm3: fl
     box = bounding_box(mask) if min_voxels > 1 else None
     if box is None:
         return mask
-    crop = mask[box]  # lesions are small against the volume: label only their bounding box
-    kept = cc3d.dust(np.ascontiguousarray(crop > 0), threshold=min_voxels, connectivity=connectivity)
-    crop[~kept] = 0
+    crop = mask[box]  # a view; lesions are small against the volume: label only their bounding box
+    foreground = np.ascontiguousarray(crop > 0)
+    labels, n = cc3d.connected_components(foreground, connectivity=connectivity, return_N=True)
+    # count and remove on the labelled voxels only: a lookup over every voxel of the box (what
+    # cc3d.dust does) took 0.42 s on a CT-sized box whose labelling took 0.05 s
+    where = np.flatnonzero(foreground)
+    ids = labels.ravel()[where]
+    small = np.bincount(ids, minlength=n + 1) < min_voxels
+    crop[np.unravel_index(where[small[ids]], crop.shape)] = 0
     return mask
 
 

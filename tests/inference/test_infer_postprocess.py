@@ -15,6 +15,7 @@ from medseg.inference.lesion_table import (
     lesion_table,
     source_slice_axis,
 )
+from medseg.inference.postprocess import remove_small_lesions
 from medseg.lesions import label_components as label_lesions
 
 
@@ -43,6 +44,20 @@ def test_connectivity_decides_what_one_lesion_is():
     cfg = InferenceConfig(min_lesion_mm3=1.5)
     assert int(postprocess(prob, (1, 1, 1), cfg).sum()) == 2  # 26-connected: one 2-voxel lesion
     assert int(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"connectivity": 6})).sum()) == 0
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_small_lesion_removal_matches_a_whole_volume_reference(rng, connectivity):
+    """Against cc3d.dust on the whole volume: same voxels kept, multi-class values untouched."""
+    import cc3d
+
+    mask = ((rng.random((40, 36, 30)) > 0.93) * rng.integers(1, 4, (40, 36, 30))).astype(np.uint8)
+    mask[:5] = 0  # an empty margin, so the bounding-box path is exercised
+    mask[10:16, 10:16, 10:16] = 2  # one large lesion
+    for min_voxels in (2, 3, 7, 300):
+        kept = remove_small_lesions(mask.copy(), (1.0, 1.0, 1.0), float(min_voxels), connectivity)
+        reference = np.where(cc3d.dust(mask > 0, threshold=min_voxels, connectivity=connectivity), mask, 0)
+        np.testing.assert_array_equal(kept, reference)
 
 
 def test_fill_holes_and_largest_component():
