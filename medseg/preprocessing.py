@@ -146,10 +146,11 @@ class NormalizeMRd(MapTransform):
         return d
 
 
-def plain_mask(mask: torch.Tensor) -> torch.Tensor:
+def foreground_as_numpy(mask: torch.Tensor) -> np.ndarray:
     """``CropForegroundd``'s ``select_fn`` for the bool ``foreground`` mask: the mask itself as a
-    plain tensor (MONAI's default ``mask > 0`` on a MetaTensor costs 30 ms per BraTS case)."""
-    return mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
+    numpy array, so MONAI's bounding box reduces it with numpy (a 512x512x200 CT: 38 ms instead
+    of 155 ms with torch's multi-axis ``any``, and no ``mask > 0`` on a MetaTensor)."""
+    return (mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)).numpy()
 
 
 class ForegroundMaskd(MapTransform):
@@ -205,7 +206,7 @@ def preprocess_transforms(
         margin[{"sagittal": 0, "coronal": 1, "axial": 2}[cfg.slice_axis]] = cfg.crop_margin_slices
         chain += [
             ForegroundMaskd(modality, cfg.ct_body_hu),
-            CropForegroundd(spatial, source_key=FOREGROUND_KEY, select_fn=plain_mask, margin=margin, allow_smaller=True),
+            CropForegroundd(spatial, source_key=FOREGROUND_KEY, select_fn=foreground_as_numpy, margin=margin, allow_smaller=True),
             DeleteItemsd([FOREGROUND_KEY]),
         ]
     if modality.upper() == "CT":
