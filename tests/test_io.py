@@ -247,8 +247,9 @@ def test_reader_arrays_are_c_contiguous_copies_with_the_same_values(dtype):
     supports the dtype, numpy's otherwise), so ``LoadImage`` makes no second copy."""
     from medseg.io import _contiguous
 
-    view = (np.arange(5 * 6 * 7).reshape(7, 6, 5) % 3).astype(dtype).transpose(2, 1, 0)  # a (K, J, I) buffer seen as (I, J, K)
-    out = _contiguous(view)
-    assert out.flags.c_contiguous and out.dtype == view.dtype
-    np.testing.assert_array_equal(out, view)
-    assert _contiguous(out) is out
+    buffer = (np.arange(5 * 6 * 7).reshape(7, 6, 5) % 3).astype(dtype)
+    for view in (buffer.transpose(2, 1, 0), buffer.transpose(1, 2, 0), buffer[:, ::2]):  # (K, J, I) seen as (I, J, K); others
+        out = _contiguous(view)
+        assert out.flags.c_contiguous and out.dtype == view.dtype
+        np.testing.assert_array_equal(out, view)
+        assert _contiguous(out) is out
