@@ -5,7 +5,8 @@ neighbours on both sides forms a (C * (2k + 1), H, W) input (``medseg.preprocess
 context_stack``: neighbour-major channel order, edge slices replicated). Batches of these
 stacks go through MONAI's ``SlidingWindowInferer``; only one batch of stacks exists at a
 time, so memory grows with the volume (one slice-major copy of the input, the output), never
-with the number of 2.5D copies.
+with the number of 2.5D copies. On a GPU the input copy, the stacks and the output live on the
+device (a 512x512x600 CT: about 1.9 GB of float32 there) and come back once.
 
 Window: ``InferenceConfig.roi_size``, shrunk to the slice when the slice is smaller, so a
 slice that fits is predicted by one window over the whole slice (the model pads it to its
@@ -191,7 +192,7 @@ def predict_volume(
     is fine; its meta is not used). ``axis``: spatial slicing axis as an index of ``image``
     (-1 = S = axial slices, 1 = R = sagittal, 2 = A = coronal). ``cfg``: window, overlap,
     batch, precision, TTA. ``device``: where the models run (``None`` = CUDA if available).
-    ``progress``: called with the number of slices finished after each batch.
+    ``progress``: called with the number of slices done after each batch (on a GPU: queued).
 
     Returns a CPU float32 tensor: (R, A, S) foreground probability when K == 1, else
     (K, R, A, S) class probabilities (softmax over K); stored slice-major, so it is a strided
@@ -251,17 +252,19 @@ def _predict(
         )
         predict = partial(inferer, network=network)
 
-    stacks = SliceStacks(volume, spatial_axis, context, cfg.channels_last)
-    out: torch.Tensor | None = None  # (K, n_slices, H, W), filled batch by batch
+    # on a GPU the volume goes over once and the stacks and the output stay there: no host work
+    # and no synchronising copy per batch (the CPU queues the batches while the GPU runs them)
+    stacks = SliceStacks(volume.to(dev), spatial_axis, context, cfg.channels_last)
+    out: torch.Tensor | None = None  # (K, n_slices, H, W) on ``dev``, filled batch by batch
     for start in range(0, n_slices, batch):
         stop = min(start + batch, n_slices)
-        prob = predict(stacks(start, stop).to(dev, non_blocking=True))  # (N, Cin, H, W) -> (N, K, H, W)
+        prob = predict(stacks(start, stop))  # (N, Cin, H, W) -> (N, K, H, W)
         if out is None:
-            out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32)
-        out[:, start:stop] = prob.transpose(0, 1).to("cpu", torch.float32)
+            out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32, device=dev)
+        out[:, start:stop] = prob.transpose(0, 1)
         if progress is not None:
             progress(stop)
     assert out is not None
     del stacks
-    out = torch.movedim(out, 1, spatial_axis)  # back to the axis order of ``image`` (a strided view)
+    out = torch.movedim(out.cpu(), 1, spatial_axis)  # back to the axis order of ``image`` (a strided view)
     return out[0] if out.shape[0] == 1 else out
