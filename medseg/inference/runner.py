@@ -414,7 +414,8 @@ def run_inference(
             bar.update(1)
 
     # with ``overlap``: one thread reads the next case and another post-processes and writes the
-    # previous one while this thread runs the network on the current one
+    # previous one while this thread runs the network on the current one (without it, the
+    # finishing thread is waited for at once)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-finish") as finisher:
         upcoming: Future[PreparedCase] | None = reader.submit(prepare, todo[0]) if todo and overlap else None
@@ -435,15 +436,10 @@ def run_inference(
             if current is None or prob is None:
                 record_failure(case.case_id, error)
                 bar.update(1)
-            elif overlap:
-                finishing = (case.case_id, finisher.submit(finish_and_write, current, prob, seconds))
             else:
-                try:
-                    finish_and_write(current, prob, seconds)
-                    summary.done.append(case.case_id)
-                except Exception as exc:  # noqa: BLE001
-                    record_failure(case.case_id, exc)
-                bar.update(1)
+                finishing = (case.case_id, finisher.submit(finish_and_write, current, prob, seconds))
+                if not overlap:
+                    settle()  # one case at a time: its outputs before the next case is read
             del current, prob
         settle()
     bar.close()
