@@ -143,8 +143,9 @@ class SliceStacks:
         slice_dim = 2 if channels_last else 0
         order = (*plane, axis, 0) if channels_last else (axis, 0, *plane)
         ordered = volume.permute(order)  # (H, W, S, C) or (S, C, H, W)
-        first = ordered.narrow(slice_dim, 0, 1).expand(*[context if d == slice_dim else -1 for d in range(4)])
-        last = ordered.narrow(slice_dim, self.n_slices - 1, 1).expand(*[context if d == slice_dim else -1 for d in range(4)])
+        edge = [context if d == slice_dim else -1 for d in range(4)]  # ``context`` copies of an end slice
+        first = ordered.narrow(slice_dim, 0, 1).expand(*edge)
+        last = ordered.narrow(slice_dim, self.n_slices - 1, 1).expand(*edge)
         self.slices = torch.cat([first, ordered, last], dim=slice_dim).contiguous() if context else ordered.contiguous()
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
