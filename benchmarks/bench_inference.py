@@ -268,9 +268,9 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
         "forward_alone": lambda: run_forward(bundle, stacks),
     }, repeats)
     medseg, base, bound = timings["medseg"], timings["baseline"], timings["forward_alone"]
+    window = list(stacks[0].shape[-2:])  # the slice padded onto the pooling grid
     stacks.clear()
     n_slices = image.shape[axis]
-    plane = [s for i, s in enumerate(image.shape[1:], start=1) if i != axis]
     batch = cfg.batch_size or default_batch_size(bundle.device)
 
     # precision lever validated on masks: the same pipeline in fp32 (run once, untimed)
@@ -290,7 +290,7 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
     marker = json.loads((out_medseg / f"{case.case_id}_complete.json").read_text())
     return {
         "volume": name, "source_shape": list(prepared.geometry.size), "predicted_grid": list(image.shape[1:]),
-        "slices_predicted": n_slices, "window": plane, "batch": batch,
+        "slices_predicted": n_slices, "window": window, "batch": batch,
         "precision": str(autocast_dtype(cfg.precision, bundle.device)), "medseg": medseg, "baseline": base,
         "forward_alone": bound, "speedup_vs_baseline": base["best_s"] / medseg["best_s"],
         "ratio_to_forward": medseg["best_s"] / bound["best_s"], **quality,
@@ -301,20 +301,26 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
 
 
 def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]:
-    """The 2.5D batches ``predict_volume`` feeds the model for ``image`` (whole-slice windows)."""
-    from medseg.inference.predictor import default_batch_size, effective_roi
+    """The 2.5D batches ``predict_volume`` feeds the model for ``image``: whole-slice windows,
+    edge-padded onto the pooling grid as ``predict_volume`` places them."""
+    import torch.nn.functional as F
+
+    from medseg.inference.predictor import default_batch_size, effective_roi, network_stride, window_padding
     from medseg.preprocessing import context_stack
 
     cfg = bundle.inference
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
     n_slices = image.shape[axis]
     plane = [s for i, s in enumerate(image.shape[1:], start=1) if i != axis]
-    assert tuple(effective_roi(cfg.roi_size, plane)) == tuple(plane), "the forward-alone bound assumes one window per slice"
+    (top, bottom), (left, right) = window_padding(plane, cfg.roi_size, network_stride(bundle.models))
+    padded = (plane[0] + top + bottom, plane[1] + left + right)
+    assert tuple(effective_roi(cfg.roi_size, padded)) == padded, "the forward-alone bound assumes one window per slice"
     batch = cfg.batch_size or default_batch_size(bundle.device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     context = bundle.config.preprocess.context_slices
-    return [context_stack(image, list(range(s, min(s + batch, n_slices))), context, axis=axis)
-            .to(bundle.device).contiguous(memory_format=fmt) for s in range(0, n_slices, batch)]
+    return [F.pad(context_stack(image, list(range(s, min(s + batch, n_slices))), context, axis=axis),
+                  [left, right, top, bottom], mode="replicate").to(bundle.device).contiguous(memory_format=fmt)
+            for s in range(0, n_slices, batch)]
 
 
 def run_forward(bundle, stacks: list[torch.Tensor]) -> None:

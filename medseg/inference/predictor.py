@@ -9,9 +9,16 @@ with the number of 2.5D copies. On a GPU the input copy, the stacks and the outp
 device (a 512x512x600 CT: about 1.9 GB of float32 there) and come back once.
 
 Window: ``InferenceConfig.roi_size``, shrunk to the slice when the slice is smaller, so a
-slice that fits is predicted by one window over the whole slice (the model pads it to its
-stride multiple). Overlapping 256-windows at overlap 0.5 compute 2.25x the pixels of that one
-window (docs/benchmarks.md). Larger slices are tiled with ``overlap`` and Gaussian blending.
+slice that fits is predicted by one window over the whole slice. Overlapping 256-windows at
+overlap 0.5 compute 2.25x the pixels of that one window (docs/benchmarks.md). Larger slices
+are tiled with ``overlap`` and Gaussian blending.
+
+Placement: a network with stride-2 pooling is not shift-equivariant; its mask depends on the
+slice's offset modulo the deepest stride (32 px for the U-Nets: a 16-px shift changed a trained
+model's BraTS mask by Dice 0.027, a 32-px shift by 0.003). ``window_padding`` puts each slice
+on that grid where MONAI's inferer with the configured ROI would put it -- centred when smaller
+than the ROI, from its first pixel otherwise -- edge-padding only up to the next stride
+multiple. So the one-window shortcut gives the masks of the ROI-sized window it replaces.
 
 Probabilities: sigmoid of the logits for one output channel, softmax over channels for more.
 Flip TTA and several models are averaged in probability space (float32).
@@ -19,6 +26,7 @@ Flip TTA and several models are averaged in probability space (float32).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -129,24 +137,35 @@ class SliceStacks:
     - NHWC (``channels_last``): (H, W, S + 2k, C); at each pixel, slice i's stack is the
       (2k + 1) * C values starting at i * C.
 
+    ``plane_padding``: ((top, bottom), (left, right)) edge-replicated pixels around each slice
+    (``window_padding``); the stacks are (N, Cin, H + top + bottom, W + left + right).
+
     So a batch of consecutive slices is an ``as_strided`` view (no gather, no index tensor),
     and the only per-batch work is the one copy that makes it dense in the model's memory
     format: (N, Cin, H, W), channels_last memory when ``channels_last``.
     """
 
-    def __init__(self, volume: torch.Tensor, axis: int, context: int, channels_last: bool) -> None:
+    def __init__(
+        self,
+        volume: torch.Tensor,
+        axis: int,
+        context: int,
+        channels_last: bool,
+        plane_padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+    ) -> None:
         plane = [a for a in range(1, 4) if a != axis]
         self.context, self.channels_last = context, channels_last
         self.n_slices = volume.shape[axis]
         self.channels = volume.shape[0]
-        self.plane = tuple(volume.shape[a] for a in plane)
-        slice_dim = 2 if channels_last else 0
+        self.plane = tuple(volume.shape[a] + sum(pad) for a, pad in zip(plane, plane_padding, strict=True))
+        slice_dim, plane_dims = (2, (0, 1)) if channels_last else (0, (2, 3))
         order = (*plane, axis, 0) if channels_last else (axis, 0, *plane)
         ordered = volume.permute(order)  # (H, W, S, C) or (S, C, H, W)
-        edge = [context if d == slice_dim else -1 for d in range(4)]  # ``context`` copies of an end slice
-        first = ordered.narrow(slice_dim, 0, 1).expand(*edge)
-        last = ordered.narrow(slice_dim, self.n_slices - 1, 1).expand(*edge)
-        self.slices = torch.cat([first, ordered, last], dim=slice_dim).contiguous() if context else ordered.contiguous()
+        padding = [(0, 0)] * 4
+        padding[slice_dim] = (context, context)
+        for dim, pad in zip(plane_dims, plane_padding, strict=True):
+            padding[dim] = pad
+        self.slices = edge_padded_copy(ordered, padding)
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         n, c, k = stop - start, self.channels, self.context
@@ -159,6 +178,55 @@ class SliceStacks:
             return view.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # (N, Cin, H, W), NHWC memory
         view = base.as_strided((n, cin, h, w), (c * h * w, h * w, w, 1), base.storage_offset() + start * c * h * w)
         return view.contiguous()
+
+
+def edge_padded_copy(x: torch.Tensor, padding: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """A contiguous copy of ``x`` with ``padding[d] = (before, after)`` edge-replicated elements
+    on each dim ``d`` (``F.pad(mode="replicate")`` for any number of dims, in one allocation)."""
+    out = x.new_empty([n + before + after for n, (before, after) in zip(x.shape, padding, strict=True)])
+    inner = out
+    for d, (before, _) in enumerate(padding):
+        inner = inner.narrow(d, before, x.shape[d])
+    inner.copy_(x)
+    # one dim at a time, outward from the copy: dims < d are already padded, dims > d not yet
+    for d, (before, after) in enumerate(padding):
+        if not (before or after):
+            continue
+        region = out
+        for e in range(d + 1, x.ndim):
+            region = region.narrow(e, padding[e][0], x.shape[e])
+        n = x.shape[d]
+        if before:
+            region.narrow(d, 0, before).copy_(region.narrow(d, before, 1).expand_as(region.narrow(d, 0, before)))
+        if after:
+            tail = region.narrow(d, before + n, after)
+            tail.copy_(region.narrow(d, before + n - 1, 1).expand_as(tail))
+    return out
+
+
+def network_stride(models: Sequence[nn.Module]) -> int:
+    """Pixels the networks' pooling grid repeats over: the lcm of their ``multiple`` (the deepest
+    encoder stride of medseg's models; 1 for a network without one)."""
+    return math.lcm(*(int(getattr(model, "multiple", 1)) for model in models))
+
+
+def window_padding(plane: Sequence[int], roi_size: Sequence[int], stride: int) -> tuple[tuple[int, int], ...]:
+    """(before, after) edge padding per in-plane dim that puts a slice on the network's
+    ``stride``-pixel pooling grid where MONAI's sliding-window inferer with ``roi_size`` puts it.
+
+    The inferer pads a dim smaller than the ROI by ``(roi - n) // 2`` before it (centred), so the
+    slice starts at that offset modulo ``stride``; ``before`` is that offset and ``after`` fills up to
+    the next multiple of ``stride``. A dim at least the ROI is tiled from pixel 0: no padding (the
+    network pads a window's far edge itself). E.g. 162 rows, ROI 256, stride 32: (15, 15).
+    """
+    pads = []
+    for n, roi in zip(plane, roi_size, strict=True):
+        if n >= roi or stride <= 1:
+            pads.append((0, 0))
+            continue
+        before = ((roi - n) // 2) % stride
+        pads.append((before, -(before + n) % stride))
+    return tuple(pads)
 
 
 def effective_roi(roi_size: Sequence[int], plane: Sequence[int]) -> tuple[int, int]:
@@ -236,12 +304,14 @@ def _predict(
     n_slices = volume.shape[spatial_axis]
     plane = [s for i, s in enumerate(volume.shape[1:], start=1) if i != spatial_axis]
     batch = cfg.batch_size or default_batch_size(dev)
-    roi = effective_roi(cfg.roi_size, plane)
+    padding = window_padding(plane, cfg.roi_size, network_stride(network.models))
+    padded_plane = [n + before + after for n, (before, after) in zip(plane, padding, strict=True)]
+    roi = effective_roi(cfg.roi_size, padded_plane)
     # one window covering the slice: blending weights are constant, so the inferer's padding,
     # importance map and weighted accumulation are pure overhead (predict of a BraTS case on
     # the CPU: 2.06 s -> 1.76 s); the network then runs on the whole slices -- same probabilities
     predict: Callable[[torch.Tensor], torch.Tensor] = network
-    if tuple(roi) != tuple(plane):
+    if tuple(roi) != tuple(padded_plane):
         inferer = SlidingWindowInferer(
             roi_size=roi,
             sw_batch_size=batch,
@@ -255,11 +325,13 @@ def _predict(
 
     # on a GPU the volume goes over once and the stacks and the output stay there: no host work
     # and no synchronising copy per batch (the CPU queues the batches while the GPU runs them)
-    stacks = SliceStacks(volume.to(dev), spatial_axis, context, cfg.channels_last)
+    stacks = SliceStacks(volume.to(dev), spatial_axis, context, cfg.channels_last, padding)
+    (top, _), (left, _) = padding
     out: torch.Tensor | None = None  # (K, n_slices, H, W) on ``dev``, filled batch by batch
     for start in range(0, n_slices, batch):
         stop = min(start + batch, n_slices)
-        prob = predict(stacks(start, stop))  # (N, Cin, H, W) -> (N, K, H, W)
+        prob = predict(stacks(start, stop))  # (N, Cin, H', W') -> (N, K, H', W'), padded plane
+        prob = prob[:, :, top : top + plane[0], left : left + plane[1]]
         if out is None:
             out = torch.empty((prob.shape[1], n_slices, *plane), dtype=torch.float32, device=dev)
         out[:, start:stop] = prob.transpose(0, 1)

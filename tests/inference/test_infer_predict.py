@@ -109,31 +109,86 @@ def test_bad_axis_is_refused():
         predict_volume([ChannelThreshold(0, 0.5)], torch.zeros(1, 4, 4, 4), 0, InferenceConfig(), "cpu", axis=0)
 
 
+@pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 1), (0, 3))])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("axis", [1, 2, 3])
-def test_slice_stacks_match_context_stack(channels_last, axis):
+def test_slice_stacks_match_context_stack(channels_last, axis, padding):
+    import torch.nn.functional as F
+
     from medseg.inference.predictor import SliceStacks
     from medseg.preprocessing import context_stack
 
     volume = torch.randn(3, 7, 6, 5)
-    stacks = SliceStacks(volume, axis, 2, channels_last)
+    stacks = SliceStacks(volume, axis, 2, channels_last, padding)
     n = volume.shape[axis]
     got = stacks(1, n)
-    torch.testing.assert_close(got, context_stack(volume, list(range(1, n)), 2, axis=axis), rtol=0, atol=0)
+    (top, bottom), (left, right) = padding
+    expected = F.pad(context_stack(volume, list(range(1, n)), 2, axis=axis), [left, right, top, bottom], mode="replicate")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_whole_slice_window_skips_the_inferer_with_the_same_probabilities():
+    import torch.nn.functional as F
     from monai.inferers import sliding_window_inference
 
+    from medseg.inference.predictor import window_padding
     from medseg.preprocessing import context_stack
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="unet", encoder="resnet18", in_channels=6, width=0.125)).eval()
     volume = torch.randn(2, 40, 37, 5)
     cfg = InferenceConfig(precision="fp32", batch_size=2, blend="gaussian", overlap=0.5)
-    prob = predict_volume([model], volume, 1, cfg, "cpu")  # roi 512 > slice: one window per slice
+    prob = predict_volume([model], volume, 1, cfg, "cpu")  # roi 256 > slice: one window per slice
+    (top, bottom), (left, right) = window_padding((40, 37), cfg.roi_size, model.multiple)
+    assert (top, bottom, left, right) == (12, 12, 13, 14)  # 256-ROI centring: 108 and 109 px before, mod 32
     with torch.no_grad():
-        x = context_stack(volume, list(range(5)), 1)
-        expected = sliding_window_inference(x, (40, 37), 2, model, overlap=0.5, mode="gaussian")
-    torch.testing.assert_close(prob, torch.sigmoid(expected[:, 0]).permute(1, 2, 0), atol=1e-5, rtol=0)
+        x = F.pad(context_stack(volume, list(range(5)), 1), [left, right, top, bottom], mode="replicate")
+        expected = sliding_window_inference(x, (64, 64), 2, model, overlap=0.5, mode="gaussian")
+    expected = expected[:, 0, top : top + 40, left : left + 37]
+    torch.testing.assert_close(prob, torch.sigmoid(expected).permute(1, 2, 0), atol=1e-5, rtol=0)
+
+
+class _PoolingPhase(nn.Module):
+    """Logits that depend only on each pixel's offset on an 8-pixel grid (its row and column
+    mod 8 in the network's input): the most position-sensitive network of stride 8."""
+
+    multiple = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, dtype=x.dtype).remainder(8)[:, None]
+        cols = torch.arange(w, dtype=x.dtype).remainder(8)[None, :]
+        return (self.weight * (rows - 3.5 + (cols - 3.5) / 8)).expand(x.shape[0], 1, h, w).clone()
+
+
+@pytest.mark.parametrize(("plane", "roi"), [((20, 27), (64, 64)), ((13, 48), (32, 32)), ((45, 40), (32, 32))])
+def test_slices_sit_on_the_pooling_grid_where_the_configured_window_puts_them(plane, roi):
+    """medseg's window (the whole slice, padded to the stride) gives what MONAI's inferer with the
+    configured ROI gives, even for a network whose output depends on the pooling phase alone."""
+    from monai.inferers import sliding_window_inference
+
+    volume = torch.randn(1, *plane, 3)
+    cfg = InferenceConfig(roi_size=roi, overlap=0.5, blend="gaussian", precision="fp32")
+    prob = predict_volume([_PoolingPhase()], volume, 0, cfg, "cpu")
+    with torch.no_grad():
+        x = volume[0].permute(2, 0, 1)[:, None]  # (S, 1, H, W)
+        network = _PoolingPhase()
+        expected = sliding_window_inference(x, roi, 4, lambda t: torch.sigmoid(network(t)), overlap=0.5, mode="gaussian",
+                                            padding_mode="replicate")  # blended in probability space, as medseg does
+    torch.testing.assert_close(prob, expected[:, 0].permute(1, 2, 0), atol=1e-6, rtol=0)
+
+
+def test_window_padding_centres_smaller_slices_modulo_the_stride():
+    from medseg.inference.predictor import window_padding
+
+    assert window_padding((162, 191), (256, 256), 32) == ((15, 15), (0, 1))  # a BraTS slice: 192 x 192
+    assert window_padding((447, 353), (256, 256), 32) == ((0, 0), (0, 0))  # tiled from pixel 0
+    assert window_padding((200, 64), (256, 256), 1) == ((0, 0), (0, 0))
+    for n in range(1, 256):
+        (before, after), _ = window_padding((n, 300), (256, 256), 32)
+        assert (before - (256 - n) // 2) % 32 == 0 and (before + n + after) % 32 == 0 and 0 <= after < 32
