@@ -2,7 +2,7 @@
 
 Volumes: one BraTS case (240x240x155, 3 MR channels, the trained checkpoint) and one synthetic
 CT-sized volume (512x512xN int16 phantom with eight lesions, 1 channel) predicted by the same
-architecture with a 1-channel input, trained inside the benchmark for ``--ct-train-seconds``
+architecture with a 1-channel input, trained inside the benchmark for ``--ct-train-steps``
 on a smaller phantom (so its masks are lesion-like, not the noise of random weights). For each volume, in this one process:
 
 - ``medseg``: ``CasePredictor.run_case`` -- read, preprocess (the checkpoint's chain),
@@ -12,7 +12,8 @@ on a smaller phantom (so its masks are lesion-like, not the noise of random weig
   as a user would write it with MONAI: per slice, ``sliding_window_inference`` with ROI
   256x256, overlap 0.5, Gaussian blending, fp32, ``sw_batch_size=4``.
 - ``forward``: the model's forward pass alone over exactly the windows medseg predicts
-  (same batches, precision, memory format), on tensors made before the clock starts.
+  (same batches, precision, memory format, the slices edge-padded onto the pooling grid as
+  ``predict_volume`` places them), on tensors made before the clock starts.
 
 Each variant runs once to warm up, then ``--repeats`` rounds with the variants interleaved;
 the best time is reported with the load average at that moment (the CPUs are shared). Peak
@@ -93,17 +94,22 @@ def find_checkpoint(explicit: str | None) -> Path | None:
 
 def train_for(
     model: torch.nn.Module,
-    seconds: float,
     device: torch.device,
     batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]],
+    seconds: float | None = None,
+    steps: int | None = None,
 ) -> torch.nn.Module:
-    """Train ``model`` on ``device`` for ``seconds``: ``batch(rng)`` gives CPU tensors (x (N, Cin, H, W),
-    y (N, 1, H, W)); AdamW lr 2e-3, Dice + BCE, bf16 autocast. Returns the model (train mode)."""
+    """Train ``model`` on ``device`` for ``steps`` optimiser steps (the same model on every
+    machine) or, without ``steps``, for ``seconds``: ``batch(rng)`` gives CPU tensors (x (N, Cin,
+    H, W), y (N, 1, H, W)); AdamW lr 2e-3, Dice + BCE, bf16 autocast. Returns the model (train mode)."""
+    if (seconds is None) == (steps is None):
+        raise ValueError("give seconds or steps")
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(0)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + (seconds or 0.0)
+    done = 0
+    while done < steps if steps is not None else time.monotonic() < deadline:
         x, y = (t.to(device) for t in batch(rng))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(x).float()
@@ -113,6 +119,8 @@ def train_for(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        done += 1
+    print(f"trained {done} steps", flush=True)
     return model
 
 
@@ -140,7 +148,7 @@ def train_fallback(out: Path, minutes: float, device: torch.device, brats: Path)
         idx = rng.choice(with_lesion if rng.random() < 0.7 else np.arange(label.shape[2]), 8)
         return context_stack(image, list(map(int, idx)), 1), label[:, :, idx].permute(2, 0, 1)[:, None]
 
-    model = train_for(build_model(model_cfg), minutes * 60, device, batch)
+    model = train_for(build_model(model_cfg), device, batch, seconds=minutes * 60)
     config = Config(model=model_cfg, preprocess=pre)
     extra = {"config": config.model_dump(mode="json"), "channels": channels, "modality": "MR"}
     return save_checkpoint(out, model.cpu().eval(), model_cfg, extra)
@@ -170,8 +178,8 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tupl
     return write_volume(volume, geometry, path, dtype=np.int16), write_volume(label, geometry, label_path)
 
 
-def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path, device: torch.device) -> torch.nn.Module:
-    """The CT model of the benchmark: ``model_cfg`` trained for ``seconds`` on four 256x256x32
+def train_ct_model(model_cfg, preprocess, steps: int, tmp: Path, device: torch.device) -> torch.nn.Module:
+    """The CT model of the benchmark: ``model_cfg`` trained for ``steps`` on four 256x256x32
     phantoms (other seeds than the benchmark volume, so lesion positions cannot be memorised),
     batches of 8 slices (70% with lesion) cropped to one random 128x128 window, Dice + BCE,
     bf16 autocast."""
@@ -196,7 +204,7 @@ def train_ct_model(model_cfg, preprocess, seconds: float, tmp: Path, device: tor
         return x[..., r0 : r0 + 128, c0 : c0 + 128], y[..., r0 : r0 + 128, c0 : c0 + 128]
 
     torch.manual_seed(0)
-    return train_for(build_model(model_cfg), seconds, device, batch).eval()
+    return train_for(build_model(model_cfg), device, batch, steps=steps).eval()
 
 
 def baseline_predict(model: torch.nn.Module, image: torch.Tensor, context: int, axis: int) -> torch.Tensor:
@@ -418,7 +426,8 @@ def main() -> int:
     parser.add_argument("--case", default="Brats18_2013_20_1", help="BraTS case folder name (a validation case of runs/brats)")
     parser.add_argument("--batch-cases", type=int, default=4, help="BraTS cases of the batch (prefetch) measurement; 0 = skip")
     parser.add_argument("--ct-slices", type=int, default=200)
-    parser.add_argument("--ct-train-seconds", type=float, default=90.0, help="training time of the CT phantom model")
+    parser.add_argument("--ct-train-steps", type=int, default=250,
+                        help="optimiser steps of the CT phantom model (a fixed count: the same model on every machine; ~100 s here)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-minutes", type=float, default=5.0, help="fallback training time")
     parser.add_argument("--json", help="also write the results here")
@@ -477,9 +486,9 @@ def main() -> int:
             ct_path, ct_label = synthetic_ct(tmp / "ct.nii.gz", (512, 512, args.ct_slices))
             context = bundle.config.preprocess.context_slices
             ct_model_cfg = ModelConfig.model_validate({**bundle.config.model.model_dump(), "in_channels": 2 * context + 1})
-            ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_seconds, tmp, device)
+            ct_model = train_ct_model(ct_model_cfg, bundle.config.preprocess, args.ct_train_steps, tmp, device)
             results["ct_model_source"] = (f"{ct_model_cfg.arch}/{ct_model_cfg.encoder} trained inside this benchmark for "
-                                          f"{args.ct_train_seconds:.0f} s on four synthetic 256x256x32 CT phantoms")
+                                          f"{args.ct_train_steps} steps on four synthetic 256x256x32 CT phantoms")
             prepare_models([ct_model], str(device), bundle.inference.channels_last)
             config = bundle.config.model_copy(update={"model": ct_model_cfg})
             ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], device)

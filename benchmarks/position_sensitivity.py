@@ -1,12 +1,14 @@
 """How much a trained 2.5D model's mask depends on where the slice sits in its input window.
 
-medseg predicts a foreground-cropped slice in one window, padded at the bottom/right to the
-network's stride multiple. Another inference path (MONAI ``sliding_window_inference`` with a
-256x256 ROI, as in ``bench_inference.py``'s baseline) pads the same slice to 256x256 around
-its centre. A network with stride-2 max-pools is not shift-equivariant, so the two masks can
-differ although both paths compute the same model on the same pixels. This script measures
-that on one BraTS case, fp32, whole volume, masks post-processed and mapped to the source
-grid exactly as ``medseg infer`` does:
+A foreground-cropped slice predicted in one window padded at the bottom/right to the
+network's stride multiple (this script's reference placement) and the same slice padded to
+256x256 around its centre (MONAI ``sliding_window_inference`` with a 256x256 ROI, as in
+``bench_inference.py``'s baseline) sit at different phases of the network's pooling grid. A
+network with stride-2 max-pools is not shift-equivariant, so the two masks can differ
+although both compute the same model on the same pixels. This script measures that on one
+BraTS case, fp32, whole volume, masks post-processed and mapped to the source grid exactly
+as ``medseg infer`` does (``predict_volume`` itself now places slices on the grid where the
+configured ROI window would put them: ``medseg.inference.predictor.window_padding``):
 
 - ``shift (dy, dx)``: the slice edge-padded by dy rows at the top and dx columns at the left
   (then to the stride multiple as usual); Dice of the mask against the unshifted one;
