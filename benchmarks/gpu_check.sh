@@ -73,7 +73,7 @@ if [ "${#CASES[@]}" -lt 4 ]; then  # copies of the first case under other ids fo
 fi
 
 step bench_inference 300 $PY benchmarks/bench_inference.py --device cuda --brats-dir "$BRATS" \
-    --checkpoint "$CHECKPOINT" --batch-cases 4 --ct-slices 200 --ct-train-steps 250 --repeats 3 \
+    --checkpoint "$CHECKPOINT" --batch-cases 4 --ct-slices 200 --repeats 3 \
     --json "$OUT/bench_inference.json"
 
 echo "=== done: $failed failed step(s); logs in $OUT"

@@ -65,19 +65,29 @@ def foreground_mask(image: np.ndarray | torch.Tensor, modality: str, ct_body_hu:
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if modality.upper() == "CT":
         return (arr > ct_body_hu).any(axis=0)
+    if len(arr) == 1:
+        return _mr_channel_foreground(arr[0])
+    # channels are independent: one thread each (numpy's reductions and comparisons release the GIL)
+    with ThreadPoolExecutor(max_workers=len(arr), thread_name_prefix="medseg-fg") as pool:
+        masks = list(pool.map(_mr_channel_foreground, arr))
+    mask = masks[0]
+    for other in masks[1:]:
+        mask |= other
+    return mask
+
+
+def _mr_channel_foreground(channel: np.ndarray) -> np.ndarray:
+    """One MR channel's foreground (``foreground_mask``): above its minimum when the minimum fills
+    > 5% of the volume (skull-stripped or masked images), else above its Otsu threshold."""
     from skimage.filters import threshold_otsu
 
-    mask = np.zeros(arr.shape[1:], dtype=bool)
-    for channel in arr:
-        low = channel.min()
-        sub = channel[::2, ::2, ::2] if channel.ndim == 3 else channel
-        if np.count_nonzero(sub == low) > 0.05 * sub.size:
-            mask |= channel > low
-        else:
-            hi = np.percentile(sub, 99.5)
-            threshold = threshold_otsu(np.clip(sub, low, hi)) if hi > low else low
-            mask |= channel > threshold
-    return mask
+    low = channel.min()
+    sub = channel[::2, ::2, ::2] if channel.ndim == 3 else channel
+    if np.count_nonzero(sub == low) > 0.05 * sub.size:
+        return channel > low
+    hi = np.percentile(sub, 99.5)
+    threshold = threshold_otsu(np.clip(sub, low, hi)) if hi > low else low
+    return channel > threshold
 
 
 class NormalizeCTd(MapTransform):

@@ -23,6 +23,7 @@ max_inplane_diameter_mm    longest distance between pixel corners of the lesion 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import cc3d
@@ -63,14 +64,27 @@ def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
 
 def _max_inplane_diameter(component: np.ndarray, axis: int, spacing: Sequence[float]) -> float:
     """Max over slices normal to ``axis`` of ``inplane_diameter_mm``; only the first and last
-    pixel of each row can be hull vertices, so a slice contributes at most 2 x rows points."""
+    pixel of each row can be hull vertices, so a slice contributes at most 2 x rows points.
+
+    Slices are measured largest bounding box first; a slice whose box diagonal (corner to
+    corner, an upper bound of its diameter) cannot beat the best so far is skipped, so a
+    70-slice tumour needs a few hull computations instead of 70 (the same maximum)."""
     plane_spacing = [spacing[a] for a in range(3) if a != axis]
     moved = np.moveaxis(component, axis, 0)  # (S, H, W)
     present = moved.any(axis=2)  # (S, H)
     first = moved.argmax(axis=2)
     last = moved.shape[2] - 1 - moved[:, :, ::-1].argmax(axis=2)
+    slices = np.flatnonzero(present.any(axis=1))
+    bounds = []
+    for z in slices:
+        rows = np.flatnonzero(present[z])
+        height = (rows[-1] - rows[0] + 1) * plane_spacing[0]
+        width = (last[z, rows].max() - first[z, rows].min() + 1) * plane_spacing[1]
+        bounds.append(math.hypot(height, width))
     best = 0.0
-    for z in np.flatnonzero(present.any(axis=1)):
+    for bound, z in sorted(zip(bounds, slices, strict=True), reverse=True):
+        if bound <= best:
+            break
         rows = np.flatnonzero(present[z])
         ends = np.concatenate([np.stack([rows, first[z, rows]], axis=1), np.stack([rows, last[z, rows]], axis=1)])
         best = max(best, inplane_diameter_mm(ends, plane_spacing))

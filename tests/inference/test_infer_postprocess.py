@@ -134,13 +134,21 @@ def test_bounding_box_labelling_matches_the_whole_volume(rng):
     np.testing.assert_array_equal(labels, full)
 
 
+@pytest.mark.parametrize("shape", ["random", "ellipsoid"])
 @pytest.mark.parametrize("axis", [0, 2])
-def test_inplane_diameter_equals_brute_force(rng, axis):
+def test_inplane_diameter_equals_brute_force(rng, axis, shape):
+    """Also for slices of very different sizes (an ellipsoid with holes), where the largest-box-
+    first search skips most slices."""
     from scipy.spatial.distance import pdist
 
     from medseg.inference.lesion_table import _max_inplane_diameter
 
-    component = rng.random((9, 8, 7)) > 0.6
+    if shape == "random":
+        component = rng.random((9, 8, 7)) > 0.6
+    else:
+        i, j, k = np.ogrid[:21, :17, :15]
+        component = ((i - 10) / 10) ** 2 + ((j - 8) / 6) ** 2 + ((k - 7) / 7) ** 2 < 1
+        component &= rng.random(component.shape) > 0.2
     spacing = (0.7, 1.3, 2.0)
     plane = [spacing[a] for a in range(3) if a != axis]
     corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
