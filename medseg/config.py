@@ -250,8 +250,9 @@ class InferenceConfig(StrictModel):
     """``medseg infer``: whole-volume 2.5D sliding-window prediction and post-processing.
 
     Prediction: ``roi_size`` is the in-plane sliding window (pixels); a slice that fits in it is
-    predicted as one window (the window shrinks to the slice), larger slices are tiled with
-    ``overlap`` and ``blend`` weighting (MONAI ``SlidingWindowInferer``). ``batch_size``:
+    predicted as one window (the window shrinks to the slice, which sits on the network's
+    pooling grid where the ``roi_size`` window would put it: centred, modulo the stride), larger
+    slices are tiled with ``overlap`` and ``blend`` weighting (MONAI ``SlidingWindowInferer``). ``batch_size``:
     windows per forward pass (``None``: 4 on CPU, 32 on CUDA; see docs/benchmarks.md).
     ``precision``: ``auto`` = bf16 autocast on CPUs with AVX-512/AMX and on CUDA GPUs that
     support it (else fp16 on CUDA, fp32 on other CPUs); ``fp32`` | ``bf16`` | ``fp16`` force one.

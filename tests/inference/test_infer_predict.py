@@ -139,9 +139,9 @@ def test_whole_slice_window_skips_the_inferer_with_the_same_probabilities():
     model = build_model(ModelConfig(arch="unet", encoder="resnet18", in_channels=6, width=0.125)).eval()
     volume = torch.randn(2, 40, 37, 5)
     cfg = InferenceConfig(precision="fp32", batch_size=2, blend="gaussian", overlap=0.5)
-    prob = predict_volume([model], volume, 1, cfg, "cpu")  # roi 256 > slice: one window per slice
+    prob = predict_volume([model], volume, 1, cfg, "cpu")  # roi 512 > slice: one window per slice
     (top, bottom), (left, right) = window_padding((40, 37), cfg.roi_size, model.multiple)
-    assert (top, bottom, left, right) == (12, 12, 13, 14)  # 256-ROI centring: 108 and 109 px before, mod 32
+    assert (top, bottom, left, right) == (12, 12, 13, 14)  # 512-ROI centring: 236 and 237 px before, mod 32
     with torch.no_grad():
         x = F.pad(context_stack(volume, list(range(5)), 1), [left, right, top, bottom], mode="replicate")
         expected = sliding_window_inference(x, (64, 64), 2, model, overlap=0.5, mode="gaussian")
