@@ -24,7 +24,7 @@ above the Otsu threshold. The crop keeps ``crop_margin`` voxels around the foreg
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,15 +65,21 @@ def foreground_mask(image: np.ndarray | torch.Tensor, modality: str, ct_body_hu:
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if modality.upper() == "CT":
         return (arr > ct_body_hu).any(axis=0)
-    if len(arr) == 1:
-        return _mr_channel_foreground(arr[0])
-    # channels are independent: one thread each (numpy's reductions and comparisons release the GIL)
-    with ThreadPoolExecutor(max_workers=len(arr), thread_name_prefix="medseg-fg") as pool:
-        masks = list(pool.map(_mr_channel_foreground, arr))
+    masks = map_channels(_mr_channel_foreground, list(arr))
     mask = masks[0]
     for other in masks[1:]:
         mask |= other
     return mask
+
+
+def map_channels(fn: Callable[..., Any], channels: Sequence[Any], *args: Any) -> list[Any]:
+    """``[fn(channel, *args) for channel in channels]``, one thread per channel when there are
+    several (channels are independent; numpy's reductions, comparisons, percentiles and copies
+    release the GIL)."""
+    if len(channels) == 1:
+        return [fn(channels[0], *args)]
+    with ThreadPoolExecutor(max_workers=len(channels), thread_name_prefix="medseg-channel") as pool:
+        return list(pool.map(lambda channel: fn(channel, *args), channels))
 
 
 def _mr_channel_foreground(channel: np.ndarray) -> np.ndarray:
@@ -146,12 +152,7 @@ class NormalizeMRd(MapTransform):
         for key in self.key_iterator(d):
             x = plain_float32(d[key])  # our copy: normalised in place
             fg = foreground_mask(x, "MR")
-            mask = fg if fg.any() else None
-            if x.shape[0] == 1:
-                self._normalise_channel(x[0], mask)
-            else:  # channels are independent: one thread each (percentiles and copies release the GIL)
-                with ThreadPoolExecutor(max_workers=x.shape[0], thread_name_prefix="medseg-norm") as pool:
-                    list(pool.map(self._normalise_channel, x.unbind(0), [mask] * x.shape[0]))
+            map_channels(self._normalise_channel, x.unbind(0), fg if fg.any() else None)
             d[key] = like_input(x, d[key])
         return d
 

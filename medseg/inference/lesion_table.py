@@ -74,18 +74,16 @@ def _max_inplane_diameter(component: np.ndarray, axis: int, spacing: Sequence[fl
     present = moved.any(axis=2)  # (S, H)
     first = moved.argmax(axis=2)
     last = moved.shape[2] - 1 - moved[:, :, ::-1].argmax(axis=2)
-    slices = np.flatnonzero(present.any(axis=1))
-    bounds = []
-    for z in slices:
+    candidates = []  # (box diagonal, slice, its rows)
+    for z in np.flatnonzero(present.any(axis=1)):
         rows = np.flatnonzero(present[z])
         height = (rows[-1] - rows[0] + 1) * plane_spacing[0]
         width = (last[z, rows].max() - first[z, rows].min() + 1) * plane_spacing[1]
-        bounds.append(math.hypot(height, width))
+        candidates.append((math.hypot(height, width), z, rows))
     best = 0.0
-    for bound, z in sorted(zip(bounds, slices, strict=True), reverse=True):
+    for bound, z, rows in sorted(candidates, key=lambda c: c[0], reverse=True):
         if bound <= best:
             break
-        rows = np.flatnonzero(present[z])
         ends = np.concatenate([np.stack([rows, first[z, rows]], axis=1), np.stack([rows, last[z, rows]], axis=1)])
         best = max(best, inplane_diameter_mm(ends, plane_spacing))
     return best
