@@ -40,11 +40,23 @@ from medseg.config import Config, InferenceConfig, format_validation_error, pars
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.cases import InferenceCase, check_case_id
 from medseg.inference.lesion_table import lesion_table, source_slice_axis
-from medseg.inference.outputs import discard_case, expected_outputs, is_complete, start_case, write_case
+from medseg.inference.outputs import (
+    LESIONS_SUFFIX,
+    MASK_SUFFIX,
+    PROB_SUFFIX,
+    CaseWriter,
+    discard_case,
+    expected_outputs,
+    is_complete,
+    lesion_map_dtype,
+    start_case,
+    write_case,
+)
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import predict_volume, prepare_models, resolve_device
 from medseg.io import Geometry
 from medseg.lesions import label_components
+from medseg.memory import keep_freed_memory
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
 from medseg.transforms import apply_chain
 
@@ -54,7 +66,7 @@ AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
 FAILURES_FILE = "failures.csv"
 RUN_RECORD = "inference.json"
 # settings that do not change what is written (left out of the per-case fingerprint)
-NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads")
+NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads", "keep_freed_memory")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -133,6 +145,7 @@ def load_bundle(
     All checkpoints must share channels, modality, preprocessing and output channels (their
     probabilities are averaged). The inference settings are the first checkpoint's, then
     ``overrides`` (``inference.key=value``). Raises ``MedsegError`` naming the file otherwise.
+    Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
     """
     from medseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -168,6 +181,8 @@ def load_bundle(
     config, channels, modality = first
     config = config.model_copy(update={"inference": apply_inference_overrides(config.inference, overrides)})
     prepare_models(models, dev, config.inference.channels_last)
+    if config.inference.keep_freed_memory:
+        keep_freed_memory()
     if config.inference.threads is not None:
         torch.set_num_threads(config.inference.threads)
     return InferenceBundle(models, config, channels, modality, paths, dev)
@@ -236,8 +251,12 @@ class CasePredictor:
         )
         return prob, time.perf_counter() - start
 
-    def finish(self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float = 0.0) -> CaseResult:
-        """The CPU part after the network: map ``prob`` to the source grid, post-process, label lesions."""
+    def finish(
+        self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float = 0.0, writer: CaseWriter | None = None
+    ) -> CaseResult:
+        """The CPU part after the network: map ``prob`` to the source grid, post-process, label
+        lesions. With ``writer``, each output is handed to it the moment it exists, so the mask
+        is written while the lesions are labelled and measured (the table is written last)."""
         cfg = self.bundle.inference
         timings = {"read_preprocess": prepared.seconds, "predict": predict_seconds}
         start = time.perf_counter()
@@ -246,14 +265,22 @@ class CasePredictor:
         spacing = prepared.geometry.spacing
         mask = postprocess(prob_src[0] if prob_src.shape[0] == 1 else prob_src, spacing, cfg)
         lesion_prob = prob_src[0] if prob_src.shape[0] == 1 else 1.0 - prob_src[0]
+        if writer is not None:
+            writer.volume(MASK_SUFFIX, mask, np.uint8)
+            if cfg.write_prob:
+                writer.volume(PROB_SUFFIX, lesion_prob, np.float32)
         lesions = table = None
         if cfg.write_lesions:
             lesions, n = label_components(mask, cfg.connectivity)
+            if writer is not None:
+                writer.volume(LESIONS_SUFFIX, lesions, lesion_map_dtype(n))
             affine = prepared.geometry.affine
             table = lesion_table(
                 lesions, n, lesion_prob, affine, spacing, source_slice_axis(affine, self.ras_axis),
                 classes=mask if prob_src.shape[0] > 1 else None,
             )
+            if writer is not None:
+                writer.table(table)
         timings["postprocess"] = time.perf_counter() - start
         return CaseResult(mask, lesion_prob, lesions, table, timings)
 
@@ -262,22 +289,36 @@ class CasePredictor:
         prob, seconds = self.probabilities(prepared)
         return self.finish(prepared, prob, seconds)
 
+    @staticmethod
+    def _marker_info(result: CaseResult) -> dict[str, Any]:
+        return {"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
+                "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
+
     def write(self, prepared: PreparedCase, result: CaseResult, out_dir: Path, fingerprint: str) -> list[Path]:
-        """Write ``result`` on the source grid, marker last (:func:`.outputs.write_case`)."""
+        """Write a finished ``result`` on the source grid, marker last (:func:`.outputs.write_case`)."""
         cfg = self.bundle.inference
         return write_case(
             out_dir, prepared.case.case_id, prepared.geometry, result.mask, fingerprint,
             prob=result.lesion_prob if cfg.write_prob else None, lesions=result.lesions, table=result.table,
-            info={"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
-                  "timings_s": {k: round(v, 4) for k, v in result.timings.items()}},
+            info=self._marker_info(result),
         )
+
+    def finish_and_write(
+        self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float, out_dir: Path, fingerprint: str
+    ) -> list[Path]:
+        """:meth:`finish` and :meth:`write` in one, each file written while the next output is
+        computed (the same files; 50 -> ~10 ms of writing after the table on a BraTS case)."""
+        with CaseWriter(out_dir, prepared.case.case_id, prepared.geometry, fingerprint) as writer:
+            result = self.finish(prepared, prob, predict_seconds, writer)
+            return writer.close(self._marker_info(result))
 
     def run_case(self, case: InferenceCase, out_dir: str | Path) -> list[Path]:
         """One case end to end (no prefetch): read, preprocess, predict, post-process, write."""
         out = Path(out_dir)
         start_case(out, case.case_id)
         prepared = self.prepare(case)
-        return self.write(prepared, self.predict(prepared), out, self.bundle.fingerprint())
+        prob, seconds = self.probabilities(prepared)
+        return self.finish_and_write(prepared, prob, seconds, out, self.bundle.fingerprint())
 
 
 # --------------------------------------------------------------------------- batches
@@ -396,7 +437,7 @@ def run_inference(
             discard_case(out, case_id)
 
     def finish_and_write(prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:
-        predictor.write(prepared, predictor.finish(prepared, prob, seconds), out, fingerprint)
+        predictor.finish_and_write(prepared, prob, seconds, out, fingerprint)
 
     finishing: tuple[str, Future[None]] | None = None  # the previous case, post-processed + written in the background
 

@@ -103,19 +103,71 @@ def test_overlapped_batch_writes_what_the_sequential_one_writes(tmp_path, checkp
         pd.testing.assert_frame_equal(*tables)
 
 
+def test_overlapped_writing_writes_what_writing_a_finished_result_writes(tmp_path, checkpoint):
+    """``run_case`` hands each output to the writer as it is made (``finish_and_write``); a
+    finished ``predict`` result written with ``write`` must give the same files and types."""
+    from medseg.inference.runner import CasePredictor
+
+    bundle = load_bundle([checkpoint], ["inference.write_prob=true", "inference.min_lesion_mm3=0"])
+    predictor = CasePredictor(bundle)
+    case = cases_from_manifest(_manifest(tmp_path, 1), CHANNELS, "MR")[0]
+    prepared = predictor.prepare(case)
+    predictor.write(prepared, predictor.predict(prepared), tmp_path / "finished", bundle.fingerprint())
+    predictor.run_case(case, tmp_path / "overlapped")
+    for suffix in ("_mask.nii.gz", "_prob.nii.gz", "_lesions.nii.gz"):
+        a, b = (nib.load(str(tmp_path / o / f"case0{suffix}")) for o in ("finished", "overlapped"))
+        assert a.get_data_dtype() == b.get_data_dtype()
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+    tables = [pd.read_csv(tmp_path / o / "case0_lesions.csv") for o in ("finished", "overlapped")]
+    pd.testing.assert_frame_equal(*tables)
+    assert len(tables[0]) > 0  # a random tiny network marks some voxels: the lesion files are not empty
+    for o in ("finished", "overlapped"):
+        assert is_complete(tmp_path / o, "case0", expected_outputs("case0", True, True), bundle.fingerprint())
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(0, np.uint8), (255, np.uint8), (256, np.uint16), (65535, np.uint16),
+                                          (65536, np.uint32)])
+def test_lesion_map_file_type_is_the_smallest_that_holds_the_ids(n, dtype):
+    from medseg.inference.outputs import lesion_map_dtype
+
+    assert lesion_map_dtype(n) is dtype
+
+
+@pytest.mark.parametrize("stage", ["marker", "table"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
-def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, monkeypatch):
-    from medseg.inference import runner
+def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, stage, monkeypatch):
+    """``marker``: every file and the marker written, then an error; ``table``: an error while
+    the mask and lesion map are still being written in the writer's threads."""
+    from medseg.inference import outputs, runner
 
-    real_write = runner.CasePredictor.write
+    real_close, real_table = outputs.CaseWriter.close, runner.lesion_table
 
-    def write(self, prepared, result, out_dir, fingerprint):
-        if prepared.case.case_id == "case0":
-            real_write(self, prepared, result, out_dir, fingerprint)  # files on disk, then the failure
+    def close(self, info=None):
+        if self.case_id == "case0":
+            real_close(self, info)  # files and marker on disk, then the failure
             raise OSError("disk full")
-        return real_write(self, prepared, result, out_dir, fingerprint)
+        return real_close(self, info)
 
-    monkeypatch.setattr(runner.CasePredictor, "write", write)
+    tables: list[int] = []
+
+    def lesion_table(*args, **kwargs):
+        tables.append(1)
+        if len(tables) == 1:  # case0's: cases are finished in order, also when overlapped
+            raise OSError("disk full")
+        return real_table(*args, **kwargs)
+
+    real_write_volume = outputs.write_volume
+
+    def slow_write_volume(*args, **kwargs):
+        time.sleep(0.3)  # still writing when the table fails: the files land after the error
+        return real_write_volume(*args, **kwargs)
+
+    if stage == "marker":
+        monkeypatch.setattr(outputs.CaseWriter, "close", close)
+    else:
+        monkeypatch.setattr(runner, "lesion_table", lesion_table)
+        monkeypatch.setattr(outputs, "write_volume", slow_write_volume)
     manifest = _manifest(tmp_path, 3)
     out = tmp_path / "out"
     cases = cases_from_manifest(manifest, ["flair", "t1"], "MR")

@@ -30,7 +30,9 @@ def _check_outputs(out_dir, case_id, lesion, affine):
     assert mask_img.shape == lesion.shape
     np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(mask_img.dataobj), lesion)
-    instances = np.asarray(nib.load(str(out_dir / f"{case_id}_lesions.nii.gz")).dataobj)
+    instances_img = nib.load(str(out_dir / f"{case_id}_lesions.nii.gz"))
+    assert instances_img.get_data_dtype() == np.uint8  # a few lesions: the smallest type that holds their ids
+    instances = np.asarray(instances_img.dataobj)
     expected, n = label_lesions(lesion)
     np.testing.assert_array_equal(instances, expected)
     table = pd.read_csv(out_dir / f"{case_id}_lesions.csv")
