@@ -275,8 +275,8 @@ class InferenceConfig(StrictModel):
     H200: 1.04 s with it, 1.70 s without; off on a CPU, where all of it competes for the same
     cores; docs/benchmarks.md). ``keep_freed_memory``: the inference process keeps memory it
     frees for reuse instead of returning it to the system (glibc; :mod:`medseg.memory`): the
-    next large buffer then needs no fresh zeroed pages (a BraTS case: ~78,000 page faults ->
-    ~4,500, a third less CPU time around the forward pass); peak memory is the same, but the
+    next large buffer then needs no fresh zeroed pages (a BraTS case: ~88,000 page faults ->
+    ~4,000, the work around the network 1.16x faster); peak memory is about the same, but the
     process holds it until it exits.
     """
 

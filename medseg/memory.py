@@ -5,8 +5,9 @@ glibc's ``malloc`` serves every request above its mmap threshold (at most 32 MB)
 buffers per case (a 240x240x155 float32 volume is 36 MB; read, orient, crop, normalise,
 slice stacks, probabilities, inversion to the source grid...), and each one is new memory
 the kernel must map and zero page by page on first touch. On a BraTS case that was about
-78,000 page faults per case end to end; with the policy below about 4,500, and the CPU
-work around the forward pass took about a third less time (docs/benchmarks.md).
+88,000 page faults for the work around the network (read, preprocess, slice stacks,
+inversion, post-processing, writing); with the policy below about 4,000, and that work ran
+1.16x faster (``benchmarks/bench_allocator.py``, docs/benchmarks.md).
 
 :func:`keep_freed_memory` tells glibc to serve large requests from its heap
 (``M_MMAP_MAX = 0``) and not to trim the heap on ``free`` (``M_TRIM_THRESHOLD``), so a buffer
