@@ -19,7 +19,7 @@ Each variant runs once to warm up, then ``--repeats`` rounds with the variants i
 the best time is reported with the load average at that moment (the CPUs are shared), and
 the ratio to the forward bound both as best / best and as the median over rounds of medseg's
 time over the bound's in the same round (the two run back to back, so a slow spell of the
-shared machine hits both). Peak
+shared machine hits both); ``--pair-rounds`` adds rounds of only those two. Peak
 RSS per variant: the kernel's high-water mark is reset (``/proc/self/clear_refs``) before each
 call and read with ``resource.getrusage`` after it. Quality: Dice between the medseg and
 baseline masks, between medseg (bf16) and the same pipeline in fp32, and of each against the
@@ -59,14 +59,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                      extra: dict[str, Callable[[], object]] | None = None, extra_rounds: int = 0) -> dict[str, dict]:
     """Each function once to warm up, then ``repeats`` rounds calling them in turn (interleaved,
-    so a burst of load from other jobs does not hit one variant only). Per function: best
-    time, all times, the 1-min load average before the best call, and the peak RSS (the
-    kernel's high-water mark reset before each call, read after it; max over calls)."""
+    so a burst of load from other jobs does not hit one variant only), then ``extra_rounds``
+    more rounds of only the functions named in ``extra`` (more back-to-back pairs for a
+    per-round ratio without the slow baseline in between). Per function: best time, all times,
+    the 1-min load average before the best call, and the peak RSS (the kernel's high-water
+    mark reset before each call, read after it; max over calls)."""
     out = {name: {"times_s": [], "loads": [], "peak_rss_mb": 0.0} for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
+    rounds = [fns] * (repeats + 1) + [{name: fns[name] for name in (extra or {})}] * extra_rounds
+    for round_, chosen in enumerate(rounds):
+        for name, fn in chosen.items():
             reset_peak_rss()
             load = os.getloadavg()[0]
             start = time.perf_counter()
@@ -265,8 +269,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if not (a.any() or b.any()) else float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
-def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path | None = None) -> dict:
-    """medseg vs baseline vs forward-alone on one case; returns the result row."""
+def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path | None = None, pair_rounds: int = 0) -> dict:
+    """medseg vs baseline vs forward-alone on one case (``pair_rounds`` more rounds of medseg and
+    its bound only, for the per-round ratio); returns the result row."""
     import dataclasses
 
     import nibabel as nib
@@ -299,11 +304,11 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
     prepared = predictor.prepare(case)
     image = prepared.data[IMAGE_KEY].as_tensor()
     stacks = forward_stacks(bundle, image, axis)
-    timings = timed_interleaved({  # medseg and its bound back to back in each round: the per-round ratio
+    pair = {  # medseg and its bound back to back in each round: the per-round ratio
         "medseg": lambda: predictor.run_case(case, out_medseg),
         "forward_alone": lambda: run_forward(bundle, stacks),
-        "baseline": baseline,
-    }, repeats)
+    }
+    timings = timed_interleaved({**pair, "baseline": baseline}, repeats, pair, pair_rounds)
     medseg, base, bound = timings["medseg"], timings["baseline"], timings["forward_alone"]
     window = list(stacks[0].shape[-2:])  # the slice padded onto the pooling grid
     stacks.clear()
@@ -326,11 +331,12 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
                     "dice_vs_label_baseline": dice(b, reference)}
     marker = json.loads((out_medseg / f"{case.case_id}_complete.json").read_text())
     per_round = [m / f for m, f in zip(medseg["times_s"], bound["times_s"], strict=True)]  # back to back in each round
+    speedup_rounds = len(base["times_s"])  # the baseline's rounds: medseg's best among those same rounds
     return {
         "volume": name, "source_shape": list(prepared.geometry.size), "predicted_grid": list(image.shape[1:]),
         "slices_predicted": n_slices, "window": window, "batch": batch,
         "precision": str(autocast_dtype(cfg.precision, bundle.device)), "medseg": medseg, "baseline": base,
-        "forward_alone": bound, "speedup_vs_baseline": base["best_s"] / medseg["best_s"],
+        "forward_alone": bound, "speedup_vs_baseline": base["best_s"] / min(medseg["times_s"][:speedup_rounds]),
         "ratio_to_forward": medseg["best_s"] / bound["best_s"],
         "ratio_to_forward_per_round": [round(r, 3) for r in per_round],
         "ratio_to_forward_median": float(np.median(per_round)),
@@ -465,6 +471,8 @@ def main() -> int:
     parser.add_argument("--ct-model-cache", default="runs/bench/ct_models",
                         help="folder keeping trained CT phantom models for later runs ('' = always train)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pair-rounds", type=int, default=0,
+                        help="more rounds of medseg and its forward bound only (no baseline), for the per-round ratio")
     parser.add_argument("--train-minutes", type=float, default=5.0, help="fallback training time")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="inference.key=value for medseg")
@@ -510,7 +518,8 @@ def main() -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
             return 0
-        rows = [bench_volume("brats", bundle, brats_case, args.repeats, tmp, case_dir / f"{args.case}_seg.nii.gz")]
+        rows = [bench_volume("brats", bundle, brats_case, args.repeats, tmp, case_dir / f"{args.case}_seg.nii.gz",
+                             args.pair_rounds)]
         print(json.dumps(rows[-1], indent=1), flush=True)
         if args.batch_cases:
             names = [args.case, *[p.name for p in sorted(brats.iterdir()) if p.name != args.case]][: args.batch_cases]
@@ -530,7 +539,7 @@ def main() -> int:
             config = bundle.config.model_copy(update={"model": ct_model_cfg})
             ct_bundle = InferenceBundle([ct_model], config, ["ct"], "CT", [], device)
             rows.append(bench_volume(f"ct512x512x{args.ct_slices} (synthetic)", ct_bundle,
-                                     InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp, ct_label))
+                                     InferenceCase("ct", {"ct": ct_path}), args.repeats, tmp, ct_label, args.pair_rounds))
             print(json.dumps(rows[-1], indent=1), flush=True)
     results["rows"] = rows
     print("\n| volume | medseg s | baseline s | forward alone s | speed-up | ratio to forward (best / median of rounds) | Dice bf16 vs fp32 | Dice vs baseline | peak RSS MB (medseg / baseline) | load |")
