@@ -114,14 +114,26 @@ class CaseWriter:
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True)
 
-    def volume(self, suffix: str, array: np.ndarray, dtype: Any) -> None:
-        """Start writing ``array`` (I, J, K) as ``<case><suffix>`` with file type ``dtype``."""
-        path = self.out_dir / (self.case_id + suffix)
-        self._pending.append(self._pool.submit(write_volume, array, self.geometry, path, dtype=dtype))
+    def mask(self, mask: np.ndarray) -> None:
+        """Start writing the uint8 mask (I, J, K)."""
+        self._volume(MASK_SUFFIX, mask, np.uint8)
+
+    def probability(self, prob: np.ndarray) -> None:
+        """Start writing the float32 lesion probability (I, J, K)."""
+        self._volume(PROB_SUFFIX, prob, np.float32)
+
+    def lesions(self, labels: np.ndarray, n_lesions: int) -> None:
+        """Start writing the instance map (I, J, K) of ids 0..``n_lesions``, in the smallest
+        unsigned type that holds them (:func:`lesion_map_dtype`)."""
+        self._volume(LESIONS_SUFFIX, labels, lesion_map_dtype(n_lesions))
 
     def table(self, table: pd.DataFrame) -> None:
         """Write the lesion table (``<case>_lesions.csv``) now."""
         self._written.append(write_table(self.out_dir / (self.case_id + LESIONS_CSV_SUFFIX), table))
+
+    def _volume(self, suffix: str, array: np.ndarray, dtype: Any) -> None:
+        path = self.out_dir / (self.case_id + suffix)
+        self._pending.append(self._pool.submit(write_volume, array, self.geometry, path, dtype=dtype))
 
     def close(self, info: dict[str, Any] | None = None) -> list[Path]:
         """Wait for the volumes, then write the marker (with ``info`` and the seconds since the
@@ -132,30 +144,3 @@ class CaseWriter:
                   **(info or {}), "write_seconds": round(time.perf_counter() - self.start, 4)}
         written.append(write_json(marker_path(self.out_dir, self.case_id), record))
         return written
-
-
-def write_case(
-    out_dir: Path,
-    case_id: str,
-    geometry: Geometry,
-    mask: np.ndarray,
-    fingerprint: str,
-    prob: np.ndarray | None = None,
-    lesions: np.ndarray | None = None,
-    table: pd.DataFrame | None = None,
-    info: dict[str, Any] | None = None,
-) -> list[Path]:
-    """Write one case's finished outputs on ``geometry`` (the source grid), then its marker.
-
-    ``mask``: uint8 (I, J, K); ``prob``: float32 (I, J, K) or None; ``lesions``: instance ids
-    (I, J, K) and ``table`` (both or neither; one row per lesion). ``info`` goes into the
-    marker (with the seconds spent writing). Returns the written paths (marker last).
-    """
-    with CaseWriter(out_dir, case_id, geometry, fingerprint) as writer:
-        writer.volume(MASK_SUFFIX, mask, np.uint8)
-        if prob is not None:
-            writer.volume(PROB_SUFFIX, prob, np.float32)
-        if lesions is not None and table is not None:
-            writer.volume(LESIONS_SUFFIX, lesions, lesion_map_dtype(int(lesions.max(initial=0))))
-            writer.table(table)
-        return writer.close(info)

@@ -103,27 +103,28 @@ def test_overlapped_batch_writes_what_the_sequential_one_writes(tmp_path, checkp
         pd.testing.assert_frame_equal(*tables)
 
 
-def test_overlapped_writing_writes_what_writing_a_finished_result_writes(tmp_path, checkpoint):
-    """``run_case`` hands each output to the writer as it is made (``finish_and_write``); a
-    finished ``predict`` result written with ``write`` must give the same files and types."""
+def test_written_files_are_what_finish_computes(tmp_path, checkpoint):
+    """``run_case`` hands each output to the writer as it is made (``finish_and_write``); the
+    files must hold exactly what ``finish`` computes in memory, in their documented types."""
     from medseg.inference.runner import CasePredictor
 
     bundle = load_bundle([checkpoint], ["inference.write_prob=true", "inference.min_lesion_mm3=0"])
     predictor = CasePredictor(bundle)
     case = cases_from_manifest(_manifest(tmp_path, 1), CHANNELS, "MR")[0]
     prepared = predictor.prepare(case)
-    predictor.write(prepared, predictor.predict(prepared), tmp_path / "finished", bundle.fingerprint())
-    predictor.run_case(case, tmp_path / "overlapped")
-    for suffix in ("_mask.nii.gz", "_prob.nii.gz", "_lesions.nii.gz"):
-        a, b = (nib.load(str(tmp_path / o / f"case0{suffix}")) for o in ("finished", "overlapped"))
-        assert a.get_data_dtype() == b.get_data_dtype()
-        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
-        np.testing.assert_array_equal(a.affine, b.affine)
-    tables = [pd.read_csv(tmp_path / o / "case0_lesions.csv") for o in ("finished", "overlapped")]
-    pd.testing.assert_frame_equal(*tables)
-    assert len(tables[0]) > 0  # a random tiny network marks some voxels: the lesion files are not empty
-    for o in ("finished", "overlapped"):
-        assert is_complete(tmp_path / o, "case0", expected_outputs("case0", True, True), bundle.fingerprint())
+    result = predictor.finish(prepared, predictor.probabilities(prepared)[0])
+    out = tmp_path / "out"
+    predictor.run_case(case, out)
+    expected = {"_mask.nii.gz": (result.mask, np.uint8), "_prob.nii.gz": (result.lesion_prob, np.float32),
+                "_lesions.nii.gz": (result.lesions, np.uint8)}  # a few lesions: ids fit uint8
+    for suffix, (array, dtype) in expected.items():
+        image = nib.load(str(out / f"case0{suffix}"))
+        assert image.get_data_dtype() == dtype
+        np.testing.assert_array_equal(np.asarray(image.dataobj), array)
+    table = pd.read_csv(out / "case0_lesions.csv")
+    assert len(table) == len(result.table) > 0  # a random tiny network marks some voxels: the lesion files are not empty
+    np.testing.assert_allclose(table.to_numpy(float), result.table.to_numpy(float), rtol=1e-5)  # csv: 6 digits
+    assert is_complete(out, "case0", expected_outputs("case0", True, True), bundle.fingerprint())
 
 
 @pytest.mark.parametrize(("n", "dtype"), [(0, np.uint8), (255, np.uint8), (256, np.uint16), (65535, np.uint16),
