@@ -266,7 +266,10 @@ class InferenceConfig(StrictModel):
     probability at ``threshold`` (voxel is lesion when ``prob >= threshold``), multi-class models
     take the argmax; then optional ``fill_holes`` (MONAI ``FillHoles``) and
     ``largest_component`` (MONAI ``KeepLargestConnectedComponent``); then lesions (3-D
-    components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed.
+    components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed, and with
+    ``min_component_fraction`` > 0 those smaller than that fraction of the largest lesion
+    (0.1: keep every lesion of at least a tenth of the largest one's voxels; 1: the largest
+    only). ``medseg run pipelines/auto.yaml`` chooses these on cross-validation.
 
     Outputs: ``write_prob`` adds ``<case>_prob.nii.gz``; ``write_lesions`` the instance map and
     lesion table. ``prefetch``: in a batch, read and preprocess the next case and post-process
@@ -293,6 +296,7 @@ class InferenceConfig(StrictModel):
     min_lesion_mm3: float = Field(default=10.0, ge=0.0)
     fill_holes: bool = False
     largest_component: bool = False
+    min_component_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     connectivity: Literal[6, 18, 26] = 26
     write_prob: bool = False
     write_lesions: bool = True
@@ -471,6 +475,52 @@ class TrainConfig(StrictModel):
         return value
 
 
+class PostprocessSearchConfig(StrictModel):
+    """Post-processing candidates scored on the out-of-fold predictions (``cv`` stage, then
+    ``postprocess`` stage; :mod:`medseg.postprocess_selection`).
+
+    The grid is every combination of ``thresholds`` x ``min_lesion_mm3`` x
+    ``component_fractions`` (0 = keep every component, 1 = the largest only; see
+    ``inference.min_component_fraction``) x ``fill_holes``. The rule with the best mean
+    out-of-fold Dice wins; among rules within ``dice_tolerance`` of it, the one with the lowest
+    mean HD95. The config's own rule is kept unless the winner beats its mean Dice by more than
+    ``min_gain`` or its HD95 by more than ``min_hd95_gain_mm`` at no loss of Dice (a gain
+    smaller than that is noise on a few patients, not a rule worth shipping).
+    """
+
+    thresholds: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7], min_length=1
+    )
+    min_lesion_mm3: list[Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=lambda: [0.0, 10.0, 100.0, 500.0, 1000.0], min_length=1
+    )
+    component_fractions: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.25, 1.0], min_length=1
+    )
+    fill_holes: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    dice_tolerance: float = Field(default=0.005, ge=0.0)
+    min_gain: float = Field(default=0.002, ge=0.0)
+    min_hd95_gain_mm: float = Field(default=1.0, ge=0.0)
+
+
+class CrossValidationConfig(StrictModel):
+    """k-fold cross-validation: ``medseg train --fold K`` and the pipeline stage ``cv``.
+
+    The pool is every labelled manifest row whose split is not ``test`` (``train``, ``val`` or
+    empty); its **patients** are shuffled with ``seed`` and dealt round-robin into ``folds``
+    folds (:mod:`medseg.folds`), so a patient's cases are always in one fold. Fold k trains on
+    the other folds and predicts fold k: every pool patient is predicted exactly once by a
+    model that never saw it (out-of-fold). The weights kept per fold are the last epoch's
+    (with ``train.ema_decay``, their average), never the best validation epoch's: choosing the
+    epoch on the held-out fold would make its score optimistic. For the same reason
+    ``train.patience`` does not apply in a fold.
+    """
+
+    folds: int = Field(default=5, ge=2, le=50)
+    seed: int = 0
+    postprocess: PostprocessSearchConfig = Field(default_factory=PostprocessSearchConfig)
+
+
 class Config(StrictModel):
     """The whole configuration. Sections are added by the stages that use them."""
 
@@ -481,6 +531,7 @@ class Config(StrictModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CrossValidationConfig = Field(default_factory=CrossValidationConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

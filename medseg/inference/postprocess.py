@@ -62,6 +62,28 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_mm3: fl
     return mask
 
 
+def remove_minor_components(mask: np.ndarray, fraction: float, connectivity: int = 26) -> np.ndarray:
+    """Zero every 3-D component of ``mask > 0`` with fewer than ``fraction`` x the voxels of the
+    largest one (in place; returned). ``fraction`` 0 keeps all, 1 keeps the largest (and any
+    component tied with it). ``mask``: uint8 (X, Y, Z)."""
+    if fraction <= 0:
+        return mask
+    box = bounding_box(mask)
+    if box is None:
+        return mask
+    crop = mask[box]
+    foreground = np.ascontiguousarray(crop > 0)
+    labels, n = cc3d.connected_components(foreground, connectivity=connectivity, return_N=True)
+    if n <= 1:
+        return mask
+    where = np.flatnonzero(foreground)
+    ids = labels.ravel()[where]
+    sizes = np.bincount(ids, minlength=n + 1)
+    minor = sizes < fraction * sizes[1:].max()
+    crop[np.unravel_index(where[minor[ids]], crop.shape)] = 0
+    return mask
+
+
 def postprocess(prob: torch.Tensor | np.ndarray, spacing: Sequence[float], cfg: InferenceConfig) -> np.ndarray:
     """Probabilities -> uint8 mask on the same grid.
 
@@ -70,7 +92,8 @@ def postprocess(prob: torch.Tensor | np.ndarray, spacing: Sequence[float], cfg: 
     along X, Y, Z. Steps (``cfg``): ``prob >= threshold`` / argmax -> ``fill_holes`` (MONAI
     ``FillHoles``, per class) -> ``largest_component`` (MONAI ``KeepLargestConnectedComponent``
     over the union of classes) -> removal of 3-D lesions (``connectivity``) under
-    ``min_lesion_mm3``. Returns uint8 (X, Y, Z): 0/1, or class indices.
+    ``min_lesion_mm3`` -> removal of lesions under ``min_component_fraction`` of the largest
+    lesion's voxels. Returns uint8 (X, Y, Z): 0/1, or class indices.
     """
     mask = discretise(prob, cfg.threshold)
     if not mask.flags.writeable or not mask.flags.c_contiguous:
@@ -85,4 +108,5 @@ def postprocess(prob: torch.Tensor | np.ndarray, spacing: Sequence[float], cfg: 
 
         keep = KeepLargestConnectedComponent(is_onehot=False, independent=False, connectivity=hops)
         mask = np.asarray(keep(mask[None]))[0].astype(np.uint8, copy=False)
-    return remove_small_lesions(mask, spacing, cfg.min_lesion_mm3, cfg.connectivity)
+    mask = remove_small_lesions(mask, spacing, cfg.min_lesion_mm3, cfg.connectivity)
+    return remove_minor_components(mask, cfg.min_component_fraction, cfg.connectivity)
