@@ -1,4 +1,4 @@
-"""`medseg train CONFIG [--set k=v] [--resume] [--out DIR]`: 2.5D training (DDP under torchrun)."""
+"""`medseg train CONFIG [--set k=v] [--resume] [--out DIR] [--fold K --folds N]`: 2.5D training (DDP under torchrun)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,30 @@ from medseg.commands import add_set_option
 
 HELP = "train a 2D/2.5D segmentation model on the manifest's train split (torchrun for several processes)"
 
+EPILOG = """\
+cross-validation:
+  --fold K [--folds N]  train fold K of N patient-level folds (cv.folds, default 5) of the pool:
+                        every labelled row not in the test split. Fold K's patients are held out
+                        (validated every epoch for the record, never used to pick an epoch); the
+                        fold's model is last.pt. The assignment is written once to
+                        FOLDS_DIR/folds.json (default: the folder above --out) and reused by every
+                        fold, so all folds of one study share it. Default --out:
+                        runs/<config name>/cv/fold_K.
+  medseg run pipelines/auto.yaml trains every fold, predicts each held-out patient and reports
+  the out-of-fold accuracy.
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("config", metavar="CONFIG", help="YAML config (sections data, preprocess, model, train, ...)")
     add_set_option(parser, "config override, e.g. train.epochs=50 (repeatable)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--fold", type=int, metavar="K", help="train cross-validation fold K (0-based; see below)")
+    parser.add_argument("--folds", type=int, metavar="N", help="number of folds (cv.folds)")
+    parser.add_argument("--folds-dir", metavar="DIR", help="folder of folds.json (default: the folder above --out)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -22,10 +40,28 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.config import load_config
     from medseg.engine import train
+    from medseg.errors import ConfigError
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).name.split(".")[0]
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    overrides = list(args.overrides)
+    if args.folds is not None:
+        overrides.append(f"cv.folds={args.folds}")
+    if args.fold is None and (args.folds is not None or args.folds_dir is not None):
+        raise ConfigError("--folds/--folds-dir need --fold K")
+    cfg = load_config(args.config, overrides)
+    name = Path(args.config).name.split(".")[0]
+    if args.fold is not None:
+        if not 0 <= args.fold < cfg.cv.folds:
+            raise ConfigError(f"--fold {args.fold}: folds are 0..{cfg.cv.folds - 1} (cv.folds = {cfg.cv.folds})")
+        out = Path(args.out) if args.out else Path("runs") / name / "cv" / f"fold_{args.fold}"
+        folds_dir = Path(args.folds_dir) if args.folds_dir else out.resolve().parent
+    else:
+        out = Path(args.out) if args.out else Path("runs") / name
+        folds_dir = None
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress, fold=args.fold, folds_dir=folds_dir)
+    if args.fold is not None:
+        print(f"fold {args.fold}/{cfg.cv.folds}: trained {result.epochs_done} epoch(s) (stopped: {result.stop_reason}); "
+              f"fold model {result.out_dir / 'last.pt'}; folds in {folds_dir / 'folds.json'}")
+        return 0
     best = f"{result.best_metric:.4f} at epoch {result.best_epoch}" if result.best_epoch else "n/a"
     print(
         f"trained {result.epochs_done} epoch(s) (stopped: {result.stop_reason}); best val Dice {best}; "

@@ -31,8 +31,14 @@ def expected_in_channels(n_channels: int, context_slices: int) -> int:
     return n_channels * (2 * context_slices + 1)
 
 
-def check_training_setup(cfg: Config) -> TrainingCases:
+def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | Path | None = None) -> TrainingCases:
     """Read ``data.manifest`` and check it against the config; raise before any training work.
+
+    Without ``fold`` the manifest's ``train`` and ``val`` rows are used. With ``fold`` k
+    (cross-validation, :mod:`medseg.folds`): the pool (labelled rows not in ``test``) is dealt
+    into ``cfg.cv.folds`` patient-level folds stored in ``folds_dir/folds.json`` (created on
+    first use, reused after); fold k's patients are the validation (held-out) cases and the
+    other folds train.
 
     Checks: the manifest reads (columns, files), it has ``train`` cases, no patient is in both
     ``train`` and ``val`` (splits are patient-level, never case- or slice-level), one modality across
@@ -42,8 +48,16 @@ def check_training_setup(cfg: Config) -> TrainingCases:
     """
     manifest = Path(cfg.data.manifest)
     cases = read_manifest(manifest)
-    train = [c for c in cases if c.split == "train"]
-    val = [c for c in cases if c.split == "val"]
+    if fold is not None:
+        from medseg.folds import load_or_create_folds
+
+        if folds_dir is None:
+            raise ConfigError("a fold needs the folder that holds (or will hold) its folds.json")
+        folds = load_or_create_folds(folds_dir, cases, cfg.cv.folds, cfg.cv.seed, manifest)
+        train, val = folds.split(cases, fold)
+    else:
+        train = [c for c in cases if c.split == "train"]
+        val = [c for c in cases if c.split == "val"]
     if not train:
         raise ManifestError(manifest, ["no row has split 'train'; assign splits (e.g. medseg import ... --val-fraction 0.2)"])
     shared = sorted({c.patient_id for c in train} & {c.patient_id for c in val})

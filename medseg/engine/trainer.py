@@ -10,6 +10,10 @@ Outputs in ``out_dir``: ``config.yaml`` (the resolved config), ``last.pt`` (ever
 ``best.pt`` (best validation Dice; without validation cases: every epoch; with
 ``train.ema_decay`` both hold the weight average, see ``medseg.engine.ema``),
 ``epoch_NNN.pt`` (with ``train.save_every``), ``history.csv`` and ``tensorboard/``.
+
+Cross-validation (``fold=k``, :mod:`medseg.folds`): the held-out fold is validated every
+epoch for the record, but nothing is chosen on it: no ``best.pt``, no early stopping; the
+fold's model is ``last.pt`` (the weights after the last epoch).
 ``resume=True`` continues from ``out_dir/last.pt`` exactly: weights, optimiser, scheduler,
 gradient scaler, epoch, sampler and every rank's generator states, so on the CPU a resumed run
 reproduces the uninterrupted one.
@@ -47,6 +51,7 @@ from medseg.engine.distributed import (
     gather_objects,
     init_distributed,
     reduce_sums,
+    resolve_train_device,
     shutdown_distributed,
 )
 from medseg.engine.ema import build_ema
@@ -112,11 +117,28 @@ def thin_head_warning(model: nn.Module) -> str | None:
 
 
 class Trainer:
-    """One training run (see the module docstring). ``progress``: tqdm bars on rank 0."""
+    """One training run (see the module docstring). ``progress``: tqdm bars on rank 0.
 
-    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> None:
+    ``fold``/``folds_dir``: train cross-validation fold ``fold`` with the assignment in
+    ``folds_dir/folds.json`` (:func:`medseg.engine.setup.check_training_setup`).
+    ``single_process``: one process even under torchrun (no DDP; ``cuda:LOCAL_RANK``).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        fold: int | None = None,
+        folds_dir: str | Path | None = None,
+        single_process: bool = False,
+    ) -> None:
         self.cfg = cfg
+        self.single_process = single_process
         self.out_dir = Path(out_dir)
+        self.fold = fold
+        self.folds_dir = Path(folds_dir) if folds_dir is not None else self.out_dir
         self.resume = resume
         self.progress = progress
         self.start_time = time.monotonic()
@@ -317,7 +339,7 @@ class Trainer:
         extra = self._extra(cases, row, rng)
         model, epoch = self.eval_model, self.state.epoch
         save_checkpoint(self.out_dir / "last.pt", model, self.cfg.model, extra)
-        if improved:
+        if improved and self.fold is None:  # a fold keeps its last weights (module docstring)
             save_checkpoint(self.out_dir / "best.pt", model, self.cfg.model, extra)
         every = self.cfg.train.save_every
         if every is not None and epoch % every == 0:
@@ -334,7 +356,11 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         """Train until ``train.epochs``, early stopping or the time budget; see the module docstring."""
-        cases = check_training_setup(self.cfg)
+        cases = check_training_setup(self.cfg, self.fold, self.folds_dir)
+        if self.single_process:  # e.g. one cross-validation fold per torchrun rank: no DDP
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            device = resolve_train_device(self.cfg.train.device, local_rank)
+            return self._fit(cases, DistInfo(rank=0, world_size=1, local_rank=local_rank, device=device))
         info = init_distributed(self.cfg.train.device)
         try:
             return self._fit(cases, info)
@@ -398,7 +424,7 @@ class Trainer:
                 if history is not None:
                     history.log(row)
                     log.info("epoch %d: %s", epoch, ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
-                patience = t.patience
+                patience = t.patience if self.fold is None else None  # stopping on the held-out fold would select on it
                 if cases.val and patience is not None and self.state.bad_validations >= patience:
                     stop_reason = "early_stopping"
                     break
@@ -433,6 +459,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """``Trainer(cfg, out_dir, resume, progress).fit()``."""
-    return Trainer(cfg, out_dir, resume, progress).fit()
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    fold: int | None = None,
+    folds_dir: str | Path | None = None,
+) -> TrainResult:
+    """``Trainer(cfg, out_dir, resume, progress, fold, folds_dir).fit()``."""
+    return Trainer(cfg, out_dir, resume, progress, fold, folds_dir).fit()
