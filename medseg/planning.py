@@ -1,0 +1,424 @@
+"""Experiment planning: a dataset fingerprint -> a full medseg config, by documented rules.
+
+Like nnU-Net's experiment planner, for medseg's 2D/2.5D models: :func:`plan_dataset` reads a
+manifest, fingerprints its cross-validation pool (:mod:`medseg.fingerprint`; test cases are
+never read) and writes the config YAML with one comment line per decision, plus
+``fingerprint.json`` beside it. :func:`plan_from_fingerprint` applies the rules alone.
+
+Axes are RAS ``(R, A, S)``: R = sagittal slices, A = coronal, S = axial. "Round" below means
+round half up.
+
+Rules and their constants
+-------------------------
+================================  ===========================================================
+setting                           rule (constants in capitals, defined below)
+================================  ===========================================================
+data.labels                       foreground ``nonzero``; ``allowed_values`` = the sorted union
+                                  of the raw label values seen
+preprocess.slice_axis             the axis of the largest median spacing if it is more than
+(= stats.axis,                    ``ANISOTROPY_RATIO`` (1.5) x the smallest, else axial
+evaluation.slice_axis)
+preprocess.spacing_inplane        ``null`` (native grid) when every case's in-plane spacings lie
+                                  within ``SPACING_TOLERANCE`` (10%) of the dataset medians,
+                                  else the two median in-plane spacings
+preprocess.context_slices k       round(``CONTEXT_MM`` (2 mm) / median slice spacing), clamped
+                                  to [``MIN_CONTEXT``, ``MAX_CONTEXT``] = [1, 3]
+model                             the shipped recipe ``MODEL_RECIPE`` (unet_inception,
+                                  resnet18, width 0.5); in_channels = channels x (2k + 1)
+train.patch_size                  median in-plane size of the cropped training slice: the
+                                  foreground box (fingerprint ``cropped_extent``, resampled
+                                  in-plane if planned) plus 2 x ``preprocess.crop_margin``
+                                  (8 px; at most the slice), each side rounded to the
+                                  nearest multiple of ``PATCH_MULTIPLE`` (32), clamped to
+                                  ``PATCH_RANGE`` ([64, 512]; CPU [64, 256])
+preprocess.ct_window (CT)         0.5 / 99.5 percentiles of the first channel inside the
+                                  lesions (pooled over cases; nnU-Net's foreground clipping),
+                                  widened about its centre to at least ``CT_MIN_WINDOW_HU``
+                                  (100 HU); MR keeps the z-score on [0.5, 99.5] percentiles
+train.batch_size                  CPU ``BATCH_CPU`` (16); CUDA ``BATCH_CUDA`` (32) x
+                                  ``REFERENCE_PATCH`` area / patch area, rounded to a power of
+                                  two, clamped to ``BATCH_CUDA_RANGE`` ([4, 64])
+train.epochs                      floor(minutes per fold x 60 x throughput /
+                                  ``SAMPLES_PER_EPOCH`` (1600)), clamped to ``EPOCH_RANGE``
+                                  ([3, 100]); throughput = ``THROUGHPUT_CPU`` (17 slices/s) or
+                                  ``THROUGHPUT_CUDA`` (600) at a 160 x 192 patch, scaled by
+                                  the area ratio; minutes per fold default
+                                  ``DEFAULT_MINUTES`` (CPU 20, CUDA 10); ``max_minutes`` =
+                                  ``MAX_MINUTES_FACTOR`` (1.25) x minutes per fold
+train (the rest)                  ``TRAIN_RECIPE`` (configs/brats_unet_inception.yaml) plus
+                                  ``WORKERS`` per device
+train.augment                     ``STRONG_AUGMENT`` when the pool has fewer than
+                                  ``STRONG_AUGMENT_BELOW`` (50) patients, else the defaults
+inference.min_lesion_mm3          half the 5th percentile of the lesion volumes, rounded to one
+                                  significant digit, clamped to ``MIN_LESION_RANGE``
+                                  ([10, 500] mm^3); the CV stage refines it
+inference.threshold               ``THRESHOLD`` (0.5)
+cv.folds                          ``FOLDS`` (5), or the number of pool patients if fewer; fewer
+                                  than 2 patients is an error
+================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ValidationError
+
+from medseg.config import Config, LabelConfig, PreprocessConfig, format_validation_error
+from medseg.errors import ConfigError, ManifestError
+
+ANISOTROPY_RATIO = 1.5
+SPACING_TOLERANCE = 0.10
+CONTEXT_MM = 2.0
+MIN_CONTEXT, MAX_CONTEXT = 1, 3
+PATCH_MULTIPLE = 32
+PATCH_RANGE = {"cpu": (64, 256), "cuda": (64, 512)}
+CT_MIN_WINDOW_HU = 100.0
+CT_WINDOW_PERCENTILES = ("p0.5", "p99.5")
+REFERENCE_PATCH = (160, 192)
+BATCH_CPU = 16
+BATCH_CUDA = 32
+BATCH_CUDA_RANGE = (4, 64)
+SAMPLES_PER_EPOCH = 1600
+THROUGHPUT_CPU = 17.0  # training slices / s at REFERENCE_PATCH with MODEL_RECIPE
+THROUGHPUT_CUDA = 600.0
+EPOCH_RANGE = (3, 100)
+DEFAULT_MINUTES = {"cpu": 20.0, "cuda": 10.0}
+MAX_MINUTES_FACTOR = 1.25
+STRONG_AUGMENT_BELOW = 50
+MIN_LESION_RANGE = (10.0, 500.0)
+THRESHOLD = 0.5
+FOLDS = 5
+
+AXIS_NAMES = ("sagittal", "coronal", "axial")  # RAS index -> slice axis name
+AXIS_LETTERS = "RAS"
+
+MODEL_RECIPE: dict[str, Any] = {
+    "arch": "unet_inception",
+    "encoder": "resnet18",
+    "width": 0.5,
+    "decoder_channels": [128, 64, 32, 16, 16],
+    "dropout": 0.2,
+    "out_channels": 1,
+}
+TRAIN_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "samples_per_epoch": SAMPLES_PER_EPOCH,
+    "lesion_fraction": 0.5,
+    "amp": "auto",
+    "patience": None,
+    "ema_decay": 0.995,
+    "cache_dir": None,
+    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05},
+    "schedule": {"name": "poly", "warmup_epochs": 1},
+    "loss": {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": True},
+}
+WORKERS = {"cpu": {"num_workers": 1, "threads": 1}, "cuda": {"num_workers": 8, "threads": None}}
+STRONG_AUGMENT: dict[str, Any] = {
+    "affine_prob": 0.6,
+    "rotate_deg": 30.0,
+    "scale": 0.25,
+    "elastic_prob": 0.3,
+    "intensity_prob": 0.5,
+    "intensity_scale": 0.2,
+    "intensity_shift": 0.3,
+    "blur_prob": 0.15,
+    "translate": 0.25,
+}
+
+
+@dataclass
+class Plan:
+    """A planned config, the reason for each decision (one line each) and the fingerprint."""
+
+    config: Config
+    rules: list[str]
+    fingerprint: dict[str, Any]
+
+
+def resolve_device(device: str) -> Literal["cpu", "cuda"]:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda`` unchanged."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device  # type: ignore[return-value]
+
+
+def round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def choose_slice_axis(spacing: list[float]) -> tuple[int, str]:
+    """(RAS index, reason) of the slice axis for median spacings ``(R, A, S)``."""
+    largest, smallest = max(spacing), min(spacing)
+    mm = " x ".join(f"{AXIS_LETTERS[i]} {_fmt(s)}" for i, s in enumerate(spacing))
+    if largest > ANISOTROPY_RATIO * smallest:
+        # ties: prefer axial, then coronal, then sagittal
+        axis = next(i for i in (2, 1, 0) if spacing[i] == largest)
+        return axis, (f"median spacing {mm} mm: {AXIS_LETTERS[axis]} is {_fmt(largest / smallest)}x the finest "
+                      f"(> {ANISOTROPY_RATIO}x), slice across it")
+    return 2, f"median spacing {mm} mm is within {ANISOTROPY_RATIO}x of isotropic: axial"
+
+
+def round_patch(extent: list[float], device: str) -> list[int]:
+    """Each in-plane side rounded to the nearest multiple of ``PATCH_MULTIPLE`` and clamped to
+    ``PATCH_RANGE[device]``: 100 x 150 -> [96, 160]."""
+    lo, hi = PATCH_RANGE[device]
+    return [min(max(round_half_up(e / PATCH_MULTIPLE) * PATCH_MULTIPLE, lo), hi) for e in extent]
+
+
+def power_of_two(value: float) -> int:
+    return 2 ** round_half_up(math.log2(value))
+
+
+def one_significant_digit(value: float) -> float:
+    if value <= 0:
+        return 0.0
+    digits = -int(math.floor(math.log10(value)))
+    return float(round(value, digits))
+
+
+def plan_from_fingerprint(
+    fingerprint: dict,
+    manifest: str,
+    device: Literal["cpu", "cuda"] = "cpu",
+    minutes_per_fold: float | None = None,
+    labels: LabelConfig | None = None,
+) -> Plan:
+    """Apply the rules of the module docstring to ``fingerprint`` (``medseg.fingerprint``).
+
+    ``labels``: the label mapping to keep (its ``foreground``, and its ``allowed_values`` when
+    set); default ``nonzero`` with the values seen. Raises ``ConfigError`` for an unknown
+    device, a non-positive time budget or a pool of fewer than 2 patients.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"plan device must be cpu or cuda (resolve 'auto' first), got {device!r}")
+    minutes = DEFAULT_MINUTES[device] if minutes_per_fold is None else float(minutes_per_fold)
+    if not minutes > 0:
+        raise ConfigError(f"minutes per fold must be positive, got {minutes_per_fold}")
+    n_patients = int(fingerprint["n_patients"])
+    if n_patients < 2:
+        raise ConfigError(
+            f"{manifest}: the cross-validation pool (labelled cases outside the test split) has "
+            f"{n_patients} patient(s); planning needs at least 2 for cross-validation"
+        )
+    rules: list[str] = []
+    cases = fingerprint["cases"]
+    modality = str(fingerprint["modality"]).upper()
+    channels = list(fingerprint["channels"])
+
+    # labels
+    foreground = labels.foreground if labels is not None else "nonzero"
+    allowed = (labels.allowed_values if labels is not None and labels.allowed_values is not None
+               else sorted(int(v) for v in fingerprint["label_values"]))
+    rules.append(f"data.labels.foreground = {foreground}; allowed_values = {allowed}: label values seen in "
+                 f"{fingerprint['n_cases']} pool case(s)")
+
+    # slice axis
+    spacing = [float(s) for s in fingerprint["spacing_median"]]
+    axis, why = choose_slice_axis(spacing)
+    axis_name = AXIS_NAMES[axis]
+    inplane = [i for i in range(3) if i != axis]
+    rules.append(f"preprocess.slice_axis = {axis_name} (and stats.axis, evaluation.slice_axis): {why}")
+
+    # in-plane spacing
+    median_inplane = [spacing[i] for i in inplane]
+    off = [
+        (row["case_id"], [row["spacing"][i] for i in inplane])
+        for row in cases
+        if any(abs(row["spacing"][i] - m) > SPACING_TOLERANCE * m for i, m in zip(inplane, median_inplane, strict=True))
+    ]
+    plane = "x".join(AXIS_LETTERS[i] for i in inplane)
+    if not off:
+        spacing_inplane = None
+        rules.append(f"preprocess.spacing_inplane = null (native grid): every case's {plane} spacing lies within "
+                     f"{SPACING_TOLERANCE:.0%} of the median {_fmt(median_inplane[0])} x {_fmt(median_inplane[1])} mm")
+        target = None
+    else:
+        spacing_inplane = [round(s, 4) for s in median_inplane]
+        target = spacing_inplane
+        example = ", ".join(f"{cid} {' x '.join(_fmt(s) for s in sp)}" for cid, sp in off[:3])
+        rules.append(f"preprocess.spacing_inplane = {spacing_inplane}: {len(off)} case(s) lie more than "
+                     f"{SPACING_TOLERANCE:.0%} from the median {plane} spacing (e.g. {example} mm); resample to the median")
+
+    # context
+    slice_spacing = spacing[axis]
+    k = min(max(round_half_up(CONTEXT_MM / slice_spacing), MIN_CONTEXT), MAX_CONTEXT)
+    rules.append(f"preprocess.context_slices = {k}: {_fmt(CONTEXT_MM)} mm of context / median slice spacing "
+                 f"{_fmt(slice_spacing)} mm, rounded, clamped to [{MIN_CONTEXT}, {MAX_CONTEXT}]")
+
+    # model
+    in_channels = len(channels) * (2 * k + 1)
+    model = {**MODEL_RECIPE, "in_channels": in_channels}
+    rules.append(f"model.in_channels = {in_channels}: {len(channels)} channel(s) {channels} x {2 * k + 1} slices; "
+                 f"model = {MODEL_RECIPE['arch']} / {MODEL_RECIPE['encoder']}, width {MODEL_RECIPE['width']} (recipe)")
+
+    # patch: the training slice is the foreground box plus the preprocessing crop margin
+    margin = PreprocessConfig().crop_margin
+    extents = []
+    for row in cases:
+        ext = [float(row["cropped_extent"][i]) for i in inplane]
+        size = [float(row["shape"][i]) for i in inplane]
+        if target is not None:
+            scale = [row["spacing"][i] / t for i, t in zip(inplane, target, strict=True)]
+            ext = [e * f for e, f in zip(ext, scale, strict=True)]
+            size = [n * f for n, f in zip(size, scale, strict=True)]
+        extents.append([min(e + 2 * margin, n) for e, n in zip(ext, size, strict=True)])
+    median_extent = [statistics.median(e[j] for e in extents) for j in range(2)]
+    patch = round_patch(median_extent, device)
+    lo, hi = PATCH_RANGE[device]
+    rules.append(f"train.patch_size = {patch}: median cropped {plane} slice "
+                 f"{_fmt(median_extent[0])} x {_fmt(median_extent[1])} px (foreground box + 2 x "
+                 f"{margin} px crop margin{', after resampling' if target is not None else ''}), to the nearest "
+                 f"multiple of {PATCH_MULTIPLE}, clamped to [{lo}, {hi}] ({device})")
+
+    # normalisation
+    preprocess: dict[str, Any] = {
+        "slice_axis": axis_name,
+        "context_slices": k,
+        "spacing_inplane": spacing_inplane,
+    }
+    if modality == "CT":
+        first = channels[0]
+        lesion = (fingerprint.get("intensity", {}).get(first) or {}).get("lesion")
+        if lesion is None:
+            rules.append("preprocess.ct_window = default: no lesion voxels in the pool to measure it on")
+        else:
+            low, high = (float(lesion[p]) for p in CT_WINDOW_PERCENTILES)
+            measured = f"[{_fmt(low)}, {_fmt(high)}]"
+            if high - low < CT_MIN_WINDOW_HU:
+                centre = (low + high) / 2
+                low, high = centre - CT_MIN_WINDOW_HU / 2, centre + CT_MIN_WINDOW_HU / 2
+            window = [round(low, 1), round(high, 1)]
+            preprocess["ct_window"] = window
+            rules.append(f"preprocess.ct_window = {window}: 0.5-99.5 percentiles of {first} inside the lesions "
+                         f"{measured} HU, widened to at least {_fmt(CT_MIN_WINDOW_HU)} HU")
+    else:
+        rules.append("preprocess.mr_percentiles = [0.5, 99.5] (default): MR channels are clipped to their foreground "
+                     "percentiles and z-scored")
+
+    # batch size and epochs
+    area_ratio = REFERENCE_PATCH[0] * REFERENCE_PATCH[1] / (patch[0] * patch[1])
+    if device == "cpu":
+        batch = BATCH_CPU
+        rules.append(f"train.batch_size = {batch}: CPU")
+    else:
+        batch = min(max(power_of_two(BATCH_CUDA * area_ratio), BATCH_CUDA_RANGE[0]), BATCH_CUDA_RANGE[1])
+        rules.append(f"train.batch_size = {batch}: {BATCH_CUDA} at {REFERENCE_PATCH[0]}x{REFERENCE_PATCH[1]} x "
+                     f"area ratio {area_ratio:.3g}, to a power of two in {list(BATCH_CUDA_RANGE)}")
+    throughput = (THROUGHPUT_CPU if device == "cpu" else THROUGHPUT_CUDA) * area_ratio
+    epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
+    max_minutes = MAX_MINUTES_FACTOR * minutes
+    rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({device}) / "
+                 f"{SAMPLES_PER_EPOCH} slices per epoch, clamped to {list(EPOCH_RANGE)}; "
+                 f"max_minutes = {_fmt(max_minutes)} ({MAX_MINUTES_FACTOR} x budget)")
+
+    train: dict[str, Any] = {
+        **TRAIN_RECIPE,
+        **WORKERS[device],
+        "device": device,
+        "epochs": epochs,
+        "batch_size": batch,
+        "patch_size": patch,
+        "max_minutes": max_minutes,
+    }
+    rules.append(f"train.device = {device}; num_workers = {WORKERS[device]['num_workers']}, "
+                 f"threads = {WORKERS[device]['threads'] or 'null'}; optimiser, schedule, loss, EMA: the BraTS recipe")
+    if n_patients < STRONG_AUGMENT_BELOW:
+        train["augment"] = dict(STRONG_AUGMENT)
+        rules.append(f"train.augment = strong (rotate 30 deg, scale 0.25, elastic 0.3, ...): {n_patients} patients "
+                     f"< {STRONG_AUGMENT_BELOW} over-fit fast")
+    else:
+        rules.append(f"train.augment = defaults: {n_patients} patients >= {STRONG_AUGMENT_BELOW}")
+
+    # inference
+    volumes = fingerprint.get("lesion_volume_mm3")
+    lo_mm3, hi_mm3 = MIN_LESION_RANGE
+    if volumes is None:
+        min_lesion = lo_mm3
+        rules.append(f"inference.min_lesion_mm3 = {_fmt(min_lesion)}: no lesions in the pool, the lower bound")
+    else:
+        p5 = float(volumes["p5"])
+        min_lesion = min(max(one_significant_digit(p5 / 2), lo_mm3), hi_mm3)
+        rules.append(f"inference.min_lesion_mm3 = {_fmt(min_lesion)}: half the 5th percentile {_fmt(p5)} mm3 of "
+                     f"{fingerprint['n_lesions']} lesion volumes, 1 significant digit, clamped to "
+                     f"[{_fmt(lo_mm3)}, {_fmt(hi_mm3)}] (the CV stage refines it)")
+    rules.append(f"inference.threshold = {THRESHOLD}")
+
+    folds = min(FOLDS, n_patients)
+    rules.append(f"cv.folds = {folds}: {n_patients} patients in the pool (at most {FOLDS})")
+
+    tree = {
+        "data": {"manifest": str(manifest), "labels": {"foreground": foreground, "allowed_values": allowed}},
+        "stats": {"axis": axis_name},
+        "preprocess": preprocess,
+        "model": model,
+        "evaluation": {"slice_axis": axis_name},
+        "inference": {"threshold": THRESHOLD, "min_lesion_mm3": min_lesion},
+        "train": train,
+        "cv": {"folds": folds},
+    }
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as exc:  # a rule produced an invalid value: a bug, reported in full
+        raise ConfigError(format_validation_error(f"plan for {manifest}", exc)) from None
+    return Plan(config=config, rules=rules, fingerprint=fingerprint)
+
+
+def plan_yaml(plan: Plan, header: str = "") -> str:
+    """The config as YAML (the form of ``medseg.config.dump_config``) under a comment header
+    listing the rules."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    lines += ["# Planned by `medseg plan` (medseg/planning.py); one line per decision:"]
+    lines += [f"#   {rule}" for rule in plan.rules]
+    body = yaml.safe_dump(plan.config.model_dump(mode="json"), sort_keys=False)
+    return "\n".join(lines) + "\n" + body
+
+
+def plan_dataset(
+    manifest: str | Path,
+    out: str | Path,
+    device: str = "cpu",
+    minutes_per_fold: float | None = None,
+    progress: bool = True,
+) -> Plan:
+    """Fingerprint the manifest's cross-validation pool, plan a config and write it to ``out``
+    (YAML with the rules as a comment header) and ``fingerprint.json`` beside it (both atomic).
+
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). Raises
+    ``ManifestError`` naming the manifest when no labelled case lies outside the test split or
+    the pool mixes modalities, ``ConfigError`` for fewer than 2 patients.
+    """
+    from medseg import atomic
+    from medseg.fingerprint import compute_fingerprint
+    from medseg.folds import cv_pool
+    from medseg.manifest import read_manifest
+
+    resolved = resolve_device(device)
+    cases = read_manifest(manifest)
+    pool = cv_pool(cases)
+    if not pool:
+        raise ManifestError(manifest, ["no labelled case outside the test split: planning needs labelled "
+                                       "train/val/unassigned cases (test cases are never looked at)"])
+    modalities = sorted({c.modality.upper() for c in pool})
+    if len(modalities) > 1:
+        raise ManifestError(manifest, [f"the pool mixes modalities {modalities}; plan one modality per manifest"])
+    fingerprint = compute_fingerprint(pool, LabelConfig(), progress=progress)
+    plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold)
+    out_path = Path(out)
+    header = f"medseg plan {manifest} ({resolved}, fingerprint: {out_path.parent / 'fingerprint.json'})"
+    atomic.write_json(out_path.parent / "fingerprint.json", fingerprint)
+    atomic.write_text(out_path, plan_yaml(plan, header))
+    return plan
