@@ -1,0 +1,430 @@
+"""Choose the post-processing rule on out-of-fold probabilities (nnU-Net's "determine
+postprocessing", over a grid of rules).
+
+Inputs: for every case, ``<case_id>_prob.nii.gz`` (float32 lesion probability, (I, J, K), on the
+grid of the case's label) predicted by a model that never saw the case (the ``cv`` stage), and
+the reference label (mapped to 0/1 with ``data.labels``). Candidates: every rule of
+``cv.postprocess`` (:class:`medseg.config.PostprocessSearchConfig`) plus the config's own
+``inference`` rule, each expressed in :class:`medseg.config.InferenceConfig` keys and applied
+exactly as :func:`medseg.inference.postprocess.postprocess` does (threshold -> fill holes ->
+lesions under ``min_lesion_mm3`` removed -> lesions under ``min_component_fraction`` x the
+largest remaining one removed).
+
+Scoring without rebuilding masks. Removal steps only ever drop whole 3-D components, so per
+case and per (threshold, fill_holes) the mask is discretised (and filled) once, its components
+labelled once (cc3d, ``inference.connectivity``) and each component's size and overlap with the
+reference counted once; a (min size, fraction) rule is then a selection of component ids, and
+its Dice is ``2 sum(overlap) / (sum(size) + |reference|)`` over the kept ids. Masks are rebuilt
+only for HD95, which is computed for the rules within ``dice_tolerance`` of the best mean Dice
+(the :data:`HD95_MAX_CANDIDATES` best of them) and for the current rule, in a second pass over
+the files.
+
+Empty masks (the policy of :mod:`medseg.metrics.voxel`): Dice 1 when prediction and reference
+are both empty, 0 when one is; HD95 0 when both are empty, undefined when one is. A rule's mean
+HD95 is over the cases where it is defined; ``n_hd95_undefined`` counts the others, and when
+ranking by HD95 a rule with fewer undefined cases comes first (a rule that deletes a true
+lesion must not look better because that case drops out of its mean).
+
+Selection (``PostprocessSearchConfig``): best = the highest mean Dice; among the rules within
+``dice_tolerance`` of it, the winner has the fewest undefined HD95, then the lowest mean HD95,
+then comes first in grid order. The current rule is kept unless the winner's mean Dice exceeds
+it by more than ``min_gain``, or the winner's mean HD95 is lower by more than
+``min_hd95_gain_mm`` with no more undefined cases and a mean Dice no lower than the current
+one's minus ``dice_tolerance``.
+
+``inference.largest_component`` is expressed as ``min_component_fraction`` 1.0 (every
+component tied with the largest is kept, where MONAI's ``KeepLargestConnectedComponent`` keeps
+one of them: the two differ only on exact ties), so ``chosen`` always sets
+``largest_component`` False.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cc3d
+import numpy as np
+import pandas as pd
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from medseg.atomic import write_csv, write_json
+from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
+from medseg.errors import InputFileError, MedsegError
+from medseg.evaluation import PROB_SUFFIX
+from medseg.inference.postprocess import HOPS, discretise
+from medseg.io import Volume, check_same_grid, read_label, read_volume
+from medseg.lesions import bounding_box
+from medseg.manifest import Case
+from medseg.metrics.voxel import hd95_assd
+
+SELECTION_JSON = "postprocess.json"
+CANDIDATES_CSV = "postprocess_candidates.csv"
+PER_CASE_CSV = "postprocess_per_case.csv"
+HD95_MAX_CANDIDATES = 10  # rules within the Dice tolerance whose HD95 is computed (cost bound)
+RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
+
+
+@dataclass
+class PostprocessSelection:
+    """Result of :func:`select_postprocessing`.
+
+    ``table``: one row per candidate (``candidate`` index, ``threshold``, ``min_lesion_mm3``,
+    ``component_fraction``, ``fill_holes``, ``mean_dice``, ``mean_hd95_mm`` (NaN where not
+    computed or undefined in every case), ``n_hd95_undefined`` (NA where not computed),
+    ``in_grid``, ``is_current``, ``chosen``), sorted by mean Dice, best first.
+    ``per_case``: ``case_id``, ``candidate``, ``dice``, ``hd95_mm`` (NaN where not computed or
+    undefined). ``chosen`` / ``current``: rules in :data:`RULE_KEYS` (InferenceConfig keys).
+    ``reason``: one line. ``search``: the search config used; ``connectivity``: of the
+    components; ``n_cases``: cases scored.
+    """
+
+    table: pd.DataFrame
+    per_case: pd.DataFrame
+    chosen: dict[str, Any]
+    current: dict[str, Any]
+    reason: str
+    search: dict[str, Any] = field(default_factory=dict)
+    connectivity: int = 26
+    n_cases: int = 0
+
+
+def _rule(threshold: float, min_mm3: float, fraction: float, fill: bool) -> dict[str, Any]:
+    return {
+        "threshold": float(threshold),
+        "min_lesion_mm3": float(min_mm3),
+        "min_component_fraction": float(fraction),
+        "fill_holes": bool(fill),
+        "largest_component": False,
+    }
+
+
+def _key(rule: dict[str, Any]) -> tuple[float, float, float, bool]:
+    return (rule["threshold"], rule["min_lesion_mm3"], rule["min_component_fraction"], rule["fill_holes"])
+
+
+def candidate_rules(search: PostprocessSearchConfig) -> list[dict[str, Any]]:
+    """The grid ``thresholds x min_lesion_mm3 x component_fractions x fill_holes`` (in that
+    nesting order, ``fill_holes`` innermost; repeated values dropped), as InferenceConfig keys
+    (:data:`RULE_KEYS`, ``largest_component`` always False)."""
+    rules: dict[tuple[float, float, float, bool], dict[str, Any]] = {}
+    for t, m, f, h in itertools.product(search.thresholds, search.min_lesion_mm3, search.component_fractions, search.fill_holes):
+        rule = _rule(t, m, f, h)
+        rules.setdefault(_key(rule), rule)
+    return list(rules.values())
+
+
+def current_rule(inference: InferenceConfig) -> dict[str, Any]:
+    """The config's own rule in :data:`RULE_KEYS`; ``largest_component`` -> fraction 1.0."""
+    fraction = 1.0 if inference.largest_component else inference.min_component_fraction
+    return _rule(inference.threshold, inference.min_lesion_mm3, fraction, inference.fill_holes)
+
+
+def describe_rule(rule: dict[str, Any]) -> str:
+    """``threshold 0.4 + fill holes + lesions >= 10 mm3 + components >= 0.1 x largest``."""
+    parts = [f"threshold {rule['threshold']:g}"]
+    if rule["fill_holes"]:
+        parts.append("fill holes")
+    if rule["min_lesion_mm3"] > 0:
+        parts.append(f"lesions >= {rule['min_lesion_mm3']:g} mm3")
+    fraction = 1.0 if rule.get("largest_component") else rule["min_component_fraction"]
+    if fraction >= 1.0:
+        parts.append("largest component only")
+    elif fraction > 0:
+        parts.append(f"components >= {fraction:g} x largest")
+    return " + ".join(parts)
+
+
+def _min_voxels(min_mm3: float, voxel_mm3: float) -> int:
+    """Voxel count under which ``remove_small_lesions`` drops a lesion (0: keeps every one)."""
+    if min_mm3 <= 0:
+        return 0
+    return math.ceil(min_mm3 / voxel_mm3 - 1e-9)  # the same rounding as remove_small_lesions
+
+
+class Components:
+    """The 3-D components of one case's mask at one (threshold, fill_holes), and each one's
+    size and overlap with the reference.
+
+    ``prob``: (I, J, K) probability; ``ref``: (I, J, K) 0/1 reference (or None). Index 0 of
+    ``sizes`` / ``overlap`` is the background (count 0); component ids are 1..n.
+    ``keep_labels``: keep the labelled box so that :meth:`mask` can rebuild a rule's mask.
+    """
+
+    def __init__(self, prob: np.ndarray, ref: np.ndarray | None, threshold: float, fill_holes: bool,
+                 connectivity: int, keep_labels: bool = False) -> None:
+        self.shape = prob.shape
+        mask = discretise(prob, threshold)
+        self.box = bounding_box(mask)
+        self.labels: np.ndarray | None = None
+        if self.box is None:
+            self.sizes = np.zeros(1, dtype=np.int64)
+            self.overlap = np.zeros(1, dtype=np.int64)
+            return
+        crop = mask[self.box]
+        if fill_holes:
+            crop = _fill_holes_crop(crop, connectivity)
+        foreground = np.ascontiguousarray(crop, dtype=bool)
+        labels, n = cc3d.connected_components(foreground, connectivity=connectivity, return_N=True)
+        where = np.flatnonzero(foreground)
+        ids = labels.ravel()[where]
+        self.sizes = np.bincount(ids, minlength=n + 1).astype(np.int64, copy=False)
+        if ref is not None:
+            hit = np.ascontiguousarray(ref[self.box]).ravel()[where] > 0
+            self.overlap = np.bincount(ids[hit], minlength=n + 1).astype(np.int64, copy=False)
+        else:
+            self.overlap = np.zeros(n + 1, dtype=np.int64)
+        if keep_labels:
+            self.labels = labels
+
+    def kept(self, min_voxels: int, fraction: float) -> np.ndarray:
+        """Boolean over component ids (0 = background, always False): the components a rule
+        keeps. As postprocess: lesions under ``min_voxels`` go first, then those under
+        ``fraction`` x the largest remaining one (``remove_minor_components``' comparison)."""
+        keep = self.sizes >= max(min_voxels, 1)  # min_voxels <= 1 removes nothing; drops id 0
+        if fraction > 0 and np.count_nonzero(keep) > 1:
+            keep &= ~(self.sizes < fraction * self.sizes[keep].max())
+        return keep
+
+    def mask(self, keep: np.ndarray) -> np.ndarray:
+        """Boolean (I, J, K) mask of the kept components (needs ``keep_labels``)."""
+        out = np.zeros(self.shape, dtype=bool)
+        if self.box is not None:
+            assert self.labels is not None, "Components(keep_labels=True) is needed to rebuild masks"
+            out[self.box] = keep[self.labels]
+        return out
+
+
+def _fill_holes_crop(crop: np.ndarray, connectivity: int) -> np.ndarray:
+    """MONAI ``FillHoles`` (the call postprocess makes) on the mask's bounding box padded by one
+    voxel: every background voxel outside the box reaches the array border in a straight line,
+    so the one-voxel shell stands for all of it and the filled voxels are those of a fill over
+    the whole volume (tests compare with postprocess), at the cost of the box only."""
+    from monai.transforms import FillHoles
+
+    padded = np.pad(crop, 1)
+    filled = np.asarray(FillHoles(connectivity=HOPS[connectivity])(padded[None]))[0]
+    return filled[1:-1, 1:-1, 1:-1]
+
+
+def _dice(tp: int, n_pred: int, n_ref: int) -> float:
+    """Dice with medseg's empty policy: 1 when both are empty, 0 when one is."""
+    den = n_pred + n_ref
+    return 2.0 * tp / den if den > 0 else 1.0
+
+
+def _load_case(case: Case, prob_dir: Path, cfg: Config) -> tuple[np.ndarray, Volume]:
+    """(C-contiguous float probability (I, J, K), binary label volume); clear errors."""
+    if case.label is None:
+        raise InputFileError(case.case_id, "case has no label; post-processing is chosen on labelled cases only")
+    prob_path = prob_dir / f"{case.case_id}{PROB_SUFFIX}"
+    if not prob_path.is_file():
+        raise InputFileError(
+            prob_path,
+            f"out-of-fold probability of case {case.case_id!r} is missing; run the cv stage "
+            "(inference.write_prob) for every case first",
+        )
+    prob = read_volume(prob_path)
+    if not np.issubdtype(prob.array.dtype, np.floating):
+        raise InputFileError(prob_path, f"holds {prob.array.dtype} values; a float lesion probability is expected")
+    label = read_label(case.label, cfg.data.labels)
+    check_same_grid(prob, label, context=f"out-of-fold probability of case {case.case_id}")
+    return np.ascontiguousarray(prob.array), label
+
+
+def _rule_groups(rules: list[dict[str, Any]]) -> dict[tuple[float, bool], list[int]]:
+    """Candidate indices by (threshold, fill_holes): one component labelling per group."""
+    groups: dict[tuple[float, bool], list[int]] = {}
+    for i, rule in enumerate(rules):
+        groups.setdefault((rule["threshold"], rule["fill_holes"]), []).append(i)
+    return groups
+
+
+def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Config, progress: bool = True) -> PostprocessSelection:
+    """Score every candidate rule on the out-of-fold probabilities in ``prob_dir`` and choose one
+    (module docstring). ``cases``: labelled cases, each with ``<case_id>_prob.nii.gz`` in
+    ``prob_dir`` on its label's grid. Raises ``InputFileError`` / ``GeometryMismatchError``
+    naming the file for a missing, unreadable or misaligned probability."""
+    cases = list(cases)
+    if not cases:
+        raise MedsegError("post-processing selection needs at least one labelled case with an out-of-fold probability")
+    search = cfg.cv.postprocess
+    connectivity = cfg.inference.connectivity
+    prob_dir = Path(prob_dir)
+    rules = candidate_rules(search)
+    n_grid = len(rules)
+    current = current_rule(cfg.inference)
+    keys = [_key(r) for r in rules]
+    if _key(current) in keys:
+        current_idx = keys.index(_key(current))
+    else:
+        rules.append(current)
+        current_idx = len(rules) - 1
+    groups = _rule_groups(rules)
+
+    # pass 1: Dice of every rule from component sizes and overlaps
+    dice = np.zeros((len(cases), len(rules)))
+    for c, case in enumerate(tqdm(cases, desc="postprocess: Dice", unit="case", disable=not progress)):
+        prob, label = _load_case(case, prob_dir, cfg)
+        voxel_mm3 = float(np.prod(label.spacing))
+        n_ref = int(np.count_nonzero(label.array))
+        for (threshold, fill), members in groups.items():
+            comps = Components(prob, label.array, threshold, fill, connectivity)
+            for i in members:
+                keep = comps.kept(_min_voxels(rules[i]["min_lesion_mm3"], voxel_mm3), rules[i]["min_component_fraction"])
+                dice[c, i] = _dice(int(comps.overlap[keep].sum()), int(comps.sizes[keep].sum()), n_ref)
+    mean_dice = dice.mean(axis=0)
+
+    # pass 2: HD95 of the rules near the best Dice and of the current rule
+    order = sorted(range(len(rules)), key=lambda i: (-mean_dice[i], i))
+    best = mean_dice[order[0]]
+    within = [i for i in order if mean_dice[i] >= best - search.dice_tolerance - 1e-12]
+    hd95_set = sorted(set(within[:HD95_MAX_CANDIDATES]) | {current_idx})
+    hd95 = np.full((len(cases), len(rules)), np.nan)
+    undefined = np.zeros(len(rules), dtype=np.int64)
+    hd_groups = _rule_groups([rules[i] for i in hd95_set])
+    for c, case in enumerate(tqdm(cases, desc="postprocess: HD95", unit="case", disable=not progress)):
+        prob, label = _load_case(case, prob_dir, cfg)
+        voxel_mm3 = float(np.prod(label.spacing))
+        ref = label.array.astype(bool)
+        ref_empty = not ref.any()
+        for (threshold, fill), members in hd_groups.items():
+            comps = Components(prob, None, threshold, fill, connectivity, keep_labels=True)
+            for i in (hd95_set[m] for m in members):
+                keep = comps.kept(_min_voxels(rules[i]["min_lesion_mm3"], voxel_mm3), rules[i]["min_component_fraction"])
+                pred_empty = not keep.any()
+                if pred_empty and ref_empty:
+                    hd95[c, i] = 0.0
+                elif pred_empty or ref_empty:
+                    undefined[i] += 1
+                else:
+                    hd95[c, i] = hd95_assd(comps.mask(keep), ref, label.spacing)[0]
+    mean_hd95 = np.full(len(rules), np.nan)
+    for i in hd95_set:
+        defined = hd95[:, i][np.isfinite(hd95[:, i])]
+        mean_hd95[i] = float(defined.mean()) if defined.size else np.nan
+
+    # choose
+    within_set = set(within)
+    eligible = [i for i in hd95_set if i in within_set]
+    winner = min(eligible, key=lambda i: (undefined[i], np.inf if np.isnan(mean_hd95[i]) else mean_hd95[i], i))
+    chosen_idx, reason = _decide(winner, current_idx, rules, mean_dice, mean_hd95, undefined, search)
+
+    table = pd.DataFrame({
+        "candidate": np.arange(len(rules)),
+        "threshold": [r["threshold"] for r in rules],
+        "min_lesion_mm3": [r["min_lesion_mm3"] for r in rules],
+        "component_fraction": [r["min_component_fraction"] for r in rules],
+        "fill_holes": [r["fill_holes"] for r in rules],
+        "mean_dice": mean_dice,
+        "mean_hd95_mm": mean_hd95,
+        "n_hd95_undefined": pd.array([int(undefined[i]) if i in hd95_set else None for i in range(len(rules))], dtype="Int64"),
+        "in_grid": np.arange(len(rules)) < n_grid,
+        "is_current": np.arange(len(rules)) == current_idx,
+        "chosen": np.arange(len(rules)) == chosen_idx,
+    })
+    table = table.iloc[order].reset_index(drop=True)
+    per_case = pd.DataFrame({
+        "case_id": np.repeat([case.case_id for case in cases], len(rules)),
+        "candidate": np.tile(np.arange(len(rules)), len(cases)),
+        "dice": dice.ravel(),
+        "hd95_mm": hd95.ravel(),
+    })
+    return PostprocessSelection(
+        table=table,
+        per_case=per_case,
+        chosen=dict(rules[chosen_idx]),
+        current=dict(current),
+        reason=reason,
+        search=search.model_dump(mode="json"),
+        connectivity=connectivity,
+        n_cases=len(cases),
+    )
+
+
+def _fmt_hd(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.1f}"
+
+
+def _decide(winner: int, current: int, rules: list[dict[str, Any]], mean_dice: np.ndarray, mean_hd95: np.ndarray,
+            undefined: np.ndarray, search: PostprocessSearchConfig) -> tuple[int, str]:
+    """(chosen candidate index, one-line reason): the winner or the current rule (module docstring)."""
+    d_w, d_c = float(mean_dice[winner]), float(mean_dice[current])
+    h_w, h_c = float(mean_hd95[winner]), float(mean_hd95[current])
+    hd = f"HD95 {_fmt_hd(h_w)} vs {_fmt_hd(h_c)} mm"
+    if undefined[winner] or undefined[current]:
+        hd += f" (undefined in {undefined[winner]} vs {undefined[current]} cases)"
+    if winner == current:
+        return current, (f"current rule {describe_rule(rules[current])} is the best candidate: "
+                         f"mean Dice {d_c:.3f}, HD95 {_fmt_hd(h_c)} mm")
+    dice_gain = d_w - d_c
+    hd_gain = h_c - h_w if np.isfinite(h_c) and np.isfinite(h_w) else float("nan")
+    hd_better = (
+        bool(hd_gain > search.min_hd95_gain_mm)
+        and undefined[winner] <= undefined[current]
+        and d_w >= d_c - search.dice_tolerance
+    )
+    head = f"{describe_rule(rules[winner])}: mean Dice {d_w:.3f} vs {d_c:.3f} ({dice_gain:+.3f}) and {hd}"
+    if dice_gain > search.min_gain:
+        return winner, head
+    if hd_better:
+        return winner, f"{head}: HD95 better by {hd_gain:.1f} mm > {search.min_hd95_gain_mm:g} mm"
+    return current, (
+        f"kept current rule {describe_rule(rules[current])}: best candidate {describe_rule(rules[winner])} "
+        f"gains mean Dice {dice_gain:+.3f} (needs > {search.min_gain:g}) and {hd} "
+        f"(needs > {search.min_hd95_gain_mm:g} mm lower)"
+    )
+
+
+def write_selection(selection: PostprocessSelection, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``postprocess.json`` (chosen, current, reason, search, connectivity, n_cases),
+    ``postprocess_candidates.csv`` (``table``) and ``postprocess_per_case.csv`` atomically.
+    Returns ``{"selection": ..., "candidates": ..., "per_case": ...}``."""
+    out = Path(out_dir)
+    summary = {
+        "chosen": selection.chosen,
+        "current": selection.current,
+        "reason": selection.reason,
+        "search": selection.search,
+        "connectivity": selection.connectivity,
+        "n_cases": selection.n_cases,
+    }
+    return {
+        "selection": write_json(out / SELECTION_JSON, summary),
+        "candidates": write_csv(out / CANDIDATES_CSV, selection.table),
+        "per_case": write_csv(out / PER_CASE_CSV, selection.per_case),
+    }
+
+
+def read_selection(path: str | Path) -> dict[str, Any]:
+    """The ``chosen`` rule of a ``postprocess.json`` (a file, or the folder holding it), checked
+    against :class:`InferenceConfig`: a dict of :data:`RULE_KEYS` to set on ``inference``.
+    Raises ``MedsegError`` naming the file when it is missing, not JSON or the rule is invalid."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SELECTION_JSON
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MedsegError(f"{p}: post-processing selection not found; run the postprocess stage first") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedsegError(f"{p}: not a readable post-processing selection ({exc})") from exc
+    chosen = data.get("chosen") if isinstance(data, dict) else None
+    if not isinstance(chosen, dict):
+        raise MedsegError(f"{p}: has no 'chosen' rule object")
+    missing = [k for k in RULE_KEYS if k not in chosen]
+    extra = sorted(set(chosen) - set(RULE_KEYS))
+    if missing or extra:
+        raise MedsegError(f"{p}: 'chosen' must have exactly the keys {list(RULE_KEYS)} (missing {missing}, unexpected {extra})")
+    try:
+        checked = InferenceConfig.model_validate(chosen)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise MedsegError(f"{p}: invalid post-processing rule in 'chosen': {problems}") from exc
+    return {k: getattr(checked, k) for k in RULE_KEYS}
