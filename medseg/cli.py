@@ -20,10 +20,12 @@ COMMANDS: dict[str, str] = {
     "synth": "medseg.commands.synth",
     "import": "medseg.commands.importers",
     "stats": "medseg.commands.stats",
+    "plan": "medseg.commands.plan",
     "models": "medseg.commands.models",
     "export": "medseg.commands.export",
     "evaluate": "medseg.commands.evaluate",
     "train": "medseg.commands.train",
+    "cv": "medseg.commands.cv",
     "infer": "medseg.commands.infer",
     "run": "medseg.commands.run",
 }

@@ -20,6 +20,7 @@ examples:
   medseg infer --checkpoint run/best.pt --manifest data_manifest.csv --split test --out preds/
   medseg infer --checkpoint run/best.pt --input flair=a_flair.nii.gz t1ce=a_t1ce.nii.gz t2=a_t2.nii.gz --out preds/
   medseg infer --checkpoint ct.pt --input scan1.nrrd scan2/ scan3.nii.gz --out preds/ --tta
+  medseg infer --model runs/auto/RUN/model --manifest hospital.csv --out preds/   (fold ensemble + chosen rule)
 outputs (in --out): <case>_mask.nii.gz, <case>_lesions.nii.gz, <case>_lesions.csv, optional
   <case>_prob.nii.gz, <case>_complete.json (marker), failures.csv, inference.json.
   A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
@@ -30,8 +31,12 @@ exit status: 0 when every case succeeded or was already complete, 1 when some ca
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
-                        help="model checkpoint from medseg train; repeat to ensemble (probabilities averaged)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", action="append", metavar="CKPT",
+                       help="model checkpoint from medseg train; repeat to ensemble (probabilities averaged)")
+    model.add_argument("--model", metavar="DIR",
+                       help="model folder (pipelines/auto.yaml's model/): its fold models as one ensemble, with the "
+                            "post-processing chosen on cross-validation")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", metavar="CSV", help="data manifest listing the cases")
     source.add_argument("--input", action="append", nargs="+", metavar="PATH", help="one case's channel paths (see below)")
@@ -72,7 +77,16 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("inference.write_prob=true")
     if args.split and not args.manifest:
         raise MedsegError("--split needs --manifest")
-    bundle = load_bundle(args.checkpoint, overrides, _device(args.device))
+    if args.model:
+        from medseg.model_folder import read_model_folder
+
+        folder = read_model_folder(args.model)
+        checkpoints, overrides = folder.checkpoints, [*folder.inference_overrides(), *overrides]
+        log.info("model folder %s: %d fold model(s) averaged; post-processing %s", args.model, len(checkpoints),
+                 folder.postprocess or "of the checkpoints")
+    else:
+        checkpoints = args.checkpoint
+    bundle = load_bundle(checkpoints, overrides, _device(args.device))
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)
     else:

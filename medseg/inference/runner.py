@@ -327,8 +327,8 @@ def _rank_failures_path(out_dir: Path, rank: int) -> Path:
     return out_dir / f".failures.rank{rank}.csv"
 
 
-def merge_failures(out_dir: Path, world: int) -> pd.DataFrame:
-    """Rank 0: concatenate every rank's failure file into ``failures.csv`` (then remove them)."""
+def merge_failures(out_dir: Path, world: int, failures_file: str = FAILURES_FILE) -> pd.DataFrame:
+    """Rank 0: concatenate every rank's failure file into ``failures_file`` (then remove them)."""
     frames = []
     for rank in range(world):
         part = _rank_failures_path(out_dir, rank)
@@ -336,13 +336,13 @@ def merge_failures(out_dir: Path, world: int) -> pd.DataFrame:
             frames.append(pd.read_csv(part, dtype=str, keep_default_na=False))
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "error"])
     merged = merged.sort_values("case_id", kind="stable").reset_index(drop=True)
-    write_csv(out_dir / FAILURES_FILE, merged)
+    write_csv(out_dir / failures_file, merged)
     for rank in range(world):
         _rank_failures_path(out_dir, rank).unlink(missing_ok=True)
     return merged
 
 
-def _init_distributed(world: int) -> bool:
+def init_process_group(world: int) -> bool:
     """Join torchrun's process group (gloo: CPU barriers only); True when this call created it."""
     if world <= 1:
         return False
@@ -366,19 +366,23 @@ def run_inference(
     bundle: InferenceBundle,
     out_dir: str | Path,
     show_progress: bool = True,
+    rank_sharding: bool = True,
+    failures_file: str = FAILURES_FILE,
 ) -> RunSummary:
     """Predict every case not already complete in ``out_dir`` (this rank's share under torchrun).
 
-    Writes each case's outputs (:mod:`.outputs`), ``failures.csv`` (case_id, error; header only
-    when nothing failed; merged by rank 0) and ``inference.json`` (settings, checkpoints,
-    counts; rank 0). Returns this rank's summary.
+    Writes each case's outputs (:mod:`.outputs`), ``failures_file`` (case_id, error; header
+    only when nothing failed; merged by rank 0) and ``inference.json`` (settings, checkpoints,
+    counts; rank 0). ``rank_sharding=False``: this process predicts every case given, whatever
+    torchrun's environment says (the caller shares the work out, e.g. one CV fold per rank).
+    Returns this rank's summary.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = distributed_rank()
-    created_group = _init_distributed(world)  # early: a broken torchrun setup fails before any work
+    rank, world = distributed_rank() if rank_sharding else (0, 1)
+    created_group = init_process_group(world) if rank_sharding else False  # early: a broken torchrun setup fails before any work
     start = time.perf_counter()
     cfg = bundle.inference
     fingerprint = bundle.fingerprint()
@@ -464,9 +468,9 @@ def run_inference(
         write_csv(_rank_failures_path(out, rank), frame)
         _barrier(world)
         if rank == 0:
-            merge_failures(out, world)
+            merge_failures(out, world, failures_file)
     else:
-        write_csv(out / FAILURES_FILE, frame)
+        write_csv(out / failures_file, frame)
     if rank == 0:
         write_json(out / RUN_RECORD, {
             "medseg_version": __version__,

@@ -1,0 +1,332 @@
+"""k-fold cross-validation: train every fold, predict each held-out patient once, score them.
+
+``run_cross_validation(cfg, manifest, out_dir)`` -- the pipeline stage ``cv`` and
+``medseg cv`` -- does, for each fold k of :mod:`medseg.folds`:
+
+1. train on the other folds (:class:`medseg.engine.Trainer` with ``fold=k``; the fold's model
+   is its ``last.pt``: nothing is chosen on the held-out patients);
+2. predict fold k's patients with that model into ``oof/`` (``medseg infer``'s code path, with
+   probabilities: the post-processing search needs them), so every pool patient is predicted
+   exactly once by a model that never saw it;
+
+then evaluates ``oof/`` against the references (:func:`medseg.evaluation.evaluate`) and writes
+the CV table. Layout of ``out_dir``::
+
+    folds.json          patient-level fold assignment (fixed for the run)
+    fold_<k>/           the fold's training run (last.pt, history.csv, config.yaml, tensorboard/)
+                        + fold_key.json (what it was trained from) + fold_done.json (finished)
+    oof/                out-of-fold predictions: <case>_mask/_prob/_lesions..., failures.csv
+    evaluation/         evaluate()'s tables of oof/ (metrics_per_case.csv, summary.json, ...)
+    cv_table.csv        one row per pool case: fold, patient, Dice, HD95, lesion F1, ... + "mean"
+    cv_summary.json     means over cases and per fold, training seconds per fold, device
+
+Resuming: a fold whose ``fold_done.json`` matches the current training inputs (the data,
+preprocess, model, train and fold sections and the fold's patients) is not trained again; a
+fold interrupted mid-training resumes from its ``last.pt``; a fold trained from other inputs
+is discarded and trained again. Out-of-fold cases already complete (inference markers) are
+skipped.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r trains and predicts folds r, r + W, ... on its
+own device (``cuda:LOCAL_RANK``), each fold one plain process (no DDP: folds are independent),
+and rank 0 evaluates once every rank is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medseg.atomic import write_csv, write_json
+from medseg.config import Config
+from medseg.errors import MedsegError
+from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
+from medseg.manifest import Case, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+OOF_DIR = "oof"
+EVALUATION_DIR = "evaluation"
+CV_TABLE = "cv_table.csv"
+CV_SUMMARY = "cv_summary.json"
+FOLD_KEY = "fold_key.json"
+FOLD_DONE = "fold_done.json"
+FOLD_MODEL = "last.pt"
+POSTPROCESS_SETTINGS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component",
+                        "connectivity")  # fmt: skip
+TABLE_METRICS = ("dice", "hd95_mm", "assd_mm", "lesion_precision", "lesion_recall", "lesion_f1",
+                 "ref_volume_ml", "pred_volume_ml")  # fmt: skip
+
+
+@dataclass
+class CVResult:
+    """Where the results are and what failed (case_id, stage, error) along the way."""
+
+    out_dir: Path
+    folds: FoldAssignment
+    fold_models: list[Path]
+    summary: dict[str, Any]
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    return out_dir / f"fold_{fold}"
+
+
+def fold_models(out_dir: str | Path, n_folds: int) -> list[Path]:
+    """The fold models of a finished CV run, in fold order (``MedsegError`` if one is missing)."""
+    paths = [fold_dir(Path(out_dir), k) / FOLD_MODEL for k in range(n_folds)]
+    missing = [str(p) for p in paths if not (p.parent / FOLD_DONE).is_file() or not p.is_file()]
+    if missing:
+        raise MedsegError(f"cross-validation in {out_dir} is not finished: no finished fold model {missing}")
+    return paths
+
+
+def training_key(cfg: Config, folds: FoldAssignment, fold: int) -> str:
+    """Hash of what a fold's weights depend on: data/preprocess/model/train sections and the
+    fold's held-out patients (not ``inference``/``evaluation``: changing those re-predicts,
+    it does not retrain)."""
+    parts = cfg.model_dump(mode="json", include={"data", "preprocess", "model", "train"})
+    parts["fold"] = {"n_folds": folds.n_folds, "seed": folds.seed, "held_out": list(folds.patients[fold])}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def train_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, fold: int, progress: bool = True,
+               device: str | None = None) -> Path:  # fmt: skip
+    """Train fold ``fold`` into ``out_dir/fold_<k>`` unless it is finished with the same inputs
+    (module docstring); returns the fold model's path."""
+    from medseg.engine.trainer import Trainer
+
+    folder = fold_dir(out_dir, fold)
+    key = training_key(cfg, folds, fold)
+    done = _read_json(folder / FOLD_DONE)
+    if done is not None and done.get("key") == key and (folder / FOLD_MODEL).is_file():
+        log.info("cv fold %d: finished earlier (%s), not trained again", fold, folder)
+        return folder / FOLD_MODEL
+    started = _read_json(folder / FOLD_KEY)
+    if folder.exists() and (started is None or started.get("key") != key):
+        log.warning("cv fold %d: %s was trained from other inputs; training it again", fold, folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / FOLD_KEY, {"fold": fold, "key": key})
+    fold_cfg = cfg.model_copy(deep=True)
+    if device is not None:
+        fold_cfg.train.device = device
+    resume = (folder / FOLD_MODEL).is_file()
+    start = time.perf_counter()
+    result = Trainer(fold_cfg, folder, resume=resume, progress=progress, fold=fold, folds_dir=out_dir,
+                     single_process=True).fit()  # fmt: skip
+    write_json(folder / FOLD_DONE, {
+        "fold": fold, "key": key, "epochs": result.epochs_done, "stop_reason": result.stop_reason,
+        "seconds": round(time.perf_counter() - start, 1), "resumed": resume,
+    })  # fmt: skip
+    return folder / FOLD_MODEL
+
+
+def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], fold: int,
+                 device: str | None = None, progress: bool = True) -> list[dict[str, str]]:  # fmt: skip
+    """Predict fold ``fold``'s held-out cases with its model into ``out_dir/oof``; returns failures."""
+    from medseg.inference.cases import InferenceCase
+    from medseg.inference.runner import load_bundle, run_inference
+
+    explicit = {k: getattr(cfg.inference, k) for k in cfg.inference.model_fields_set}
+    explicit.update(write_prob=True, write_lesions=True)
+    overrides = [f"inference.{k}={json.dumps(v)}" for k, v in explicit.items()]
+    bundle = load_bundle([fold_dir(out_dir, fold) / FOLD_MODEL], overrides, device)
+    _, held_out = folds.split(cases, fold)
+    todo = [InferenceCase(c.case_id, {ch: c.images[ch] for ch in bundle.channels}, c.modality) for c in held_out]
+    summary = run_inference(todo, bundle, out_dir / OOF_DIR, show_progress=progress, rank_sharding=False,
+                            failures_file=f"failures_fold_{fold}.csv")  # fmt: skip
+    return [{"case_id": cid, "stage": "cv", "error": f"fold {fold}: {err}"} for cid, err in summary.failures]
+
+
+def cv_table(metrics: pd.DataFrame, folds: FoldAssignment, cases: list[Case]) -> pd.DataFrame:
+    """Per-case rows of ``metrics_per_case.csv`` with fold and patient, then a ``mean`` row."""
+    fold_of = folds.fold_of_patient()
+    patient = {c.case_id: c.patient_id for c in cases}
+    rows = metrics.copy()
+    rows["case_id"] = rows["case_id"].astype(str)
+    rows.insert(1, "patient_id", rows["case_id"].map(patient))
+    rows.insert(2, "fold", rows["patient_id"].map(fold_of).astype(int))
+    keep = ["case_id", "patient_id", "fold", "region", *[m for m in TABLE_METRICS if m in rows.columns]]
+    rows = rows[keep].sort_values(["fold", "case_id"], kind="stable").reset_index(drop=True)
+    mean = {"case_id": "mean", "patient_id": "", "fold": -1, "region": ""}
+    mean.update({m: rows[m].mean(skipna=True) for m in keep[4:]})
+    return pd.concat([rows, pd.DataFrame([mean])], ignore_index=True)
+
+
+def _describe(values: pd.Series) -> dict[str, float | int]:
+    ok = values.dropna()
+    return {"mean": float(ok.mean()) if len(ok) else math.nan, "median": float(ok.median()) if len(ok) else math.nan,
+            "std": float(ok.std(ddof=1)) if len(ok) > 1 else math.nan, "min": float(ok.min()) if len(ok) else math.nan,
+            "max": float(ok.max()) if len(ok) else math.nan, "n": int(len(ok)), "n_nan": int(values.isna().sum())}  # fmt: skip
+
+
+def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device: str) -> dict[str, Any]:
+    """Out-of-fold means over cases and per fold, fold training times (``cv_summary.json``)."""
+    cases = table[table["case_id"] != "mean"]
+    metrics = [m for m in TABLE_METRICS if m in cases.columns]
+    per_fold = {
+        str(k): {"n_cases": int((cases["fold"] == k).sum()),
+                 **{m: float(cases.loc[cases["fold"] == k, m].mean()) for m in ("dice", "hd95_mm", "lesion_f1") if m in metrics}}
+        for k in range(folds.n_folds)
+    }  # fmt: skip
+    done = [_read_json(fold_dir(out_dir, k) / FOLD_DONE) or {} for k in range(folds.n_folds)]
+    return {
+        "what": "out-of-fold: every pool case predicted once by the fold model that did not train on its patient",
+        "n_folds": folds.n_folds,
+        "n_cases": int(len(cases)),
+        "n_patients": int(cases["patient_id"].nunique()),
+        "metrics": {m: _describe(cases[m]) for m in metrics},
+        "per_fold": per_fold,
+        "fold_training_seconds": [d.get("seconds") for d in done],
+        "fold_epochs": [d.get("epochs") for d in done],
+        "device": device,
+    }
+
+
+def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], device: str,
+                 progress: bool = True, pred_dir: Path | None = None, eval_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the out-of-fold masks (``out_dir/oof``, or ``pred_dir``) against the references;
+    write ``evaluation/``, ``cv_table.csv`` and ``cv_summary.json`` into ``eval_root``
+    (default ``out_dir``). Returns the summary."""
+    from medseg.evaluation import evaluate
+    from medseg.inference.outputs import MASK_SUFFIX
+
+    oof = pred_dir or out_dir / OOF_DIR
+    root = eval_root or out_dir
+    pool = cv_pool(cases)
+    predicted = [c for c in pool if (oof / (c.case_id + MASK_SUFFIX)).is_file()]
+    if not predicted:
+        raise MedsegError(f"{oof}: no out-of-fold prediction to evaluate (see the failures)")
+    eval_dir = root / EVALUATION_DIR
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    subset = write_manifest(predicted, eval_dir / "evaluated_manifest.csv")
+    eval_cfg = cfg.model_copy(deep=True)
+    eval_cfg.evaluation.split = None
+    evaluate(oof, subset, eval_dir, eval_cfg, progress=progress)
+    metrics = pd.read_csv(eval_dir / "metrics_per_case.csv", dtype={"case_id": str})
+    regions = metrics["region"].unique().tolist()
+    metrics = metrics[metrics["region"] == regions[0]]  # the first region is the one the models segment
+    table = cv_table(metrics, folds, cases)
+    write_csv(root / CV_TABLE, table)
+    summary = summarise(table, folds, out_dir, device)
+    summary["region"] = regions[0]
+    summary["n_pool_cases"] = len(pool)
+    summary["inference"] = cfg.inference.model_dump(mode="json", include=set(POSTPROCESS_SETTINGS))
+    write_json(root / CV_SUMMARY, summary)
+    return summary
+
+
+def evaluate_postprocessed(cfg: Config, cv_dir: Path, cases: list[Case], out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """The out-of-fold probabilities of ``cv_dir/oof`` post-processed with ``cfg.inference``
+    (e.g. the rule chosen on them), evaluated like :func:`evaluate_oof` into ``out_dir``."""
+    import tempfile
+
+    from medseg.inference.postprocess import postprocess
+    from medseg.io import read_volume, write_mask
+
+    folds = read_folds(cv_dir / FOLDS_FILE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prior = _read_json(cv_dir / CV_SUMMARY) or {}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".masks-") as tmp:
+        for case in cv_pool(cases):
+            prob_path = cv_dir / OOF_DIR / f"{case.case_id}_prob.nii.gz"
+            if not prob_path.is_file():
+                continue
+            prob = read_volume(prob_path)
+            mask = postprocess(prob.array, prob.spacing, cfg.inference)
+            write_mask(mask, prob, Path(tmp) / f"{case.case_id}_mask.nii.gz")
+        return evaluate_oof(cfg, cv_dir, folds, cases, prior.get("device", "cpu"), progress, Path(tmp), out_dir)
+
+
+def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path, progress: bool = True) -> CVResult:
+    """Train every fold, predict each held-out patient, evaluate (module docstring).
+
+    ``cfg.data.manifest`` is replaced by ``manifest``. Returns the result on rank 0 (under
+    torchrun the other ranks return after their folds, with an empty summary).
+    """
+    from medseg.inference.runner import distributed_rank
+    from medseg.inference.runner import init_process_group as join_group
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.manifest = str(manifest)
+    cases = read_manifest(manifest)
+    rank, world = distributed_rank()
+    created = join_group(world)
+    if rank == 0:
+        folds = load_or_create_folds(out, cases, cfg.cv.folds, cfg.cv.seed, manifest)
+    _barrier(world)
+    folds = load_or_create_folds(out, cases, cfg.cv.folds, cfg.cv.seed, manifest)
+    device = _fold_device(cfg.train.device, world)
+    failures: list[dict[str, str]] = []
+    for k in range(rank, folds.n_folds, world):
+        log.info("cv: fold %d of %d (rank %d)", k, folds.n_folds, rank)
+        train_fold(cfg, out, folds, k, progress, device)
+        failures += predict_fold(cfg, out, folds, cases, k, device, progress)
+    _barrier(world)
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        failures = _all_fold_failures(out, folds.n_folds)
+        summary = evaluate_oof(cfg, out, folds, cases, device or _device_name(cfg.train.device), progress)
+    _barrier(world)
+    if created:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return CVResult(out, folds, [fold_dir(out, k) / FOLD_MODEL for k in range(folds.n_folds)], summary, failures)
+
+
+def _all_fold_failures(out: Path, n_folds: int) -> list[dict[str, str]]:
+    rows = []
+    for k in range(n_folds):
+        path = out / OOF_DIR / f"failures_fold_{k}.csv"
+        if path.is_file():
+            for rec in pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records"):
+                rows.append({"case_id": rec["case_id"], "stage": "cv", "error": f"fold {k}: {rec['error']}"})
+    return rows
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _device_name(preference: str) -> str:
+    from medseg.engine.distributed import resolve_train_device
+
+    return str(resolve_train_device(preference))
+
+
+def _fold_device(preference: str, world: int) -> str | None:
+    """Under torchrun each rank's folds go to its own GPU (``cuda:LOCAL_RANK``); else the config's."""
+    import os
+
+    if world > 1:
+        from medseg.engine.distributed import resolve_train_device
+
+        return str(resolve_train_device(preference, int(os.environ.get("LOCAL_RANK", "0"))))
+    return None
+
+
+__all__ = ["FOLDS_FILE", "CVResult", "evaluate_oof", "evaluate_postprocessed", "fold_models", "predict_fold",
+           "run_cross_validation", "train_fold"]

@@ -1,0 +1,141 @@
+"""A trained model as one folder: fold checkpoints + plan + folds + chosen post-processing.
+
+``medseg infer --model DIR`` loads it as one thing: the fold models form an ensemble whose
+probabilities are averaged (:func:`medseg.inference.runner.load_bundle`), and the
+post-processing chosen on cross-validation (``postprocess.json``) becomes the inference
+settings, under any ``--set inference.KEY=VALUE`` the user adds.
+
+Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
+:func:`write_model_folder`)::
+
+    model.json              what is here: format, medseg version, fold checkpoints with sha256,
+                            channels, modality, the post-processing rule, the CV summary line
+    fold_0.pt ... fold_N.pt slim inference checkpoints (no optimiser state), one per fold
+    config.yaml             the config the folds were trained with (the plan)
+    folds.json              the patient-level fold assignment (:mod:`medseg.folds`)
+    postprocess.json        the rule chosen on the out-of-fold predictions and why
+    postprocess_candidates.csv, cv_summary.json   the evidence behind it
+
+Nothing in it names a patient except by the manifest's ids (folds.json lists case and patient
+ids as the manifest gives them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medseg import __version__
+from medseg.atomic import sha256_file, write_json
+from medseg.errors import MedsegError
+
+MODEL_FILE = "model.json"
+FORMAT = "medseg-model-folder"
+FORMAT_VERSION = 1
+POSTPROCESS_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A read model folder: absolute checkpoint paths, the post-processing rule (inference keys)
+    and the whole ``model.json`` record."""
+
+    path: Path
+    checkpoints: list[Path]
+    postprocess: dict[str, Any]
+    record: dict[str, Any]
+
+    def inference_overrides(self) -> list[str]:
+        """The rule as ``inference.KEY=VALUE`` overrides (for :func:`load_bundle`)."""
+        return [f"inference.{k}={json.dumps(v)}" for k, v in self.postprocess.items()]
+
+
+def write_model_folder(
+    out_dir: str | Path,
+    fold_checkpoints: Sequence[str | Path],
+    config_file: str | Path,
+    folds_file: str | Path,
+    postprocess: dict[str, Any] | None = None,
+    extra_files: Sequence[str | Path] = (),
+    summary: dict[str, Any] | None = None,
+) -> Path:
+    """Assemble a model folder in ``out_dir`` (layout: module docstring); returns ``model.json``.
+
+    Each fold checkpoint is written as a slim inference checkpoint ``fold_<k>.pt``; the config,
+    folds and ``extra_files`` are copied; ``postprocess`` (inference keys) is recorded in
+    ``model.json``. Every file is written atomically, ``model.json`` last, so a folder without it
+    is incomplete.
+    """
+    from medseg.models.checkpoint import load_checkpoint, write_inference_checkpoint
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).unlink(missing_ok=True)
+    checkpoints = []
+    channels = modality = None
+    for k, source in enumerate(fold_checkpoints):
+        target = out / f"fold_{k}.pt"
+        write_inference_checkpoint(source, target)
+        extra = load_checkpoint(target).get("extra", {})
+        channels, modality = extra.get("channels"), extra.get("modality")
+        checkpoints.append({"file": target.name, "sha256": sha256_file(target), "epoch": extra.get("epoch")})
+    for source in (config_file, folds_file, *extra_files):
+        source = Path(source)
+        tmp = out / f".{source.name}.partial"
+        shutil.copyfile(source, tmp)
+        tmp.replace(out / source.name)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medseg_version": __version__,
+        "checkpoints": checkpoints,
+        "channels": channels,
+        "modality": modality,
+        "config": Path(config_file).name,
+        "folds": Path(folds_file).name,
+        "postprocess": dict(postprocess or {}),
+        "summary": summary or {},
+    }
+    return write_json(out / MODEL_FILE, record)
+
+
+def read_model_folder(path: str | Path) -> ModelFolder:
+    """Read ``path/model.json`` and check that every checkpoint it lists exists with its sha256.
+
+    Raises ``MedsegError`` naming the file for a missing/incomplete folder, an unknown format,
+    a missing or altered checkpoint, or a post-processing rule with keys ``infer`` does not know.
+    """
+    folder = Path(path)
+    record_path = folder / MODEL_FILE
+    if not folder.is_dir():
+        raise MedsegError(f"{folder}: model folder not found")
+    if not record_path.is_file():
+        raise MedsegError(f"{folder}: no {MODEL_FILE} (not a medseg model folder, or its writing was interrupted)")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MedsegError(f"{record_path}: not readable JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise MedsegError(f"{record_path}: not a medseg model folder record (format {FORMAT!r} expected)")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise MedsegError(f"{record_path}: format version {record.get('format_version')!r} is not supported")
+    entries = record.get("checkpoints") or []
+    if not entries:
+        raise MedsegError(f"{record_path}: lists no checkpoint")
+    checkpoints = []
+    for entry in entries:
+        file = folder / str(entry.get("file", ""))
+        if not file.is_file():
+            raise MedsegError(f"{file}: checkpoint listed in {record_path} not found")
+        if entry.get("sha256") and sha256_file(file) != entry["sha256"]:
+            raise MedsegError(f"{file}: sha256 differs from the one in {record_path} (file replaced or damaged)")
+        checkpoints.append(file)
+    rule = record.get("postprocess") or {}
+    unknown = sorted(set(rule) - set(POSTPROCESS_KEYS))
+    if unknown:
+        raise MedsegError(f"{record_path}: unknown post-processing key(s) {unknown}; known: {list(POSTPROCESS_KEYS)}")
+    return ModelFolder(folder, checkpoints, dict(rule), record)
