@@ -1,0 +1,93 @@
+"""`pipelines/auto.yaml` end to end on phantoms: import -> plan -> cv -> postprocess -> infer test
+-> evaluate -> report, then a resumed run that redoes nothing, and the model folder it leaves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from medseg.cli import main
+from medseg.manifest import read_manifest
+from medseg.model_folder import read_model_folder
+from medseg.synth import generate_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "train.epochs=1", "--set", "train.samples_per_epoch=16", "--set", "train.batch_size=4",
+        "--set", "train.num_workers=0", "--set", "cv.folds=3", "--set", "stage.plan.minutes_per_fold=1",
+        "--set", "stage.plan.device=cpu"]  # fmt: skip
+
+
+def _brats_like(tmp_path):
+    """Phantoms renamed into a BraTS-like folder (<case>/<case>_<channel>.nii.gz, <case>_seg.nii.gz)."""
+    manifest = generate_dataset(tmp_path / "synth", 5, shape=(48, 44, 16), seed=4)
+    root = tmp_path / "brats_like"
+    for case in read_manifest(manifest):
+        folder = root / case.case_id
+        folder.mkdir(parents=True)
+        for channel, path in case.images.items():
+            shutil.copy(path, folder / f"{case.case_id}_{channel}.nii.gz")
+        shutil.copy(case.label, folder / f"{case.case_id}_seg.nii.gz")
+    return root
+
+
+def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
+    source = _brats_like(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.source={source}", "--out", str(run_dir),
+            "--no-progress", *TINY]  # fmt: skip
+    assert main(args) == 0
+    state = json.loads((run_dir / "state.json").read_text())
+    assert [s for s in state] == ["import", "validate", "plan", "stats", "cv", "postprocess", "infer", "evaluate", "report"]
+    manifest = read_manifest(run_dir / "import" / "manifest.csv")
+    assert len(manifest) == 5 and {c.split for c in manifest} == {"train"}  # every patient in the CV pool
+
+    # the plan's config is the run's config, with the --set overrides on top
+    config = (run_dir / "config.yaml").read_text()
+    assert "in_channels: 6" in config and "folds: 3" in config
+    assert (run_dir / "plan" / "fingerprint.json").is_file()
+
+    table = pd.read_csv(run_dir / "cv" / "cv_table.csv", dtype={"case_id": str})
+    assert sorted(table["case_id"][:-1]) == sorted(c.case_id for c in manifest)
+    model = read_model_folder(run_dir / "model")
+    assert len(model.checkpoints) == 3 and set(model.postprocess) >= {"threshold", "min_lesion_mm3"}
+    decision = pd.read_csv(run_dir / "model" / "postprocess_candidates.csv")
+    assert decision["chosen"].sum() == 1 and decision["is_current"].sum() == 1
+    assert (run_dir / "model" / "cv_chosen" / "cv_summary.json").is_file()
+
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "Expected accuracy (cross-validation)" in html and "Post-processing chosen on cross-validation" in html
+    assert "Out-of-fold over 5 patients (3 folds)" in html
+
+    capsys.readouterr()
+    assert main(args) == 0  # resumed: nothing is redone
+    assert capsys.readouterr().out.count("up to date") == 9
+    assert all(v["runs"] == 1 for v in json.loads((run_dir / "state.json").read_text()).values())
+
+
+def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
+    manifest = generate_dataset(tmp_path / "data", 6, shape=(48, 44, 16), seed=5, val_fraction=0.0, test_fraction=0.17)
+    test_ids = [c.case_id for c in read_manifest(manifest) if c.split == "test"]
+    run_dir = tmp_path / "run"
+    assert main(["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.manifest={manifest}",
+                 "--out", str(run_dir), "--no-progress", *TINY]) == 0  # fmt: skip
+    record = json.loads((run_dir / "predictions" / "inference.json").read_text())
+    assert [p.rsplit("/", 1)[-1] for p in record["checkpoints"]] == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    rule = read_model_folder(run_dir / "model").postprocess
+    assert record["inference"]["threshold"] == rule["threshold"]
+    assert sorted(p.name for p in (run_dir / "predictions").glob("*_mask.nii.gz")) == [f"{t}_mask.nii.gz" for t in test_ids]
+    summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())
+    assert summary["case_ids"] == test_ids
+    cv_ids = pd.read_csv(run_dir / "cv" / "cv_table.csv", dtype={"case_id": str})["case_id"].tolist()
+    assert not set(test_ids) & set(cv_ids)  # the test patient never enters the cross-validation
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "Metrics (test split)" in html
+
+
+def test_auto_pipeline_needs_data(tmp_path, capsys):
+    assert main(["run", str(REPO / "pipelines" / "auto.yaml"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "pipeline.source" in capsys.readouterr().err
