@@ -1,10 +1,15 @@
 """The HTML report: one self-contained page (PNG figures embedded) plus the PNG files.
 
-Sections: dataset overview, lesion-distribution curves (reference vs predicted), metrics per
-case (sortable) and summary, lesion sizes, precision-recall curve with AP, detection recall by
-size, slice overlays of the best / median / worst cases, provenance. Every section is built
-from files the earlier stages wrote (CSV/JSON/NIfTI), so the report can be rebuilt alone.
-Only manifest case ids appear; nothing is read from DICOM headers.
+Sections: dataset overview; expected accuracy from cross-validation (out-of-fold headline,
+per-fold and per-case tables, Dice per case by fold, and the post-processing rule chosen on the
+out-of-fold predictions with its candidates); lesion-distribution curves (reference vs
+predicted); metrics per case (sortable) and summary (titled "Metrics (test split)" when the
+cross-validation section is there too); lesion sizes, precision-recall curve with AP,
+detection recall by size; slice overlays of the best / median / worst cases; provenance.
+Every section is built from files the earlier stages wrote (CSV/JSON/NIfTI), so the report can
+be rebuilt alone. A missing or unreadable cross-validation / post-processing file only drops
+its part of the page, never the report. Only manifest case ids appear; nothing is read from
+DICOM headers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,19 @@ import numpy as np
 import pandas as pd
 
 from medseg import atomic, reporting
+from medseg.cross_validation import CV_SUMMARY, CV_TABLE
 from medseg.lesions import AXIS_INDEX
 from medseg.manifest import Case
+
+log = logging.getLogger(__name__)
+
+CV_CHOSEN_DIR = "cv_chosen"  # in the model folder: the out-of-fold predictions with the chosen rule
+# medseg.postprocess_selection's SELECTION_JSON / CANDIDATES_CSV / RULE_KEYS, spelled here because
+# importing that module pulls in torch (seconds) for three names
+POSTPROCESS_JSON = "postprocess.json"
+POSTPROCESS_CANDIDATES = "postprocess_candidates.csv"
+RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
+N_TOP_CANDIDATES = 10  # candidate rules listed (plus the current and chosen ones)
 
 
 @dataclass
@@ -37,6 +54,8 @@ class ReportInputs:
     provenance: dict[str, Any] = field(default_factory=dict)
     axis: str = "axial"
     extent: str = "foreground"
+    cv_dir: Path | None = None  # cross-validation output (cv_table.csv, cv_summary.json)
+    model_dir: Path | None = None  # model folder (postprocess.json, candidates, cv_chosen/)
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -46,6 +65,30 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         except pd.errors.EmptyDataError:
             return None
     return None
+
+
+def _read_csv_lenient(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
+    """``path`` as a table, or None when it is missing, unreadable or lacks ``required`` columns."""
+    try:
+        frame = _read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
+        log.warning("report: skipping unreadable %s (%s)", path, exc)
+        return None
+    if frame is None or not set(required) <= set(frame.columns):
+        return None
+    return frame
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """``path`` as a JSON object, or None when it is missing, unreadable or not an object."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("report: skipping unreadable %s (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _num(value: Any, fmt: str = "{:.4f}") -> str:
@@ -60,16 +103,20 @@ def _img_tag(png: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-def _table(frame: pd.DataFrame, table_id: str, float_format: str = "{:.4g}") -> str:
+def _table(frame: pd.DataFrame, table_id: str, float_format: str = "{:.4g}", footer: pd.DataFrame | None = None) -> str:
+    """A sortable table; ``footer`` rows (same columns, e.g. a mean) stay last when sorting."""
     def fmt(value: Any) -> str:
         if isinstance(value, (float, np.floating)):
             return "" if np.isnan(value) else float_format.format(value)
         return html.escape(str(value))
 
+    def rows(part: pd.DataFrame) -> str:
+        return "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in part.itertuples(index=False))
+
     head = "".join(f'<th onclick="sortTable(\'{table_id}\', {i})">{html.escape(str(c))}</th>' for i, c in enumerate(frame.columns))
-    rows = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    foot = f"<tfoot>{rows(footer[frame.columns])}</tfoot>" if footer is not None and len(footer) else ""
     return (f'<div class="scroll"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{rows}</tbody></table></div>')
+            f'<tbody>{rows(frame)}</tbody>{foot}</table></div>')
 
 
 def _overview(inputs: ReportInputs, ref_cases: pd.DataFrame | None) -> str:
@@ -135,6 +182,129 @@ def _overlay_png(case: Case, pred_dir: Path | None, axis: str, out: Path, title:
     return reporting.plot_overlay(take(img_ras), take(ref), take(pred), in_plane, out, f"{title} (slice {index})")  # type: ignore[arg-type]
 
 
+def _metric(summary: dict[str, Any], name: str, stat: str = "mean") -> Any:
+    info = summary.get("metrics", {}).get(name)
+    return info.get(stat) if isinstance(info, dict) else None
+
+
+def _cv_headline(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
+    """The out-of-fold sentence from ``summary``; ``plan``: the plan-rule summary when ``summary``
+    holds the chosen rule's numbers (then said to be chosen on the same predictions)."""
+    dice = lambda stat: _num(_metric(summary, "dice", stat), "{:.3f}")  # noqa: E731
+    text = (f"Out-of-fold over {_num(summary.get('n_patients'), '{:.0f}')} patients ({_num(summary.get('n_folds'), '{:.0f}')} folds): "
+            f"mean Dice <b>{dice('mean')}</b> (median {dice('median')}, {dice('min')}–{dice('max')}), "
+            f"HD95 <b>{_num(_metric(summary, 'hd95_mm'), '{:.2f}')} mm</b>, "
+            f"lesion F1 <b>{_num(_metric(summary, 'lesion_f1'), '{:.3f}')}</b> — each patient predicted by a model that "
+            "did not train on it. This is the accuracy to expect on new patients from the same source; the best "
+            "validation epoch is not reported.")
+    parts = [f"<p class='headline'>{text}</p>"]
+    n_cases, n_nan = summary.get("n_cases"), _metric(summary, "dice", "n_nan")
+    parts.append(f"<p>{_num(n_cases, '{:.0f}')} case(s), region {html.escape(str(summary.get('region', 'n/a')))}, "
+                 f"trained on {html.escape(str(summary.get('device', 'n/a')))}"
+                 + (f"; Dice undefined in {n_nan} case(s)" if isinstance(n_nan, int) and n_nan else "") + ".</p>")
+    if plan is not None:
+        parts.append(
+            "<p>These numbers use the post-processing rule chosen on cross-validation. With the plan's own rule "
+            f"the same predictions score mean Dice {_num(_metric(plan, 'dice'), '{:.3f}')}, "
+            f"HD95 {_num(_metric(plan, 'hd95_mm'), '{:.2f}')} mm, lesion F1 {_num(_metric(plan, 'lesion_f1'), '{:.3f}')}. "
+            "The rule was chosen on these same out-of-fold predictions, so the chosen-rule numbers are slightly "
+            "optimistic.</p>")
+    return "".join(parts)
+
+
+def _per_fold_table(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
+    """fold, n_cases, Dice, HD95, lesion F1 (means over the fold's cases), epochs, training minutes."""
+    per_fold = summary.get("per_fold")
+    if not isinstance(per_fold, dict) or not per_fold:
+        return ""
+    timing = summary if "fold_training_seconds" in summary else (plan or {})
+    seconds, epochs = timing.get("fold_training_seconds") or [], timing.get("fold_epochs") or []
+    rows = []
+    for key in sorted(per_fold, key=int):
+        info, k = per_fold[key], int(key)
+        sec = seconds[k] if k < len(seconds) else None
+        rows.append({"fold": k, "n_cases": info.get("n_cases"), "Dice": info.get("dice", np.nan),
+                     "HD95 (mm)": info.get("hd95_mm", np.nan), "lesion F1": info.get("lesion_f1", np.nan),
+                     "epochs": epochs[k] if k < len(epochs) and epochs[k] is not None else "n/a",
+                     "training minutes": sec / 60.0 if isinstance(sec, (int, float)) else np.nan})
+    frame = pd.DataFrame(rows).astype({"Dice": float, "HD95 (mm)": float, "lesion F1": float, "training minutes": float})
+    return "<h3>Per fold</h3>" + _table(frame, "cv_folds", "{:.3f}")
+
+
+def _postprocess_part(model_dir: Path) -> str:
+    """The rule chosen on the out-of-fold predictions, the plan's rule, the reason and the
+    candidates (the best :data:`N_TOP_CANDIDATES` by mean Dice, plus the current and chosen)."""
+    selection = _read_json(model_dir / POSTPROCESS_JSON)
+    if selection is None:
+        return ""
+    parts = ["<h3>Post-processing chosen on cross-validation</h3>"]
+    rules = [{"rule": name, **{k: selection[name].get(k, "n/a") for k in RULE_KEYS}}
+             for name in ("chosen", "current") if isinstance(selection.get(name), dict)]
+    if rules:
+        parts.append(_table(pd.DataFrame(rules), "cv_rules", "{:g}"))
+    if selection.get("reason"):
+        n = selection.get("n_cases")
+        parts.append(f"<p class='reason'>{html.escape(str(selection['reason']))}"
+                     + (f" (scored on {_num(n, '{:.0f}')} cases)" if n is not None else "") + "</p>")
+    candidates = _read_csv_lenient(model_dir / POSTPROCESS_CANDIDATES, ("mean_dice",))
+    if candidates is not None and len(candidates):
+        ranked = candidates.sort_values("mean_dice", ascending=False, kind="stable")
+        marked = np.zeros(len(ranked), bool)
+        for flag in ("is_current", "chosen"):
+            if flag in ranked.columns:
+                marked |= ranked[flag].astype(str).str.lower().isin(("true", "1")).to_numpy()
+        keep = np.arange(len(ranked)) < N_TOP_CANDIDATES
+        shown = ranked[keep | marked]
+        cols = [c for c in ("threshold", "min_lesion_mm3", "component_fraction", "fill_holes", "mean_dice", "mean_hd95_mm",
+                            "n_hd95_undefined", "is_current", "chosen") if c in shown.columns]
+        extra = int((~keep & marked).sum())
+        parts.append(f"<p>Candidates: the {min(N_TOP_CANDIDATES, len(ranked))} best of {len(ranked)} by mean Dice"
+                     + (f", plus the current / chosen rule ({extra} row(s) below them)" if extra else "") + ".</p>")
+        parts.append(_table(shown[cols], "cv_candidates"))
+    return "".join(parts)
+
+
+def _cv_section(inputs: ReportInputs, out: Path) -> str:
+    """"Expected accuracy (cross-validation)": headline, per-fold and per-case tables, Dice plot,
+    post-processing decision. Uses the chosen rule's out-of-fold numbers (``model_dir/cv_chosen``)
+    when they exist, else the plan rule's (``cv_dir``). Each part whose files are missing or
+    malformed is left out; returns "" when nothing can be shown."""
+    plan = _read_json(inputs.cv_dir / CV_SUMMARY) if inputs.cv_dir else None
+    chosen_dir = inputs.model_dir / CV_CHOSEN_DIR if inputs.model_dir else None
+    chosen = _read_json(chosen_dir / CV_SUMMARY) if chosen_dir else None
+    summary, source = (chosen, chosen_dir) if chosen is not None else (plan, inputs.cv_dir)
+    table_dir = chosen_dir if chosen_dir is not None and (chosen_dir / CV_TABLE).is_file() else inputs.cv_dir
+    table = _read_csv_lenient(table_dir / CV_TABLE, ("case_id", "fold", "dice")) if table_dir else None
+    parts: list[str] = []
+    guarded = (TypeError, ValueError, KeyError, AttributeError, IndexError)  # a malformed file drops its part only
+    if summary is not None:
+        for build, plan_arg in ((_cv_headline, plan if chosen is not None else None), (_per_fold_table, plan)):
+            try:
+                parts.append(build(summary, plan_arg))
+            except guarded as exc:
+                log.warning("report: skipping part of the cross-validation summary in %s (%s)", source, exc)
+    elif inputs.cv_dir is not None:
+        parts.append(f"<p>No readable {CV_SUMMARY} in {html.escape(str(inputs.cv_dir))}: no headline.</p>")
+    if table is not None and len(table):
+        try:
+            is_mean = table["case_id"].astype(str) == "mean"
+            cases = table[~is_mean].astype({"fold": int, "dice": float})
+            if len(cases):
+                png = reporting.plot_cv_dice(cases, out / "cv_dice.png")
+                parts.append(_img_tag(png, "Out-of-fold Dice per case, coloured by fold (black line: mean over cases)"))
+            rule = "the chosen post-processing rule" if table_dir == chosen_dir else "the plan's post-processing rule"
+            parts.append(f"<h3>Per case</h3><p>Out-of-fold predictions with {rule}; last row: mean over cases.</p>"
+                         + _table(cases, "cv_cases", footer=table[is_mean]))
+        except guarded as exc:
+            log.warning("report: skipping %s (%s)", table_dir, exc)
+    if inputs.model_dir is not None:
+        try:
+            parts.append(_postprocess_part(inputs.model_dir))
+        except guarded as exc:
+            log.warning("report: skipping the post-processing selection in %s (%s)", inputs.model_dir, exc)
+    return "".join(parts)
+
+
 def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -142,6 +312,10 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     sections: list[tuple[str, str]] = []
     ref_cases = _read_csv(inputs.ref_stats_dir / "case_stats.csv") if inputs.ref_stats_dir else None
     sections.append(("Dataset", _overview(inputs, ref_cases)))
+    has_cv = inputs.cv_dir is not None or inputs.model_dir is not None
+    cv_part = _cv_section(inputs, out) if has_cv else ""
+    if cv_part:
+        sections.append(("Expected accuracy (cross-validation)", cv_part))
 
     # lesion-distribution curves
     curves = []
@@ -187,7 +361,8 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
         lines.append(f"<li>mAP at the matching IoU: {_num(m.get('at_iou_threshold'), '{:.3f}')}; mean over IoU thresholds "
                      f"{thresholds}: {_num(m.get('mean_over_thresholds'), '{:.3f}')} "
                      f"(detection scores: {html.escape(str(summary.get('score_source')))})</li>")
-        sections.append(("Metrics", f"<ul>{''.join(lines)}</ul>" + _table(metrics[cols], "metrics")))
+        title = "Metrics (test split)" if inputs.cv_dir is not None else "Metrics"
+        sections.append((title, f"<ul>{''.join(lines)}</ul>" + _table(metrics[cols], "metrics")))
         figures = []
         pr = _read_csv(inputs.eval_dir / "pr_curve.csv")  # type: ignore[operator]
         cfg = summary.get("config", {}).get("evaluation", {})
@@ -238,7 +413,8 @@ _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+h1{font-size:1.6em}h3{font-size:1.1em;margin-top:1.2em}p.headline{font-size:1.05em}
+tfoot td{font-weight:bold;border-top:2px solid #999}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f3f3f3;cursor:pointer}td:first-child,th:first-child{text-align:left}
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #eee}

@@ -158,3 +158,39 @@ def plot_overlay(
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return _save(fig, out_path)
+
+
+def plot_cv_dice(table: pd.DataFrame, out_path: str | Path) -> Path:
+    """Out-of-fold Dice per case: one bar per case, grouped and coloured by fold (cases sorted
+    by Dice within a fold), the fold means as short dashed lines and the mean over cases as a
+    black line. ``table``: a ``cv_table.csv`` (``case_id``, ``fold``, ``dice``); its ``mean`` row
+    (fold -1) is left out. Cases with undefined Dice (NaN) get no bar."""
+    cases = table[table["case_id"].astype(str) != "mean"]
+    cases = cases[cases["fold"] >= 0].sort_values(["fold", "dice"], ascending=[True, False], kind="stable")
+    fig, ax = plt.subplots(figsize=(max(5.5, min(14.0, 0.22 * len(cases) + 3)), 4), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    x = np.arange(len(cases))
+    folds = cases["fold"].to_numpy(int)
+    dice = cases["dice"].to_numpy(float)
+    for fold in np.unique(folds):
+        at = folds == fold
+        ax.bar(x[at], dice[at], color=colours(int(fold) % 10), alpha=0.8, label=f"fold {fold} ({int(at.sum())})")
+        fold_mean = np.nanmean(dice[at]) if np.isfinite(dice[at]).any() else np.nan
+        if np.isfinite(fold_mean):
+            ax.hlines(fold_mean, x[at].min() - 0.4, x[at].max() + 0.4, colors=colours(int(fold) % 10), linestyles="--", lw=1.2)
+    if np.isfinite(dice).any():
+        mean = float(np.nanmean(dice))
+        ax.axhline(mean, color="k", lw=1.5, label=f"mean {mean:.3f}")
+    if 0 < len(cases) <= 40:
+        ax.set_xticks(x, cases["case_id"].astype(str), rotation=90, fontsize=7)
+    else:
+        ax.set_xticks([])
+    ax.set_xlim(-0.6, max(len(cases), 1) - 0.4)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Dice (out-of-fold)")
+    ax.set_xlabel("case (grouped by fold)")
+    ax.set_title("Cross-validation: Dice per case, by fold (dashed: fold mean)")
+    ax.grid(axis="y", alpha=0.3)
+    if len(cases):
+        ax.legend(loc="lower left", fontsize=7, ncol=min(6, len(np.unique(folds)) + 1))
+    return _save(fig, out_path)
