@@ -157,3 +157,20 @@ def test_inplane_diameter_equals_brute_force(rng, axis, shape):
         for sl in np.moveaxis(component, axis, 0) if sl.sum() > 0
     )
     np.testing.assert_allclose(_max_inplane_diameter(component, axis, spacing), expected)
+
+
+def test_min_component_fraction_keeps_lesions_relative_to_the_largest():
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[1:6, 1:6, 1:6] = 0.9  # 125 voxels: the largest
+    prob[10:13, 10:13, 10:13] = 0.9  # 27 voxels: 0.216 of the largest
+    prob[16:18, 16:18, 16:18] = 0.9  # 8 voxels: 0.064
+    cfg = InferenceConfig(min_lesion_mm3=0)
+    sizes = lambda mask: sorted(np.bincount(label_lesions(mask, 26)[0].ravel())[1:].tolist())  # noqa: E731
+    assert sizes(postprocess(prob, (1, 1, 1), cfg)) == [8, 27, 125]
+    assert sizes(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"min_component_fraction": 0.1}))) == [27, 125]
+    assert sizes(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"min_component_fraction": 0.216}))) == [27, 125]
+    assert sizes(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"min_component_fraction": 0.25}))) == [125]
+    assert sizes(postprocess(prob, (1, 1, 1), cfg.model_copy(update={"min_component_fraction": 1.0}))) == [125]
+    # the fraction is of the largest lesion left after the size filter
+    after = cfg.model_copy(update={"min_lesion_mm3": 200.0, "min_component_fraction": 0.5})
+    assert sizes(postprocess(prob, (1, 1, 1), after)) == []

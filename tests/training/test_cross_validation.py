@@ -200,3 +200,22 @@ def test_model_folder_round_trips_through_infer(data, cv_run, tmp_path, capsys):
     assert "fold_1.pt: sha256 differs" in capsys.readouterr().err
     assert main(["infer", "--model", str(tmp_path / "nowhere"), "--manifest", str(data), "--out", str(tmp_path / "bad"),
                  "--no-progress"]) == 2  # fmt: skip
+
+
+def test_torchrun_ranks_train_their_own_folds(data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    config = write_config(tmp_path / "cfg.yaml", data)
+    out = tmp_path / "cv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "medseg.cli", "cv", str(config), "--out", str(out),
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fold 0 of 3 (rank 0)" in proc.stderr and "fold 1 of 3 (rank 1)" in proc.stderr
+    assert "fold 2 of 3 (rank 0)" in proc.stderr
+    assert len(fold_models(out, 3)) == 3
+    from medseg.models.checkpoint import load_checkpoint
+
+    for k in range(3):  # each fold trained alone: one rank, no DDP
+        assert load_checkpoint(out / f"fold_{k}" / "last.pt")["extra"]["world_size"] == 1
+    assert "out-of-fold over 5 case(s), 3 folds" in proc.stdout
