@@ -531,7 +531,7 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
     from medseg.manifest import write_manifest
 
     write_manifest([c for c in cases if c.case_id in done], subset)
-    evaluate(pred_dir, subset, ctx.stage_dir("evaluate"), ctx.cfg)
+    evaluate(pred_dir, subset, ctx.stage_dir("evaluate"), ctx.cfg, progress=ctx.progress)
 
 
 def stage_report(ctx: RunContext, opts: NoOptions) -> None:
@@ -713,4 +713,10 @@ def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
     if ctx.checkpoint is not None and ctx.checkpoint.is_file():
         provenance["checkpoint"] = str(ctx.checkpoint)
         provenance["checkpoint_sha256"] = sha256_file(ctx.checkpoint)
+    record = ctx.model_dir / "model.json" if ctx.model_dir is not None else None
+    if record is not None and record.is_file():
+        model = json.loads(record.read_text(encoding="utf-8"))
+        provenance["model"] = str(ctx.model_dir)
+        provenance["model_checkpoints_sha256"] = {c["file"]: c["sha256"] for c in model.get("checkpoints", [])}
+        provenance["postprocess"] = model.get("postprocess")
     atomic.write_json(ctx.run_dir / "provenance.json", provenance)

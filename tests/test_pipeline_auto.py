@@ -86,6 +86,16 @@ def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
     assert not set(test_ids) & set(cv_ids)  # the test patient never enters the cross-validation
     html = (run_dir / "report" / "report.html").read_text()
     assert "Metrics (test split)" in html
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert sorted(provenance["model_checkpoints_sha256"]) == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+
+    # the model folder serves a new manifest through infer_report, with its rule
+    other = tmp_path / "other"
+    assert main(["run", str(REPO / "pipelines" / "infer_report.yaml"), "--set", f"pipeline.model={run_dir / 'model'}",
+                 "--set", f"pipeline.manifest={manifest}", "--out", str(other), "--no-progress"]) == 0  # fmt: skip
+    record = json.loads((other / "predictions" / "inference.json").read_text())
+    assert len(record["checkpoints"]) == 3 and record["inference"]["threshold"] == rule["threshold"]
+    assert len(list((other / "predictions").glob("*_mask.nii.gz"))) == 6
 
 
 def test_auto_pipeline_needs_data(tmp_path, capsys):
