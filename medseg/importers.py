@@ -22,7 +22,7 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.io import preserve_locale
-from medseg.manifest import Case, pseudonymise
+from medseg.manifest import Case
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha)$", re.IGNORECASE)
 LABEL_CHANNELS = ("seg", "label", "labels", "mask", "gt")
@@ -187,28 +187,43 @@ def _dicom_tag(reader: object, key: str) -> str:
     return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # type: ignore[attr-defined]
 
 
-def import_dicom(root: str | Path) -> list[Case]:
+def import_dicom(root: str | Path, map_file: str | Path | None = None) -> list[Case]:
     """One case per folder holding a DICOM series (the largest series of the folder).
 
-    case_id = folder path relative to ``root``; patient_id = pseudonym of PatientID; modality from
-    the DICOM Modality tag (CT or MR; other modalities are skipped with a warning).
+    patient_id = keyed pseudonym of PatientID (:mod:`medseg.pseudonyms`: HMAC with the site
+    secret; StudyInstanceUID when PatientID is empty); case_id = the pseudonym plus the series'
+    number for that patient (``P3f9c..._s1``, ``_s2``, ... in folder order), never the folder
+    name, which often holds a patient's name or ID. ``map_file``: also write a CSV
+    (folder, case_id) -- the only link back to the folders; medseg never reads it, keep it where
+    identifiers may be kept. Modality from the DICOM Modality tag (CT or MR; other modalities
+    are skipped with a warning).
     """
-
-
     base = Path(root)
     if not base.is_dir():
         raise MedsegError(f"{base}: folder not found")
     with preserve_locale():
-        return _import_dicom_folders(base)
+        cases, folders = _import_dicom_folders(base)
+    if map_file is not None:
+        import pandas as pd
+
+        from medseg.atomic import write_csv
+
+        write_csv(Path(map_file), pd.DataFrame({"folder": folders, "case_id": [c.case_id for c in cases]}))
+    return cases
 
 
-def _import_dicom_folders(base: Path) -> list[Case]:
+def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
     import logging
 
     import SimpleITK as sitk
 
+    from medseg.pseudonyms import pseudonym, site_secret
+
     log = logging.getLogger(__name__)
+    secret = site_secret()
     cases: list[Case] = []
+    sources: list[str] = []
+    series_of: dict[str, int] = {}
     folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]
     for folder in folders:
         ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -223,8 +238,10 @@ def _import_dicom_folders(base: Path) -> list[Case]:
         if modality not in ("CT", "MR"):
             log.warning("skipping DICOM folder %s: modality %r is not CT or MR", rel, modality)
             continue
-        patient = _dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel
-        cases.append(Case(channel_name(rel), pseudonymise(patient), modality, {"image": folder.resolve()}, None, ""))
+        patient = pseudonym(_dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel, secret)
+        series_of[patient] = series_of.get(patient, 0) + 1
+        cases.append(Case(f"{patient}_s{series_of[patient]}", patient, modality, {"image": folder.resolve()}, None, ""))
+        sources.append(rel)
     if not cases:
         raise MedsegError(f"{base}: no CT/MR DICOM series found")
-    return cases
+    return cases, sources

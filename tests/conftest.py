@@ -37,6 +37,13 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def site_secret_in_tmp(tmp_path_factory, monkeypatch):
+    """Pseudonyms use a site secret file under the test's temporary folder, never the user's."""
+    monkeypatch.delenv("MEDSEG_SITE_SECRET", raising=False)
+    monkeypatch.setenv("MEDSEG_SITE_SECRET_FILE", str(tmp_path_factory.mktemp("secret") / "site_secret"))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from conftest import make_affine, write_nifti
@@ -89,9 +90,16 @@ def test_dicom_folders_pseudonymise_patient(tmp_path):
     for name in ("study1", "study2"):
         (tmp_path / name).mkdir()
         write_dicom_series(image, tmp_path / name, modality="MR", patient_id="SECRET-123")
-    cases = import_dicom(tmp_path)
-    assert [c.case_id for c in cases] == ["study1", "study2"]
-    assert cases[0].patient_id == cases[1].patient_id and "SECRET" not in cases[0].patient_id
+    (tmp_path / "Doe^John_1970").mkdir()  # a folder named after the patient never becomes a case id
+    write_dicom_series(image, tmp_path / "Doe^John_1970", modality="MR", patient_id="OTHER-9")
+    cases = import_dicom(tmp_path, map_file=tmp_path / "map.csv")
+    pid = cases[1].patient_id
+    assert [c.case_id for c in cases] == [f"{cases[0].patient_id}_s1", f"{pid}_s1", f"{pid}_s2"]
+    assert cases[1].patient_id == cases[2].patient_id != cases[0].patient_id and "SECRET" not in pid
     assert cases[0].modality == "MR"
-    text = write_manifest(cases, tmp_path / "m.csv").read_text()
-    assert "SECRET" not in text and "Doe" not in text and "1970" not in text
+    written = pd.read_csv(write_manifest(cases, tmp_path / "m.csv"), dtype=str)
+    ids = " ".join(written["case_id"]) + " ".join(written["patient_id"])  # what outputs and reports carry
+    assert "SECRET" not in ids and "OTHER" not in ids and "Doe" not in ids and "1970" not in ids
+    mapping = pd.read_csv(tmp_path / "map.csv")
+    assert mapping["folder"].tolist() == ["Doe^John_1970", "study1", "study2"]
+    assert mapping["case_id"].tolist() == [c.case_id for c in cases]

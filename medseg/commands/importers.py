@@ -31,8 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", choices=["MR", "CT"], required=True)
     p.add_argument("--channel", default="image", help="channel name of the images (column image_<channel>)")
     _common(p)
-    p = sub.add_parser("dicom", help="one case per folder holding a DICOM series (inference rows, no labels)")
+    p = sub.add_parser("dicom", help="one case per folder holding a DICOM series (inference rows, no labels)",
+                       description="case ids and patient ids are keyed pseudonyms of the DICOM PatientID (HMAC with "
+                                   "the site secret: $MEDSEG_SITE_SECRET, $MEDSEG_SITE_SECRET_FILE or "
+                                   "~/.config/medseg/site_secret, created on first use); folder names never "
+                                   "become case ids")  # fmt: skip
     p.add_argument("dir")
+    p.add_argument("--map-file", metavar="CSV", help="also write folder -> case_id here (the only link back to the "
+                                                     "folders; keep it where identifiers may be kept)")
     _common(p)
 
 
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.layout == "files":
         cases = importers.import_files(args.images, args.labels, modality=args.modality, channel=args.channel)
     else:
-        cases = importers.import_dicom(args.dir)
+        cases = importers.import_dicom(args.dir, map_file=args.map_file)
     assign_patient_splits(cases, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     out = write_manifest(cases, args.out)
     read_manifest(out)  # validate what was written (files exist, columns consistent)
