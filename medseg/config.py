@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import ConfigError
+from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 
 class StrictModel(BaseModel):
@@ -586,9 +587,11 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(read_user_text(p))
+        except NotTextError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -49,6 +49,9 @@ def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict]:
     compute its statistics on the RAS-oriented grid."""
     if case.label is None:
         raise MedsegError(f"case {case.case_id}: no label file, statistics need one")
+    problem = case.check_files()  # a manifest read with check_files=False: a missing file fails this case only
+    if problem is not None:
+        raise MedsegError(problem)
     axis = AXIS_INDEX[cfg.stats.axis]
     use_image = cfg.stats.extent == "foreground"
     # Direct reads (no MONAI transform chain): reorientation by views keeps this within a

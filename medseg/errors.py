@@ -13,11 +13,17 @@ class MedsegError(Exception):
     """Base class of every error caused by user input (files, manifests, configs)."""
 
 
+def printable_path(path: str | Path) -> str:
+    """``path`` as text that can be printed and written to UTF-8 files: bytes of a file name that
+    are not UTF-8 (surrogate escapes in Python) become ``\\xNN``."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class InputFileError(MedsegError):
     """A volume file cannot be used: missing, corrupt, wrong dimensionality, NaN, bad labels..."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
+        self.path = printable_path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
@@ -27,13 +33,29 @@ class GeometryMismatchError(MedsegError):
 
 
 class ManifestError(MedsegError):
-    """The data manifest has one or more problems; ``problems`` lists each one."""
+    """The data manifest has one or more problems; ``problems`` lists each one.
+
+    One problem reads as one line (``<manifest>: row N (case_id=X): ...``); several as a heading
+    line and one line per problem."""
 
     def __init__(self, path: str | Path, problems: list[str]) -> None:
         self.path = str(path)
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{self.path}: {problems[0]}")
+            return
         listing = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{self.path}: {len(problems)} problem(s) in the manifest:\n{listing}")
+
+
+class OutputError(MedsegError):
+    """An output file or folder cannot be written: an existing file where a folder is needed,
+    read-only, no permission, disk full, or locked by another run."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = printable_path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
 
 
 class ConfigError(MedsegError):

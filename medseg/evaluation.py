@@ -42,6 +42,10 @@ Outputs (in ``out_dir``)
 - ``summary.json``: the configuration used, case counts, per-region mean / median / std of each
   metric (NaN skipped and counted), global Dice, empty-mask counts, pooled lesion metrics,
   recall by size, AP per threshold, mAP per threshold and over thresholds, slice detection.
+- ``failures.csv``: one row (case_id, error) per case that could not be evaluated (missing or
+  unreadable prediction or reference, grid mismatch, non-integer predicted mask...); header only
+  when none failed. The tables and the summary cover the other cases; ``summary.json`` counts
+  the failed ones (``n_failed``, ``failures``).
 
 Lesion tables, AP rankings and slice counts are pooled over all evaluated cases; per-case means
 are reported alongside. AP at IoU threshold ``t`` always uses the one-to-one ``iou`` matching at
@@ -63,9 +67,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medseg import __version__
+from medseg import __version__, atomic
 from medseg.config import Config, LabelConfig
-from medseg.errors import InputFileError, ManifestError
+from medseg.errors import InputFileError, ManifestError, MedsegError
 from medseg.io import Volume, check_same_grid, map_labels, read_volume
 from medseg.lesions import label_components
 from medseg.manifest import Case, read_manifest
@@ -97,6 +101,7 @@ MASK_SUFFIX = "_mask.nii.gz"
 PROB_SUFFIX = "_prob.nii.gz"
 LESIONS_SUFFIX = "_lesions.nii.gz"
 LESIONS_CSV_SUFFIX = "_lesions.csv"
+FAILURES_FILE = "failures.csv"
 VOXEL_COLUMNS = (
     "dice",
     "iou",
@@ -125,6 +130,10 @@ PR_CURVE_COLUMNS = (
     "lesion_id",
     "tp",
 )
+
+
+class EvaluationError(MedsegError):
+    """No case of the manifest could be evaluated (each one's error is in ``failures.csv``)."""
 
 
 @dataclass(frozen=True)
@@ -184,13 +193,14 @@ def prediction_files(pred_dir: Path, case_id: str) -> PredictionFiles:
 # --------------------------------------------------------------------------- reading
 
 
-def _integer_array(volume: Volume, what: str) -> np.ndarray:
-    """``volume.array`` as an integer array; InputFileError for non-integer values."""
+def _integer_array(volume: Volume, what: str, hint: str = "") -> np.ndarray:
+    """``volume.array`` as an integer array; InputFileError for non-integer values (``hint``
+    follows the message, e.g. `` (a probability map?)``)."""
     arr = volume.array
     if arr.dtype.kind in "iub":
         return arr
     if not np.array_equal(arr, np.round(arr)):
-        raise InputFileError(volume.path, f"{what} has non-integer values; an integer label map is expected")
+        raise InputFileError(volume.path, f"{what} has non-integer values{hint}; an integer label map is expected")
     return arr.astype(np.int32)
 
 
@@ -495,12 +505,14 @@ def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Reg
     """Read one case's reference and prediction files; return one result per region."""
     if case.label is None:
         raise ValueError(f"case {case.case_id} has no label to evaluate against")
+    if not case.label.exists():  # a manifest read with check_files=False
+        raise InputFileError(case.label, f"{case.where}: column label: reference label file not found")
     files = prediction_files(pred_dir, case.case_id)
     ref = read_volume(case.label)
     raw = _integer_array(ref, "reference label")
     pred = read_volume(files.mask)
     check_same_grid(ref, pred, f"case {case.case_id}: prediction vs reference")
-    pred_arr = _integer_array(pred, "predicted mask")
+    pred_arr = _integer_array(pred, "predicted mask", " (a probability map?)")
     if pred_arr.size and int(pred_arr.min()) < 0:
         raise InputFileError(files.mask, "predicted mask has negative values; 0 = background, 1..K = classes")
     scores = read_score_source(files, ref, case.case_id)
@@ -671,24 +683,46 @@ def evaluate(
     """Evaluate ``pred_dir`` against the labels of ``manifest_path``; write the four tables to
     ``out_dir`` (see the module docstring) and return the summary dict (also ``summary.json``).
 
-    Raises ``InputFileError`` naming the file when a prediction is missing or unreadable,
-    ``GeometryMismatchError`` when its grid differs from the reference, ``ManifestError`` when
-    no case has a label.
+    A case that cannot be evaluated (prediction or reference missing or unreadable, a grid
+    mismatch, a predicted mask with non-integer values...) is recorded in ``failures.csv``
+    (case_id, error; header only when none failed) and the others go on; the summary covers the
+    evaluated cases and lists the failures (``n_failed``, ``failures``). Raises
+    ``InputFileError`` when ``pred_dir`` is not a folder, ``ManifestError`` when the manifest is
+    invalid or no case has a label, ``EvaluationError`` when no case could be evaluated (after
+    writing ``failures.csv``).
     """
     cfg = cfg or Config()
     pred_dir, manifest_path, out_dir = Path(pred_dir), Path(manifest_path), Path(out_dir)
     if not pred_dir.is_dir():
         raise InputFileError(pred_dir, "prediction folder not found")
     regions = regions_from_config(cfg)
-    cases = select_cases(read_manifest(manifest_path), cfg.evaluation.split, manifest_path)
+    # files are checked per case: a missing one fails its case, not the manifest (images are not read)
+    manifest_cases = select_cases(read_manifest(manifest_path, check_files=False), cfg.evaluation.split, manifest_path)
 
     per_region: dict[str, list[RegionResult]] = {r.name: [] for r in regions}
     sources: list[str] = []
-    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
-        results = evaluate_case(case, pred_dir, cfg, regions)
+    cases: list[Case] = []
+    failures: list[tuple[str, str]] = []
+    for case in tqdm(manifest_cases, desc="evaluate", unit="case", disable=not progress):
+        try:
+            results = evaluate_case(case, pred_dir, cfg, regions)
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+            error = str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
+            log.warning("case %s failed: %s", case.case_id, error)
+            failures.append((case.case_id, error))
+            continue
+        cases.append(case)
         sources.append(results[0].row["score_source"])
         for region, result in zip(regions, results, strict=True):
             per_region[region.name].append(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_csv(out_dir / FAILURES_FILE, pd.DataFrame(failures, columns=["case_id", "error"]))
+    if not cases:
+        first_id, first_error = failures[0]
+        raise EvaluationError(
+            f"{pred_dir}: none of the {len(failures)} case(s) could be evaluated (see {out_dir / FAILURES_FILE}); "
+            f"first: case {first_id}: {first_error}"
+        )
 
     case_ids = [c.case_id for c in cases]
     region_summaries: dict[str, Any] = {}
@@ -718,6 +752,8 @@ def evaluate(
         "manifest": str(manifest_path),
         "n_cases": len(cases),
         "case_ids": case_ids,
+        "n_failed": len(failures),
+        "failures": [{"case_id": c, "error": e} for c, e in failures],
         "regions": [r.name for r in regions],
         "score_source": score_source,
         "score_source_counts": {s: sources.count(s) for s in sorted(set(sources))},
@@ -741,15 +777,12 @@ def write_tables(
     curve_rows: list[dict[str, Any]],
     summary: dict[str, Any],
 ) -> None:
-    """Write the four output files. ``results[region][case]``; rows go out case by case."""
+    """Write the four output files (each atomically). ``results[region][case]``; rows go out case by case."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_case = list(zip(*results, strict=True))
     rows = [r.row for case in by_case for r in case]
-    pd.DataFrame(rows).to_csv(out_dir / "metrics_per_case.csv", index=False)
+    atomic.write_csv(out_dir / "metrics_per_case.csv", pd.DataFrame(rows))
     lesion_rows = [lr for case in by_case for r in case for lr in r.lesion_rows]
-    pd.DataFrame(lesion_rows, columns=LESION_TABLE_COLUMNS).to_csv(
-        out_dir / "lesion_matches.csv", index=False
-    )
-    pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS).to_csv(out_dir / "pr_curve.csv", index=False)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return summary
+    atomic.write_csv(out_dir / "lesion_matches.csv", pd.DataFrame(lesion_rows, columns=LESION_TABLE_COLUMNS))
+    atomic.write_csv(out_dir / "pr_curve.csv", pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS))
+    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")

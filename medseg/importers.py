@@ -20,9 +20,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from medseg.errors import MedsegError
-from medseg.io import preserve_locale
+from medseg.errors import MedsegError, printable_path
+from medseg.io import itk_can_take, itk_path, preserve_locale
 from medseg.manifest import Case
+from medseg.text_input import NotTextError, read_user_text
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha)$", re.IGNORECASE)
 LABEL_CHANNELS = ("seg", "label", "labels", "mask", "gt")
@@ -86,7 +87,9 @@ def import_nnunet(root: str | Path, modality: str | None = None) -> list[Case]:
     if not spec_path.is_file():
         raise MedsegError(f"{spec_path}: dataset.json not found (is {base} an nnU-Net raw dataset folder?)")
     try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        spec = json.loads(read_user_text(spec_path))
+    except NotTextError as exc:
+        raise MedsegError(f"{spec_path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise MedsegError(f"{spec_path}: not valid JSON ({exc})") from None
     names = spec.get("channel_names") or spec.get("modality")
@@ -226,13 +229,17 @@ def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
     series_of: dict[str, int] = {}
     folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]
     for folder in folders:
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        if not ids:
-            continue
-        files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in ids), key=len)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(files[0])
-        reader.ReadImageInformation()
+        with itk_path(folder) as plain:  # a folder name ITK cannot take is read through a plain-named link
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(plain))
+            if not ids:
+                continue
+            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(plain), s) for s in ids), key=len)
+            if not itk_can_take(files[0]):
+                log.warning("skipping DICOM folder %s: its file names are not UTF-8", printable_path(folder))
+                continue
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
         modality = _dicom_tag(reader, "0008|0060").upper()
         rel = folder.relative_to(base).as_posix() if folder != base else base.name
         if modality not in ("CT", "MR"):
@@ -241,7 +248,7 @@ def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
         patient = pseudonym(_dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel, secret)
         series_of[patient] = series_of.get(patient, 0) + 1
         cases.append(Case(f"{patient}_s{series_of[patient]}", patient, modality, {"image": folder.resolve()}, None, ""))
-        sources.append(rel)
+        sources.append(printable_path(rel))
     if not cases:
         raise MedsegError(f"{base}: no CT/MR DICOM series found")
     return cases, sources

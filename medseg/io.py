@@ -40,7 +40,7 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.atomic import atomic_path
 from medseg.config import LabelConfig
-from medseg.errors import GeometryMismatchError, InputFileError
+from medseg.errors import GeometryMismatchError, InputFileError, OutputError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -269,9 +269,45 @@ def _read_dicom_series_unguarded(folder: Path) -> sitk.Image:
     return image
 
 
+def itk_can_take(path: str | Path) -> bool:
+    """True when ``path`` is valid UTF-8 text. SimpleITK converts paths to UTF-8 C strings; a
+    name that is not (a Latin-1 file name on a UTF-8 system reaches Python as surrogate escapes)
+    aborts the whole process inside ITK (SIGABRT, no Python exception) -- so medseg never hands
+    such a path to ITK."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextmanager
+def itk_path(path: Path) -> Iterator[Path]:
+    """``path`` itself when ITK can take it (:func:`itk_can_take`), else a symbolic link with a
+    plain name (same suffixes) in a temporary folder, pointing at it; the link is removed after."""
+    if itk_can_take(path):
+        yield path
+        return
+    import tempfile
+
+    suffix = "".join(path.suffixes[-2:]) if path.is_file() else ""
+    if not itk_can_take(suffix):
+        suffix = ""
+    with tempfile.TemporaryDirectory(prefix="medseg-path-") as tmp:
+        link = Path(tmp) / f"input{suffix}"
+        os.symlink(os.fsencode(path.resolve()), os.fsencode(link))
+        yield link
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise InputFileError(path, "file not found")
+    if not itk_can_take(path):
+        with itk_path(path) as plain:
+            try:
+                return _read_sitk(plain)
+            except InputFileError as exc:  # name the user's file, not the temporary link
+                raise InputFileError(path, exc.problem) from None
     if path.is_dir():
         try:
             return _read_dicom_series(path)
@@ -356,13 +392,24 @@ def read_volume(path: str | Path, check_finite: bool = True) -> Volume:
 def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> np.ndarray:
     """Map a raw label array (I, J, K) to the uint8 binary lesion mask (0/1) per ``cfg``.
 
-    Raises ``InputFileError`` for non-integer values or values outside ``cfg.allowed_values``.
+    Raises ``InputFileError`` for non-integer values, values outside ``cfg.allowed_values``, and
+    negative values not listed in ``cfg.allowed_values`` or ``cfg.foreground`` (``nonzero`` would
+    silently make them background; a negative value usually means a signed/unsigned mix-up).
     """
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InputFileError(path, "label contains NaN/Inf values")
         if not np.array_equal(array, np.round(array)):
             raise InputFileError(path, "label has non-integer values (an interpolated mask?); labels must be integer-valued")
+    if array.dtype.kind in "if" and array.size and array.min() < 0:
+        listed = set(cfg.allowed_values or ()) | set(cfg.foreground if cfg.foreground != "nonzero" else ())
+        negative = [v for v in present_values(array) if v < 0 and v not in listed]
+        if negative:
+            raise InputFileError(
+                path,
+                f"label has negative value(s) {negative[:10]}; list them in data.labels.allowed_values "
+                "(or data.labels.foreground) if they are meant, otherwise fix the file (0 = background)",
+            )
     if cfg.allowed_values is not None:
         present = present_values(array)
         unexpected = sorted(set(present) - set(cfg.allowed_values))
@@ -463,7 +510,34 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
 
 def _atomic_sitk_write(image: sitk.Image, out_path: Path, compress: bool) -> None:
     with atomic_path(out_path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        if itk_can_take(tmp):
+            _itk_write(image, tmp, out_path, compress)
+            return
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="medseg-write-", dir=None) as plain_dir:  # ITK writes a plain name
+            plain = Path(plain_dir) / ("output" + "".join(out_path.suffixes[-2:]))
+            _itk_write(image, plain, out_path, compress)
+            shutil.move(os.fsencode(plain), os.fsencode(tmp))
+
+
+def _itk_write(image: sitk.Image, path: Path, target: Path, compress: bool) -> None:
+    """``sitk.WriteImage``; its multi-line C++ exception (disk full, permission) becomes one
+    ``OutputError`` line naming ``target`` (the user's file, not the temporary one)."""
+    try:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+    except RuntimeError as exc:
+        raise OutputError(target, f"cannot write: {_itk_reason(str(exc))}") from None
+
+
+def _itk_reason(message: str) -> str:
+    """The useful line of an ITK exception text (its description, without the C++ location)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if line.lower().startswith("description:"):
+            return line.split(":", 1)[1].strip()
+    return lines[-1] if lines else "ITK error"
 
 
 def write_volume(

@@ -5,8 +5,9 @@ Manifest format (CSV, one row per case; paths relative to the manifest's folder)
 ============  ===========================================================================
 column        meaning
 ============  ===========================================================================
-case_id       unique id; the only identifier that appears in outputs and reports
-patient_id    groups cases of one patient (splits never separate a patient's cases)
+case_id       unique id; the only identifier that appears in outputs and reports (it names
+              output files: no ``/`` or ``\\``, no leading ``.``)
+patient_id    groups cases of one patient (a patient's rows must share one split)
 modality      ``CT`` or ``MR``
 image_<name>  one column per input channel, e.g. ``image_flair``, ``image_t1ce``; a file or
               a DICOM series folder. Every row fills the same channel columns.
@@ -14,19 +15,21 @@ label         lesion mask file (may be empty for inference-only rows)
 split         ``train``, ``val``, ``test`` or empty (unassigned / inference)
 ============  ===========================================================================
 
-Other columns are kept as they are and ignored.
+Other columns are kept as they are and ignored. Rows are numbered as CSV lines: the header is
+row 1, the first case row 2 (every message naming a row uses this numbering).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.errors import ManifestError
+from medseg.errors import ManifestError, printable_path
+from medseg.text_input import NotTextError, read_user_text
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "modality", "label", "split")
 CHANNEL_PREFIX = "image_"
@@ -45,10 +48,40 @@ class Case:
     label: Path | None
     split: str
     extra: dict[str, str] = field(default_factory=dict)
+    row: int | None = field(default=None, compare=False)  # CSV line of the manifest row (header = 1)
 
     @property
     def channels(self) -> list[str]:
         return list(self.images)
+
+    @property
+    def where(self) -> str:
+        """``row N (case_id=X)`` for messages; ``case X`` when the case did not come from a manifest."""
+        return f"row {self.row} (case_id={self.case_id})" if self.row is not None else f"case {self.case_id}"
+
+    def missing_files(self, label: bool = True) -> list[str]:
+        """One ``column <name>: file not found: <path>`` per missing image (and label) file."""
+        files = [(CHANNEL_PREFIX + name, path) for name, path in self.images.items()]
+        if label and self.label is not None:
+            files.append(("label", self.label))
+        return [f"column {col}: file not found: {path}" for col, path in files if not path.exists()]
+
+    def check_files(self, label: bool = True) -> str | None:
+        """Why this case cannot be read (``row N (case_id=X): column ...: file not found: ...``), or None."""
+        missing = self.missing_files(label)
+        return f"{self.where}: {'; '.join(missing)}" if missing else None
+
+
+def case_id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name output files (``<case_id>_mask.nii.gz``...), or None when it can.
+
+    Refused: empty, a path separator (``/``, ``\\``), a leading ``.`` (hidden files, ``.``, ``..``).
+    """
+    if not case_id:
+        return "empty case id"
+    if "/" in case_id or "\\" in case_id or case_id.startswith("."):
+        return f"case id {case_id!r} cannot name a file (no '/', '\\' or leading '.')"
+    return None
 
 
 def channel_columns(header: Iterable[str]) -> list[str]:
@@ -59,18 +92,38 @@ def channel_columns(header: Iterable[str]) -> list[str]:
 def read_manifest(path: str | Path, check_files: bool = True) -> list[Case]:
     """Read and validate a manifest; raise ``ManifestError`` listing every problem.
 
-    Each problem names the row (1-based, header = row 1), the case and the column. Checks:
-    required columns, at least one ``image_*`` column, unique case ids, known modality and
-    split, every channel column filled on every row, files exist (``check_files``).
+    Each problem names the row (the CSV line: header = row 1, first case = row 2), the case and
+    the column. Checks: required columns, at least one ``image_*`` column, unique case ids that
+    can name a file (:func:`case_id_problem`), known modality and split, a patient's rows all in
+    one split (train / val / test; unassigned rows are free), every channel column filled on
+    every row, files exist (``check_files``; without it, a batch command checks each case with
+    :meth:`Case.check_files` and records a missing file as that case's failure).
     """
     p = Path(path)
     if not p.is_file():
         raise ManifestError(p, ["manifest file not found"])
-    with p.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        text = read_user_text(p)
+    except NotTextError as exc:
+        raise ManifestError(p, [str(exc)]) from None
+    try:
+        records = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise ManifestError(p, [f"not a readable CSV file: {exc}"]) from None
+    numbered = [(i, r) for i, r in enumerate(records, start=1) if any(v.strip() for v in r)]  # blank lines are not rows
+    if not numbered:
+        raise ManifestError(p, ["empty file: expected a CSV header (case_id, patient_id, modality, image_<channel>, label, split)"])
+    header = [h.strip() for h in numbered[0][1]]
     problems: list[str] = []
+    rows: list[tuple[int, dict[str, str]]] = []
+    for i, record in numbered[1:]:
+        if len(record) != len(header):
+            problems.append(f"row {i}: {len(record)} field(s) but the header has {len(header)} "
+                            "(an unquoted comma in a value, or a missing field?)")  # fmt: skip
+            continue
+        rows.append((i, {k: v.strip() for k, v in zip(header, record, strict=True)}))
+    if problems:
+        raise ManifestError(p, problems)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         problems.append(f"missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)} plus image_<channel> columns")
@@ -85,11 +138,13 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Case]:
     base = p.parent
     seen: dict[str, int] = {}
     cases: list[Case] = []
-    for i, row in enumerate(rows, start=2):
+    for i, row in rows:
         case_id = row["case_id"]
         where = f"row {i} (case_id={case_id or '?'})"
         if not case_id:
             problems.append(f"row {i}: column case_id is empty")
+        elif (bad_id := case_id_problem(case_id)) is not None:
+            problems.append(f"{where}: column case_id: {bad_id}")
         elif case_id in seen:
             problems.append(f"{where}: duplicate case_id (first on row {seen[case_id]})")
         else:
@@ -108,22 +163,38 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Case]:
             if not value:
                 problems.append(f"{where}: column {col} is empty; every row must fill the same channel columns {channels}")
                 continue
-            file = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
-            if check_files and not file.exists():
-                problems.append(f"{where}: column {col}: file not found: {file}")
-            images[col[len(CHANNEL_PREFIX):]] = file
+            images[col[len(CHANNEL_PREFIX):]] = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
         label: Path | None = None
         if row["label"]:
             label = (base / row["label"]).resolve() if not Path(row["label"]).is_absolute() else Path(row["label"])
-            if check_files and not label.exists():
-                problems.append(f"{where}: column label: file not found: {label}")
         elif split in ("train", "val"):
             problems.append(f"{where}: column label is empty but split is {split!r} (training cases need a label)")
         extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k not in channels}
-        cases.append(Case(case_id, row["patient_id"], modality, images, label, split, extra))
+        case = Case(case_id, row["patient_id"], modality, images, label, split, extra, row=i)
+        if check_files:
+            problems += [f"{where}: {m}" for m in case.missing_files()]
+        cases.append(case)
+    problems += _split_problems(cases)
     if problems:
         raise ManifestError(p, problems)
     return cases
+
+
+def _split_problems(cases: list[Case]) -> list[str]:
+    """One problem per patient whose rows lie in more than one of train / val / test."""
+    rows: dict[str, dict[str, list[int]]] = {}
+    for c in cases:
+        if c.split and c.patient_id:
+            rows.setdefault(c.patient_id, {}).setdefault(c.split, []).append(c.row or 0)
+    problems = []
+    for patient, by_split in rows.items():
+        if len(by_split) > 1:
+            listing = ", ".join(f"{s} (row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})" for s, r in by_split.items())
+            problems.append(
+                f"patient_id {patient!r} is in more than one split: {listing}; splits must be patient-level "
+                "(a patient's cases in one split; medseg.manifest.assign_patient_splits)"
+            )
+    return problems
 
 
 def write_manifest(cases: list[Case], path: str | Path) -> Path:
@@ -150,17 +221,30 @@ def write_manifest(cases: list[Case], path: str | Path) -> Path:
         except ValueError:
             return Path(_relpath(Path(file).resolve(), out.parent)).as_posix()
 
+    rows = [[c.case_id, c.patient_id, c.modality, *(rel(c.images.get(ch)) for ch in channels), rel(c.label), c.split,
+             *(c.extra.get(k, "") for k in extra_cols)] for c in cases]  # fmt: skip
+    not_utf8 = list(dict.fromkeys(printable_path(v) for row in rows for v in row if not _is_utf8(v)))
+    if not_utf8:  # a UTF-8 manifest cannot name them; nothing is written
+        raise ManifestError(out, [f"{len(not_utf8)} name(s) are not valid UTF-8 text and cannot be written to the "
+                                  f"manifest: {', '.join(not_utf8[:3])}; rename the files (UTF-8 names)"])  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        for c in cases:
-            writer.writerow(
-                [c.case_id, c.patient_id, c.modality, *(rel(c.images.get(ch)) for ch in channels), rel(c.label), c.split,
-                 *(c.extra.get(k, "") for k in extra_cols)]
-            )
-    tmp.replace(out)
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _relpath(target: Path, start: Path) -> str:
@@ -192,8 +276,3 @@ def assign_patient_splits(
     for c in cases:
         c.split = split_of.get(c.patient_id, "") if c.label is not None else ""
     return cases
-
-
-def pseudonymise(value: str, salt: str = "medseg") -> str:
-    """Stable, non-reversible short id for a patient identifier (e.g. a DICOM PatientID)."""
-    return "P" + hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:12]

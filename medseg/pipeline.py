@@ -66,6 +66,7 @@ from medseg.config import (
 )
 from medseg.errors import MedsegError
 from medseg.manifest import Case, read_manifest
+from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +250,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     if not p.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        tree = yaml.safe_load(read_user_text(p)) or {}
+    except NotTextError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for key in PATH_FIELDS:
@@ -515,7 +518,7 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
 
 def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
-    from medseg.evaluation import evaluate
+    from medseg.evaluation import EvaluationError, evaluate
 
     pred_dir = ctx.run_dir / "predictions"
     done = {p.name[: -len("_mask.nii.gz")] for p in pred_dir.glob("*_mask.nii.gz")}
@@ -531,7 +534,15 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
     from medseg.manifest import write_manifest
 
     write_manifest([c for c in cases if c.case_id in done], subset)
-    evaluate(pred_dir, subset, ctx.stage_dir("evaluate"), ctx.cfg, progress=ctx.progress)
+    out = ctx.stage_dir("evaluate")
+    try:
+        summary = evaluate(pred_dir, subset, out, ctx.cfg, progress=ctx.progress)
+    except EvaluationError as exc:  # no case could be evaluated: each is recorded, the report goes on without
+        log.warning("evaluate: %s", exc)
+        failed = pd.read_csv(out / "failures.csv", dtype=str, keep_default_na=False).to_dict("records")
+    else:
+        failed = summary["failures"]
+    ctx.failures += [{"case_id": f["case_id"], "stage": "evaluate", "error": f["error"]} for f in failed]
 
 
 def stage_report(ctx: RunContext, opts: NoOptions) -> None:

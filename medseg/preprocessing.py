@@ -92,7 +92,7 @@ def _mr_channel_foreground(channel: np.ndarray) -> np.ndarray:
     if np.count_nonzero(sub == low) > 0.05 * sub.size:
         return channel > low
     hi = np.percentile(sub, 99.5)
-    threshold = threshold_otsu(np.clip(sub, low, hi)) if hi > low else low
+    threshold = threshold_otsu(np.clip(sub, low, hi).ravel()) if hi > low else low
     return channel > threshold
 
 

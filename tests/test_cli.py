@@ -67,7 +67,7 @@ def test_batch_isolates_and_names_bad_cases(tmp_path, capsys):
     manifest = write_manifest(cases, tmp_path / "m.csv")
     code = main(["stats", str(manifest), "--out", str(tmp_path / "out"), "--no-progress",
                  "--set", "data.labels.allowed_values=[0,1]"])
-    assert code == 0
+    assert code == 1  # some cases failed (failures.csv), the others done
     failures = pd.read_csv(tmp_path / "out" / "failures.csv").set_index("case_id")["error"].to_dict()
     assert set(failures) == {"corrupt", "mismatch", "fourd", "values", "nanimg"}
     assert "corrupt_seg.nii.gz" in failures["corrupt"] and "truncated" in failures["corrupt"]

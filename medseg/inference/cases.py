@@ -13,12 +13,13 @@ trailing ``_<channel>`` (``Brats18_X_flair.nii.gz`` -> ``Brats18_X``), or the fo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.io import VOLUME_SUFFIXES
-from medseg.manifest import read_manifest
+from medseg.manifest import case_id_problem, read_manifest
 
 
 @dataclass
@@ -36,17 +37,21 @@ class InferenceCase:
 
 
 def check_case_id(case_id: str) -> str | None:
-    """Why ``case_id`` cannot name output files, or None when it can."""
-    if not case_id:
-        return "empty case id"
-    if "/" in case_id or "\\" in case_id or case_id.startswith("."):
-        return f"case id {case_id!r} cannot name a file (no '/', '\\' or leading '.')"
-    return None
+    """Why ``case_id`` cannot name output files, or None when it can (:func:`medseg.manifest.case_id_problem`)."""
+    return case_id_problem(case_id)
 
 
 def case_id_from_path(path: Path, channel: str | None = None) -> str:
-    """File name without its volume extension (and a trailing ``_<channel>``), or a folder's name."""
+    """File name without its volume extension (and a trailing ``_<channel>``), or a folder's name.
+
+    A name whose bytes are not UTF-8 (a Latin-1 file name on a UTF-8 system) is read as Latin-1,
+    so the id can name output files and be written into tables (``caf\xe9.nii`` -> ``café``).
+    """
     name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = os.fsencode(name).decode("latin-1")
     lower = name.lower()
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
@@ -61,9 +66,11 @@ def cases_from_manifest(path: str | Path, channels: list[str], modality: str, sp
     """Every manifest row (or those of ``split``) as an ``InferenceCase``.
 
     Raises ``MedsegError`` when the manifest's channel columns differ from ``channels`` (the
-    checkpoint's); a row whose modality differs from ``modality`` gets a ``problem``.
+    checkpoint's); a row whose image file is missing or whose modality differs from
+    ``modality`` gets a ``problem`` (that case fails, the others run). Label files are not
+    needed and not checked.
     """
-    rows = read_manifest(path)
+    rows = read_manifest(path, check_files=False)
     if split is not None:
         rows = [r for r in rows if r.split == split]
         if not rows:
@@ -76,8 +83,8 @@ def cases_from_manifest(path: str | Path, channels: list[str], modality: str, sp
         )
     cases = []
     for row in rows:
-        problem = None
-        if row.modality != modality:
+        problem = row.check_files(label=False)
+        if problem is None and row.modality != modality:
             problem = f"case modality is {row.modality} but the checkpoint was trained on {modality}"
         cases.append(InferenceCase(row.case_id, {c: row.images[c] for c in channels}, row.modality, problem))
     return cases

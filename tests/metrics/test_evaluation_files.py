@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +15,7 @@ import pytest
 
 from medseg.cli import main
 from medseg.config import Config, load_config
-from medseg.errors import GeometryMismatchError, InputFileError, ManifestError
+from medseg.errors import ManifestError
 from medseg.evaluation import evaluate
 
 # i -> anterior (0.9 mm), j -> superior (2 mm, the axial slicing axis), k -> left (1.5 mm, flipped R)
@@ -166,11 +167,22 @@ def test_overlap_matching_mode(tmp_path: Path) -> None:
     assert summary["per_region"]["lesion"]["lesion"]["pooled"]["f1"] == pytest.approx(0.5)
 
 
+def _only_failure(summary: dict, out: Path, case_id: str, pattern: str) -> None:
+    """The one failed case, in the summary and in ``failures.csv``, with an error matching ``pattern``."""
+    assert [f["case_id"] for f in summary["failures"]] == [case_id] and summary["n_failed"] == 1
+    assert re.search(pattern, summary["failures"][0]["error"]), summary["failures"][0]["error"]
+    table = pd.read_csv(out / "failures.csv")
+    assert table["case_id"].tolist() == [case_id] and table["error"][0] == summary["failures"][0]["error"]
+    assert case_id not in summary["case_ids"]
+
+
 def test_missing_prediction_names_the_file(tmp_path: Path) -> None:
+    """A failing case is recorded and the others are evaluated."""
     manifest, pred = build(tmp_path)
     (pred / "c2_mask.nii.gz").unlink()
-    with pytest.raises(InputFileError, match="c2_mask.nii.gz.*prediction for case 'c2' not found"):
-        evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    summary = evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    _only_failure(summary, tmp_path / "out", "c2", "c2_mask.nii.gz.*prediction for case 'c2' not found")
+    assert summary["case_ids"] == ["c1"]
 
 
 def test_grid_mismatch_names_both_files(tmp_path: Path) -> None:
@@ -178,15 +190,15 @@ def test_grid_mismatch_names_both_files(tmp_path: Path) -> None:
     shifted = AFFINE.copy()
     shifted[0, 3] += 1.0
     write_nifti(pred / "c2_mask.nii.gz", np.zeros(SHAPE, np.uint8), shifted)
-    with pytest.raises(GeometryMismatchError, match="c2_seg.nii.gz.*c2_mask.nii.gz"):
-        evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    summary = evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    _only_failure(summary, tmp_path / "out", "c2", "grid mismatch.*c2_seg.nii.gz.*c2_mask.nii.gz")
 
 
 def test_unexpected_label_value(tmp_path: Path) -> None:
     manifest, pred = build(tmp_path)
     cfg = load_config(None, ["data.labels.allowed_values=[0, 1]"])
-    with pytest.raises(InputFileError, match=r"c1_seg.nii.gz.*unexpected label value\(s\) \[2\]"):
-        evaluate(pred, manifest, tmp_path / "out", cfg, progress=False)
+    summary = evaluate(pred, manifest, tmp_path / "out", cfg, progress=False)
+    _only_failure(summary, tmp_path / "out", "c1", r"c1_seg.nii.gz.*unexpected label value\(s\) \[2\]")
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,8 +231,8 @@ def test_lesion_table_must_cover_the_instance_map(tmp_path: Path) -> None:
     pd.DataFrame(
         {"lesion_id": [1], "voxels": [216], "volume_ml": [0.6], "score_mean": [0.9], "score_max": [1.0]}
     ).to_csv(pred / "c1_lesions.csv", index=False)
-    with pytest.raises(InputFileError, match=r"c1_lesions.csv: case c1, region lesion: lesion_id\(s\) \[7\]"):
-        evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    summary = evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)
+    _only_failure(summary, tmp_path / "out", "c1", r"c1_lesions.csv: case c1, region lesion: lesion_id\(s\) \[7\]")
     # an instance map without its table is ignored (with a warning): no scores
     (pred / "c1_lesions.csv").unlink()
     assert evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)["score_source"] == "none"
