@@ -15,18 +15,31 @@ from typing import Any
 
 import pandas as pd
 
+from medseg.errors import OutputError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success.
+
+    An ``OSError`` without a file name raised while writing (``write()`` on a full disk says only
+    "No space left on device") is raised again as ``OutputError`` naming ``path``.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(target.parent, f"cannot create the folder: {exc.strerror or exc}") from None
     suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
     tmp = target.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename is not None and Path(os.fsdecode(exc.filename)).name not in (tmp.name, target.name):
+            raise  # about another file (an input read inside the block): its own message names it
+        raise OutputError(target, f"cannot write: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

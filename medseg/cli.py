@@ -64,9 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused a file operation (disk full, permission, read-only)
+        print(f"error: {_os_error_text(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``<file>: <reason>`` in one line (both file names of a failed rename)."""
+    from medseg.errors import printable_path
+
+    files = [printable_path(f if isinstance(f, str) else f.decode("utf-8", "surrogateescape"))
+             for f in (exc.filename, exc.filename2) if f is not None]
+    reason = exc.strerror or str(exc)
+    return f"{' -> '.join(files)}: {reason}" if files else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

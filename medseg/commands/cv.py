@@ -33,10 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.config import load_config
     from medseg.cross_validation import CV_SUMMARY, run_cross_validation
+    from medseg.output_folder import claim_output_folder
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).name.split(".")[0] / "cv"
-    result = run_cross_validation(cfg, cfg.data.manifest, out, progress=not args.no_progress)
+    with claim_output_folder(out, "medseg cv"):
+        result = run_cross_validation(cfg, cfg.data.manifest, out, progress=not args.no_progress)
     if not result.summary:  # a torchrun rank other than 0
         return 0
     metrics = result.summary["metrics"]

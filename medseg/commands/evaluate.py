@@ -8,8 +8,19 @@ from medseg.commands import add_set_option
 
 HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
 
+EPILOG = """\
+A case that cannot be evaluated (missing or unreadable prediction or reference, grid mismatch,
+a predicted mask with non-integer values) is recorded in OUT/failures.csv (case_id, error)
+and the others are evaluated; summary.json counts the failed cases (n_failed).
+exit status: 0 every case evaluated; 1 some case(s) failed (failures.csv, the others
+evaluated); 2 nothing evaluated (bad arguments, config or manifest, or every case failed: one
+line on stderr).
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument(
         "--pred",
         required=True,
@@ -23,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         metavar="DIR",
-        help="output folder: metrics_per_case.csv, lesion_matches.csv, pr_curve.csv, summary.json",
+        help="output folder: metrics_per_case.csv, lesion_matches.csv, pr_curve.csv, summary.json, failures.csv",
     )
     parser.add_argument("--config", metavar="YAML", help="config file (evaluation and data.labels sections)")
     add_set_option(parser, "config override, e.g. evaluation.matching=overlap (repeatable)")
@@ -36,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.output_folder import claim_output_folder
+
+    with claim_output_folder(args.out, "medseg evaluate"):  # first: a second run on --out is refused at once
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from medseg.config import dump_config, load_config
     from medseg.evaluation import evaluate
 
@@ -46,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress)
     dump_config(cfg, f"{args.out}/config_used.yaml")
     t = f"{cfg.evaluation.iou_threshold:g}"
-    print(f"evaluated {summary['n_cases']} case(s) -> {args.out}")
+    n_failed = summary["n_failed"]
+    print(f"evaluated {summary['n_cases']} case(s) -> {args.out}"
+          + (f"; {n_failed} failed (see {args.out}/failures.csv)" if n_failed else ""))
     for name, region in summary["per_region"].items():
         print(
             f"  {name}: mean Dice {_fmt(region['voxel']['dice']['mean'])}, "
@@ -57,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         f"  mAP@{t} {_fmt(summary['map']['at_iou_threshold'])}, mAP over IoU {cfg.evaluation.ap_iou_thresholds} "
         f"{_fmt(summary['map']['mean_over_thresholds'])} (score source: {summary['score_source']})"
     )
-    return 0
+    return 1 if n_failed else 0
 
 
 def _fmt(value: float | None) -> str:

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError, MedsegError
     from medseg.models.checkpoint import model_from_checkpoint, write_inference_checkpoint
     from medseg.models.export import SUFFIXES, export_model, onnxruntime_available, verify_export
+    from medseg.output_folder import check_output_file
 
     if args.height < 1 or args.width < 1:
         raise ConfigError("--height and --width must be positive")
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + suffix)
     if out.resolve() == checkpoint.resolve():
         raise ConfigError(f"{out}: --out would overwrite the checkpoint; choose another path")
+    check_output_file(out)
     if args.format == "inference":
         write_inference_checkpoint(checkpoint, out)
         slim, _ = model_from_checkpoint(out)

@@ -45,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medseg import importers
     from medseg.manifest import assign_patient_splits, read_manifest, write_manifest
+    from medseg.output_folder import check_output_file
 
+    check_output_file(args.out)
+    if getattr(args, "map_file", None):
+        check_output_file(args.map_file, "--map-file")
     if args.layout == "brats":
         cases = importers.import_brats(args.dir, modality=args.modality)
     elif args.layout == "nnunet":

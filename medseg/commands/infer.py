@@ -24,7 +24,11 @@ examples:
 outputs (in --out): <case>_mask.nii.gz, <case>_lesions.nii.gz, <case>_lesions.csv, optional
   <case>_prob.nii.gz, <case>_complete.json (marker), failures.csv, inference.json.
   A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
-exit status: 0 when every case succeeded or was already complete, 1 when some case failed.
+A case that fails (missing or unreadable image, wrong modality, non-finite probabilities from
+  the model...) is recorded in failures.csv (case_id, error), none of its files is left, and
+  the others go on.
+exit status: 0 every case predicted or already complete; 1 some case(s) failed (failures.csv,
+  the others done); 2 nothing ran (bad arguments, checkpoint or manifest: one line on stderr).
 """
 
 
@@ -61,6 +65,14 @@ def _device(requested: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.output_folder import claim_output_folder
+
+    # first, before any model is loaded or case read: an unwritable or busy --out fails now
+    with claim_output_folder(args.out, "medseg infer"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from medseg.errors import MedsegError
     from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
     from medseg.inference.runner import load_bundle, run_inference

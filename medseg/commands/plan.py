@@ -21,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from medseg.output_folder import check_output_file
     from medseg.planning import plan_dataset
 
+    check_output_file(args.out)
     plan = plan_dataset(args.manifest, args.out, device=args.device, minutes_per_fold=args.minutes_per_fold,
                         progress=not args.no_progress)
     print(f"plan for {args.manifest} ({plan.fingerprint['n_cases']} pool case(s), "

@@ -21,12 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from medseg.output_folder import claim_output_folder
     from medseg.pipeline import choose_run_dir, load_pipeline, run_pipeline
 
     spec, cfg, _ = load_pipeline(args.pipeline, args.overrides)
     run_dir = choose_run_dir(spec, args.out, args.resume)
     print(f"pipeline {spec.name}: run folder {run_dir}")
-    run_pipeline(spec, cfg, run_dir, force=args.force, progress=not args.no_progress)
+    with claim_output_folder(run_dir, f"medseg run {args.pipeline}"):
+        run_pipeline(spec, cfg, run_dir, force=args.force, progress=not args.no_progress)
     failures = pd.read_csv(run_dir / "failures.csv")
     report = run_dir / "report" / "report.html"
     if len(failures):

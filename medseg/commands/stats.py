@@ -8,8 +8,17 @@ from medseg.commands import add_set_option
 
 HELP = "per-slice lesion statistics, case statistics and the lesion-distribution curve"
 
+EPILOG = """\
+A case whose files are missing or unusable is recorded in OUT/failures.csv (case_id, stage,
+error) and the others go on.
+exit status: 0 every labelled case done; 1 some case(s) failed (failures.csv, the others
+done); 2 nothing ran (bad arguments, config or manifest: one line on stderr).
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("manifest", help="data_manifest.csv")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=None, help="YAML config (sections data, stats)")
@@ -21,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.output_folder import claim_output_folder
+
+    with claim_output_folder(args.out, "medseg stats"):  # first: a second run on --out is refused at once
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
     from medseg.manifest import read_manifest
@@ -31,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.extent:
         overrides.append(f"stats.extent={args.extent}")
     cfg = load_config(args.config, overrides)
-    cases = read_manifest(args.manifest)
+    cases = read_manifest(args.manifest, check_files=False)  # a missing file fails its case (failures.csv)
     if args.split is not None:
         cases = [c for c in cases if c.split == args.split]
     stats = compute_dataset_stats(cases, cfg, progress=not args.no_progress)
@@ -40,4 +56,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"statistics of {n_ok} case(s) written to {args.out}" + (f"; {n_fail} failed (see {paths['failures']})" if n_fail else ""))
     if "lesion_curve_png" in paths:
         print(f"lesion-distribution curve: {paths['lesion_curve_png']}")
-    return 1 if n_ok == 0 and n_fail else 0
+    return 1 if n_fail else 0

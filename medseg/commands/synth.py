@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.output_folder import check_output_file, check_output_folder
     from medseg.synth import generate_dataset
 
+    check_output_folder(args.out)
+    if args.manifest:
+        check_output_file(args.manifest, "--manifest")
     manifest = generate_dataset(
         args.out, n_cases=args.n, modality=args.modality, shape=tuple(args.shape), seed=args.seed,
         manifest_path=args.manifest,

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.engine import train
     from medseg.errors import ConfigError
+    from medseg.output_folder import claim_output_folder
 
     overrides = list(args.overrides)
     if args.folds is not None:
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out) if args.out else Path("runs") / name
         folds_dir = None
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress, fold=args.fold, folds_dir=folds_dir)
+    with claim_output_folder(out, "medseg train"):
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress, fold=args.fold, folds_dir=folds_dir)
     if args.fold is not None:
         print(f"fold {args.fold}/{cfg.cv.folds}: trained {result.epochs_done} epoch(s) (stopped: {result.stop_reason}); "
               f"fold model {result.out_dir / 'last.pt'}; folds in {folds_dir / 'folds.json'}")

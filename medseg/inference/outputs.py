@@ -5,7 +5,9 @@ marker ``<case>_complete.json`` last. A case counts as done only when its marker
 written with the same settings (``fingerprint``), lists every output the current settings
 need, and every listed file exists with the size the marker recorded. A killed run therefore
 leaves the case incomplete (no marker, or a file missing), never "done" with a truncated file;
-its temporary ``.<case>_*.partial-*`` files are removed when the case is redone.
+a case that is (re)computed first loses every output an earlier run wrote for it (its
+temporary ``.<case>_*.partial-*`` files, and e.g. a ``_prob`` the current settings no longer
+ask for), so no file of older settings stays beside the new ones.
 
 File names (the contract of :mod:`medseg.evaluation`): ``<case>_mask.nii.gz`` (uint8),
 ``<case>_prob.nii.gz`` (float32, optional), ``<case>_lesions.nii.gz`` (instance ids,

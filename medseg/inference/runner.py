@@ -40,7 +40,7 @@ from medseg.config import Config, InferenceConfig, format_validation_error, pars
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.cases import InferenceCase, check_case_id
 from medseg.inference.lesion_table import lesion_table, source_slice_axis
-from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete, start_case
+from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import predict_volume, prepare_models, resolve_device
 from medseg.io import Geometry
@@ -232,12 +232,22 @@ class CasePredictor:
 
     def probabilities(self, prepared: PreparedCase) -> tuple[torch.Tensor, float]:
         """The network's part: (R, A, S) or (K, R, A, S) probabilities on the preprocessed grid
-        (:func:`predict_volume`), and the seconds it took."""
+        (:func:`predict_volume`), and the seconds it took.
+
+        Raises ``MedsegError`` when a probability is NaN/Inf (NaN weights, an overflow in reduced
+        precision): the image was checked for NaN on reading, so the model is to blame, and a NaN
+        map would otherwise be written as an empty mask."""
         start = time.perf_counter()
         prob = predict_volume(
             self.bundle.models, prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
             self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1,
         )
+        if not bool(torch.isfinite(prob).all()):
+            names = ", ".join(str(p) for p in self.bundle.checkpoints) or "the in-memory model"
+            raise MedsegError(
+                f"case {prepared.case.case_id}: non-finite probabilities from the model: check the checkpoint "
+                f"({names}) for NaN/Inf weights, or set inference.precision=fp32"
+            )
         return prob, time.perf_counter() - start
 
     def finish(
@@ -288,7 +298,7 @@ class CasePredictor:
     def run_case(self, case: InferenceCase, out_dir: str | Path) -> list[Path]:
         """One case end to end (no prefetch): read, preprocess, predict, post-process, write."""
         out = Path(out_dir)
-        start_case(out, case.case_id)
+        discard_case(out, case.case_id)
         prepared = self.prepare(case)
         prob, seconds = self.probabilities(prepared)
         return self.finish_and_write(prepared, prob, seconds, out, self.bundle.fingerprint())
@@ -400,7 +410,7 @@ def run_inference(
     def prepare(case: InferenceCase) -> PreparedCase:
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
-        start_case(out, case.case_id)
+        discard_case(out, case.case_id)  # outputs of earlier settings (e.g. a _prob no longer asked for) go
         return predictor.prepare(case)
 
     bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",

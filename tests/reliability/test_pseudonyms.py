@@ -77,3 +77,46 @@ def test_the_secret_never_appears_in_import_outputs(tmp_path):
     for out in (tmp_path / "m.csv", tmp_path / "map.csv"):
         text = out.read_text()
         assert secret_hex not in text and "SECRET-123" not in text
+
+
+def test_cli_two_site_secrets_give_unrelated_case_ids_and_no_secret_in_outputs(tmp_path):
+    """`medseg import dicom` as a subprocess under two site secrets: the same patient gets two
+    unrelated case ids, and neither the secret nor the PatientID appears in any output."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import SimpleITK as sitk
+    from conftest import make_affine
+    from test_io import write_dicom_series
+
+    from medseg.io import Geometry
+
+    arr = np.zeros((8, 8, 4), dtype=np.int16)
+    image = sitk.GetImageFromArray(arr.transpose(2, 1, 0).copy())
+    Geometry.from_affine(make_affine("lps", spacing=(1, 1, 2)), arr.shape).apply_to(image)
+    (tmp_path / "in" / "Doe_John_12345678").mkdir(parents=True)
+    write_dicom_series(image, tmp_path / "in" / "Doe_John_12345678", modality="CT", patient_id="12345678")
+    ids = []
+    for secret in ("a1" * 32, "b2" * 32):
+        out = tmp_path / secret[:2]
+        out.mkdir()
+        env = {**os.environ, "MEDSEG_SITE_SECRET": secret}
+        proc = subprocess.run([sys.executable, "-m", "medseg.cli", "import", "dicom", str(tmp_path / "in"),
+                               "--out", str(out / "m.csv"), "--map-file", str(out / "map.csv")],
+                              capture_output=True, text=True, env=env, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        with (out / "m.csv").open() as fh:
+            row = next(csv.DictReader(fh))
+        ids.append(row["case_id"])
+        everything = proc.stdout + proc.stderr + (out / "m.csv").read_text() + (out / "map.csv").read_text()
+        assert secret not in everything and secret.upper() not in everything
+        # the PatientID and the folder name appear only where the user asked (the folder map) or
+        # where the files are (the manifest's path columns), never in an id or a message
+        assert "12345678" not in row["case_id"] + row["patient_id"] + proc.stdout.replace(str(tmp_path), "") + proc.stderr
+    assert ids[0] != ids[1]
+    same = sum(x == y for x, y in zip(ids[0], ids[1], strict=False))
+    assert same <= len(ids[0]) // 2
+    assert "Doe" not in ids[0] and "12345678" not in ids[0]
