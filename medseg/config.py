@@ -431,7 +431,9 @@ class TrainConfig(StrictModel):
 
     Stopping: at most ``epochs``; ``patience`` validations without a Dice improvement larger
     than ``min_delta`` stop early (``null``: never); ``max_minutes`` stops before an epoch that
-    would end past the budget. ``val_every``: epochs between validations;
+    would end past the budget, and when the first epoch shows that fewer than ``epochs`` fit,
+    the learning-rate schedule is shortened to end with the last epoch that fits (logged,
+    saved for resume) rather than being cut off at a high rate. ``val_every``: epochs between validations;
     ``val_batch_size``: slices per forward pass there (``null``: ``inference.batch_size``). ``save_every``:
     also keep ``epoch_NNN.pt`` every so many epochs (``null``: only ``best.pt`` and ``last.pt``).
     ``seed`` seeds the model initialisation, sampling and augmentation (the same seed gives

@@ -50,6 +50,7 @@ class TrainState:
     best_metric: float = -1.0
     best_epoch: int = 0
     bad_validations: int = 0
+    schedule_epochs: int = 0  # epochs the schedule was fitted to (time budget); 0 = train.epochs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

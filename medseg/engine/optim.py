@@ -2,7 +2,10 @@
 
 The schedule is a ``LambdaLR`` stepped after every optimiser step: linear warm-up from
 ``lr * warmup_start`` to ``lr`` over the warm-up steps, then poly, cosine or constant decay
-until the last step of the run (see ``ScheduleConfig``).
+until the last step of the run (see ``ScheduleConfig``). The multiplier is a small object
+(:class:`ScheduleFactor`) whose length a trainer may shorten once it has measured how many
+epochs fit its time budget (:func:`epochs_within_budget`); ``LambdaLR`` saves and restores it
+with the scheduler's state, so a resumed run keeps the fitted length.
 """
 
 from __future__ import annotations
@@ -38,14 +41,45 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfi
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+class ScheduleFactor:
+    """``step -> lr_factor(step, total_steps, warmup_steps, cfg)``; ``total_steps`` may be
+    shortened (:meth:`fit_epochs`). A callable object, so ``LambdaLR.state_dict`` keeps its fields."""
+
+    def __init__(self, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> None:
+        self.cfg = cfg.model_dump()
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * epochs
+        self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), self.total_steps)
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, ScheduleConfig(**self.cfg))
+
+    def fit_epochs(self, epochs: int) -> None:
+        """Decay to the end of epoch ``epochs`` instead (the warm-up is kept)."""
+        self.total_steps = max(self.steps_per_epoch * epochs, self.warmup_steps + 1)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` over ``epochs * steps_per_epoch`` steps with ``cfg``'s warm-up and decay."""
-    total = steps_per_epoch * epochs
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleFactor(cfg, steps_per_epoch, epochs))
 
-    def factor(step: int) -> float:
-        return lr_factor(step, total, warmup, cfg)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def fit_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, epochs: int) -> None:
+    """Make ``scheduler`` (from :func:`build_scheduler`) decay to zero at the end of epoch ``epochs``.
+    The learning rate of the next step follows the new length."""
+    for factor in scheduler.lr_lambdas:
+        factor.fit_epochs(epochs)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def epochs_within_budget(done_epochs: int, elapsed_s: float, epoch_s: float, budget_min: float,
+                         margin: float = 1.05) -> int:
+    """How many epochs in all fit ``budget_min`` minutes: the ``done_epochs`` so far (after
+    ``elapsed_s`` seconds) plus as many more of ``epoch_s`` seconds (times ``margin``, for
+    the spread between epochs) as the rest of the budget holds."""
+    remaining = budget_min * 60.0 - elapsed_s
+    more = math.floor(remaining / (epoch_s * margin)) if epoch_s > 0 else 0
+    return done_epochs + max(more, 0)

@@ -14,6 +14,9 @@ Outputs in ``out_dir``: ``config.yaml`` (the resolved config), ``last.pt`` (ever
 Cross-validation (``fold=k``, :mod:`medseg.folds`): the held-out fold is validated every
 epoch for the record, but nothing is chosen on it: no ``best.pt``, no early stopping; the
 fold's model is ``last.pt`` (the weights after the last epoch).
+Time budget (``train.max_minutes``): after the first epoch the trainer measures how many epochs
+fit; when fewer than ``train.epochs`` do, the learning-rate schedule is shortened to end there
+(a machine slower than the plan assumed trains fewer epochs, each schedule complete).
 ``resume=True`` continues from ``out_dir/last.pt`` exactly: weights, optimiser, scheduler,
 gradient scaler, epoch, sampler and every rank's generator states, so on the CPU a resumed run
 reproduces the uninterrupted one.
@@ -56,7 +59,7 @@ from medseg.engine.distributed import (
 )
 from medseg.engine.ema import build_ema
 from medseg.engine.history import MetricsHistory
-from medseg.engine.optim import build_optimizer, build_scheduler
+from medseg.engine.optim import build_optimizer, build_scheduler, epochs_within_budget, fit_scheduler
 from medseg.engine.setup import TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
@@ -243,6 +246,7 @@ class Trainer:
             best_metric=float(saved["best_metric"]),
             best_epoch=int(saved["best_epoch"]),
             bad_validations=int(saved["bad_validations"]),
+            schedule_epochs=int(saved.get("schedule_epochs", 0)),
         )
         rng = saved["rng"]
         if len(rng) == info.world_size:
@@ -353,6 +357,25 @@ class Trainer:
         estimate = sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
         return bool(broadcast_object(elapsed + estimate > budget * 60.0, info))
 
+    def _fit_schedule_to_budget(self, epoch_seconds: list[float], info: DistInfo) -> None:
+        """After the first epoch of a run with ``train.max_minutes``: when the measured epoch
+        time says fewer than ``train.epochs`` fit the budget, shorten the learning-rate schedule
+        to the epochs that fit, so it decays to its end instead of being cut off at a high rate
+        (a slower machine than the plan assumed). Decided once, saved with the state."""
+        t = self.cfg.train
+        if t.max_minutes is None or self.state.schedule_epochs or len(epoch_seconds) != 1:
+            return
+        fitted = epochs_within_budget(self.state.epoch, time.monotonic() - self.start_time, epoch_seconds[0], t.max_minutes)
+        fitted = int(broadcast_object(fitted, info))
+        if fitted >= t.epochs or fitted <= self.state.epoch:
+            return
+        self.state.schedule_epochs = fitted
+        fit_scheduler(self.scheduler, fitted)
+        if info.is_main:
+            log.warning("time budget: %d of %d epochs fit train.max_minutes = %g at %.0f s per epoch; the learning-rate "
+                        "schedule now ends at epoch %d (plan more minutes or fewer epochs to train as configured)",
+                        fitted, t.epochs, t.max_minutes, epoch_seconds[0], fitted)  # fmt: skip
+
     # ------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         """Train until ``train.epochs``, early stopping or the time budget; see the module docstring."""
@@ -396,6 +419,9 @@ class Trainer:
         stop_reason = "epochs"
         try:
             for epoch in range(self.state.epoch + 1, t.epochs + 1):
+                if self.state.schedule_epochs and epoch > self.state.schedule_epochs:
+                    stop_reason = "time_budget"  # the schedule was fitted to end here
+                    break
                 if self._out_of_time(epoch_seconds, info):
                     stop_reason = "time_budget"
                     break
@@ -420,6 +446,7 @@ class Trainer:
                 epoch_seconds.append(time.monotonic() - started)
                 row.update(best_dice=self.state.best_metric, best_epoch=self.state.best_epoch,
                            epoch_s=epoch_seconds[-1], elapsed_min=(time.monotonic() - self.start_time) / 60.0)  # fmt: skip
+                self._fit_schedule_to_budget(epoch_seconds, info)
                 self._save(cases, row, improved, info)
                 if history is not None:
                     history.log(row)

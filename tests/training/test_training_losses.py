@@ -104,3 +104,29 @@ def test_ema_warms_up_then_averages():
     d = ema_decay_at(0.5, 1)
     torch.testing.assert_close(ema.module[0].weight, d * old + (1 - d) * model[0].weight)
     assert int(ema.module[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 1
+
+
+def test_fitted_schedule_decays_to_zero_at_the_new_end_and_survives_a_state_dict():
+    from medseg.config import ScheduleConfig
+    from medseg.engine.optim import epochs_within_budget, fit_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, ScheduleConfig(name="poly", power=1.0, warmup_epochs=0), 10, 8)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 10 / 80)
+    fit_scheduler(scheduler, 2)  # 20 steps in all
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 10 / 20)
+    state = scheduler.state_dict()
+    fresh_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fresh = build_scheduler(fresh_opt, ScheduleConfig(name="poly", power=1.0, warmup_epochs=0), 10, 8)
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].total_steps == 20
+    for _ in range(10):
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    # 25 minutes, 4 min spent on the first epoch of 4 min: 5 more fit with the 5% margin
+    assert epochs_within_budget(1, 240.0, 240.0, 25.0) == 1 + 5
+    assert epochs_within_budget(3, 1500.0, 240.0, 25.0) == 3

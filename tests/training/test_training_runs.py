@@ -156,3 +156,29 @@ def test_inference_export_drops_training_state_and_predicts_the_same(two_epochs,
         for path in (two_epochs / "best.pt", slim)
     ]
     torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=0)
+
+
+def test_schedule_is_fitted_to_the_epochs_the_budget_holds(manifest, cache, tmp_path, monkeypatch):
+    """The first epoch says 2 of 4 epochs fit the budget: training stops after epoch 2 with the
+    learning rate decayed to zero there (not cut off at a high rate), and the fit is saved."""
+    import medseg.engine.trainer as trainer_module
+
+    calls = []
+
+    def two_fit(done, elapsed_s, epoch_s, budget_min, margin=1.05):
+        calls.append((done, budget_min))
+        return 2
+
+    monkeypatch.setattr(trainer_module, "epochs_within_budget", two_fit)
+    result = train(tiny_config(manifest, cache, epochs=4, max_minutes=60, samples_per_epoch=16), tmp_path / "fit",
+                   progress=False)  # fmt: skip
+    assert calls == [(1, 60)]  # decided once, after the first epoch
+    assert (result.stop_reason, result.epochs_done) == ("time_budget", 2)
+    history = pd.read_csv(tmp_path / "fit" / "history.csv")
+    assert history["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-12)  # poly reached its end at epoch 2
+    saved = read_resume_state(tmp_path / "fit" / "last.pt")
+    assert saved["schedule_epochs"] == 2
+    # a resume keeps the fitted length (and does not fit again): nothing is left to train
+    result = train(tiny_config(manifest, cache, epochs=4, max_minutes=60, samples_per_epoch=16), tmp_path / "fit",
+                   resume=True, progress=False)  # fmt: skip
+    assert (result.stop_reason, result.epochs_done) == ("time_budget", 2) and calls == [(1, 60)]
