@@ -1,6 +1,10 @@
 """Atomic output files: write to a temporary file in the target folder, then rename.
 
-A run killed mid-write leaves either the old file or none, never a truncated one.
+A run killed mid-write leaves either the old file or none, never a truncated one. This is the
+one writer every medseg output goes through (volumes, tables, JSON, manifests, checkpoints,
+cached training volumes, copies into a model folder): :func:`atomic_path` names the temporary
+file ``.<stem>.partial-<pid><suffix>`` beside the target (so a reader globbing ``*.nii.gz``
+never sees it, and a rerun can find and remove what a killed run left).
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from medseg.errors import OutputError
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success.
+
+    ``fsync``: flush the file to the disk before the rename (checkpoints: after a power cut the
+    file is either the old one or the complete new one).
 
     An ``OSError`` without a file name raised while writing (``write()`` on a full disk says only
     "No space left on device") is raised again as ``OutputError`` naming ``path``.
@@ -35,6 +40,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = target.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, target)
     except OSError as exc:
         if exc.filename is not None and Path(os.fsdecode(exc.filename)).name not in (tmp.name, target.name):
@@ -51,11 +59,21 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def copy_file(source: str | Path, path: str | Path) -> Path:
+    """Copy ``source`` to ``path`` atomically."""
+    import shutil
+
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
+def write_csv(path: str | Path, frame: Any) -> Path:
+    """``frame`` (a pandas DataFrame) as CSV without its index."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)

@@ -610,4 +610,6 @@ def load_config(
 
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Save the resolved config as YAML (written next to every run's outputs)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    from medseg.atomic import write_text
+
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -227,15 +227,12 @@ def write_manifest(cases: list[Case], path: str | Path) -> Path:
     if not_utf8:  # a UTF-8 manifest cannot name them; nothing is written
         raise ManifestError(out, [f"{len(not_utf8)} name(s) are not valid UTF-8 text and cannot be written to the "
                                   f"manifest: {', '.join(not_utf8[:3])}; rename the files (UTF-8 names)"])  # fmt: skip
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from medseg.atomic import atomic_path
+
+    with atomic_path(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
     return out
 
 

@@ -23,14 +23,13 @@ ids as the manifest gives them).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medseg import __version__
-from medseg.atomic import sha256_file, write_json
+from medseg.atomic import copy_file, sha256_file, write_json
 from medseg.errors import MedsegError
 
 MODEL_FILE = "model.json"
@@ -85,9 +84,7 @@ def write_model_folder(
         checkpoints.append({"file": target.name, "sha256": sha256_file(target), "epoch": extra.get("epoch")})
     for source in (config_file, folds_file, *extra_files):
         source = Path(source)
-        tmp = out / f".{source.name}.partial"
-        shutil.copyfile(source, tmp)
-        tmp.replace(out / source.name)
+        copy_file(source, out / source.name)
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -23,8 +23,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.atomic import atomic_path
 from medseg.config import LabelConfig, PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.manifest import Case
@@ -115,16 +114,9 @@ def _cache_file(cache_dir: Path, case: Case, digest: str) -> Path:
 
 
 def _save(volume: TrainVolume, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"case_id": volume.case_id, "image": volume.image, "label": volume.label, "spacing": list(volume.spacing)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load(path: Path) -> TrainVolume | None:

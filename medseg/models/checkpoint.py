@@ -12,8 +12,6 @@ File content (a ``dict``)::
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from medseg import __version__
+from medseg.atomic import atomic_path
 from medseg.config import ModelConfig, format_validation_error
 from medseg.errors import MedsegError
 
@@ -69,18 +68,9 @@ def save_checkpoint(
 
 
 def _write_payload(payload: dict[str, Any], path: Path) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`medseg.atomic.atomic_path` with fsync (never a half-written file)."""
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.atomic import atomic_path
 from medseg.errors import MedsegError
 
 ONNX_OPSET = 17
@@ -33,8 +34,8 @@ def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic; torch.jit's deprecation notice
         traced = torch.jit.trace(model, example)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
+    with atomic_path(path) as tmp:
+        traced.save(str(tmp))
     return path
 
 
@@ -43,15 +44,14 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Pa
     if importlib.util.find_spec("onnx") is None:
         raise MedsegError("ONNX export needs the 'onnx' package: pip install 'medseg[export]'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     axes = {0: "batch", 2: "height", 3: "width"}
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore")  # tracer and deprecation warnings of the legacy exporter
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            str(tmp),
             dynamo=False,
             input_names=["image"],
             output_names=["logits"],
