@@ -34,7 +34,8 @@ import numpy as np
 
 from medseg.inference.cases import cases_from_manifest
 from medseg.inference.runner import CasePredictor, load_bundle
-from medseg.io import read_label, read_volume
+from medseg.io import read_volume
+from medseg.labels import read_label
 from medseg.metrics.voxel import voxel_metrics
 from medseg.model_folder import read_model_folder
 

@@ -276,11 +276,12 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
 
     import nibabel as nib
 
-    from medseg.inference.postprocess import postprocess
-    from medseg.inference.predictor import autocast_dtype, default_batch_size
     from medseg.inference.runner import CasePredictor
     from medseg.io import write_mask
+    from medseg.prediction.postprocess import postprocess
+    from medseg.prediction.predictor import default_batch_size
     from medseg.preprocessing import IMAGE_KEY
+    from medseg.runtime import autocast_dtype
 
     predictor = CasePredictor(bundle)
     cfg = bundle.inference
@@ -352,7 +353,7 @@ def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]
     edge-padded onto the pooling grid as ``predict_volume`` places them."""
     import torch.nn.functional as F
 
-    from medseg.inference.predictor import default_batch_size, effective_roi, network_stride, window_padding
+    from medseg.prediction.predictor import default_batch_size, effective_roi, network_stride, window_padding
     from medseg.preprocessing import context_stack
 
     cfg = bundle.inference
@@ -371,7 +372,8 @@ def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]
 
 
 def run_forward(bundle, stacks: list[torch.Tensor]) -> None:
-    from medseg.inference.predictor import EnsembleProbability, autocast_dtype
+    from medseg.prediction.predictor import EnsembleProbability
+    from medseg.runtime import autocast_dtype
 
     net = EnsembleProbability(bundle.models, (), autocast_dtype(bundle.inference.precision, bundle.device), False)
     with torch.inference_mode():

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import ConfigError
+from medseg.model_names import ARCHITECTURE_OPTIONS, ENCODER_OPTIONS, OPTION_FIELDS, unsupported_options
 from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 
@@ -175,19 +176,15 @@ class ModelConfig(StrictModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        from medseg.models.registry import ARCHITECTURES
-
-        if value not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {value!r}; valid: {', '.join(ARCHITECTURES)}")
+        if value not in ARCHITECTURE_OPTIONS:
+            raise ValueError(f"unknown arch {value!r}; valid: {', '.join(ARCHITECTURE_OPTIONS)}")
         return value
 
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from medseg.models.registry import ENCODERS
-
-        if value not in ENCODERS:
-            raise ValueError(f"unknown encoder {value!r}; valid: {', '.join(ENCODERS)}")
+        if value not in ENCODER_OPTIONS:
+            raise ValueError(f"unknown encoder {value!r}; valid: {', '.join(ENCODER_OPTIONS)}")
         return value
 
     @field_validator("pretrained_path")
@@ -199,14 +196,10 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _settings_supported(self) -> ModelConfig:
-        if not self.model_fields_set:  # all defaults: valid, and no need to import torch
-            return self
-        from medseg.models.registry import split_options
-
-        try:
-            split_options(self)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        options = {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+        problem = unsupported_options(self.arch, self.encoder, options)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
@@ -263,7 +256,7 @@ class InferenceConfig(StrictModel):
     ``tta``: average over in-plane flips ``tta_flips`` (0 = first, 1 = second in-plane axis)
     besides the plain prediction.
 
-    Post-processing (:func:`medseg.inference.postprocess`): binary models threshold the
+    Post-processing (:func:`medseg.prediction.postprocess`): binary models threshold the
     probability at ``threshold`` (voxel is lesion when ``prob >= threshold``), multi-class models
     take the argmax; then optional ``fill_holes`` (MONAI ``FillHoles``) and
     ``largest_component`` (MONAI ``KeepLargestConnectedComponent``); then lesions (3-D
@@ -272,7 +265,7 @@ class InferenceConfig(StrictModel):
     (0.1: keep every lesion of at least a tenth of the largest one's voxels; 1: the largest
     only). ``medseg run pipelines/auto.yaml`` chooses these on cross-validation.
 
-    Outputs: ``write_prob`` adds ``<case>_prob.nii.gz``; ``write_lesions`` the instance map and
+    Outputs (:mod:`medseg.outputs`): ``write_prob`` adds the probability map; ``write_lesions`` the instance map and
     lesion table. ``prefetch``: in a batch, read and preprocess the next case and post-process
     and write the previous one in background threads while the network predicts this one
     (``auto``: on CUDA, where the GPU otherwise waits for the CPU's I/O -- 4 BraTS cases on an

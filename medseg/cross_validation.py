@@ -50,6 +50,7 @@ from medseg.config import Config
 from medseg.errors import MedsegError
 from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.manifest import Case, read_manifest, write_manifest
+from medseg.outputs import EVAL_PER_CASE, mask_file, prob_file
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,11 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     write ``evaluation/``, ``cv_table.csv`` and ``cv_summary.json`` into ``eval_root``
     (default ``out_dir``). Returns the summary."""
     from medseg.evaluation import evaluate
-    from medseg.inference.outputs import MASK_SUFFIX
 
     oof = pred_dir or out_dir / OOF_DIR
     root = eval_root or out_dir
     pool = cv_pool(cases)
-    predicted = [c for c in pool if (oof / (c.case_id + MASK_SUFFIX)).is_file()]
+    predicted = [c for c in pool if mask_file(oof, c.case_id).is_file()]
     if not predicted:
         raise MedsegError(f"{oof}: no out-of-fold prediction to evaluate (see the failures)")
     eval_dir = root / EVALUATION_DIR
@@ -220,7 +220,7 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     eval_cfg = cfg.model_copy(deep=True)
     eval_cfg.evaluation.split = None
     evaluate(oof, subset, eval_dir, eval_cfg, progress=progress)
-    metrics = pd.read_csv(eval_dir / "metrics_per_case.csv", dtype={"case_id": str})
+    metrics = pd.read_csv(eval_dir / EVAL_PER_CASE, dtype={"case_id": str})
     regions = metrics["region"].unique().tolist()
     metrics = metrics[metrics["region"] == regions[0]]  # the first region is the one the models segment
     table = cv_table(metrics, folds, cases)
@@ -238,20 +238,20 @@ def evaluate_postprocessed(cfg: Config, cv_dir: Path, cases: list[Case], out_dir
     (e.g. the rule chosen on them), evaluated like :func:`evaluate_oof` into ``out_dir``."""
     import tempfile
 
-    from medseg.inference.postprocess import postprocess
     from medseg.io import read_volume, write_mask
+    from medseg.prediction.postprocess import postprocess
 
     folds = read_folds(cv_dir / FOLDS_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
     prior = _read_json(cv_dir / CV_SUMMARY) or {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".masks-") as tmp:
         for case in cv_pool(cases):
-            prob_path = cv_dir / OOF_DIR / f"{case.case_id}_prob.nii.gz"
+            prob_path = prob_file(cv_dir / OOF_DIR, case.case_id)
             if not prob_path.is_file():
                 continue
             prob = read_volume(prob_path)
             mask = postprocess(prob.array, prob.spacing, cfg.inference)
-            write_mask(mask, prob, Path(tmp) / f"{case.case_id}_mask.nii.gz")
+            write_mask(mask, prob, mask_file(tmp, case.case_id))
         return evaluate_oof(cfg, cv_dir, folds, cases, prior.get("device", "cpu"), progress, Path(tmp), out_dir)
 
 
@@ -261,19 +261,18 @@ def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path,
     ``cfg.data.manifest`` is replaced by ``manifest``. Returns the result on rank 0 (under
     torchrun the other ranks return after their folds, with an empty summary).
     """
-    from medseg.inference.runner import distributed_rank
-    from medseg.inference.runner import init_process_group as join_group
+    from medseg.runtime import barrier, join_process_group, leave_process_group, torchrun_rank
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(deep=True)
     cfg.data.manifest = str(manifest)
     cases = read_manifest(manifest)
-    rank, world = distributed_rank()
-    created = join_group(world)
+    rank, world = torchrun_rank()
+    created = join_process_group(world)
     if rank == 0:
         folds = load_or_create_folds(out, cases, cfg.cv.folds, cfg.cv.seed, manifest)
-    _barrier(world)
+    barrier(world)
     folds = load_or_create_folds(out, cases, cfg.cv.folds, cfg.cv.seed, manifest)
     device = _fold_device(cfg.train.device, world)
     failures: list[dict[str, str]] = []
@@ -281,16 +280,13 @@ def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path,
         log.info("cv: fold %d of %d (rank %d)", k, folds.n_folds, rank)
         train_fold(cfg, out, folds, k, progress, device)
         failures += predict_fold(cfg, out, folds, cases, k, device, progress)
-    _barrier(world)
+    barrier(world)
     summary: dict[str, Any] = {}
     if rank == 0:
         failures = _all_fold_failures(out, folds.n_folds)
         summary = evaluate_oof(cfg, out, folds, cases, device or _device_name(cfg.train.device), progress)
-    _barrier(world)
-    if created:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    barrier(world)
+    leave_process_group(created)
     return CVResult(out, folds, [fold_dir(out, k) / FOLD_MODEL for k in range(folds.n_folds)], summary, failures)
 
 
@@ -304,15 +300,8 @@ def _all_fold_failures(out: Path, n_folds: int) -> list[dict[str, str]]:
     return rows
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _device_name(preference: str) -> str:
-    from medseg.engine.distributed import resolve_train_device
+    from medseg.runtime import resolve_train_device
 
     return str(resolve_train_device(preference))
 
@@ -322,7 +311,7 @@ def _fold_device(preference: str, world: int) -> str | None:
     import os
 
     if world > 1:
-        from medseg.engine.distributed import resolve_train_device
+        from medseg.runtime import resolve_train_device
 
         return str(resolve_train_device(preference, int(os.environ.get("LOCAL_RANK", "0"))))
     return None

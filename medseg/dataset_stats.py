@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from medseg import atomic
 from medseg.config import Config, dump_config
 from medseg.errors import MedsegError
-from medseg.io import check_same_grid, read_label, read_volume, to_ras
+from medseg.io import check_same_grid, read_volume, to_ras
+from medseg.labels import read_label
 from medseg.lesions import AXIS_INDEX, case_lesion_stats, foreground_extent, lesion_distribution_curve
 from medseg.manifest import Case
+from medseg.outputs import FAILURES_FILE, mask_file
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, t
         "case_stats": atomic.write_csv(out / "case_stats.csv", stats.cases),
         "lesion_curve": atomic.write_csv(out / "lesion_curve.csv", stats.curve),
         "lesion_curve_per_case": atomic.write_csv(out / "lesion_curve_per_case.csv", stats.curve_per_case),
-        "failures": atomic.write_csv(out / "failures.csv", stats.failures),
+        "failures": atomic.write_csv(out / FAILURES_FILE, stats.failures),
     }
     if len(stats.curve):
         paths["lesion_curve_png"] = plot_lesion_curve(
@@ -158,14 +160,14 @@ def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, t
 
 
 def prediction_cases(cases: list[Case], pred_dir: str | Path) -> list[Case]:
-    """Copies of ``cases`` whose label is the predicted mask ``<pred_dir>/<case_id>_mask.nii.gz``
+    """Copies of ``cases`` whose label is the predicted mask in ``pred_dir`` (:func:`medseg.outputs.mask_file`)
     (cases without a prediction are left out), for statistics of the predictions."""
     from dataclasses import replace
 
     folder = Path(pred_dir)
     out = []
     for case in cases:
-        mask = folder / f"{case.case_id}_mask.nii.gz"
+        mask = mask_file(folder, case.case_id)
         if mask.is_file():
             out.append(replace(case, label=mask))
     return out

@@ -1,16 +1,8 @@
 """Evaluate a folder of predicted masks against the manifest's reference labels (files -> tables).
 
-Prediction-folder contract (written by the inference stage, read here)
------------------------------------------------------------------------
-For every evaluated case ``<case_id>`` (manifest rows with a label, optionally one split):
-
-- ``<case_id>_mask.nii.gz`` (required): uint8 mask on the reference label's voxel grid (same
-  shape and affine, atol 1e-4 mm); 0 = background, 1 = lesion for binary models, class index
-  ``1..K`` for multi-class models.
-- ``<case_id>_prob.nii.gz`` (optional): float32 foreground probability on the same grid.
-- ``<case_id>_lesions.nii.gz`` + ``<case_id>_lesions.csv`` (optional, together): integer lesion
-  instance labels (0 = background) and one CSV row per instance with at least the columns
-  ``lesion_id, voxels, volume_ml, score_mean, score_max``.
+The prediction folder's files and the tables written here are named in :mod:`medseg.outputs`
+(the contract): per case a mask (required), a probability map and a lesion instance map with
+its table (optional).
 
 Detection score of a predicted lesion (used to rank lesions for AP): ``score_mean`` of the
 instance that overlaps it most (ties: lower id) when the instance map and CSV both exist; else
@@ -70,7 +62,8 @@ from tqdm import tqdm
 from medseg import __version__, atomic
 from medseg.config import Config, LabelConfig
 from medseg.errors import InputFileError, ManifestError, MedsegError
-from medseg.io import Volume, check_same_grid, map_labels, read_volume
+from medseg.io import Volume, check_same_grid, read_volume
+from medseg.labels import map_labels
 from medseg.lesions import label_components
 from medseg.manifest import Case, read_manifest
 from medseg.metrics.detection import (
@@ -94,14 +87,20 @@ from medseg.metrics.lesion import (
     size_buckets,
 )
 from medseg.metrics.voxel import EMPTY_FLAGS, VoxelMetrics, bounding_box, global_dice, voxel_metrics
+from medseg.outputs import (
+    EVAL_LESION_MATCHES,
+    EVAL_PER_CASE,
+    EVAL_PR_CURVE,
+    EVAL_SUMMARY,
+    FAILURES_FILE,
+    LESIONS_CSV_SUFFIX,
+    LESIONS_SUFFIX,
+    MASK_SUFFIX,
+    PROB_SUFFIX,
+)
 
 log = logging.getLogger(__name__)
 
-MASK_SUFFIX = "_mask.nii.gz"
-PROB_SUFFIX = "_prob.nii.gz"
-LESIONS_SUFFIX = "_lesions.nii.gz"
-LESIONS_CSV_SUFFIX = "_lesions.csv"
-FAILURES_FILE = "failures.csv"
 VOXEL_COLUMNS = (
     "dice",
     "iou",
@@ -263,7 +262,7 @@ def case_box(
 
 
 def _instance_scores(path_csv: Path) -> dict[int, float]:
-    """``{lesion_id: score_mean}`` of a ``<case_id>_lesions.csv`` file."""
+    """``{lesion_id: score_mean}`` of a lesion table file (:func:`medseg.outputs.lesion_table_file`)."""
     try:
         table = pd.read_csv(path_csv)
     except (OSError, ValueError) as exc:
@@ -781,8 +780,8 @@ def write_tables(
     out_dir.mkdir(parents=True, exist_ok=True)
     by_case = list(zip(*results, strict=True))
     rows = [r.row for case in by_case for r in case]
-    atomic.write_csv(out_dir / "metrics_per_case.csv", pd.DataFrame(rows))
+    atomic.write_csv(out_dir / EVAL_PER_CASE, pd.DataFrame(rows))
     lesion_rows = [lr for case in by_case for r in case for lr in r.lesion_rows]
-    atomic.write_csv(out_dir / "lesion_matches.csv", pd.DataFrame(lesion_rows, columns=LESION_TABLE_COLUMNS))
-    atomic.write_csv(out_dir / "pr_curve.csv", pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS))
-    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic.write_csv(out_dir / EVAL_LESION_MATCHES, pd.DataFrame(lesion_rows, columns=LESION_TABLE_COLUMNS))
+    atomic.write_csv(out_dir / EVAL_PR_CURVE, pd.DataFrame(curve_rows, columns=PR_CURVE_COLUMNS))
+    atomic.write_text(out_dir / EVAL_SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -73,7 +73,7 @@ class Case:
 
 
 def case_id_problem(case_id: str) -> str | None:
-    """Why ``case_id`` cannot name output files (``<case_id>_mask.nii.gz``...), or None when it can.
+    """Why ``case_id`` cannot name output files (:mod:`medseg.outputs`), or None when it can.
 
     Refused: empty, a path separator (``/``, ``\\``), a leading ``.`` (hidden files, ``.``, ``..``).
     """

@@ -66,6 +66,7 @@ from medseg.config import (
 )
 from medseg.errors import MedsegError
 from medseg.manifest import Case, read_manifest
+from medseg.outputs import EVAL_SUMMARY, FAILURES_FILE, predicted_case_ids, prob_file
 from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
         raise ConfigError("stage postprocess needs the cv stage's results (cv/cv_summary.json); add a cv stage before it")
     model_dir = ctx.stage_dir("model")
     oof = cv_dir / OOF_DIR
-    cases = [c for c in cv_pool(ctx.cases()) if (oof / f"{c.case_id}_prob.nii.gz").is_file()]
+    cases = [c for c in cv_pool(ctx.cases()) if prob_file(oof, c.case_id).is_file()]
     selection = select_postprocessing(cases, oof, ctx.cfg, progress=ctx.progress)
     written = write_selection(selection, model_dir)
     log.info("postprocess: %s", selection.reason)
@@ -521,7 +522,7 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
     from medseg.evaluation import EvaluationError, evaluate
 
     pred_dir = ctx.run_dir / "predictions"
-    done = {p.name[: -len("_mask.nii.gz")] for p in pred_dir.glob("*_mask.nii.gz")}
+    done = predicted_case_ids(pred_dir)
     cases = [c for c in ctx.cases(opts.split) if c.label is not None]
     if not cases:
         log.info("evaluate: no labelled manifest row%s; nothing to evaluate", f" in split {opts.split!r}" if opts.split else "")
@@ -539,7 +540,7 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
         summary = evaluate(pred_dir, subset, out, ctx.cfg, progress=ctx.progress)
     except EvaluationError as exc:  # no case could be evaluated: each is recorded, the report goes on without
         log.warning("evaluate: %s", exc)
-        failed = pd.read_csv(out / "failures.csv", dtype=str, keep_default_na=False).to_dict("records")
+        failed = pd.read_csv(out / FAILURES_FILE, dtype=str, keep_default_na=False).to_dict("records")
     else:
         failed = summary["failures"]
     ctx.failures += [{"case_id": f["case_id"], "stage": "evaluate", "error": f["error"]} for f in failed]
@@ -569,7 +570,7 @@ def stage_report(ctx: RunContext, opts: NoOptions) -> None:
         cases=cases,
         ref_stats_dir=stats_dir if stats_dir.is_dir() else None,
         pred_stats_dir=pred_stats_dir,
-        eval_dir=eval_dir if (eval_dir / "summary.json").is_file() else None,
+        eval_dir=eval_dir if (eval_dir / EVAL_SUMMARY).is_file() else None,
         pred_dir=pred_dir if pred_dir.is_dir() else None,
         provenance=provenance,
         axis=ctx.cfg.stats.axis,
@@ -709,7 +710,7 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
         _write_provenance(ctx, timings)
     _write_provenance(ctx, timings)
     failures = pd.DataFrame(ctx.failures, columns=["case_id", "stage", "error"])
-    atomic.write_csv(run_dir / "failures.csv", failures)
+    atomic.write_csv(run_dir / FAILURES_FILE, failures)
     return state
 
 

@@ -141,7 +141,7 @@ class Plan:
     fingerprint: dict[str, Any]
 
 
-def resolve_device(device: str) -> Literal["cpu", "cuda"]:
+def plan_device(device: str) -> Literal["cpu", "cuda"]:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda`` unchanged."""
     if device == "auto":
         import torch
@@ -406,7 +406,7 @@ def plan_dataset(
     from medseg.folds import cv_pool
     from medseg.manifest import read_manifest
 
-    resolved = resolve_device(device)
+    resolved = plan_device(device)
     cases = read_manifest(manifest)
     pool = cv_pool(cases)
     if not pool:

@@ -1,12 +1,12 @@
 """Choose the post-processing rule on out-of-fold probabilities (nnU-Net's "determine
 postprocessing", over a grid of rules).
 
-Inputs: for every case, ``<case_id>_prob.nii.gz`` (float32 lesion probability, (I, J, K), on the
+Inputs: for every case, its probability map (:func:`medseg.outputs.prob_file`: float32 lesion probability, (I, J, K), on the
 grid of the case's label) predicted by a model that never saw the case (the ``cv`` stage), and
 the reference label (mapped to 0/1 with ``data.labels``). Candidates: every rule of
 ``cv.postprocess`` (:class:`medseg.config.PostprocessSearchConfig`) plus the config's own
 ``inference`` rule, each expressed in :class:`medseg.config.InferenceConfig` keys and applied
-exactly as :func:`medseg.inference.postprocess.postprocess` does (threshold -> fill holes ->
+exactly as :func:`medseg.prediction.postprocess.postprocess` does (threshold -> fill holes ->
 lesions under ``min_lesion_mm3`` removed -> lesions under ``min_component_fraction`` x the
 largest remaining one removed).
 
@@ -57,12 +57,13 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import InputFileError, MedsegError
-from medseg.evaluation import PROB_SUFFIX
-from medseg.inference.postprocess import HOPS, discretise
-from medseg.io import Volume, check_same_grid, read_label, read_volume
+from medseg.io import Volume, check_same_grid, read_volume
+from medseg.labels import read_label
 from medseg.lesions import bounding_box
 from medseg.manifest import Case
 from medseg.metrics.voxel import hd95_assd
+from medseg.outputs import prob_file
+from medseg.prediction.postprocess import HOPS, discretise
 
 SELECTION_JSON = "postprocess.json"
 CANDIDATES_CSV = "postprocess_candidates.csv"
@@ -223,7 +224,7 @@ def _load_case(case: Case, prob_dir: Path, cfg: Config) -> tuple[np.ndarray, Vol
     """(C-contiguous float probability (I, J, K), binary label volume); clear errors."""
     if case.label is None:
         raise InputFileError(case.case_id, "case has no label; post-processing is chosen on labelled cases only")
-    prob_path = prob_dir / f"{case.case_id}{PROB_SUFFIX}"
+    prob_path = prob_file(prob_dir, case.case_id)
     if not prob_path.is_file():
         raise InputFileError(
             prob_path,
@@ -248,7 +249,7 @@ def _rule_groups(rules: list[dict[str, Any]]) -> dict[tuple[float, bool], list[i
 
 def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Config, progress: bool = True) -> PostprocessSelection:
     """Score every candidate rule on the out-of-fold probabilities in ``prob_dir`` and choose one
-    (module docstring). ``cases``: labelled cases, each with ``<case_id>_prob.nii.gz`` in
+    (module docstring). ``cases``: labelled cases, each with its probability map in
     ``prob_dir`` on its label's grid. Raises ``InputFileError`` / ``GeometryMismatchError``
     naming the file for a missing, unreadable or misaligned probability."""
     cases = list(cases)

@@ -29,6 +29,7 @@ from medseg import atomic, reporting
 from medseg.cross_validation import CV_SUMMARY, CV_TABLE
 from medseg.lesions import AXIS_INDEX
 from medseg.manifest import Case
+from medseg.outputs import EVAL_LESION_MATCHES, EVAL_PER_CASE, EVAL_PR_CURVE, EVAL_SUMMARY, mask_file
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _overlay_png(case: Case, pred_dir: Path | None, axis: str, out: Path, title:
     ref = pred = None
     if case.label is not None:
         ref = to_ras(read_volume(case.label).array > 0, image.affine)[0]
-    mask_path = pred_dir / f"{case.case_id}_mask.nii.gz" if pred_dir else None
+    mask_path = mask_file(pred_dir, case.case_id) if pred_dir else None
     if mask_path is not None and mask_path.is_file():
         pred = to_ras(read_volume(mask_path).array > 0, image.affine)[0]
     ax = AXIS_INDEX[axis]
@@ -337,8 +338,8 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
         sections.append(("Lesion-distribution curves", "".join(curves)))
 
     # evaluation
-    metrics = _read_csv(inputs.eval_dir / "metrics_per_case.csv") if inputs.eval_dir else None
-    summary_path = inputs.eval_dir / "summary.json" if inputs.eval_dir else None
+    metrics = _read_csv(inputs.eval_dir / EVAL_PER_CASE) if inputs.eval_dir else None
+    summary_path = inputs.eval_dir / EVAL_SUMMARY if inputs.eval_dir else None
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path and summary_path.is_file() else None
     if metrics is not None and len(metrics) and summary is not None:
         cols = [c for c in ("case_id", "region", "dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "ref_volume_ml",
@@ -364,7 +365,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
         title = "Metrics (test split)" if inputs.cv_dir is not None else "Metrics"
         sections.append((title, f"<ul>{''.join(lines)}</ul>" + _table(metrics[cols], "metrics")))
         figures = []
-        pr = _read_csv(inputs.eval_dir / "pr_curve.csv")  # type: ignore[operator]
+        pr = _read_csv(inputs.eval_dir / EVAL_PR_CURVE)  # type: ignore[operator]
         cfg = summary.get("config", {}).get("evaluation", {})
         thr = float(cfg.get("iou_threshold", 0.5))
         if pr is not None:
@@ -372,7 +373,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
                   for region, info in summary.get("per_region", {}).items()}
             ap = {k: (v if isinstance(v, (int, float)) else float("nan")) for k, v in ap.items()}
             figures.append(_img_tag(reporting.plot_pr_curves(pr, ap, out / "pr_curve.png", thr), "Precision-recall of lesion detection"))
-        matches = _read_csv(inputs.eval_dir / "lesion_matches.csv")  # type: ignore[operator]
+        matches = _read_csv(inputs.eval_dir / EVAL_LESION_MATCHES)  # type: ignore[operator]
         if matches is not None and len(matches):
             edges = tuple(cfg.get("size_edges_mm3", (500.0, 5000.0)))
             figures.append(_img_tag(reporting.plot_lesion_sizes(matches, out / "lesion_sizes.png", edges), "Lesion volumes"))
@@ -393,7 +394,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
             sections.append(("Slice overlays (largest reference lesion slice)", "".join(overlays)))
     elif inputs.pred_dir is not None and inputs.cases:
         overlays = []
-        predicted = [c for c in inputs.cases if (inputs.pred_dir / f"{c.case_id}_mask.nii.gz").is_file()]
+        predicted = [c for c in inputs.cases if mask_file(inputs.pred_dir, c.case_id).is_file()]
         for case in predicted[:3]:
             png = _overlay_png(case, inputs.pred_dir, inputs.axis, out / f"overlay_{case.case_id}.png", case.case_id)
             if png is not None:

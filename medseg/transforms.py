@@ -30,7 +30,8 @@ from monai.transforms import (
 
 from medseg.config import LabelConfig
 from medseg.errors import GeometryMismatchError
-from medseg.io import AFFINE_ATOL, SimpleITKReader, map_labels
+from medseg.io import AFFINE_ATOL, SimpleITKReader
+from medseg.labels import map_labels
 
 
 def _source_name(data: Any) -> str:

@@ -15,12 +15,11 @@ from medseg.io import (
     Geometry,
     SimpleITKReader,
     check_same_grid,
-    map_labels,
     preserve_locale,
-    read_label,
     read_volume,
     write_mask,
 )
+from medseg.labels import map_labels, read_label
 
 
 @pytest.mark.parametrize("kind", GEOMETRIES)

@@ -11,7 +11,6 @@ from conftest import make_affine, write_nifti
 
 from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import GeometryMismatchError, InputFileError, MedsegError
-from medseg.inference.postprocess import postprocess
 from medseg.manifest import Case
 from medseg.metrics.voxel import hd95_assd
 from medseg.postprocess_selection import (
@@ -22,6 +21,7 @@ from medseg.postprocess_selection import (
     select_postprocessing,
     write_selection,
 )
+from medseg.prediction.postprocess import postprocess
 
 SPACING = (0.8, 0.8, 2.5)  # voxel 1.6 mm3
 AFFINE = make_affine("oblique", spacing=SPACING)

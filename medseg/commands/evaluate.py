@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from medseg import outputs
 from medseg.commands import add_set_option
 
 HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
@@ -25,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pred",
         required=True,
         metavar="DIR",
-        help="prediction folder: <case_id>_mask.nii.gz (+ optional _prob / _lesions files)",
+        help=f"prediction folder: <case_id>{outputs.MASK_SUFFIX} (+ optional {outputs.PROB_SUFFIX}, "
+             f"{outputs.LESIONS_SUFFIX} / {outputs.LESIONS_CSV_SUFFIX} files)",
     )
     parser.add_argument(
         "--manifest", required=True, metavar="CSV", help="data manifest; rows with a label are evaluated"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from medseg import outputs
 from medseg.commands import add_set_option
 
 HELP = "predict lesion masks (+ lesion tables) on the source grid of each input image"
@@ -21,15 +22,16 @@ examples:
   medseg infer --checkpoint run/best.pt --input flair=a_flair.nii.gz t1ce=a_t1ce.nii.gz t2=a_t2.nii.gz --out preds/
   medseg infer --checkpoint ct.pt --input scan1.nrrd scan2/ scan3.nii.gz --out preds/ --tta
   medseg infer --model runs/auto/RUN/model --manifest hospital.csv --out preds/   (fold ensemble + chosen rule)
-outputs (in --out): <case>_mask.nii.gz, <case>_lesions.nii.gz, <case>_lesions.csv, optional
-  <case>_prob.nii.gz, <case>_complete.json (marker), failures.csv, inference.json.
+outputs (in --out): <case>{MASK_SUFFIX}, <case>{LESIONS_SUFFIX}, <case>{LESIONS_CSV_SUFFIX}, optional
+  <case>{PROB_SUFFIX}, <case>{MARKER_SUFFIX} (marker), {FAILURES_FILE}, {INFERENCE_RECORD}.
   A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
 A case that fails (missing or unreadable image, wrong modality, non-finite probabilities from
   the model...) is recorded in failures.csv (case_id, error), none of its files is left, and
   the others go on.
 exit status: 0 every case predicted or already complete; 1 some case(s) failed (failures.csv,
   the others done); 2 nothing ran (bad arguments, checkpoint or manifest: one line on stderr).
-"""
+""".format(**{k: getattr(outputs, k) for k in ("MASK_SUFFIX", "LESIONS_SUFFIX", "LESIONS_CSV_SUFFIX", "PROB_SUFFIX",
+                                         "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD")})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (inference.batch_size)")
     parser.add_argument("--tta", action="store_true", help="average over in-plane flips (inference.tta)")
-    parser.add_argument("--write-prob", action="store_true", help="also write <case>_prob.nii.gz (inference.write_prob)")
+    parser.add_argument("--write-prob", action="store_true", help=f"also write <case>{outputs.PROB_SUFFIX} (inference.write_prob)")
     add_set_option(parser, "override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)",
                    metavar="inference.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

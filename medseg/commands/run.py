@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from medseg.output_folder import claim_output_folder
+    from medseg.outputs import FAILURES_FILE
     from medseg.pipeline import choose_run_dir, load_pipeline, run_pipeline
 
     spec, cfg, _ = load_pipeline(args.pipeline, args.overrides)
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"pipeline {spec.name}: run folder {run_dir}")
     with claim_output_folder(run_dir, f"medseg run {args.pipeline}"):
         run_pipeline(spec, cfg, run_dir, force=args.force, progress=not args.no_progress)
-    failures = pd.read_csv(run_dir / "failures.csv")
+    failures = pd.read_csv(run_dir / FAILURES_FILE)
     report = run_dir / "report" / "report.html"
     if len(failures):
         print(f"{len(failures)} case failure(s) recorded in {run_dir / 'failures.csv'}")

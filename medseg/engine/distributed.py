@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from medseg.errors import ConfigError
+from medseg.runtime import resolve_train_device
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_train_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when a GPU is available, else the CPU."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available (use 'auto' or 'cpu')")
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
 
 
 def init_distributed(preference: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:

@@ -54,7 +54,6 @@ from medseg.engine.distributed import (
     gather_objects,
     init_distributed,
     reduce_sums,
-    resolve_train_device,
     shutdown_distributed,
 )
 from medseg.engine.ema import build_ema
@@ -64,6 +63,7 @@ from medseg.engine.setup import TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
+from medseg.runtime import autocast_dtype, resolve_train_device
 
 log = logging.getLogger(__name__)
 RESUME_CHECKED_SECTIONS = ("data", "preprocess", "model")
@@ -89,9 +89,7 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     (3-4x faster training steps than fp32 on the 2-core Xeon of docs/benchmarks.md); fp32 on
     other CPUs.
     """
-    from medseg.inference.predictor import autocast_dtype
-
-    return autocast_dtype({"off": "fp32"}.get(setting, setting), device)
+    return autocast_dtype(setting, device)
 
 
 def bare(model: nn.Module) -> nn.Module:

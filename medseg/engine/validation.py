@@ -1,8 +1,8 @@
 """Validation on whole volumes, exactly as inference predicts and post-processes them.
 
 Each validation volume (slice-major (C, S, H, W), see ``medseg.data.volumes``) goes through
-``medseg.inference.predict_volume`` (2.5D stacks, sliding window, precision and TTA from the
-``inference`` config section) and ``medseg.inference.postprocess`` (threshold, optional hole
+``medseg.prediction.predict_volume`` (2.5D stacks, sliding window, precision and TTA from the
+``inference`` config section) and ``medseg.prediction.postprocess`` (threshold, optional hole
 filling / largest component, small-lesion removal), then ``medseg.metrics.voxel`` scores the
 mask against the label on the preprocessed grid: Dice and HD95 (mm, using the volume's
 spacing). Checkpoint selection therefore sees what ``medseg infer`` would write.
@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from medseg import runtime
 from medseg.config import InferenceConfig
 from medseg.data.volumes import TrainVolume
 from medseg.engine.distributed import DistInfo, reduce_sums
@@ -44,8 +45,8 @@ def score_volume(
     model: nn.Module, volume: TrainVolume, context: int, cfg: InferenceConfig, device: torch.device
 ) -> tuple[float, float]:
     """(Dice, HD95 mm) of one volume's post-processed prediction (HD95 NaN when undefined)."""
-    from medseg.inference import postprocess, predict_volume
     from medseg.metrics.voxel import voxel_metrics
+    from medseg.prediction import postprocess, predict_volume
 
     prob = predict_volume([model], volume.image, context, cfg, device, axis=1)  # (S, H, W) or (K, S, H, W)
     mask = postprocess(prob, volume.spacing, cfg)
@@ -88,5 +89,5 @@ def validate(
 
 
 def shard(items: Sequence[T], info: DistInfo) -> list[T]:
-    """This rank's share of ``items``: every ``world_size``-th, starting at its rank."""
-    return list(items[info.rank :: info.world_size])
+    """This rank's share of ``items`` (:func:`medseg.runtime.shard`)."""
+    return runtime.shard(items, info.rank, info.world_size)

@@ -1,12 +1,13 @@
-"""Inference stage: whole-volume 2.5D prediction, post-processing, lesion tables, batch runs.
+"""Batch inference: a model bundle (checkpoints + config), input cases, per-case outputs on the
+source grid (:mod:`medseg.outputs`), lesion tables, resumable batch runs (``medseg infer``).
 
-``predict_volume`` and ``postprocess`` are the stable entry points (the trainer's validation
-uses them); ``medseg infer`` runs :mod:`medseg.inference.runner`.
+``predict_volume`` and ``postprocess`` (re-exported from :mod:`medseg.prediction`, the code path
+training's validation shares) are the stable entry points; ``medseg infer`` runs
+:mod:`medseg.inference.runner`.
 """
 
 from __future__ import annotations
 
-from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import predict_volume, prepare_models
+from medseg.prediction import postprocess, predict_volume, prepare_models
 
 __all__ = ["postprocess", "predict_volume", "prepare_models"]

@@ -1,4 +1,4 @@
-"""3-D lesion instances of a predicted mask and their table (``<case>_lesions.csv``).
+"""3-D lesion instances of a predicted mask and their table (:func:`medseg.outputs.lesion_table_file`).
 
 Everything is measured on the **source grid** (I, J, K) of the input image, the grid the mask
 is written on. World coordinates are scanner millimetres in **RAS** (nibabel's convention, the
@@ -6,7 +6,7 @@ is written on. World coordinates are scanner millimetres in **RAS** (nibabel's c
 Superior. DICOM/ITK scanner coordinates are LPS: ``x_lps = -x_ras``, ``y_lps = -y_ras``,
 ``z_lps = z_ras``.
 
-Columns (one row per lesion, ``lesion_id`` = the value in ``<case>_lesions.nii.gz``):
+Columns (one row per lesion, ``lesion_id`` = the value in the instance map):
 
 =========================  ==================================================================
 lesion_id                  1..N, in raster order of the (I, J, K) array (cc3d labelling)

@@ -1,17 +1,15 @@
 """Per-case output files, their completion marker, and resuming.
 
 Every file is written atomically (temporary file + rename, :mod:`medseg.atomic`), and the
-marker ``<case>_complete.json`` last. A case counts as done only when its marker exists, was
+marker (:func:`medseg.outputs.marker_file`) last. A case counts as done only when its marker exists, was
 written with the same settings (``fingerprint``), lists every output the current settings
 need, and every listed file exists with the size the marker recorded. A killed run therefore
 leaves the case incomplete (no marker, or a file missing), never "done" with a truncated file;
 a case that is (re)computed first loses every output an earlier run wrote for it (its
-temporary ``.<case>_*.partial-*`` files, and e.g. a ``_prob`` the current settings no longer
-ask for), so no file of older settings stays beside the new ones.
+temporary ``.<case>_*.partial-*`` files, and e.g. a probability map the current settings no
+longer ask for), so no file of older settings stays beside the new ones.
 
-File names (the contract of :mod:`medseg.evaluation`): ``<case>_mask.nii.gz`` (uint8),
-``<case>_prob.nii.gz`` (float32, optional), ``<case>_lesions.nii.gz`` (instance ids,
-uint8/uint16/uint32: the smallest that holds them) and ``<case>_lesions.csv``.
+File names and types: :mod:`medseg.outputs` (the prediction-folder contract).
 """
 
 from __future__ import annotations
@@ -28,26 +26,18 @@ import pandas as pd
 
 from medseg.atomic import atomic_path, write_json
 from medseg.io import Geometry, write_volume
+from medseg.outputs import (
+    CASE_SUFFIXES,
+    LESIONS_CSV_SUFFIX,
+    LESIONS_SUFFIX,
+    MASK_SUFFIX,
+    PROB_SUFFIX,
+    case_output_names,
+    marker_file,
+)
 
-MASK_SUFFIX = "_mask.nii.gz"
-PROB_SUFFIX = "_prob.nii.gz"
-LESIONS_SUFFIX = "_lesions.nii.gz"
-LESIONS_CSV_SUFFIX = "_lesions.csv"
-MARKER_SUFFIX = "_complete.json"
-
-
-def expected_outputs(case_id: str, write_prob: bool, write_lesions: bool) -> list[str]:
-    """File names the current settings produce for ``case_id`` (the marker excluded)."""
-    names = [case_id + MASK_SUFFIX]
-    if write_prob:
-        names.append(case_id + PROB_SUFFIX)
-    if write_lesions:
-        names += [case_id + LESIONS_SUFFIX, case_id + LESIONS_CSV_SUFFIX]
-    return names
-
-
-def marker_path(out_dir: Path, case_id: str) -> Path:
-    return out_dir / (case_id + MARKER_SUFFIX)
+expected_outputs = case_output_names  # the names the current settings produce (medseg.outputs)
+marker_path = marker_file
 
 
 def is_complete(out_dir: Path, case_id: str, expected: list[str], fingerprint: str) -> bool:
@@ -73,7 +63,7 @@ def start_case(out_dir: Path, case_id: str) -> None:
 def discard_case(out_dir: Path, case_id: str) -> None:
     """After a failure: remove every output of ``case_id`` (none may pass for this run's result)."""
     start_case(out_dir, case_id)
-    for suffix in (MASK_SUFFIX, PROB_SUFFIX, LESIONS_SUFFIX, LESIONS_CSV_SUFFIX):
+    for suffix in CASE_SUFFIXES:
         (out_dir / (case_id + suffix)).unlink(missing_ok=True)
 
 
@@ -130,7 +120,7 @@ class CaseWriter:
         self._volume(LESIONS_SUFFIX, labels, lesion_map_dtype(n_lesions))
 
     def table(self, table: pd.DataFrame) -> None:
-        """Write the lesion table (``<case>_lesions.csv``) now."""
+        """Write the lesion table now."""
         self._written.append(write_table(self.out_dir / (self.case_id + LESIONS_CSV_SUFFIX), table))
 
     def _volume(self, suffix: str, array: np.ndarray, dtype: Any) -> None:

@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,19 +40,27 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.inference.cases import InferenceCase, check_case_id
 from medseg.inference.lesion_table import lesion_table, source_slice_axis
 from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete
-from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import predict_volume, prepare_models, resolve_device
 from medseg.io import Geometry
 from medseg.lesions import label_components
 from medseg.memory import keep_freed_memory
+from medseg.outputs import FAILURES_FILE, INFERENCE_RECORD
+from medseg.prediction.postprocess import postprocess
+from medseg.prediction.predictor import predict_volume, prepare_models
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
+from medseg.runtime import (
+    barrier,
+    join_process_group,
+    leave_process_group,
+    resolve_device,
+    shard,
+    torchrun_rank,
+)
 from medseg.transforms import apply_chain
 
 log = logging.getLogger(__name__)
 
 AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
-FAILURES_FILE = "failures.csv"
-RUN_RECORD = "inference.json"
+RUN_RECORD = INFERENCE_RECORD
 # settings that do not change what is written (left out of the per-case fingerprint)
 NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads", "keep_freed_memory")
 
@@ -317,16 +324,6 @@ class RunSummary:
     seconds: float = 0.0
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment (``RANK``, ``WORLD_SIZE``); (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def shard(cases: Sequence[InferenceCase], rank: int, world: int) -> list[InferenceCase]:
-    """Rank ``rank``'s share: cases rank, rank + world, ... (balanced to within one case)."""
-    return list(cases[rank::world])
-
-
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, MedsegError):
         return str(exc)
@@ -352,25 +349,6 @@ def merge_failures(out_dir: Path, world: int, failures_file: str = FAILURES_FILE
     return merged
 
 
-def init_process_group(world: int) -> bool:
-    """Join torchrun's process group (gloo: CPU barriers only); True when this call created it."""
-    if world <= 1:
-        return False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("gloo")
-    return True
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def run_inference(
     cases: Sequence[InferenceCase],
     bundle: InferenceBundle,
@@ -391,8 +369,8 @@ def run_inference(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = distributed_rank() if rank_sharding else (0, 1)
-    created_group = init_process_group(world) if rank_sharding else False  # early: a broken torchrun setup fails before any work
+    rank, world = torchrun_rank() if rank_sharding else (0, 1)
+    created_group = join_process_group(world) if rank_sharding else False  # early: a broken torchrun setup fails before any work
     start = time.perf_counter()
     cfg = bundle.inference
     fingerprint = bundle.fingerprint()
@@ -476,7 +454,7 @@ def run_inference(
     frame = pd.DataFrame(summary.failures, columns=["case_id", "error"])
     if world > 1:
         write_csv(_rank_failures_path(out, rank), frame)
-        _barrier(world)
+        barrier(world)
         if rank == 0:
             merge_failures(out, world, failures_file)
     else:
@@ -493,8 +471,5 @@ def run_inference(
             "rank0": {"done": len(summary.done), "skipped": len(summary.skipped),
                       "failed": len(summary.failures), "seconds": round(summary.seconds, 3)},
         })
-    if created_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    leave_process_group(created_group)
     return summary

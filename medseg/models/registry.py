@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.model_names import ARCHITECTURE_OPTIONS, ENCODER_OPTIONS, OPTION_FIELDS, unsupported_options
 from medseg.models.deeplab import build_deeplabv3plus
 from medseg.models.encoders import (
     Encoder,
@@ -45,18 +46,19 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
     "xception": xception_encoder,
 }
 
-# ModelConfig fields handed to the builders (the others are structural: names, channels, weights)
-OPTION_FIELDS: tuple[str, ...] = (
-    "width",
-    "decoder_channels",
-    "residual",
-    "inception_branches",
-    "output_stride",
-    "aspp_rates",
-    "aspp_channels",
-    "dropout",
-    "norm",
-)
+
+
+def _check_names_table() -> None:
+    """The torch-free table of ``medseg.model_names`` must describe these dicts exactly."""
+    for kind, registry, table in (("arch", ARCHITECTURES, ARCHITECTURE_OPTIONS), ("encoder", ENCODERS, ENCODER_OPTIONS)):
+        if list(registry) != list(table):
+            raise RuntimeError(f"model.{kind} names differ between models/registry.py {list(registry)} and "
+                               f"model_names.py {list(table)}")  # fmt: skip
+        for name, builder in registry.items():
+            accepted = _accepted(builder) & set(OPTION_FIELDS)
+            if accepted != table[name]:
+                raise RuntimeError(f"model.{kind} {name!r}: its builder takes {sorted(accepted)}, model_names.py "
+                                   f"lists {sorted(table[name])}")  # fmt: skip
 
 
 def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
@@ -84,20 +86,15 @@ def split_options(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises ``ConfigError`` for an unknown name or a setting that neither builder accepts.
     """
-    arch = _lookup(ARCHITECTURES, "arch", cfg.arch)
-    enc = _lookup(ENCODERS, "encoder", cfg.encoder)
+    _lookup(ARCHITECTURES, "arch", cfg.arch)
+    _lookup(ENCODERS, "encoder", cfg.encoder)
     options = {k: getattr(cfg, k) for k in OPTION_FIELDS if getattr(cfg, k) is not None}
-    arch_ok, enc_ok = _accepted(arch), _accepted(enc)
-    unsupported = sorted(k for k in options if k not in arch_ok and k not in enc_ok)
-    if unsupported:
-        supported = sorted(k for k in OPTION_FIELDS if k in arch_ok or k in enc_ok)
-        raise ConfigError(
-            f"model.{', model.'.join(unsupported)} not supported by arch {cfg.arch!r} with encoder "
-            f"{cfg.encoder!r}; its settings are: {', '.join(supported)} (leave the others unset)"
-        )
+    problem = unsupported_options(cfg.arch, cfg.encoder, options)
+    if problem is not None:
+        raise ConfigError(problem)
     return (
-        {k: v for k, v in options.items() if k in enc_ok},
-        {k: v for k, v in options.items() if k in arch_ok},
+        {k: v for k, v in options.items() if k in ENCODER_OPTIONS[cfg.encoder]},
+        {k: v for k, v in options.items() if k in ARCHITECTURE_OPTIONS[cfg.arch]},
     )
 
 
@@ -115,3 +112,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return ARCHITECTURES[cfg.arch](encoder, out_channels=cfg.out_channels, **arch_kwargs)
     except ValueError as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
         raise ConfigError(f"model ({cfg.arch} / {cfg.encoder}): {exc}") from exc
+
+
+_check_names_table()

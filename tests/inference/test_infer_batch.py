@@ -23,7 +23,8 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation import evaluate
 from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
 from medseg.inference.outputs import expected_outputs, is_complete
-from medseg.inference.runner import apply_inference_overrides, load_bundle, merge_failures, shard
+from medseg.inference.runner import apply_inference_overrides, load_bundle, merge_failures
+from medseg.runtime import shard
 
 CHANNELS = ["flair", "t1"]
 

@@ -15,8 +15,8 @@ from medseg.inference.lesion_table import (
     lesion_table,
     source_slice_axis,
 )
-from medseg.inference.postprocess import remove_small_lesions
 from medseg.lesions import label_components as label_lesions
+from medseg.prediction.postprocess import remove_small_lesions
 
 
 def test_threshold_is_inclusive_and_tensor_or_array():

@@ -136,3 +136,22 @@ def test_decoder_channels_are_used():
     model = build_model(cfg)
     assert [b.up.out_channels for b in model.decoder.blocks] == [40, 30, 20, 10, 5]
     assert model.head.in_channels == 5
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_names_table_matches_the_architecture_builders(arch):
+    """medseg.model_names (what configs are validated against, without torch) = the registry."""
+    import inspect
+
+    from medseg.model_names import ARCHITECTURE_OPTIONS, OPTION_FIELDS
+
+    assert ARCHITECTURE_OPTIONS[arch] == set(inspect.signature(ARCHITECTURES[arch]).parameters) & set(OPTION_FIELDS)
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_names_table_matches_the_encoder_builders(encoder):
+    import inspect
+
+    from medseg.model_names import ENCODER_OPTIONS, OPTION_FIELDS
+
+    assert ENCODER_OPTIONS[encoder] == set(inspect.signature(ENCODERS[encoder]).parameters) & set(OPTION_FIELDS)

@@ -35,57 +35,10 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from medseg.config import InferenceConfig
-from medseg.errors import ConfigError
+from medseg.runtime import autocast_dtype, resolve_device
 
 CPU_BATCH = 4  # windows per forward on CPU: 48 slices/s at 4 vs 37 at 16 (docs/benchmarks.md)
 CUDA_BATCH = 32
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as asked.
-
-    Raises ``ConfigError`` for a name torch does not know, a device type other than CPU/CUDA,
-    or a CUDA device this machine does not have (instead of a traceback on first use).
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: medseg runs on cpu or cuda (auto picks CUDA when available)")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device!r}: no CUDA GPU is available to this torch "
-                              f"({torch.__version__}); use --device cpu or auto")  # fmt: skip
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return resolved
-
-
-def _cpu_has_fast_bf16() -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; ``None`` = plain fp32.
-
-    ``auto``: bf16 on CPUs with AVX-512 BF16 or AMX instructions (2.5x faster than fp32 on a
-    6.5 M-parameter U-Net here) and on CUDA GPUs that support bf16 (else fp16); fp32 elsewhere.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -1,0 +1,83 @@
+"""The contract of the files medseg writes and reads back: names, types, markers (one owner).
+
+Every module that writes or reads one of these files takes its name from here; writing goes
+through :mod:`medseg.atomic` (temporary file + rename).
+
+Prediction folder (``medseg infer``, read by ``evaluate``, ``stats`` on predictions, the report)
+------------------------------------------------------------------------------------------
+For every case ``<case_id>``, all on the source image's voxel grid (same shape and affine):
+
+=======================  =================================================================
+``mask_file``            ``<case_id>`` + :data:`MASK_SUFFIX`: uint8; 0 background, 1 lesion
+                         (class index ``1..K`` for multi-class models). Required.
+``prob_file``            + :data:`PROB_SUFFIX`: float32 foreground probability in [0, 1]
+                         (``inference.write_prob``).
+``lesions_file``         + :data:`LESIONS_SUFFIX`: lesion instance ids 0..n (0 background), in
+                         the smallest unsigned type that holds them (uint8/uint16/uint32).
+``lesion_table_file``    + :data:`LESIONS_CSV_SUFFIX`: one row per instance, at least
+                         ``lesion_id, voxels, volume_ml, score_mean, score_max``; written
+                         together with the instance map.
+``marker_file``          + :data:`MARKER_SUFFIX`: JSON written last (settings fingerprint, file
+                         sizes); a case is done only when it vouches for every file.
+=======================  =================================================================
+
+Batch records: :data:`FAILURES_FILE` (``case_id, error``; header only when nothing failed) in
+every batch output folder, :data:`INFERENCE_RECORD` (settings, checkpoints, counts).
+
+Evaluation folder (``medseg evaluate``): :data:`EVAL_PER_CASE`, :data:`EVAL_LESION_MATCHES`,
+:data:`EVAL_PR_CURVE`, :data:`EVAL_SUMMARY`, plus :data:`FAILURES_FILE`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MASK_SUFFIX = "_mask.nii.gz"
+PROB_SUFFIX = "_prob.nii.gz"
+LESIONS_SUFFIX = "_lesions.nii.gz"
+LESIONS_CSV_SUFFIX = "_lesions.csv"
+MARKER_SUFFIX = "_complete.json"
+CASE_SUFFIXES = (MASK_SUFFIX, PROB_SUFFIX, LESIONS_SUFFIX, LESIONS_CSV_SUFFIX)  # the outputs, marker excluded
+
+FAILURES_FILE = "failures.csv"
+INFERENCE_RECORD = "inference.json"
+
+EVAL_PER_CASE = "metrics_per_case.csv"
+EVAL_LESION_MATCHES = "lesion_matches.csv"
+EVAL_PR_CURVE = "pr_curve.csv"
+EVAL_SUMMARY = "summary.json"
+
+
+def mask_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{MASK_SUFFIX}"
+
+
+def prob_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{PROB_SUFFIX}"
+
+
+def lesions_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{LESIONS_SUFFIX}"
+
+
+def lesion_table_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{LESIONS_CSV_SUFFIX}"
+
+
+def marker_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{MARKER_SUFFIX}"
+
+
+def case_output_names(case_id: str, write_prob: bool, write_lesions: bool) -> list[str]:
+    """File names one case's outputs take under the given settings (the marker excluded)."""
+    names = [case_id + MASK_SUFFIX]
+    if write_prob:
+        names.append(case_id + PROB_SUFFIX)
+    if write_lesions:
+        names += [case_id + LESIONS_SUFFIX, case_id + LESIONS_CSV_SUFFIX]
+    return names
+
+
+def predicted_case_ids(folder: str | Path) -> set[str]:
+    """Case ids that have a mask in ``folder`` (empty when the folder does not exist)."""
+    return {p.name[: -len(MASK_SUFFIX)] for p in Path(folder).glob(f"*{MASK_SUFFIX}")}
