@@ -5,7 +5,7 @@ config stored in the checkpoint) -> ``predict_volume`` on the preprocessed (C, R
 -> ``Invertd`` of the probabilities onto the source grid (I, J, K) -> ``postprocess`` there ->
 lesion instances and table -> atomic writes + completion marker (:mod:`.outputs`).
 
-Batch (``run_inference``): cases whose outputs are complete are skipped; the next case is read
+Batch (``run_inference``, a :class:`BatchRun`): cases whose outputs are complete are skipped; the next case is read
 and preprocessed in a background thread while the current one is predicted; a failing case is
 recorded (``failures.csv``: case_id, error) and the run carries on. Under ``torchrun`` (env
 ``RANK``/``WORLD_SIZE``) rank r takes cases r, r + W, r + 2W, ...; each rank records its
@@ -349,6 +349,162 @@ def merge_failures(out_dir: Path, world: int, failures_file: str = FAILURES_FILE
     return merged
 
 
+class BatchRun:
+    """One batch of cases into ``out_dir`` (see :func:`run_inference`, which is its entry point).
+
+    Per rank: :meth:`run` skips the cases already complete, predicts the others (with
+    ``inference.prefetch``: the next case is read in one thread and the previous one finished and
+    written in another while the network runs on the current one), records each failing case
+    (:meth:`record_failure`) and carries on, then writes ``failures_file`` (merged by rank 0
+    under torchrun) and rank 0's ``inference.json``.
+    """
+
+    def __init__(
+        self,
+        bundle: InferenceBundle,
+        out_dir: str | Path,
+        show_progress: bool = True,
+        rank_sharding: bool = True,
+        failures_file: str = FAILURES_FILE,
+    ) -> None:
+        self.bundle = bundle
+        self.out = Path(out_dir)
+        self.show_progress = show_progress
+        self.rank_sharding = rank_sharding
+        self.failures_file = failures_file
+        self.rank, self.world = torchrun_rank() if rank_sharding else (0, 1)
+        self.fingerprint = bundle.fingerprint()
+        self.predictor = CasePredictor(bundle)
+        self.summary = RunSummary()
+        cfg = bundle.inference
+        self.overlap = cfg.prefetch if cfg.prefetch != "auto" else bundle.device.type == "cuda"
+        # the previous case, post-processed and written in the background: (case_id, its future)
+        self.finishing: tuple[str, Future[None]] | None = None
+        self.bar: Any = None
+
+    def todo(self, cases: Sequence[InferenceCase]) -> list[InferenceCase]:
+        """This rank's share of ``cases`` less those complete in the output folder (recorded as skipped)."""
+        cfg = self.bundle.inference
+        todo: list[InferenceCase] = []
+        for case in shard(cases, self.rank, self.world):
+            expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions)
+            if case.problem is None and is_complete(self.out, case.case_id, expected, self.fingerprint):
+                self.summary.skipped.append(case.case_id)
+            else:
+                todo.append(case)
+        if self.summary.skipped:
+            log.info("rank %d: %d case(s) already complete, skipped", self.rank, len(self.summary.skipped))
+        return todo
+
+    def prepare(self, case: InferenceCase) -> PreparedCase:
+        """Read and preprocess ``case`` after removing its outputs of earlier settings (e.g. a
+        ``_prob`` no longer asked for). Raises ``MedsegError`` for a case with a known problem."""
+        if case.problem is not None:
+            raise MedsegError(f"case {case.case_id}: {case.problem}")
+        discard_case(self.out, case.case_id)
+        return self.predictor.prepare(case)
+
+    def record_failure(self, case_id: str, exc: BaseException) -> None:
+        """Record ``case_id`` as failed with ``exc``'s text and remove whatever it left."""
+        self.summary.failures.append((case_id, _error_text(exc)))
+        log.warning("case %s failed: %s", case_id, self.summary.failures[-1][1])
+        if check_case_id(case_id) is None:  # never touch files an unusable id could name
+            discard_case(self.out, case_id)
+
+    def finish_and_write(self, prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:
+        self.predictor.finish_and_write(prepared, prob, seconds, self.out, self.fingerprint)
+
+    def settle(self) -> None:
+        """Wait for the previous case's outputs and record its result (keeps one case pending)."""
+        if self.finishing is None:
+            return
+        case_id, future = self.finishing
+        self.finishing = None
+        try:
+            future.result()
+            self.summary.done.append(case_id)
+        except Exception as exc:  # noqa: BLE001
+            self.record_failure(case_id, exc)
+        self.bar.update(1)
+
+    def predict_all(self, todo: Sequence[InferenceCase]) -> None:
+        """Predict ``todo`` one after the other; with ``overlap``, one thread reads the next case and
+        another post-processes and writes the previous one while this thread runs the network on
+        the current one (without it, the finishing thread is waited for at once)."""
+        overlap = self.overlap
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as reader, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-finish") as finisher:
+            upcoming: Future[PreparedCase] | None = reader.submit(self.prepare, todo[0]) if todo and overlap else None
+            for i, case in enumerate(todo):
+                current: PreparedCase | None = None
+                prob: torch.Tensor | None = None
+                try:
+                    current = upcoming.result() if upcoming is not None else self.prepare(case)
+                except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
+                    error: BaseException = exc
+                upcoming = reader.submit(self.prepare, todo[i + 1]) if overlap and i + 1 < len(todo) else None
+                if current is not None:
+                    try:
+                        prob, seconds = self.predictor.probabilities(current)
+                    except Exception as exc:  # noqa: BLE001
+                        error = exc
+                self.settle()
+                if current is None or prob is None:
+                    self.record_failure(case.case_id, error)
+                    self.bar.update(1)
+                else:
+                    self.finishing = (case.case_id, finisher.submit(self.finish_and_write, current, prob, seconds))
+                    if not overlap:
+                        self.settle()  # one case at a time: its outputs before the next case is read
+                del current, prob
+            self.settle()
+
+    def write_records(self) -> None:
+        """``failures_file`` (this rank's, merged by rank 0 after a barrier under torchrun) and,
+        on rank 0, ``inference.json``."""
+        out, rank, world, summary = self.out, self.rank, self.world, self.summary
+        frame = pd.DataFrame(summary.failures, columns=["case_id", "error"])
+        if world > 1:
+            write_csv(_rank_failures_path(out, rank), frame)
+            barrier(world)
+            if rank == 0:
+                merge_failures(out, world, self.failures_file)
+        else:
+            write_csv(out / self.failures_file, frame)
+        if rank == 0:
+            bundle = self.bundle
+            write_json(out / RUN_RECORD, {
+                "medseg_version": __version__,
+                "checkpoints": [str(p) for p in bundle.checkpoints],
+                "channels": bundle.channels,
+                "modality": bundle.modality,
+                "device": str(bundle.device),
+                "world_size": world,
+                "inference": bundle.inference.model_dump(mode="json"),
+                "rank0": {"done": len(summary.done), "skipped": len(summary.skipped),
+                          "failed": len(summary.failures), "seconds": round(summary.seconds, 3)},
+            })
+
+    def run(self, cases: Sequence[InferenceCase]) -> RunSummary:
+        """The whole batch (class docstring); returns this rank's summary."""
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        # early: a broken torchrun setup fails before any work
+        created_group = join_process_group(self.world) if self.rank_sharding else False
+        start = time.perf_counter()
+        todo = self.todo(cases)
+        rank, world = self.rank, self.world
+        self.bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
+                        disable=not self.show_progress, position=rank if world > 1 else None)
+        self.predict_all(todo)
+        self.bar.close()
+        self.summary.seconds = time.perf_counter() - start
+        self.write_records()
+        leave_process_group(created_group)
+        return self.summary
+
+
 def run_inference(
     cases: Sequence[InferenceCase],
     bundle: InferenceBundle,
@@ -363,113 +519,6 @@ def run_inference(
     only when nothing failed; merged by rank 0) and ``inference.json`` (settings, checkpoints,
     counts; rank 0). ``rank_sharding=False``: this process predicts every case given, whatever
     torchrun's environment says (the caller shares the work out, e.g. one CV fold per rank).
-    Returns this rank's summary.
+    Returns this rank's summary (:class:`BatchRun`).
     """
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = torchrun_rank() if rank_sharding else (0, 1)
-    created_group = join_process_group(world) if rank_sharding else False  # early: a broken torchrun setup fails before any work
-    start = time.perf_counter()
-    cfg = bundle.inference
-    fingerprint = bundle.fingerprint()
-    predictor = CasePredictor(bundle)
-    summary = RunSummary()
-    todo: list[InferenceCase] = []
-    for case in shard(cases, rank, world):
-        if case.problem is None and is_complete(out, case.case_id, expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions), fingerprint):
-            summary.skipped.append(case.case_id)
-        else:
-            todo.append(case)
-    if summary.skipped:
-        log.info("rank %d: %d case(s) already complete, skipped", rank, len(summary.skipped))
-
-    def prepare(case: InferenceCase) -> PreparedCase:
-        if case.problem is not None:
-            raise MedsegError(f"case {case.case_id}: {case.problem}")
-        discard_case(out, case.case_id)  # outputs of earlier settings (e.g. a _prob no longer asked for) go
-        return predictor.prepare(case)
-
-    bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
-               disable=not show_progress, position=rank if world > 1 else None)
-    overlap = cfg.prefetch if cfg.prefetch != "auto" else bundle.device.type == "cuda"
-
-    def record_failure(case_id: str, exc: BaseException) -> None:
-        summary.failures.append((case_id, _error_text(exc)))
-        log.warning("case %s failed: %s", case_id, summary.failures[-1][1])
-        if check_case_id(case_id) is None:  # never touch files an unusable id could name
-            discard_case(out, case_id)
-
-    def finish_and_write(prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:
-        predictor.finish_and_write(prepared, prob, seconds, out, fingerprint)
-
-    finishing: tuple[str, Future[None]] | None = None  # the previous case, post-processed + written in the background
-
-    def settle() -> None:
-        """Wait for the previous case's outputs and record its result (keeps one case pending)."""
-        nonlocal finishing
-        if finishing is not None:
-            case_id, future = finishing
-            finishing = None
-            try:
-                future.result()
-                summary.done.append(case_id)
-            except Exception as exc:  # noqa: BLE001
-                record_failure(case_id, exc)
-            bar.update(1)
-
-    # with ``overlap``: one thread reads the next case and another post-processes and writes the
-    # previous one while this thread runs the network on the current one (without it, the
-    # finishing thread is waited for at once)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as reader, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-finish") as finisher:
-        upcoming: Future[PreparedCase] | None = reader.submit(prepare, todo[0]) if todo and overlap else None
-        for i, case in enumerate(todo):
-            current: PreparedCase | None = None
-            prob: torch.Tensor | None = None
-            try:
-                current = upcoming.result() if upcoming is not None else prepare(case)
-            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
-                error: BaseException = exc
-            upcoming = reader.submit(prepare, todo[i + 1]) if overlap and i + 1 < len(todo) else None
-            if current is not None:
-                try:
-                    prob, seconds = predictor.probabilities(current)
-                except Exception as exc:  # noqa: BLE001
-                    error = exc
-            settle()
-            if current is None or prob is None:
-                record_failure(case.case_id, error)
-                bar.update(1)
-            else:
-                finishing = (case.case_id, finisher.submit(finish_and_write, current, prob, seconds))
-                if not overlap:
-                    settle()  # one case at a time: its outputs before the next case is read
-            del current, prob
-        settle()
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-
-    frame = pd.DataFrame(summary.failures, columns=["case_id", "error"])
-    if world > 1:
-        write_csv(_rank_failures_path(out, rank), frame)
-        barrier(world)
-        if rank == 0:
-            merge_failures(out, world, failures_file)
-    else:
-        write_csv(out / failures_file, frame)
-    if rank == 0:
-        write_json(out / RUN_RECORD, {
-            "medseg_version": __version__,
-            "checkpoints": [str(p) for p in bundle.checkpoints],
-            "channels": bundle.channels,
-            "modality": bundle.modality,
-            "device": str(bundle.device),
-            "world_size": world,
-            "inference": cfg.model_dump(mode="json"),
-            "rank0": {"done": len(summary.done), "skipped": len(summary.skipped),
-                      "failed": len(summary.failures), "seconds": round(summary.seconds, 3)},
-        })
-    leave_process_group(created_group)
-    return summary
+    return BatchRun(bundle, out_dir, show_progress, rank_sharding, failures_file).run(cases)
