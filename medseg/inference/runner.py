@@ -143,7 +143,7 @@ def load_bundle(
     ``overrides`` (``inference.key=value``). Raises ``MedsegError`` naming the file otherwise.
     Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
     """
-    from medseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from medseg.models.checkpoint import load_checkpoint, model_from_loaded
 
     if not checkpoints:
         raise MedsegError("no checkpoint given (--checkpoint)")
@@ -152,8 +152,10 @@ def load_bundle(
     models: list[nn.Module] = []
     first: tuple[Config, list[str], str] | None = None
     for path in paths:
-        config, channels, modality = _checkpoint_contract(path, load_checkpoint(path).get("extra"))
-        model, model_cfg = model_from_checkpoint(path)
+        payload = load_checkpoint(path)  # read once: its contract (extra) and its model
+        config, channels, modality = _checkpoint_contract(path, payload.get("extra"))
+        model, model_cfg = model_from_loaded(payload, path)
+        del payload  # the weights now live in the model
         context = config.preprocess.context_slices
         needed = len(channels) * (2 * context + 1)
         if model_cfg.in_channels != needed:

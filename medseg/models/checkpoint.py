@@ -105,9 +105,14 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     Returns ``(model, model_cfg)``; the model is in eval mode. The encoder's ``pretrained_path``
     is not read again (the checkpoint's weights replace it), and is cleared in the returned config.
     """
+    return model_from_loaded(load_checkpoint(path), path)
+
+
+def model_from_loaded(payload: dict[str, Any], path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """:func:`model_from_checkpoint` for a checkpoint already read with :func:`load_checkpoint`
+    (``path`` only names the file in errors), so a caller that also needs ``extra`` reads the file once."""
     from medseg.models.registry import build_model
 
-    payload = load_checkpoint(path)
     try:
         cfg = ModelConfig.model_validate({**payload["model"], "pretrained_path": None})
     except ValidationError as exc:
