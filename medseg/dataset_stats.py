@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from medseg import atomic
 from medseg.config import Config, dump_config
 from medseg.errors import MedsegError
-from medseg.io import check_same_grid, read_volume, to_ras
+from medseg.geometry import AXIS_INDEX, to_ras
+from medseg.io import check_same_grid, read_volume
 from medseg.labels import read_label
-from medseg.lesions import AXIS_INDEX, case_lesion_stats, foreground_extent, lesion_distribution_curve
+from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.outputs import FAILURES_FILE, mask_file
 

@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 from medseg.config import LabelConfig
 from medseg.errors import MedsegError
 from medseg.folds import cv_pool
-from medseg.io import check_same_grid, read_volume, to_ras
+from medseg.geometry import bounding_box, label_components, to_ras
+from medseg.io import check_same_grid, read_volume
 from medseg.labels import map_labels, present_values
-from medseg.lesions import bounding_box, label_components
 from medseg.manifest import Case
 
 FINGERPRINT_VERSION = 1

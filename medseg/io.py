@@ -40,10 +40,9 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.atomic import atomic_path
 from medseg.errors import GeometryMismatchError, InputFileError, OutputError
+from medseg.geometry import AFFINE_ATOL, LPS_TO_RAS, grid_mismatch, to_ras  # noqa: F401  (to_ras, AFFINE_ATOL: re-exported)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-AFFINE_ATOL = 1e-4
 
 
 @dataclass
@@ -389,33 +388,15 @@ def read_volume(path: str | Path, check_finite: bool = True) -> Volume:
 
 
 def check_same_grid(a: Volume, b: Volume, context: str = "") -> None:
-    """Raise ``GeometryMismatchError`` unless ``a`` and ``b`` share shape and affine (atol 1e-4 mm)."""
-    where = f" ({context})" if context else ""
-    if a.shape != b.shape:
+    """Raise ``GeometryMismatchError`` unless ``a`` and ``b`` share shape and affine
+    (:func:`medseg.geometry.grid_mismatch`, atol ``AFFINE_ATOL`` mm)."""
+    problem = grid_mismatch(a.shape, a.affine, b.shape, b.affine)
+    if problem is not None:
+        where = f" ({context})" if context else ""
         raise GeometryMismatchError(
-            f"grid mismatch{where}: {a.path} has shape {a.shape} but {b.path} has shape {b.shape}; "
-            "they must be on one voxel grid (resample one onto the other first)"
+            f"grid mismatch{where}: {a.path} vs {b.path}: {problem}; they must be on one voxel grid "
+            "(resample one onto the other first)"
         )
-    if not np.allclose(a.affine, b.affine, atol=AFFINE_ATOL):
-        diff = float(np.abs(a.affine - b.affine).max())
-        raise GeometryMismatchError(
-            f"grid mismatch{where}: {a.path} and {b.path} have the same shape but different affines "
-            f"(max difference {diff:.4g} mm); they must be on one voxel grid"
-        )
-
-
-def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient an (I, J, K) array to the closest RAS axes (R, A, S) without copying.
-
-    Only axis permutations and flips (views), as MONAI's ``Orientation("RAS")`` does; oblique
-    grids keep their obliquity in the returned affine. Returns (array view, new RAS affine).
-    """
-    import nibabel.orientations as nio
-
-    ornt = nio.io_orientation(affine)
-    array_ras = nio.apply_orientation(array, ornt)
-    affine_ras = affine @ nio.inv_ornt_aff(ornt, array.shape)
-    return array_ras, affine_ras
 
 
 # --------------------------------------------------------------------------- writing

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 import pandas as pd
-from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import pdist
 
-AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+from medseg.geometry import (  # noqa: F401  (AXIS_INDEX, label_components: still imported from here by evaluation / inference)
+    AXIS_INDEX,
+    bounding_box,
+    components_per_slice,
+    label_components,
+    max_diameter_mm,
+)
+
 CT_FOREGROUND_HU = -500.0
 
 
@@ -36,105 +40,6 @@ class CaseLesionStats:
 
     slices: pd.DataFrame
     case: dict
-
-
-def components_per_slice(mask: np.ndarray, axis: int, connectivity: int) -> np.ndarray:
-    """Number of in-plane connected components on each slice normal to ``axis``.
-
-    All slices are labelled in one 2-D call: they are stacked along one in-plane axis with an
-    empty row between neighbours (so nothing connects across slices). Labels are assigned in
-    raster order, so slice z owns a contiguous block of labels and its count is the growth of
-    the running maximum label. ``mask``: bool (I, J, K); returns int64 (mask.shape[axis],).
-    """
-    slices_first = np.moveaxis(mask, axis, 0)
-    n, h, w = slices_first.shape
-    stacked = np.zeros((n, h + 1, w), dtype=bool)
-    stacked[:, :h, :] = slices_first
-    labels, _ = ndimage.label(stacked.reshape(n * (h + 1), w), structure=ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1))
-    running = np.maximum.accumulate(labels.reshape(n, -1).max(axis=1))
-    return np.diff(running, prepend=0).astype(np.int64)
-
-
-def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """3-D connected components of ``mask > 0``: (labels, N), lesions 1..N in raster order.
-
-    ``mask``: a 3-D array in any fixed axis order; ``connectivity``: 6 (faces), 18 (+ edges) or
-    26 (+ corners). Labels are uint16 (uint32 above 65535 components), the shape of ``mask``.
-    Only the mask's bounding box is labelled (same components, same order, several times
-    faster on lesion-sized boxes), with connected-components-3d (3-4x faster than
-    ``scipy.ndimage.label`` on CT-sized masks). The one labelling function of medseg: statistics,
-    evaluation and the inference lesion tables all call it.
-    """
-    if connectivity not in (6, 18, 26):
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"lesion labelling expects a 3-D mask, got shape {mask.shape}")
-    box = bounding_box(mask)
-    if box is None:
-        return np.zeros(mask.shape, np.uint16), 0
-    crop, n = cc3d.connected_components(np.ascontiguousarray(mask[box] > 0), connectivity=connectivity, return_N=True)
-    labels = np.zeros(mask.shape, np.uint16 if n < 1 << 16 else np.uint32)
-    labels[box] = crop
-    return labels, int(n)
-
-
-def structure_3d(connectivity: int) -> np.ndarray:
-    """26 -> full 3x3x3, 18 -> faces+edges, 6 -> faces."""
-    rank = {6: 1, 18: 2, 26: 3}[connectivity]
-    return ndimage.generate_binary_structure(3, rank)
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of the non-zero voxels, or None for an empty mask.
-
-    Each axis is reduced on the box found so far, so a mostly empty volume is scanned about
-    once in full rather than once per axis.
-    """
-    box = [slice(0, n) for n in mask.shape]
-    for ax in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != ax)
-        nz = np.flatnonzero(mask[tuple(box)].any(axis=others))
-        if nz.size == 0:
-            return None
-        start = box[ax].start
-        box[ax] = slice(start + int(nz[0]), start + int(nz[-1]) + 1)
-    return tuple(box)
-
-
-def hull_vertices(points: np.ndarray, few: int = 8) -> np.ndarray:
-    """Vertices of the convex hull of ``points`` (N, D); all points when N <= ``few`` or the
-    set is degenerate (collinear / flat), so farthest-pair searches can run on the result."""
-    if len(points) <= few:
-        return points
-    try:
-        return points[ConvexHull(points).vertices]
-    except QhullError:  # flat or collinear sets
-        return points
-
-
-def max_diameter_mm(component: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Longest corner-to-corner distance (mm) of a binary component (I, J, K) on an orthogonal grid.
-
-    The farthest corner pair belongs to voxels whose centres are convex-hull vertices (the
-    distance is convex in the centre difference), and every hull vertex is the first or last
-    voxel of its line along K; so only those line ends, then their hull, then the corners of
-    the hull's voxels are compared.
-    """
-    present = component.any(axis=2)
-    if not present.any():
-        return 0.0
-    i, j = np.nonzero(present)
-    lines = component[i, j, :]
-    first = lines.argmax(axis=1)
-    last = component.shape[2] - 1 - lines[:, ::-1].argmax(axis=1)
-    ends = np.concatenate([np.stack([i, j, first], axis=1), np.stack([i, j, last], axis=1)]).astype(np.float64)
-    centres = hull_vertices(ends * np.asarray(spacing))
-    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) for dz in (-0.5, 0.5)]) * np.asarray(spacing)
-    corners = hull_vertices((centres[:, None, :] + offsets[None, :, :]).reshape(-1, 3))
-    if len(corners) > 20000:  # degenerate (flat) huge sets: subsample deterministically
-        corners = corners[:: len(corners) // 20000 + 1]
-    return float(pdist(corners).max()) if len(corners) > 1 else 0.0
 
 
 def foreground_extent(

@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import InputFileError, MedsegError
+from medseg.geometry import bounding_box
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import read_label
-from medseg.lesions import bounding_box
 from medseg.manifest import Case
 from medseg.metrics.voxel import hd95_assd
 from medseg.outputs import prob_file

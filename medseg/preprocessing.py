@@ -45,6 +45,7 @@ from monai.transforms import (
 )
 
 from medseg.config import LabelConfig, PreprocessConfig
+from medseg.geometry import AXIS_INDEX
 from medseg.transforms import CheckSameGridd, LoadVolumed, MapLabelsd
 
 IMAGE_KEY = "image"
@@ -214,7 +215,7 @@ def preprocess_transforms(
         chain.append(Spacingd(spatial, pixdim=pixdim, mode=["bilinear", "nearest"][: len(spatial)], dtype=np.float32))
     if cfg.crop_foreground:
         margin = [cfg.crop_margin] * 3
-        margin[{"sagittal": 0, "coronal": 1, "axial": 2}[cfg.slice_axis]] = cfg.crop_margin_slices
+        margin[AXIS_INDEX[cfg.slice_axis]] = cfg.crop_margin_slices
         chain += [
             ForegroundMaskd(modality, cfg.ct_body_hu),
             CropForegroundd(spatial, source_key=FOREGROUND_KEY, select_fn=foreground_as_numpy, margin=margin, allow_smaller=True),

@@ -27,7 +27,7 @@ import pandas as pd
 
 from medseg import atomic, reporting
 from medseg.cross_validation import CV_SUMMARY, CV_TABLE
-from medseg.lesions import AXIS_INDEX
+from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
 from medseg.outputs import EVAL_LESION_MATCHES, EVAL_PER_CASE, EVAL_PR_CURVE, EVAL_SUMMARY, mask_file
 
@@ -163,7 +163,8 @@ def _pick_cases(metrics: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _overlay_png(case: Case, pred_dir: Path | None, axis: str, out: Path, title: str) -> Path | None:
-    from medseg.io import read_volume, to_ras
+    from medseg.geometry import to_ras
+    from medseg.io import read_volume
 
     image = read_volume(case.images[case.channels[0]], check_finite=False)
     img_ras, affine = to_ras(image.array, image.affine)

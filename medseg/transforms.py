@@ -30,7 +30,8 @@ from monai.transforms import (
 
 from medseg.config import LabelConfig
 from medseg.errors import GeometryMismatchError
-from medseg.io import AFFINE_ATOL, SimpleITKReader
+from medseg.geometry import grid_mismatch
+from medseg.io import SimpleITKReader
 from medseg.labels import map_labels
 
 
@@ -91,16 +92,11 @@ class CheckSameGridd(MapTransform):
         ref = d[ref_key]
         for key in present[1:]:
             other = d[key]
-            if tuple(ref.shape[-3:]) != tuple(other.shape[-3:]):
+            problem = grid_mismatch(ref.shape[-3:], np.asarray(ref.affine), other.shape[-3:], np.asarray(other.affine))
+            if problem is not None:
                 raise GeometryMismatchError(
-                    f"grid mismatch: {_source_name(ref)} ({ref_key}) has shape {tuple(ref.shape[-3:])} but "
-                    f"{_source_name(other)} ({key}) has shape {tuple(other.shape[-3:])}; they must share one voxel grid"
-                )
-            a, b = np.asarray(ref.affine), np.asarray(other.affine)
-            if not np.allclose(a, b, atol=AFFINE_ATOL):
-                raise GeometryMismatchError(
-                    f"grid mismatch: {_source_name(ref)} ({ref_key}) and {_source_name(other)} ({key}) have different "
-                    f"affines (max difference {float(np.abs(a - b).max()):.4g} mm); they must share one voxel grid"
+                    f"grid mismatch: {_source_name(ref)} ({ref_key}) vs {_source_name(other)} ({key}): {problem}; "
+                    "they must share one voxel grid"
                 )
         return d
 

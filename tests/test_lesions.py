@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve, max_diameter_mm
+from medseg.geometry import max_diameter_mm
+from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 
 
 def test_hand_computed_case_statistics():

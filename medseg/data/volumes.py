@@ -33,10 +33,11 @@ import torch
 from medseg.atomic import atomic_path
 from medseg.config import LabelConfig, PreprocessConfig
 from medseg.errors import MedsegError
+from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
 
 CACHE_VERSION = 1
-SLICE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # spatial axis of the (R, A, S) volume
+SLICE_AXIS = AXIS_INDEX  # spatial axis of the (R, A, S) volume per slice plane (medseg.geometry)
 log = logging.getLogger(__name__)
 
 

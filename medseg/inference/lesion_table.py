@@ -23,15 +23,15 @@ max_inplane_diameter_mm    longest distance between pixel corners of the lesion 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import cc3d
 import numpy as np
 import pandas as pd
-from scipy.spatial.distance import pdist
 
-from medseg.lesions import bounding_box, hull_vertices
+from medseg.geometry import bounding_box, index_axis, max_inplane_diameter_mm
+
+source_slice_axis = index_axis  # the index axis a RAS axis maps to (medseg.geometry.index_axis)
 
 LESION_COLUMNS = (
     "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
@@ -39,54 +39,6 @@ LESION_COLUMNS = (
     "bbox_i_min", "bbox_i_max", "bbox_j_min", "bbox_j_max", "bbox_k_min", "bbox_k_max",
     "max_inplane_diameter_mm",
 )  # fmt: skip
-CORNERS_2D = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
-
-
-def source_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
-    """Index axis (0, 1, 2 = I, J, K) of a grid that ``Orientation("RAS")`` maps to ``ras_axis``."""
-    import nibabel.orientations as nio
-
-    ornt = nio.io_orientation(np.asarray(affine, dtype=np.float64))
-    return int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
-
-
-def inplane_diameter_mm(pixels: np.ndarray, spacing: Sequence[float]) -> float:
-    """Longest corner-to-corner distance (mm) of a 2-D pixel set.
-
-    ``pixels``: (N, 2) integer indices; ``spacing``: mm along the two axes (an orthogonal grid).
-    The farthest corner pair lies on the convex hull of the pixel centres' corners.
-    """
-    scale = np.asarray(spacing, dtype=np.float64)
-    centres = hull_vertices(pixels.astype(np.float64))
-    corners = hull_vertices(((centres[:, None, :] + CORNERS_2D[None]) * scale).reshape(-1, 2))
-    return float(pdist(corners).max()) if len(corners) > 1 else 0.0
-
-
-def _max_inplane_diameter(component: np.ndarray, axis: int, spacing: Sequence[float]) -> float:
-    """Max over slices normal to ``axis`` of ``inplane_diameter_mm``; only the first and last
-    pixel of each row can be hull vertices, so a slice contributes at most 2 x rows points.
-
-    Slices are measured largest bounding box first; a slice whose box diagonal (corner to
-    corner, an upper bound of its diameter) cannot beat the best so far is skipped, so a
-    70-slice tumour needs a few hull computations instead of 70 (the same maximum)."""
-    plane_spacing = [spacing[a] for a in range(3) if a != axis]
-    moved = np.moveaxis(component, axis, 0)  # (S, H, W)
-    present = moved.any(axis=2)  # (S, H)
-    first = moved.argmax(axis=2)
-    last = moved.shape[2] - 1 - moved[:, :, ::-1].argmax(axis=2)
-    candidates = []  # (box diagonal, slice, its rows)
-    for z in np.flatnonzero(present.any(axis=1)):
-        rows = np.flatnonzero(present[z])
-        height = (rows[-1] - rows[0] + 1) * plane_spacing[0]
-        width = (last[z, rows].max() - first[z, rows].min() + 1) * plane_spacing[1]
-        candidates.append((math.hypot(height, width), z, rows))
-    best = 0.0
-    for bound, z, rows in sorted(candidates, key=lambda c: c[0], reverse=True):
-        if bound <= best:
-            break
-        ends = np.concatenate([np.stack([rows, first[z, rows]], axis=1), np.stack([rows, last[z, rows]], axis=1)])
-        best = max(best, inplane_diameter_mm(ends, plane_spacing))
-    return best
 
 
 def _scores(labels: np.ndarray, n: int, prob: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +96,7 @@ def lesion_table(
         cls = np.ones(n, dtype=np.int64)
     world = (np.asarray(affine, dtype=np.float64) @ np.c_[centroids, np.ones(n)].T).T[:, :3]
     diameters = np.array(
-        [_max_inplane_diameter(labels[box] == index, slice_axis, spacing) for index, box in enumerate(boxes, start=1)]
+        [max_inplane_diameter_mm(labels[box] == index, slice_axis, spacing) for index, box in enumerate(boxes, start=1)]
     )
     voxel_ml = float(np.prod(spacing)) / 1000.0
     table = {

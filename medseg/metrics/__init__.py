@@ -9,8 +9,9 @@ File handling lives in :mod:`medseg.evaluation`.
 
 from __future__ import annotations
 
-from medseg.lesions import label_components as label_lesions
-from medseg.metrics.detection import average_precision, mean_ap, rank_order, slice_axis, slice_detection
+from medseg.geometry import label_components as label_lesions
+from medseg.geometry import slice_axis
+from medseg.metrics.detection import average_precision, mean_ap, rank_order, slice_detection
 from medseg.metrics.lesion import lesion_counts, match_lesions, overlap_table
 from medseg.metrics.voxel import global_dice, hd95_assd, voxel_metrics
 

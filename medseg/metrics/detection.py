@@ -15,14 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-import nibabel as nib
 import numpy as np
 
-AxisName = Literal["axial", "coronal", "sagittal"]
-# RAS world axis that each slicing direction is perpendicular to
-_WORLD_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+from medseg.geometry import AxisName, slice_axis  # noqa: F401  (slice_axis: re-exported for evaluation)
 
 
 def rank_order(scores: Sequence[float] | np.ndarray, volumes: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -66,17 +62,6 @@ def mean_ap(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else float("nan")
-
-
-def slice_axis(affine: np.ndarray, name: AxisName = "axial") -> int:
-    """Array axis of a volume with this 4x4 voxel-to-RAS ``affine`` that runs along the
-    normal of ``name`` slices (axial: S, coronal: A, sagittal: R). No resampling: the nearest
-    world axis of each array axis is taken, as ``nibabel.orientations.io_orientation`` does."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    hits = np.flatnonzero(ornt[:, 0] == _WORLD_AXIS[name])
-    if hits.size != 1:
-        raise ValueError(f"cannot find the {name} axis of affine\n{affine}")
-    return int(hits[0])
 
 
 @dataclass(frozen=True)

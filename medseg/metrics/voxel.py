@@ -40,6 +40,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from medseg.geometry import bounding_box
+
 EMPTY_FLAGS = ("none", "both", "reference", "prediction")
 
 
@@ -71,19 +73,6 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> 
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {pred.ndim}-D mask")
-
-
-def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel of ``mask``, grown by ``margin``
-    voxels and clipped to the array; ``None`` when ``mask`` is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

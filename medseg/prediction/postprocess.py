@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medseg.config import InferenceConfig
-from medseg.lesions import bounding_box
+from medseg.geometry import bounding_box
 
 HOPS = {6: 1, 18: 2, 26: 3}  # MONAI's connectivity = orthogonal hops
 

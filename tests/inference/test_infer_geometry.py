@@ -18,10 +18,10 @@ from infer_helpers import ct_phantom, identity_bundle
 from test_io import write_dicom_series
 
 from medseg.config import InferenceConfig, PreprocessConfig
+from medseg.geometry import label_components as label_lesions
 from medseg.inference.cases import InferenceCase
 from medseg.inference.runner import CasePredictor
 from medseg.io import Geometry, read_volume
-from medseg.lesions import label_components as label_lesions
 
 
 def _check_outputs(out_dir, case_id, lesion, affine):

@@ -8,14 +8,10 @@ import torch
 from conftest import make_affine
 
 from medseg.config import InferenceConfig
+from medseg.geometry import index_axis, inplane_diameter_mm, max_inplane_diameter_mm
+from medseg.geometry import label_components as label_lesions
 from medseg.inference import postprocess
-from medseg.inference.lesion_table import (
-    LESION_COLUMNS,
-    inplane_diameter_mm,
-    lesion_table,
-    source_slice_axis,
-)
-from medseg.lesions import label_components as label_lesions
+from medseg.inference.lesion_table import LESION_COLUMNS, lesion_table
 from medseg.prediction.postprocess import remove_small_lesions
 
 
@@ -98,7 +94,7 @@ def test_lesion_table_measures(kind):
     prob = np.where(mask > 0, 0.8, 0.1).astype(np.float32)
     prob[2, 3, 1] = 0.95
     labels, n = label_lesions(mask)
-    axis = source_slice_axis(affine, 2)
+    axis = index_axis(affine, 2)
     assert n == 2 and labels.dtype == np.uint16 and axis == 2
     table = lesion_table(labels, n, prob, affine, (0.5, 2.0, 3.0), axis)
     assert list(table.columns) == list(LESION_COLUMNS)
@@ -118,8 +114,8 @@ def test_lesion_table_measures(kind):
 
 def test_slice_axis_follows_the_orientation():
     permuted = np.array([[0, 0, 2.0, 0], [1.0, 0, 0, 0], [0, -3.0, 0, 0], [0, 0, 0, 1]])  # i->A, j->S(-), k->R
-    assert source_slice_axis(permuted, 2) == 1  # axial slices are normal to j
-    assert source_slice_axis(permuted, 0) == 2 and source_slice_axis(permuted, 1) == 0
+    assert index_axis(permuted, 2) == 1  # axial slices are normal to j
+    assert index_axis(permuted, 0) == 2 and index_axis(permuted, 1) == 0
 
 
 def test_bounding_box_labelling_matches_the_whole_volume(rng):
@@ -141,7 +137,6 @@ def test_inplane_diameter_equals_brute_force(rng, axis, shape):
     first search skips most slices."""
     from scipy.spatial.distance import pdist
 
-    from medseg.inference.lesion_table import _max_inplane_diameter
 
     if shape == "random":
         component = rng.random((9, 8, 7)) > 0.6
@@ -156,7 +151,7 @@ def test_inplane_diameter_equals_brute_force(rng, axis, shape):
         pdist(((np.argwhere(sl)[:, None, :] + corners[None]) * plane).reshape(-1, 2)).max()
         for sl in np.moveaxis(component, axis, 0) if sl.sum() > 0
     )
-    np.testing.assert_allclose(_max_inplane_diameter(component, axis, spacing), expected)
+    np.testing.assert_allclose(max_inplane_diameter_mm(component, axis, spacing), expected)
 
 
 def test_min_component_fraction_keeps_lesions_relative_to_the_largest():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg.lesions import label_components as label_lesions
+from medseg.geometry import label_components as label_lesions
 from medseg.metrics.lesion import (
     LesionCounts,
     best_iou,
