@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from medseg import outputs
 from medseg.commands import add_set_option
@@ -77,30 +78,33 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from medseg.errors import MedsegError
     from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
-    from medseg.inference.runner import load_bundle, run_inference
+    from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
     log = logging.getLogger("medseg.infer")
-    overrides = list(args.overrides)
+    options: dict[str, Any] = {}  # the typed options, on top of --set
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise MedsegError(f"--batch-size must be >= 1, got {args.batch_size}")
-        overrides.append(f"inference.batch_size={args.batch_size}")
+        options["batch_size"] = args.batch_size
     if args.tta:
-        overrides.append("inference.tta=true")
+        options["tta"] = True
     if args.write_prob:
-        overrides.append("inference.write_prob=true")
+        options["write_prob"] = True
     if args.split and not args.manifest:
         raise MedsegError("--split needs --manifest")
+    rule: dict[str, Any] = {}
     if args.model:
         from medseg.model_folder import read_model_folder
 
         folder = read_model_folder(args.model)
-        checkpoints, overrides = folder.checkpoints, [*folder.inference_overrides(), *overrides]
+        checkpoints, rule = folder.checkpoints, folder.postprocess
         log.info("model folder %s: %d fold model(s) averaged; post-processing %s", args.model, len(checkpoints),
                  folder.postprocess or "of the checkpoints")
     else:
         checkpoints = args.checkpoint
-    bundle = load_bundle(checkpoints, overrides, _device(args.device))
+    # the folder's rule, under the user's --set inference.*, under the options above
+    settings = {**rule, **inference_patch(args.overrides), **options}
+    bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings)
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)
     else:

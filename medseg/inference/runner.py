@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +92,14 @@ class InferenceBundle:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def apply_inference_overrides(cfg: InferenceConfig, overrides: Sequence[str]) -> InferenceConfig:
-    """``inference.key=value`` overrides on top of ``cfg``; other sections are refused.
+def inference_patch(overrides: Sequence[str]) -> dict[str, Any]:
+    """``inference.key=value`` texts (``--set``) -> ``{key: value}``, values read as YAML; other
+    sections are refused (:class:`ConfigError`).
 
     Preprocessing and model settings come from the checkpoint and cannot be changed at
     inference (the model was trained with them).
     """
-    tree = cfg.model_dump(mode="json")
+    patch: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
@@ -107,11 +108,22 @@ def apply_inference_overrides(cfg: InferenceConfig, overrides: Sequence[str]) ->
                 f"--set {text!r}: only inference.<key> can be set at inference time "
                 "(preprocessing and model settings are the checkpoint's)"
             )
-        tree[name] = value
+        patch[name] = value
+    return patch
+
+
+def patch_inference(cfg: InferenceConfig, patch: Mapping[str, Any]) -> InferenceConfig:
+    """``cfg`` with the typed values of ``patch`` (inference keys), validated once as a whole
+    (an unknown key or a bad value raises :class:`ConfigError`)."""
     try:
-        return InferenceConfig.model_validate(tree)
+        return InferenceConfig.model_validate({**cfg.model_dump(mode="json"), **patch})
     except ValidationError as exc:
         raise ConfigError(format_validation_error("--set (inference)", exc)) from None
+
+
+def apply_inference_overrides(cfg: InferenceConfig, overrides: Sequence[str]) -> InferenceConfig:
+    """``inference.key=value`` overrides (:func:`inference_patch`) on top of ``cfg``."""
+    return patch_inference(cfg, inference_patch(overrides))
 
 
 def _checkpoint_contract(path: Path, extra: Any) -> tuple[Config, list[str], str]:
@@ -135,12 +147,15 @@ def load_bundle(
     checkpoints: Sequence[str | Path],
     overrides: Sequence[str] = (),
     device: str | torch.device | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> InferenceBundle:
     """Load one or more checkpoints (an ensemble) for inference.
 
     All checkpoints must share channels, modality, preprocessing and output channels (their
     probabilities are averaged). The inference settings are the first checkpoint's, then
-    ``overrides`` (``inference.key=value``). Raises ``MedsegError`` naming the file otherwise.
+    ``overrides`` (``inference.key=value`` texts, e.g. ``--set``), then ``settings`` (typed
+    values by inference key, e.g. ``{"tta": True}``), validated together once. Raises
+    ``MedsegError`` naming the file otherwise.
     Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
     """
     from medseg.models.checkpoint import load_checkpoint, model_from_loaded
@@ -177,7 +192,8 @@ def load_bundle(
         models.append(model)
     assert first is not None
     config, channels, modality = first
-    config = config.model_copy(update={"inference": apply_inference_overrides(config.inference, overrides)})
+    patch = {**inference_patch(overrides), **(settings or {})}
+    config = config.model_copy(update={"inference": patch_inference(config.inference, patch)})
     prepare_models(models, dev, config.inference.channels_last)
     if config.inference.keep_freed_memory:
         keep_freed_memory()

@@ -23,7 +23,7 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation import evaluate
 from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
 from medseg.inference.outputs import expected_outputs, is_complete
-from medseg.inference.runner import apply_inference_overrides, load_bundle, merge_failures
+from medseg.inference.runner import apply_inference_overrides, inference_patch, load_bundle, merge_failures
 from medseg.runtime import shard
 
 CHANNELS = ["flair", "t1"]
@@ -279,6 +279,31 @@ def test_overrides_only_touch_the_inference_section(tmp_path):
         apply_inference_overrides(InferenceConfig(), ["preprocess.context_slices=2"])
     with pytest.raises(ConfigError, match="threshold"):
         apply_inference_overrides(InferenceConfig(), ["inference.threshold=2"])
+
+
+def test_typed_settings_go_over_the_overrides_and_are_validated_once(checkpoint):
+    assert inference_patch(["inference.tta=true", "inference.min_lesion_mm3=5"]) == {"tta": True, "min_lesion_mm3": 5}
+    bundle = load_bundle([checkpoint], ["inference.tta=false", "inference.min_lesion_mm3=5"], settings={"tta": True})
+    assert bundle.inference.tta is True and bundle.inference.min_lesion_mm3 == 5
+    with pytest.raises(ConfigError, match="threshold"):
+        load_bundle([checkpoint], settings={"threshold": 2.0})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_bundle([checkpoint], settings={"not_a_setting": 1})
+
+
+def test_load_bundle_reads_each_checkpoint_once(tmp_path, checkpoint, monkeypatch):
+    import torch
+
+    other = save_tiny_checkpoint(tmp_path / "other.pt", CHANNELS, "MR", seed=1)
+    real_load, reads = torch.load, []
+
+    def counting_load(path, *args, **kwargs):
+        reads.append((Path(path).name, kwargs.get("weights_only")))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    load_bundle([checkpoint, other])
+    assert reads == [(checkpoint.name, True), ("other.pt", True)]
 
 
 def test_checkpoint_without_the_training_contract_is_refused(tmp_path):
