@@ -678,9 +678,12 @@ def evaluate(
     out_dir: str | Path,
     cfg: Config | None = None,
     progress: bool = True,
+    cases: list[Case] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pred_dir`` against the labels of ``manifest_path``; write the four tables to
     ``out_dir`` (see the module docstring) and return the summary dict (also ``summary.json``).
+    ``cases``: evaluate these rows of the manifest instead of all of them (e.g. only those
+    that have a prediction); the label and split rules apply to them the same way.
 
     A case that cannot be evaluated (prediction or reference missing or unreadable, a grid
     mismatch, a predicted mask with non-integer values...) is recorded in ``failures.csv``
@@ -696,7 +699,8 @@ def evaluate(
         raise InputFileError(pred_dir, "prediction folder not found")
     regions = regions_from_config(cfg)
     # files are checked per case: a missing one fails its case, not the manifest (images are not read)
-    manifest_cases = select_cases(read_manifest(manifest_path, check_files=False), cfg.evaluation.split, manifest_path)
+    rows = read_manifest(manifest_path, check_files=False) if cases is None else cases
+    manifest_cases = select_cases(rows, cfg.evaluation.split, manifest_path)
 
     per_region: dict[str, list[RegionResult]] = {r.name: [] for r in regions}
     sources: list[str] = []

@@ -1,0 +1,142 @@
+"""Run a pipeline stage by stage into its run folder: skip the stages that are up to date, run
+the others (:data:`~.stages.STAGES`), record state, failures and provenance (layout in
+:mod:`medseg.pipeline`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from medseg import __version__, atomic
+from medseg.atomic import sha256_file
+from medseg.config import Config, ConfigError, dump_config
+from medseg.outputs import FAILURES_FILE
+from medseg.pipeline.spec import PipelineSpec
+from medseg.pipeline.stages import STAGES
+from medseg.pipeline.state import (
+    RunContext,
+    hash_text,
+    output_fingerprint,
+    read_failures_by_stage,
+    read_state,
+    stage_fingerprint,
+    write_failures_by_stage,
+    write_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import monai
+    import numpy
+    import torch
+
+    return {"medseg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "monai": monai.__version__, "numpy": numpy.__version__}
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    cfg: Config,
+    run_dir: Path,
+    force: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage of ``spec`` into ``run_dir`` (see :mod:`medseg.pipeline`). Returns the state."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("medseg").addHandler(handler)
+    logging.getLogger("medseg").setLevel(logging.INFO)
+    try:
+        return _run(spec, cfg, run_dir, force or [], progress)
+    finally:
+        logging.getLogger("medseg").removeHandler(handler)
+        handler.close()
+
+
+def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progress: bool) -> dict[str, Any]:
+    unknown = [f for f in force if f not in [s.name for s in spec.stages]]
+    if unknown:
+        raise ConfigError(f"--force {unknown}: not a stage of pipeline {spec.name} ({[s.name for s in spec.stages]})")
+    with atomic.atomic_path(run_dir / "config.yaml") as tmp:
+        dump_config(cfg, tmp)
+    atomic.write_text(run_dir / "pipeline.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    state = read_state(run_dir)
+    manifest = Path(spec.manifest) if spec.manifest else run_dir / "import" / "manifest.csv"
+    ctx = RunContext(run_dir, spec.name, cfg, manifest, list(spec.config_overrides), spec.source, progress,
+                     checkpoint=Path(spec.checkpoint) if spec.checkpoint else None,
+                     model_dir=Path(spec.model) if spec.model else None)  # fmt: skip
+    previous = read_failures_by_stage(run_dir)
+    upstream = ""
+    timings: dict[str, float] = {}
+    for entry in spec.stages:
+        name, stage, opts = entry.name, STAGES[entry.name], entry.parsed_options()
+        manifest_bytes = ctx.manifest.read_bytes() if ctx.manifest.is_file() and stage.reads_manifest else b""
+        config_json = ctx.cfg.model_dump(mode="json")  # a plan stage replaces the config for the stages after it
+        fingerprint = stage_fingerprint(name, opts.model_dump(mode="json"), config_json, spec.checkpoint, spec.model,
+                                        spec.source if stage.reads_source else None, manifest_bytes, upstream)
+        out_dir = run_dir / stage.output if stage.output else None
+        record = state.get(name, {})
+        outputs_intact = out_dir is None or record.get("output") == output_fingerprint(out_dir)
+        if record.get("fingerprint") == fingerprint and record.get("status") == "done" and outputs_intact and name not in force:
+            log.info("stage %s: up to date, skipped", name)
+            print(f"[{name}] up to date (skipped)")
+            ctx.failures += previous.get(name, [])
+            if stage.restore is not None:
+                stage.restore(ctx, record)
+            upstream = hash_text(upstream, record.get("output"))
+            timings[name] = record.get("seconds", 0.0)
+            continue
+        print(f"[{name}] running")
+        log.info("stage %s: running", name)
+        n_fail_before = len(ctx.failures)
+        start = time.perf_counter()
+        stage.run(ctx, opts)
+        seconds = time.perf_counter() - start
+        output = output_fingerprint(out_dir) if out_dir else "none"
+        state[name] = {"fingerprint": fingerprint, "status": "done", "output": output, "seconds": round(seconds, 2),
+                       "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                       "runs": record.get("runs", 0) + 1,
+                       **(stage.remember(ctx) if stage.remember is not None else {})}  # fmt: skip
+        previous[name] = ctx.failures[n_fail_before:]
+        write_failures_by_stage(run_dir, previous)
+        write_state(run_dir, state)
+        upstream = hash_text(upstream, output)
+        timings[name] = round(seconds, 2)
+        log.info("stage %s: done in %.1f s", name, seconds)
+        _write_provenance(ctx, timings)
+    _write_provenance(ctx, timings)
+    failures = pd.DataFrame(ctx.failures, columns=["case_id", "stage", "error"])
+    atomic.write_csv(run_dir / FAILURES_FILE, failures)
+    return state
+
+
+def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
+    provenance: dict[str, Any] = {
+        "pipeline": ctx.name,
+        "versions": _versions(),
+        "manifest": str(ctx.manifest),
+        "stage_seconds": timings,
+        "run_dir": str(ctx.run_dir),
+    }
+    if ctx.checkpoint is not None and ctx.checkpoint.is_file():
+        provenance["checkpoint"] = str(ctx.checkpoint)
+        provenance["checkpoint_sha256"] = sha256_file(ctx.checkpoint)
+    record = ctx.model_dir / "model.json" if ctx.model_dir is not None else None
+    if record is not None and record.is_file():
+        model = json.loads(record.read_text(encoding="utf-8"))
+        provenance["model"] = str(ctx.model_dir)
+        provenance["model_checkpoints_sha256"] = {c["file"]: c["sha256"] for c in model.get("checkpoints", [])}
+        provenance["postprocess"] = model.get("postprocess")
+    atomic.write_json(ctx.run_dir / "provenance.json", provenance)

@@ -1,0 +1,400 @@
+"""The pipeline's stages, one record each (:data:`STAGES`, in pipeline order).
+
+A stage is a function ``run(ctx, options)`` over the shared :class:`~.state.RunContext`, with
+its options model (the stage's entry in the pipeline file, validated when the file is read)
+and the folder it writes under the run folder (its output fingerprint decides whether the
+stages after it are up to date). A stage whose results later stages use also has ``remember``
+(what goes into its ``state.json`` record) and ``restore`` (what a skipped, up-to-date stage
+hands on from that record). Adding a stage means writing its function and options model here
+and adding one :class:`Stage` record to :data:`STAGES` at its place in the order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import Field
+
+from medseg import atomic
+from medseg.config import ConfigError, StrictModel, dump_config
+from medseg.errors import MedsegError
+from medseg.manifest import read_manifest
+from medseg.outputs import EVAL_SUMMARY, FAILURES_FILE, predicted_case_ids, prob_file
+from medseg.pipeline.state import RunContext
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- options
+
+
+class SynthOptions(StrictModel):
+    """Generate the demo phantoms (skipped when the manifest's files all exist)."""
+
+    n: int = Field(default=12, ge=1)
+    seed: int = 0
+    modality: Literal["MR", "CT"] = "MR"
+    shape: tuple[int, int, int] = (128, 128, 40)
+    out: str = "demo_data"
+
+
+class ImportOptions(StrictModel):
+    """Write the manifest from the dataset folder ``pipeline.source`` (``medseg import LAYOUT``).
+
+    Without ``pipeline.source`` the stage uses ``pipeline.manifest`` as it is. Splits are
+    assigned per patient with ``val_fraction``/``test_fraction`` (default: every patient in the
+    cross-validation pool, none held out for test)."""
+
+    layout: Literal["brats", "nnunet", "files", "dicom"] = "brats"
+    modality: Literal["MR", "CT"] | None = None
+    images: str | None = None
+    labels: str | None = None
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class PlanOptions(StrictModel):
+    """``medseg plan``: derive the config from the data (:mod:`medseg.planning`). The pipeline's
+    config overrides (``--set section.key=value``) are applied on top of the plan."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    minutes_per_fold: float | None = Field(default=None, gt=0.0)
+
+
+class SplitOptions(StrictModel):
+    """Restrict a stage to the manifest rows of one split (``None`` = all rows)."""
+
+    split: Literal["train", "val", "test"] | None = None
+
+
+class InferOptions(SplitOptions):
+    tta: bool | None = None
+    write_prob: bool | None = None
+
+
+class NoOptions(StrictModel):
+    pass
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_synth(ctx: RunContext, opts: SynthOptions) -> None:
+    from medseg.synth import generate_dataset
+
+    if ctx.manifest.is_file():
+        try:
+            read_manifest(ctx.manifest)
+            log.info("synth: %s and its files exist, nothing to generate", ctx.manifest)
+            return
+        except MedsegError:
+            pass
+    generate_dataset(opts.out, n_cases=opts.n, modality=opts.modality, shape=opts.shape, seed=opts.seed,
+                     manifest_path=ctx.manifest)
+
+
+def stage_validate(ctx: RunContext, opts: NoOptions) -> None:
+    cases = read_manifest(ctx.manifest)
+    summary = {
+        "cases": len(cases),
+        "channels": cases[0].channels,
+        "modalities": sorted({c.modality for c in cases}),
+        "splits": {s or "unassigned": sum(c.split == s for c in cases) for s in ("train", "val", "test", "")},
+        "labelled": sum(c.label is not None for c in cases),
+    }
+    atomic.write_json(ctx.stage_dir("validate") / "manifest_summary.json", summary)
+    log.info("manifest: %s", summary)
+
+
+def stage_import(ctx: RunContext, opts: ImportOptions) -> None:
+    """Write ``import/manifest.csv`` from ``pipeline.source`` (module docstring of ImportOptions)."""
+    from medseg import importers
+    from medseg.manifest import assign_patient_splits, write_manifest
+
+    if not ctx.source:
+        log.info("import: no pipeline.source; using the manifest %s as it is", ctx.manifest)
+        return
+    source = ctx.source
+    if opts.layout == "brats":
+        cases = importers.import_brats(source, modality=opts.modality or "MR")
+    elif opts.layout == "nnunet":
+        cases = importers.import_nnunet(source, modality=opts.modality)
+    elif opts.layout == "files":
+        if not opts.images or not opts.modality:
+            raise ConfigError("stage import, layout files: set images (a glob under pipeline.source) and modality")
+        cases = importers.import_files(str(Path(source) / opts.images), str(Path(source) / opts.labels) if opts.labels else None,
+                                       modality=opts.modality)  # fmt: skip
+    else:
+        cases = importers.import_dicom(source)
+    assign_patient_splits(cases, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=opts.seed)
+    ctx.manifest = write_manifest(cases, ctx.stage_dir("import") / "manifest.csv")
+    read_manifest(ctx.manifest)
+    log.info("import: %d case(s) from %s into %s", len(cases), source, ctx.manifest)
+
+
+def restore_import(ctx: RunContext, record: dict[str, Any]) -> None:
+    if record.get("manifest"):
+        ctx.manifest = Path(record["manifest"])
+
+
+def stage_plan(ctx: RunContext, opts: PlanOptions) -> None:
+    """Derive the config from the data (``plan/plan.yaml``, ``plan/fingerprint.json``); the
+    pipeline's ``--set`` config overrides then apply on top of it."""
+    from medseg.planning import plan_dataset
+
+    out = ctx.stage_dir("plan")
+    plan = plan_dataset(ctx.manifest, out / "plan.yaml", device=opts.device, minutes_per_fold=opts.minutes_per_fold,
+                        progress=ctx.progress)  # fmt: skip
+    for line in plan.rules:
+        log.info("plan: %s", line)
+    restore_plan(ctx, {})
+
+
+def restore_plan(ctx: RunContext, record: dict[str, Any]) -> None:
+    from medseg.config import load_config
+
+    ctx.cfg = load_config(ctx.run_dir / "plan" / "plan.yaml", ctx.config_overrides)
+    with atomic.atomic_path(ctx.run_dir / "config.yaml") as tmp:
+        dump_config(ctx.cfg, tmp)
+
+
+def stage_cv(ctx: RunContext, opts: NoOptions) -> None:
+    """k-fold cross-validation over the pool (:mod:`medseg.cross_validation`): fold models,
+    out-of-fold predictions, ``cv/cv_table.csv`` and ``cv/cv_summary.json``."""
+    from medseg.cross_validation import run_cross_validation
+
+    result = run_cross_validation(ctx.cfg, ctx.manifest, ctx.stage_dir("cv"), progress=ctx.progress)
+    ctx.failures += result.failures
+    dice = result.summary.get("metrics", {}).get("dice", {})
+    log.info("cv: out-of-fold mean Dice %.4f over %s case(s)", dice.get("mean", float("nan")), dice.get("n"))
+
+
+def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
+    """Choose the post-processing on the out-of-fold predictions and assemble the model folder
+    ``model/`` (:mod:`medseg.model_folder`): fold checkpoints, plan, folds, rule, evidence."""
+    from medseg.cross_validation import (
+        CV_SUMMARY,
+        CV_TABLE,
+        OOF_DIR,
+        evaluate_postprocessed,
+        fold_models,
+    )
+    from medseg.folds import FOLDS_FILE, cv_pool
+    from medseg.model_folder import write_model_folder
+    from medseg.postprocess_selection import select_postprocessing, write_selection
+
+    cv_dir = ctx.run_dir / "cv"
+    if not (cv_dir / CV_SUMMARY).is_file():
+        raise ConfigError("stage postprocess needs the cv stage's results (cv/cv_summary.json); add a cv stage before it")
+    model_dir = ctx.stage_dir("model")
+    oof = cv_dir / OOF_DIR
+    cases = [c for c in cv_pool(ctx.cases()) if prob_file(oof, c.case_id).is_file()]
+    selection = select_postprocessing(cases, oof, ctx.cfg, progress=ctx.progress)
+    written = write_selection(selection, model_dir)
+    log.info("postprocess: %s", selection.reason)
+    chosen_cfg = ctx.cfg.model_copy(deep=True)
+    chosen_cfg.inference = chosen_cfg.inference.model_copy(update=selection.chosen)
+    chosen = evaluate_postprocessed(chosen_cfg, cv_dir, cases, model_dir / "cv_chosen", progress=ctx.progress)
+    config_file = ctx.run_dir / "config.yaml"
+    n_folds = json.loads((cv_dir / FOLDS_FILE).read_text(encoding="utf-8"))["n_folds"]
+    dice = chosen.get("metrics", {}).get("dice", {})
+    hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
+    write_model_folder(
+        model_dir, fold_models(cv_dir, n_folds), config_file, cv_dir / FOLDS_FILE, selection.chosen,
+        extra_files=[cv_dir / CV_TABLE, cv_dir / CV_SUMMARY],
+        summary={"cv_mean_dice": dice.get("mean"), "cv_mean_hd95_mm": hd95.get("mean"), "n_cases": dice.get("n"),
+                 "n_folds": n_folds, "postprocess_reason": selection.reason,
+                 "evidence": sorted(p.name for p in written.values())},
+    )  # fmt: skip
+    ctx.model_dir = model_dir
+
+
+def restore_postprocess(ctx: RunContext, record: dict[str, Any]) -> None:
+    if (ctx.run_dir / "model" / "model.json").is_file():
+        ctx.model_dir = ctx.run_dir / "model"
+
+
+def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
+    from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
+
+    stats = compute_dataset_stats(ctx.cases(opts.split), ctx.cfg, progress=ctx.progress)
+    write_dataset_stats(stats, ctx.cfg, ctx.stage_dir("stats"), title="Reference lesion distribution")
+    ctx.failures += stats.failures.to_dict("records")
+
+
+def stage_train(ctx: RunContext, opts: NoOptions) -> None:
+    """Train on the manifest's train split, validate on val; resumes an interrupted run exactly."""
+    from medseg.engine.trainer import train
+
+    out = ctx.stage_dir("train")
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.data.manifest = str(ctx.manifest)
+    result = train(cfg, out, resume=(out / "last.pt").is_file(), progress=ctx.progress)
+    best = out / "best.pt"
+    ctx.checkpoint = best if best.is_file() else out / "last.pt"
+    log.info("train: %d epoch(s), best val Dice %.4f at epoch %d (%s)", result.epochs_done, result.best_metric,
+             result.best_epoch, result.stop_reason)
+
+
+def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
+    """Predict the manifest's cases (of ``split``) with the trained or given checkpoint.
+
+    Inference settings are the checkpoint's, overridden by the ``inference`` keys set in this
+    pipeline's config and by the stage options. Finished cases are skipped on a re-run.
+    """
+    from medseg.inference.cases import cases_from_manifest
+    from medseg.inference.runner import load_bundle, run_inference
+
+    stage_options = [f"inference.{k}={json.dumps(v)}" for k, v in (("tta", opts.tta), ("write_prob", opts.write_prob))
+                     if v is not None]  # fmt: skip
+    if ctx.model_dir is not None:  # the fold ensemble with its rule, under the user's own --set inference.*
+        from medseg.model_folder import read_model_folder
+
+        model = read_model_folder(ctx.model_dir)
+        user = [o for o in ctx.config_overrides if o.startswith("inference.")]
+        bundle = load_bundle(model.checkpoints, [*model.inference_overrides(), *user, *stage_options])
+    elif ctx.checkpoint is not None:
+        explicit = {k: getattr(ctx.cfg.inference, k) for k in ctx.cfg.inference.model_fields_set}
+        overrides = [f"inference.{k}={json.dumps(v)}" for k, v in explicit.items()]
+        bundle = load_bundle([ctx.checkpoint], [*overrides, *stage_options])
+    else:
+        raise ConfigError("stage infer needs a model: add a train or cv + postprocess stage, or set 'checkpoint:' / "
+                          "'model:' in the pipeline (--set pipeline.checkpoint=PATH or pipeline.model=DIR)")
+    if opts.split is not None and not ctx.cases(opts.split):
+        log.info("infer: no manifest row has split %r; nothing to predict", opts.split)
+        ctx.stage_dir("predictions")
+        return
+    cases = cases_from_manifest(ctx.manifest, bundle.channels, bundle.modality, opts.split)
+    summary = run_inference(cases, bundle, ctx.stage_dir("predictions"), show_progress=ctx.progress)
+    ctx.failures += [{"case_id": case_id, "stage": "infer", "error": error} for case_id, error in summary.failures]
+
+
+def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
+    """Evaluate the predicted cases (of ``split``) against their labels (:func:`medseg.evaluation.evaluate`).
+
+    A labelled case without a prediction failed at inference and is recorded there, so it is
+    left out here rather than recorded a second time; a case that fails evaluation is recorded
+    with stage ``evaluate`` and the others go on.
+    """
+    from medseg.evaluation import EvaluationError, evaluate
+
+    pred_dir = ctx.run_dir / "predictions"
+    cases = [c for c in ctx.cases(opts.split) if c.label is not None]
+    if not cases:
+        log.info("evaluate: no labelled manifest row%s; nothing to evaluate", f" in split {opts.split!r}" if opts.split else "")
+        ctx.stage_dir("evaluate")
+        return
+    done = predicted_case_ids(pred_dir)
+    failed_before = {f["case_id"] for f in ctx.failures if f.get("stage") == "infer"}
+    missing = [c.case_id for c in cases if c.case_id not in done or c.case_id in failed_before]
+    if missing:  # failed at inference: recorded there; evaluate the others
+        log.warning("evaluate: %d case(s) have no prediction (see failures.csv): %s", len(missing), missing[:5])
+    out = ctx.stage_dir("evaluate")
+    predicted = [c for c in cases if c.case_id not in missing]
+    try:
+        summary = evaluate(pred_dir, ctx.manifest, out, ctx.cfg, progress=ctx.progress, cases=predicted)
+    except EvaluationError as exc:  # no case could be evaluated: each is recorded, the report goes on without
+        log.warning("evaluate: %s", exc)
+        failed = pd.read_csv(out / FAILURES_FILE, dtype=str, keep_default_na=False).to_dict("records")
+    else:
+        failed = summary["failures"]
+    ctx.failures += [{"case_id": f["case_id"], "stage": "evaluate", "error": f["error"]} for f in failed]
+
+
+def stage_report(ctx: RunContext, opts: NoOptions) -> None:
+    from medseg.dataset_stats import compute_dataset_stats, prediction_cases, write_dataset_stats
+    from medseg.report_html import ReportInputs, write_report
+
+    pred_dir = ctx.run_dir / "predictions"
+    cases = ctx.cases()
+    pred_stats_dir = None
+    if pred_dir.is_dir():
+        predicted = prediction_cases(cases, pred_dir)
+        if predicted:
+            stats = compute_dataset_stats(predicted, ctx.cfg, progress=False)
+            pred_stats_dir = ctx.stage_dir("prediction_stats")
+            write_dataset_stats(stats, ctx.cfg, pred_stats_dir, title="Predicted lesion distribution")
+    provenance = json.loads((ctx.run_dir / "provenance.json").read_text(encoding="utf-8")) if (ctx.run_dir / "provenance.json").is_file() else {}
+    provenance["config"] = ctx.cfg.model_dump(mode="json")
+    stats_dir = ctx.run_dir / "stats"
+    eval_dir = ctx.run_dir / "evaluate"
+    cv_dir = ctx.run_dir / "cv"
+    model_dir = ctx.run_dir / "model"
+    inputs = ReportInputs(
+        title=f"medseg report — {ctx.name}",
+        cases=cases,
+        ref_stats_dir=stats_dir if stats_dir.is_dir() else None,
+        pred_stats_dir=pred_stats_dir,
+        eval_dir=eval_dir if (eval_dir / EVAL_SUMMARY).is_file() else None,
+        pred_dir=pred_dir if pred_dir.is_dir() else None,
+        provenance=provenance,
+        axis=ctx.cfg.stats.axis,
+        extent=ctx.cfg.stats.extent,
+        cv_dir=cv_dir if (cv_dir / "cv_summary.json").is_file() else None,
+        model_dir=model_dir if (model_dir / "model.json").is_file() else None,
+    )
+    write_report(inputs, ctx.stage_dir("report"))
+
+
+# --------------------------------------------------------------------------- what later stages use
+
+
+def remember_import(ctx: RunContext) -> dict[str, Any]:
+    return {"manifest": str(ctx.manifest)}
+
+
+def remember_train(ctx: RunContext) -> dict[str, Any]:
+    return {"checkpoint": str(ctx.checkpoint)} if ctx.checkpoint is not None else {}
+
+
+def restore_train(ctx: RunContext, record: dict[str, Any]) -> None:
+    if record.get("checkpoint"):
+        ctx.checkpoint = Path(record["checkpoint"])
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a pipeline, all the runner needs to know about it.
+
+    ``run(ctx, options)`` does the work, ``options`` parsed with the ``options`` model.
+    ``output``: the folder it writes under the run folder (fingerprinted; ``None``: none there).
+    ``restore(ctx, record)``: when the stage is up to date and skipped, hand on to ``ctx`` what
+    its ``state.json`` record holds; ``remember(ctx)``: the fields it adds to that record after
+    running. ``reads_manifest``/``reads_source``: whether the manifest's bytes /
+    ``pipeline.source`` are part of its input fingerprint.
+    """
+
+    run: Callable[[RunContext, Any], None]
+    options: type[StrictModel]
+    output: str | None
+    restore: Callable[[RunContext, dict[str, Any]], None] | None = None
+    remember: Callable[[RunContext], dict[str, Any]] | None = None
+    reads_manifest: bool = True
+    reads_source: bool = False
+
+
+# pipeline order: a pipeline file lists its stages in this order (each optional)
+STAGES: dict[str, Stage] = {
+    "synth": Stage(stage_synth, SynthOptions, None, reads_manifest=False),  # creates the manifest
+    "import": Stage(stage_import, ImportOptions, None, restore_import, remember_import, reads_manifest=False,
+                    reads_source=True),
+    "validate": Stage(stage_validate, NoOptions, "validate"),
+    "plan": Stage(stage_plan, PlanOptions, "plan", restore_plan),
+    "stats": Stage(stage_stats, SplitOptions, "stats"),
+    "train": Stage(stage_train, NoOptions, "train", restore_train, remember_train),
+    "cv": Stage(stage_cv, NoOptions, "cv"),
+    "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess),
+    "infer": Stage(stage_infer, InferOptions, "predictions"),
+    "evaluate": Stage(stage_evaluate, SplitOptions, "evaluate"),
+    "report": Stage(stage_report, NoOptions, "report"),
+}
