@@ -98,7 +98,11 @@ def _mr_channel_foreground(channel: np.ndarray) -> np.ndarray:
 
 
 class NormalizeCTd(MapTransform):
-    """CT: clip to a HU window and scale to [0, 1]. Input/output (C, ...) float."""
+    """CT: clip to a HU window and scale to [0, 1]. Input/output (C, ...) float.
+
+    The same values as MONAI's ``ScaleIntensityRanged(clip=True)``, 2.5-6.5x faster on a
+    512 x 512 x 120 CT (in-place ops on one float32 copy, no per-op MetaTensor tracking;
+    ``benchmarks/bench_ct_normalise.py``, docs/benchmarks.md)."""
 
     def __init__(self, keys: KeysCollection, window: Sequence[float]) -> None:
         super().__init__(keys)

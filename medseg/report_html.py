@@ -105,19 +105,16 @@ def _img_tag(png: Path, alt: str) -> str:
 
 
 def _table(frame: pd.DataFrame, table_id: str, float_format: str = "{:.4g}", footer: pd.DataFrame | None = None) -> str:
-    """A sortable table; ``footer`` rows (same columns, e.g. a mean) stay last when sorting."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, (float, np.floating)):
-            return "" if np.isnan(value) else float_format.format(value)
-        return html.escape(str(value))
+    """A sortable table (``DataFrame.to_html``; the page script makes its headers sort it).
+    ``footer`` rows (same columns, e.g. a mean) go into ``<tfoot>`` and stay last when sorting."""
+    def render(part: pd.DataFrame, **kwargs: Any) -> str:
+        return part.to_html(index=False, border=0, na_rep="", escape=True, float_format=float_format.format, **kwargs)
 
-    def rows(part: pd.DataFrame) -> str:
-        return "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in part.itertuples(index=False))
-
-    head = "".join(f'<th onclick="sortTable(\'{table_id}\', {i})">{html.escape(str(c))}</th>' for i, c in enumerate(frame.columns))
-    foot = f"<tfoot>{rows(footer[frame.columns])}</tfoot>" if footer is not None and len(footer) else ""
-    return (f'<div class="scroll"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{rows(frame)}</tbody>{foot}</table></div>')
+    table = render(frame, table_id=table_id, classes="sortable")
+    if footer is not None and len(footer):
+        rows = render(footer[frame.columns]).split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+        table = table.replace("</table>", f"<tfoot>{rows}</tfoot></table>")
+    return f'<div class="scroll">{table}</div>'
 
 
 def _overview(inputs: ReportInputs, ref_cases: pd.DataFrame | None) -> str:
@@ -432,6 +429,8 @@ function sortTable(id, col){
     const c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y); return asc?c:-c;});
   rows.forEach(r=>body.appendChild(r)); table.dataset.sortCol=col; table.dataset.sortDir=asc?'asc':'desc';
 }
+document.addEventListener('DOMContentLoaded',()=>document.querySelectorAll('table.sortable').forEach(t=>
+  t.querySelectorAll('thead th').forEach((th,i)=>th.addEventListener('click',()=>sortTable(t.id,i)))));
 </script></head>
 <body><h1>{{title}}</h1>{{body}}</body></html>
 """
