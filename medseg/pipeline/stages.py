@@ -114,7 +114,7 @@ def stage_validate(ctx: RunContext, opts: NoOptions) -> None:
 
 
 def stage_import(ctx: RunContext, opts: ImportOptions) -> None:
-    """Write ``import/manifest.csv`` from ``pipeline.source`` (module docstring of ImportOptions)."""
+    """Write ``import/manifest.csv`` from ``pipeline.source`` (see ImportOptions)."""
     from medseg import importers
     from medseg.manifest import assign_patient_splits, write_manifest
 
@@ -250,20 +250,18 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
     pipeline's config and by the stage options. Finished cases are skipped on a re-run.
     """
     from medseg.inference.cases import cases_from_manifest
-    from medseg.inference.runner import load_bundle, run_inference
+    from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
-    stage_options = [f"inference.{k}={json.dumps(v)}" for k, v in (("tta", opts.tta), ("write_prob", opts.write_prob))
-                     if v is not None]  # fmt: skip
+    stage_options = opts.model_dump(include={"tta", "write_prob"}, exclude_none=True)
     if ctx.model_dir is not None:  # the fold ensemble with its rule, under the user's own --set inference.*
         from medseg.model_folder import read_model_folder
 
         model = read_model_folder(ctx.model_dir)
-        user = [o for o in ctx.config_overrides if o.startswith("inference.")]
-        bundle = load_bundle(model.checkpoints, [*model.inference_overrides(), *user, *stage_options])
-    elif ctx.checkpoint is not None:
-        explicit = {k: getattr(ctx.cfg.inference, k) for k in ctx.cfg.inference.model_fields_set}
-        overrides = [f"inference.{k}={json.dumps(v)}" for k, v in explicit.items()]
-        bundle = load_bundle([ctx.checkpoint], [*overrides, *stage_options])
+        user = inference_patch([o for o in ctx.config_overrides if o.startswith("inference.")])
+        bundle = load_bundle(model.checkpoints, settings={**model.postprocess, **user, **stage_options})
+    elif ctx.checkpoint is not None:  # the inference keys this pipeline's config sets explicitly
+        explicit = ctx.cfg.inference.model_dump(mode="json", include=ctx.cfg.inference.model_fields_set)
+        bundle = load_bundle([ctx.checkpoint], settings={**explicit, **stage_options})
     else:
         raise ConfigError("stage infer needs a model: add a train or cv + postprocess stage, or set 'checkpoint:' / "
                           "'model:' in the pipeline (--set pipeline.checkpoint=PATH or pipeline.model=DIR)")
