@@ -37,11 +37,11 @@ from medseg import __version__
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
 from medseg.errors import ConfigError, MedsegError
+from medseg.geometry import AXIS_INDEX, label_components
 from medseg.inference.cases import InferenceCase, check_case_id
 from medseg.inference.lesion_table import lesion_table, source_slice_axis
 from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete
 from medseg.io import Geometry
-from medseg.lesions import label_components
 from medseg.memory import keep_freed_memory
 from medseg.outputs import FAILURES_FILE, INFERENCE_RECORD
 from medseg.prediction.postprocess import postprocess
@@ -59,7 +59,6 @@ from medseg.transforms import apply_chain
 
 log = logging.getLogger(__name__)
 
-AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
 RUN_RECORD = INFERENCE_RECORD
 # settings that do not change what is written (left out of the per-case fingerprint)
 NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads", "keep_freed_memory")
