@@ -97,10 +97,11 @@ def _pid_alive(pid: int) -> bool:
 class OutputLock:
     """Exclusive use of an output folder by one medseg run (module docstring). A context manager."""
 
-    def __init__(self, folder: str | Path, command: str) -> None:
+    def __init__(self, folder: str | Path, command: str, created: bool = False) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command
+        self.created = created  # made for this run: removed again when the run leaves it empty
         self.held = False
 
     def __enter__(self) -> OutputLock:
@@ -162,8 +163,15 @@ class OutputLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        if self.created:  # a refused run (bad manifest, bad config) leaves no empty folder behind
+            try:
+                self.folder.rmdir()
+            except OSError:  # not empty: the run wrote something
+                pass
 
 
 def claim_output_folder(path: str | Path, command: str, option: str = "--out") -> OutputLock:
-    """:func:`check_output_folder` then an (unacquired) :class:`OutputLock`: ``with claim_output_folder(out, "infer"):``."""
-    return OutputLock(check_output_folder(path, option), command)
+    """:func:`check_output_folder` then an (unacquired) :class:`OutputLock`: ``with claim_output_folder(out, "infer"):``.
+    A folder created here is removed again when the run ends without writing into it."""
+    created = not Path(path).exists()
+    return OutputLock(check_output_folder(path, option), command, created=created)
