@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import pandas as pd
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config
 from medseg.errors import MedsegError
+from medseg.evaluation import describe
 from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.manifest import Case, read_manifest, write_manifest
 from medseg.outputs import EVAL_PER_CASE, mask_file, prob_file
@@ -171,13 +171,6 @@ def cv_table(metrics: pd.DataFrame, folds: FoldAssignment, cases: list[Case]) ->
     return pd.concat([rows, pd.DataFrame([mean])], ignore_index=True)
 
 
-def _describe(values: pd.Series) -> dict[str, float | int]:
-    ok = values.dropna()
-    return {"mean": float(ok.mean()) if len(ok) else math.nan, "median": float(ok.median()) if len(ok) else math.nan,
-            "std": float(ok.std(ddof=1)) if len(ok) > 1 else math.nan, "min": float(ok.min()) if len(ok) else math.nan,
-            "max": float(ok.max()) if len(ok) else math.nan, "n": int(len(ok)), "n_nan": int(values.isna().sum())}  # fmt: skip
-
-
 def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device: str) -> dict[str, Any]:
     """Out-of-fold means over cases and per fold, fold training times (``cv_summary.json``)."""
     cases = table[table["case_id"] != "mean"]
@@ -193,7 +186,7 @@ def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device:
         "n_folds": folds.n_folds,
         "n_cases": int(len(cases)),
         "n_patients": int(cases["patient_id"].nunique()),
-        "metrics": {m: _describe(cases[m]) for m in metrics},
+        "metrics": {m: describe(cases[m]) for m in metrics},
         "per_fold": per_fold,
         "fold_training_seconds": [d.get("seconds") for d in done],
         "fold_epochs": [d.get("epochs") for d in done],

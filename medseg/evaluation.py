@@ -55,6 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cc3d
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -62,9 +63,9 @@ from tqdm import tqdm
 from medseg import __version__, atomic
 from medseg.config import Config, LabelConfig
 from medseg.errors import InputFileError, ManifestError, MedsegError
+from medseg.geometry import bounding_box, label_components, slice_axis
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import map_labels
-from medseg.lesions import label_components
 from medseg.manifest import Case, read_manifest
 from medseg.metrics.detection import (
     SliceCounts,
@@ -72,7 +73,6 @@ from medseg.metrics.detection import (
     mean_ap,
     precision_recall,
     rank_order,
-    slice_axis,
     slice_detection,
 )
 from medseg.metrics.lesion import (
@@ -86,7 +86,7 @@ from medseg.metrics.lesion import (
     overlap_table,
     size_buckets,
 )
-from medseg.metrics.voxel import EMPTY_FLAGS, VoxelMetrics, bounding_box, global_dice, voxel_metrics
+from medseg.metrics.voxel import EMPTY_FLAGS, VoxelMetrics, global_dice, voxel_metrics
 from medseg.outputs import (
     EVAL_LESION_MATCHES,
     EVAL_PER_CASE,
@@ -374,15 +374,11 @@ def _thresholds(cfg: Config) -> list[float]:
 
 def _centroids(labels: np.ndarray, n: int, offset: Sequence[int]) -> np.ndarray:
     """``(n, 3)`` mean voxel index (I, J, K) of lesions ``1..n`` of a label map whose first voxel
-    is voxel ``offset`` of the volume."""
-    flat = labels.ravel()
-    keep = flat > 0
-    ids = flat[keep] - 1
-    sizes = np.maximum(np.bincount(ids, minlength=n), 1).astype(np.float64)
-    coords = np.unravel_index(np.flatnonzero(keep), labels.shape)
-    return np.stack(
-        [np.bincount(ids, weights=coords[a], minlength=n) / sizes + offset[a] for a in range(3)], axis=1
-    )
+    is voxel ``offset`` of the volume (``cc3d.statistics``)."""
+    if n == 0:
+        return np.zeros((0, 3))
+    centroids = cc3d.statistics(np.ascontiguousarray(labels))["centroids"][1 : n + 1]
+    return np.asarray(centroids, dtype=np.float64) + np.asarray(offset, dtype=np.float64)
 
 
 def _lesion_rows(
@@ -543,20 +539,14 @@ def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Reg
 # --------------------------------------------------------------------------- dataset
 
 
-def describe(values: Sequence[float]) -> dict[str, float | int]:
-    """Mean, median, std (ddof=1), min, max over the non-NaN values; ``n`` used, ``n_nan`` skipped."""
-    arr = np.asarray(values, dtype=np.float64)
-    ok = arr[~np.isnan(arr)]
-    nan = math.nan
-    return {
-        "mean": float(ok.mean()) if ok.size else nan,
-        "median": float(np.median(ok)) if ok.size else nan,
-        "std": float(ok.std(ddof=1)) if ok.size > 1 else nan,
-        "min": float(ok.min()) if ok.size else nan,
-        "max": float(ok.max()) if ok.size else nan,
-        "n": int(ok.size),
-        "n_nan": int(arr.size - ok.size),
-    }
+def describe(values: Sequence[float] | pd.Series) -> dict[str, float | int]:
+    """Mean, median, std (ddof=1), min, max over the non-NaN values (``pandas.Series.describe``);
+    ``n`` used, ``n_nan`` skipped. NaN where too few values."""
+    series = pd.Series(values, dtype="float64")
+    stats = series.describe()
+    return {"mean": float(stats["mean"]), "median": float(stats["50%"]), "std": float(stats["std"]),
+            "min": float(stats["min"]), "max": float(stats["max"]), "n": int(stats["count"]),
+            "n_nan": int(series.isna().sum())}  # fmt: skip
 
 
 def _pooled_ranking(results: Sequence[RegionResult], case_ids: Sequence[str]) -> tuple[np.ndarray, ...]:

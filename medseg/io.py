@@ -40,7 +40,7 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.atomic import atomic_path
 from medseg.errors import GeometryMismatchError, InputFileError, OutputError
-from medseg.geometry import AFFINE_ATOL, LPS_TO_RAS, grid_mismatch, to_ras  # noqa: F401  (to_ras, AFFINE_ATOL: re-exported)
+from medseg.geometry import LPS_TO_RAS, grid_mismatch
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 

@@ -23,13 +23,7 @@ import cc3d
 import numpy as np
 import pandas as pd
 
-from medseg.geometry import (  # noqa: F401  (AXIS_INDEX, label_components: still imported from here by evaluation / inference)
-    AXIS_INDEX,
-    bounding_box,
-    components_per_slice,
-    label_components,
-    max_diameter_mm,
-)
+from medseg.geometry import bounding_box, components_per_slice, label_components, max_diameter_mm
 
 CT_FOREGROUND_HU = -500.0
 

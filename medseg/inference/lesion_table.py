@@ -29,9 +29,7 @@ import cc3d
 import numpy as np
 import pandas as pd
 
-from medseg.geometry import bounding_box, index_axis, max_inplane_diameter_mm
-
-source_slice_axis = index_axis  # the index axis a RAS axis maps to (medseg.geometry.index_axis)
+from medseg.geometry import bounding_box, max_inplane_diameter_mm
 
 LESION_COLUMNS = (
     "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
@@ -67,7 +65,7 @@ def lesion_table(
 
     ``labels``: (I, J, K) instance ids 0..n; ``lesion_prob``: (I, J, K) lesion probability or
     None (scores NaN); ``affine``: 4x4 RAS; ``spacing``: mm along I, J, K; ``slice_axis``: index
-    axis normal to the slices (see ``source_slice_axis``); ``classes``: (I, J, K) uint8 predicted
+    axis normal to the slices (``medseg.geometry.index_axis``); ``classes``: (I, J, K) uint8 predicted
     classes (None: class 1 for every lesion).
     """
     if n == 0:

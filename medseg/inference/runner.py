@@ -37,9 +37,9 @@ from medseg import __version__
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
 from medseg.errors import ConfigError, MedsegError
-from medseg.geometry import AXIS_INDEX, label_components
+from medseg.geometry import AXIS_INDEX, index_axis, label_components
 from medseg.inference.cases import InferenceCase, check_case_id
-from medseg.inference.lesion_table import lesion_table, source_slice_axis
+from medseg.inference.lesion_table import lesion_table
 from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete
 from medseg.io import Geometry
 from medseg.memory import keep_freed_memory
@@ -299,7 +299,7 @@ class CasePredictor:
                 writer.lesions(lesions, n)
             affine = prepared.geometry.affine
             table = lesion_table(
-                lesions, n, lesion_prob, affine, spacing, source_slice_axis(affine, self.ras_axis),
+                lesions, n, lesion_prob, affine, spacing, index_axis(affine, self.ras_axis),
                 classes=mask if prob_src.shape[0] > 1 else None,
             )
             if writer is not None:

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medseg.geometry import AxisName, slice_axis  # noqa: F401  (slice_axis: re-exported for evaluation)
-
 
 def rank_order(scores: Sequence[float] | np.ndarray, volumes: Sequence[float] | np.ndarray) -> np.ndarray:
     """Indices that sort predictions by score (descending), then volume (descending), then

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from medseg.geometry import slice_axis
 from medseg.metrics.detection import (
     SliceCounts,
     average_precision,
     mean_ap,
     precision_recall,
     rank_order,
-    slice_axis,
     slice_detection,
 )
 
