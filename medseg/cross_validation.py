@@ -49,7 +49,7 @@ from medseg.config import Config
 from medseg.errors import MedsegError
 from medseg.evaluation import describe
 from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
-from medseg.manifest import Case, read_manifest, write_manifest
+from medseg.manifest import Case, read_manifest
 from medseg.outputs import EVAL_PER_CASE, mask_file, prob_file
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,9 @@ def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import load_bundle, run_inference
 
-    explicit = {k: getattr(cfg.inference, k) for k in cfg.inference.model_fields_set}
-    explicit.update(write_prob=True, write_lesions=True)
-    overrides = [f"inference.{k}={json.dumps(v)}" for k, v in explicit.items()]
-    bundle = load_bundle([fold_dir(out_dir, fold) / FOLD_MODEL], overrides, device)
+    explicit = cfg.inference.model_dump(mode="json", include=cfg.inference.model_fields_set)
+    bundle = load_bundle([fold_dir(out_dir, fold) / FOLD_MODEL], device=device,
+                         settings={**explicit, "write_prob": True, "write_lesions": True})  # fmt: skip
     _, held_out = folds.split(cases, fold)
     todo = [InferenceCase(c.case_id, {ch: c.images[ch] for ch in bundle.channels}, c.modality) for c in held_out]
     summary = run_inference(todo, bundle, out_dir / OOF_DIR, show_progress=progress, rank_sharding=False,
@@ -209,10 +208,9 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
         raise MedsegError(f"{oof}: no out-of-fold prediction to evaluate (see the failures)")
     eval_dir = root / EVALUATION_DIR
     eval_dir.mkdir(parents=True, exist_ok=True)
-    subset = write_manifest(predicted, eval_dir / "evaluated_manifest.csv")
     eval_cfg = cfg.model_copy(deep=True)
     eval_cfg.evaluation.split = None
-    evaluate(oof, subset, eval_dir, eval_cfg, progress=progress)
+    evaluate(oof, cfg.data.manifest or "cross-validation pool", eval_dir, eval_cfg, progress=progress, cases=predicted)
     metrics = pd.read_csv(eval_dir / EVAL_PER_CASE, dtype={"case_id": str})
     regions = metrics["region"].unique().tolist()
     metrics = metrics[metrics["region"] == regions[0]]  # the first region is the one the models segment
