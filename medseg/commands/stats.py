@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
-    from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
     from medseg.manifest import read_manifest
 
     overrides = list(args.overrides)
@@ -50,6 +49,11 @@ def _run(args: argparse.Namespace) -> int:
     cases = read_manifest(args.manifest, check_files=False)  # a missing file fails its case (failures.csv)
     if args.split is not None:
         cases = [c for c in cases if c.split == args.split]
+    from medseg.dataset_stats import (  # torch, MONAI: after the cheap checks
+        compute_dataset_stats,
+        write_dataset_stats,
+    )
+
     stats = compute_dataset_stats(cases, cfg, progress=not args.no_progress)
     paths = write_dataset_stats(stats, cfg, args.out)
     n_ok, n_fail = len(stats.cases), len(stats.failures)

@@ -182,6 +182,7 @@ def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, che
     assert all(_complete(out, c, checkpoint) for c in ("case1", "case2"))
 
 
+@pytest.mark.slow
 def test_interrupted_batch_resumes_without_truncated_files(tmp_path, checkpoint):
     manifest = _manifest(tmp_path, 3)
     out = tmp_path / "out"
@@ -212,6 +213,7 @@ def test_interrupted_batch_resumes_without_truncated_files(tmp_path, checkpoint)
     assert len(list(out.glob("*_prob.nii.gz"))) == 3
 
 
+@pytest.mark.slow
 def test_killed_run_resumes(tmp_path, checkpoint):
     manifest = _manifest(tmp_path, 4, shape=(64, 60, 24))
     out = tmp_path / "out"

@@ -1,7 +1,8 @@
 """Shared pieces of the reliability suite: the CLI as a subprocess, a tiny phantom dataset, a
 tiny untrained checkpoint, and the checks every bad-input test makes.
 
-Each test drives ``python -m medseg.cli`` and checks the exit status (0 all cases ok, 1 some
+Every test here starts the CLI as a subprocess (seconds each): the whole folder is marked
+``slow`` (``pytest -m "not slow"`` leaves it out while iterating). Each test drives ``python -m medseg.cli`` and checks the exit status (0 all cases ok, 1 some
 failed and recorded in ``failures.csv``, 2 nothing ran), the one ``error:`` line on stderr,
 that no traceback escapes, and that no temporary file is left behind.
 """
@@ -19,6 +20,12 @@ import pytest
 from medseg.manifest import Case
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "reliability" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
 CHANNELS = ["flair", "t1"]
 HEADER = ["case_id", "patient_id", "modality", "image_flair", "image_t1", "label", "split"]
 N_CASES = 3

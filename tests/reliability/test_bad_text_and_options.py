@@ -32,10 +32,10 @@ def test_latin1_manifest_names_line_and_byte(tmp_path, manifest):
     assert_refused(proc, str(manifest), "not UTF-8 text", "byte 0xe9 at line 4", "save it as UTF-8")
 
 
-def test_binary_manifest_is_refused(tmp_path, checkpoint):
+def test_binary_manifest_is_refused(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))
-    proc = run_cli("infer", "--checkpoint", checkpoint, "--manifest", manifest, "--out", tmp_path / "out", "--no-progress")
+    proc = run_cli("stats", manifest, "--out", tmp_path / "out", "--no-progress")
     assert_refused(proc, str(manifest), "binary file")
 
 
