@@ -40,8 +40,10 @@ train.batch_size                  CPU ``BATCH_CPU`` (16); CUDA ``BATCH_CUDA`` (3
                                   two, clamped to ``BATCH_CUDA_RANGE`` ([4, 64])
 train.epochs                      floor(minutes per fold x 60 x throughput /
                                   ``SAMPLES_PER_EPOCH`` (1600)), clamped to ``EPOCH_RANGE``
-                                  ([3, 100]); throughput = ``THROUGHPUT_CPU`` (17 slices/s) or
-                                  ``THROUGHPUT_CUDA`` (600) at a 160 x 192 patch, scaled by
+                                  ([3, 100]); throughput = ``THROUGHPUT_CPU`` (17 slices/s,
+                                  CPUs with bf16 instructions) or ``THROUGHPUT_CPU_FP32`` (5.5,
+                                  other CPUs: fp32 training) or ``THROUGHPUT_CUDA`` (600) at a
+                                  160 x 192 patch, scaled by
                                   the area ratio; minutes per fold default
                                   ``DEFAULT_MINUTES`` (CPU 20, CUDA 10); ``max_minutes`` =
                                   ``MAX_MINUTES_FACTOR`` (1.25) x minutes per fold
@@ -85,7 +87,8 @@ BATCH_CPU = 16
 BATCH_CUDA = 32
 BATCH_CUDA_RANGE = (4, 64)
 SAMPLES_PER_EPOCH = 1600
-THROUGHPUT_CPU = 17.0  # training slices / s at REFERENCE_PATCH with MODEL_RECIPE
+THROUGHPUT_CPU = 17.0  # training slices / s at REFERENCE_PATCH with MODEL_RECIPE, bf16 (AVX-512 BF16 / AMX CPU)
+THROUGHPUT_CPU_FP32 = 5.5  # the same on a CPU without bf16 instructions (AVX2 only: fp32 steps), measured
 THROUGHPUT_CUDA = 600.0
 EPOCH_RANGE = (3, 100)
 DEFAULT_MINUTES = {"cpu": 20.0, "cuda": 10.0}
@@ -196,11 +199,14 @@ def plan_from_fingerprint(
     device: Literal["cpu", "cuda"] = "cpu",
     minutes_per_fold: float | None = None,
     labels: LabelConfig | None = None,
+    cpu_bf16: bool | None = None,
 ) -> Plan:
     """Apply the rules of the module docstring to ``fingerprint`` (``medseg.fingerprint``).
 
     ``labels``: the label mapping to keep (its ``foreground``, and its ``allowed_values`` when
-    set); default ``nonzero`` with the values seen. Raises ``ConfigError`` for an unknown
+    set); default ``nonzero`` with the values seen. ``cpu_bf16``: whether the CPU that will
+    train computes bf16 in hardware (``None``: this machine's, :func:`medseg.runtime.cpu_has_fast_bf16`).
+    Raises ``ConfigError`` for an unknown
     device, a non-positive time budget or a pool of fewer than 2 patients.
     """
     if device not in ("cpu", "cuda"):
@@ -318,10 +324,18 @@ def plan_from_fingerprint(
         batch = min(max(power_of_two(BATCH_CUDA * area_ratio), BATCH_CUDA_RANGE[0]), BATCH_CUDA_RANGE[1])
         rules.append(f"train.batch_size = {batch}: {BATCH_CUDA} at {REFERENCE_PATCH[0]}x{REFERENCE_PATCH[1]} x "
                      f"area ratio {area_ratio:.3g}, to a power of two in {list(BATCH_CUDA_RANGE)}")
-    throughput = (THROUGHPUT_CPU if device == "cpu" else THROUGHPUT_CUDA) * area_ratio
+    if device == "cpu":
+        if cpu_bf16 is None:
+            from medseg.runtime import cpu_has_fast_bf16
+
+            cpu_bf16 = cpu_has_fast_bf16()
+        throughput = (THROUGHPUT_CPU if cpu_bf16 else THROUGHPUT_CPU_FP32) * area_ratio
+        kind = "cpu, bf16" if cpu_bf16 else "cpu without bf16 instructions, fp32"
+    else:
+        throughput, kind = THROUGHPUT_CUDA * area_ratio, "cuda"
     epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
     max_minutes = MAX_MINUTES_FACTOR * minutes
-    rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({device}) / "
+    rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({kind}) / "
                  f"{SAMPLES_PER_EPOCH} slices per epoch, clamped to {list(EPOCH_RANGE)}; "
                  f"max_minutes = {_fmt(max_minutes)} ({MAX_MINUTES_FACTOR} x budget)")
 

@@ -113,7 +113,7 @@ def test_ct_thick_slices_plan(ct_manifest):
     assert fingerprint["intensity"]["ct"]["lesion"]["mean"] == pytest.approx(hu.mean())
     json.dumps(fingerprint)  # JSON-safe
 
-    plan = plan_from_fingerprint(fingerprint, str(manifest), "cpu")
+    plan = plan_from_fingerprint(fingerprint, str(manifest), "cpu", cpu_bf16=True)
     cfg = plan.config
     assert cfg.preprocess.slice_axis == cfg.stats.axis == cfg.evaluation.slice_axis == "axial"
     assert cfg.preprocess.context_slices == 1  # round(2 mm / 5 mm) = 0 -> at least 1
@@ -126,6 +126,8 @@ def test_ct_thick_slices_plan(ct_manifest):
     assert list(cfg.train.patch_size) == patch == [128, 160]
     epochs = math.floor(20 * 60 * 17 * (160 * 192) / (patch[0] * patch[1]) / 1600)
     assert cfg.train.epochs == epochs and cfg.train.max_minutes == 25
+    fp32 = plan_from_fingerprint(fingerprint, str(manifest), "cpu", cpu_bf16=False).config  # an AVX2-only CPU
+    assert fp32.train.epochs == math.floor(20 * 60 * 5.5 * (160 * 192) / (patch[0] * patch[1]) / 1600)
     assert cfg.train.batch_size == 16 and cfg.train.num_workers == 1 and cfg.train.threads == 1
     assert cfg.inference.min_lesion_mm3 == 200  # half of 245 mm3 -> 1 significant digit
     assert cfg.cv.folds == 3
