@@ -1,4 +1,4 @@
-"""The inference allocator policy (``InferenceConfig.keep_freed_memory``, :mod:`medseg.memory`):
+"""The inference allocator policy (``InferenceConfig.keep_freed_memory``, :func:`medseg.runtime.keep_freed_memory`):
 the work of one case around the forward pass, with glibc's default allocator vs with the policy.
 
 The policy is process-wide, so each setting runs in its own child process; the two alternate

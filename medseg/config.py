@@ -271,7 +271,7 @@ class InferenceConfig(StrictModel):
     (``auto``: on CUDA, where the GPU otherwise waits for the CPU's I/O -- 4 BraTS cases on an
     H200: 1.04 s with it, 1.70 s without; off on a CPU, where all of it competes for the same
     cores; docs/benchmarks.md). ``keep_freed_memory``: the inference process keeps memory it
-    frees for reuse instead of returning it to the system (glibc; :mod:`medseg.memory`): the
+    frees for reuse instead of returning it to the system (glibc; :func:`medseg.runtime.keep_freed_memory`): the
     next large buffer then needs no fresh zeroed pages (a BraTS case: ~88,000 page faults ->
     ~4,000, the work around the network 1.16x faster); the peak grows a little (960 -> 1089 MB
     over 36 BraTS cases) and the process holds it until it exits.

@@ -63,7 +63,7 @@ from medseg.engine.setup import TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
-from medseg.runtime import autocast_dtype, resolve_train_device
+from medseg.runtime import autocast_dtype, resolve_train_device, set_threads
 
 log = logging.getLogger(__name__)
 RESUME_CHECKED_SECTIONS = ("data", "preprocess", "model")
@@ -392,8 +392,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if not info.is_main:
             logging.getLogger("medseg").setLevel(logging.WARNING)
-        if t.threads is not None:
-            torch.set_num_threads(t.threads)
+        set_threads(t.threads)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -42,7 +42,6 @@ from medseg.inference.cases import InferenceCase, check_case_id
 from medseg.inference.lesion_table import lesion_table
 from medseg.inference.outputs import CaseWriter, discard_case, expected_outputs, is_complete
 from medseg.io import Geometry
-from medseg.memory import keep_freed_memory
 from medseg.outputs import FAILURES_FILE, INFERENCE_RECORD
 from medseg.prediction.postprocess import postprocess
 from medseg.prediction.predictor import predict_volume, prepare_models
@@ -50,8 +49,10 @@ from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
 from medseg.runtime import (
     barrier,
     join_process_group,
+    keep_freed_memory,
     leave_process_group,
     resolve_device,
+    set_threads,
     shard,
     torchrun_rank,
 )
@@ -196,8 +197,7 @@ def load_bundle(
     prepare_models(models, dev, config.inference.channels_last)
     if config.inference.keep_freed_memory:
         keep_freed_memory()
-    if config.inference.threads is not None:
-        torch.set_num_threads(config.inference.threads)
+    set_threads(config.inference.threads)
     return InferenceBundle(models, config, channels, modality, paths, dev)
 
 

@@ -1,4 +1,4 @@
-"""The inference allocator policy (``medseg.memory.keep_freed_memory``), checked in fresh
+"""The inference allocator policy (``medseg.runtime.keep_freed_memory``), checked in fresh
 processes: it is process-wide, and the page-fault counts must not depend on earlier tests."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 # minor page faults of malloc-ing and filling 64 MB again after freeing an equal block
 PROBE = """
 import ctypes, json, resource, sys
-from medseg.memory import keep_freed_memory
+from medseg.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "1" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -53,10 +53,10 @@ def test_freed_buffers_are_reused_without_new_page_faults():
 
 LOAD = """
 import json, sys
-import medseg.memory
+import medseg.runtime
 from medseg.inference.runner import load_bundle
 load_bundle([sys.argv[1]], sys.argv[2:])
-print(json.dumps(medseg.memory._applied))
+print(json.dumps(medseg.runtime._applied))
 """
 
 
