@@ -15,6 +15,16 @@ BRATS_DIR = SHARED_DATA / "brats18"
 NRRD_DIR = SHARED_DATA / "radiomics_nrrd"
 
 
+def artifact_path(tmp_path: Path, name: str) -> Path:
+    """Where a test keeps a file for people to look at (a screenshot): ``$MEDSEG_TEST_ARTIFACTS/name``
+    when that folder is set (e.g. by CI), else in the test's temporary folder -- never in the repository."""
+    import os
+
+    folder = Path(os.environ["MEDSEG_TEST_ARTIFACTS"]) if os.environ.get("MEDSEG_TEST_ARTIFACTS") else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
 def make_affine(kind: str, spacing=(0.7, 0.9, 3.2), origin=(-100.3, 20.7, 55.1)) -> np.ndarray:
     """RAS affine of the given storage orientation: ras, lps, oblique or las."""
     rot = {

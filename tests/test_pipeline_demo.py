@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import open_in_browser
-from conftest import REPO
+from conftest import REPO, artifact_path
 
 from medseg.cli import main
 from medseg.lesions import lesion_distribution_curve
@@ -95,6 +95,6 @@ def test_killed_inference_resumes_without_redoing_finished_work(demo_run):
 
 def test_demo_report_in_headless_chromium(demo_run, tmp_path):
     run_dir, _, _ = demo_run
-    images, logs = open_in_browser(run_dir / "report" / "report.html", REPO / "runs" / "test-artifacts" / "demo_report.png")
+    images, logs = open_in_browser(run_dir / "report" / "report.html", artifact_path(tmp_path, "demo_report.png"))
     assert len(images) >= 6 and all(complete and width > 0 for complete, width in images)
     assert not [e for e in logs if e.get("level") == "SEVERE"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
 from browser import open_in_browser
-from conftest import REPO
+from conftest import artifact_path
 from scipy import ndimage
 
 from medseg.config import Config
@@ -57,15 +55,13 @@ def test_report_lists_every_case_and_figure(report_dir):
 
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     html_path, _ = report_dir
-    shot = REPO / "runs" / "test-artifacts" / "report_screenshot.png"
-    shot.parent.mkdir(parents=True, exist_ok=True)
+    shot = artifact_path(tmp_path, "report_screenshot.png")
     images, logs = open_in_browser(html_path, shot)
     assert len(images) >= 8
     assert all(complete and width > 0 for complete, width in images), images
     errors = [entry for entry in logs if entry.get("level") == "SEVERE"]
     assert not errors, errors
     assert shot.stat().st_size > 10_000
-    shutil.copy(shot, tmp_path / shot.name)
 
 
 def test_prediction_stats_curve_matches_masks(report_dir):
