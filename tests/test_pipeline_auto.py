@@ -42,7 +42,7 @@ def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
             "--no-progress", *TINY]  # fmt: skip
     assert main(args) == 0
     state = json.loads((run_dir / "state.json").read_text())
-    assert [s for s in state] == ["import", "validate", "plan", "stats", "cv", "postprocess", "infer", "evaluate", "report"]
+    assert [s for s in state] == ["import", "validate", "plan", "stats", "cv", "postprocess", "infer", "evaluate", "prediction_stats", "report"]
     manifest = read_manifest(run_dir / "import" / "manifest.csv")
     assert len(manifest) == 5 and {c.split for c in manifest} == {"train"}  # every patient in the CV pool
 
@@ -65,7 +65,7 @@ def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(args) == 0  # resumed: nothing is redone
-    assert capsys.readouterr().out.count("up to date") == 9
+    assert capsys.readouterr().out.count("up to date") == 10
     assert all(v["runs"] == 1 for v in json.loads((run_dir / "state.json").read_text()).values())
 
 

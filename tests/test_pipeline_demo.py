@@ -59,7 +59,7 @@ def test_demo_writes_every_artefact_consistently(demo_run):
     assert slices.groupby("case_id")["lesion_voxels"].sum().to_dict() == case_stats["lesion_voxels"].to_dict()
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert len(provenance["checkpoint_sha256"]) == 64 and provenance["versions"]["torch"]
-    assert set(provenance["stage_seconds"]) == {"synth", "validate", "stats", "train", "infer", "evaluate", "report"}
+    assert set(provenance["stage_seconds"]) == {"synth", "validate", "stats", "train", "infer", "evaluate", "prediction_stats", "report"}
 
 
 def test_killed_inference_resumes_without_redoing_finished_work(demo_run):

@@ -16,6 +16,7 @@ A pipeline file::
       - train
       - infer: {split: test}
       - evaluate: {split: test}
+      - prediction_stats
       - report
 
 Run folder (``runs/<name>/<timestamp>``, or ``--out``; ``--resume`` reuses the newest):
@@ -34,7 +35,7 @@ Stages, in this order (each optional): ``synth`` (demo phantoms), ``import`` (ma
 train/val split), ``cv`` (k-fold cross-validation, :mod:`medseg.cross_validation`),
 ``postprocess`` (rule chosen on the out-of-fold predictions + the model folder ``model/``),
 ``infer`` (the model folder if there is one, else the trained/given checkpoint), ``evaluate``,
-``report``. Overrides: ``section.key=value`` (config), ``pipeline.<field>=value``,
+``prediction_stats`` (lesion statistics and curve of the predicted masks), ``report``. Overrides: ``section.key=value`` (config), ``pipeline.<field>=value``,
 ``stage.<stage>.<option>=value``.
 
 Package layout: :mod:`.spec` (the pipeline file: :class:`PipelineSpec`, :func:`load_pipeline`,

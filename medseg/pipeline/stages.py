@@ -306,19 +306,29 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
     ctx.failures += [{"case_id": f["case_id"], "stage": "evaluate", "error": f["error"]} for f in failed]
 
 
-def stage_report(ctx: RunContext, opts: NoOptions) -> None:
+def stage_prediction_stats(ctx: RunContext, opts: NoOptions) -> None:
+    """The lesion statistics and distribution curve of the predicted masks (``predictions/``),
+    as ``stats`` computes them for the reference labels."""
     from medseg.dataset_stats import compute_dataset_stats, prediction_cases, write_dataset_stats
+
+    pred_dir = ctx.run_dir / "predictions"
+    out = ctx.stage_dir("prediction_stats")
+    predicted = prediction_cases(ctx.cases(), pred_dir) if pred_dir.is_dir() else []
+    if not predicted:
+        log.info("prediction_stats: no predicted mask in %s; nothing to measure", pred_dir)
+        return
+    stats = compute_dataset_stats(predicted, ctx.cfg, progress=ctx.progress)
+    write_dataset_stats(stats, ctx.cfg, out, title="Predicted lesion distribution")
+    ctx.failures += [{**f, "stage": "prediction_stats"} for f in stats.failures.to_dict("records")]
+
+
+def stage_report(ctx: RunContext, opts: NoOptions) -> None:
     from medseg.report_html import ReportInputs, write_report
 
     pred_dir = ctx.run_dir / "predictions"
     cases = ctx.cases()
-    pred_stats_dir = None
-    if pred_dir.is_dir():
-        predicted = prediction_cases(cases, pred_dir)
-        if predicted:
-            stats = compute_dataset_stats(predicted, ctx.cfg, progress=False)
-            pred_stats_dir = ctx.stage_dir("prediction_stats")
-            write_dataset_stats(stats, ctx.cfg, pred_stats_dir, title="Predicted lesion distribution")
+    pred_stats_dir = ctx.run_dir / "prediction_stats"
+    pred_stats_dir = pred_stats_dir if (pred_stats_dir / "case_stats.csv").is_file() else None
     provenance = json.loads((ctx.run_dir / "provenance.json").read_text(encoding="utf-8")) if (ctx.run_dir / "provenance.json").is_file() else {}
     provenance["config"] = ctx.cfg.model_dump(mode="json")
     stats_dir = ctx.run_dir / "stats"
@@ -394,5 +404,6 @@ STAGES: dict[str, Stage] = {
     "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess),
     "infer": Stage(stage_infer, InferOptions, "predictions"),
     "evaluate": Stage(stage_evaluate, SplitOptions, "evaluate"),
+    "prediction_stats": Stage(stage_prediction_stats, NoOptions, "prediction_stats"),
     "report": Stage(stage_report, NoOptions, "report"),
 }
