@@ -167,7 +167,7 @@ def plot_cv_dice(table: pd.DataFrame, out_path: str | Path) -> Path:
     (fold -1) is left out. Cases with undefined Dice (NaN) get no bar."""
     cases = table[table["case_id"].astype(str) != "mean"]
     cases = cases[cases["fold"] >= 0].sort_values(["fold", "dice"], ascending=[True, False], kind="stable")
-    fig, ax = plt.subplots(figsize=(max(5.5, min(14.0, 0.22 * len(cases) + 3)), 4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(max(7.5, min(14.0, 0.22 * len(cases) + 3)), 4.5), constrained_layout=True)
     colours = plt.get_cmap("tab10")
     x = np.arange(len(cases))
     folds = cases["fold"].to_numpy(int)
@@ -189,8 +189,8 @@ def plot_cv_dice(table: pd.DataFrame, out_path: str | Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("Dice (out-of-fold)")
     ax.set_xlabel("case (grouped by fold)")
-    ax.set_title("Cross-validation: Dice per case, by fold (dashed: fold mean)")
+    ax.set_title("Out-of-fold Dice per case (dashed: fold mean)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     if len(cases):
-        ax.legend(loc="lower left", fontsize=7, ncol=min(6, len(np.unique(folds)) + 1))
+        ax.legend(loc="lower left", fontsize=7, ncol=min(3, len(np.unique(folds)) + 1), framealpha=0.9)
     return _save(fig, out_path)
