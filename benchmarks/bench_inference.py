@@ -489,7 +489,8 @@ def main() -> int:
 
     from medseg.config import ModelConfig
     from medseg.inference.cases import InferenceCase
-    from medseg.inference.runner import InferenceBundle, load_bundle, prepare_models
+    from medseg.inference.runner import InferenceBundle, load_bundle
+    from medseg.prediction import prepare_models
 
     brats = Path(args.brats_dir).resolve()
     if not brats.is_dir():

@@ -141,9 +141,9 @@ def test_lesion_map_file_type_is_the_smallest_that_holds_the_ids(n, dtype):
 def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, stage, monkeypatch):
     """``marker``: every file and the marker written, then an error; ``table``: an error while
     the mask and lesion map are still being written in the writer's threads."""
-    from medseg.inference import outputs, runner
+    from medseg.inference import case, outputs, runner
 
-    real_close, real_table = outputs.CaseWriter.close, runner.lesion_table
+    real_close, real_table = outputs.CaseWriter.close, case.lesion_table
 
     def close(self, info=None):
         if self.case_id == "case0":
@@ -168,7 +168,7 @@ def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, che
     if stage == "marker":
         monkeypatch.setattr(outputs.CaseWriter, "close", close)
     else:
-        monkeypatch.setattr(runner, "lesion_table", lesion_table)
+        monkeypatch.setattr(case, "lesion_table", lesion_table)
         monkeypatch.setattr(outputs, "write_volume", slow_write_volume)
     manifest = _manifest(tmp_path, 3)
     out = tmp_path / "out"

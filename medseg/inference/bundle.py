@@ -1,0 +1,168 @@
+"""The inference bundle: checkpoints -> models (one read each) + the config stored with them,
+with inference settings patched on top (typed dicts or ``inference.key=value`` texts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
+from medseg.errors import ConfigError, MedsegError
+from medseg.prediction.predictor import prepare_models
+from medseg.runtime import (
+    keep_freed_memory,
+    resolve_device,
+    set_threads,
+)
+
+log = logging.getLogger(__name__)
+
+# settings that do not change what is written (left out of the per-case fingerprint)
+NEUTRAL_SETTINGS = ("batch_size", "prefetch", "threads", "keep_freed_memory")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class InferenceBundle:
+    """Everything fixed for a run: models (eval, on ``device``), the checkpoint's config
+    (with inference overrides), its channels (input order) and modality."""
+
+    models: list[nn.Module]
+    config: Config
+    channels: list[str]
+    modality: str
+    checkpoints: list[Path]
+    device: torch.device
+
+    @property
+    def inference(self) -> InferenceConfig:
+        return self.config.inference
+
+    def fingerprint(self) -> str:
+        """Hash of the checkpoints (path, size, mtime) and the output-relevant settings."""
+        settings = self.inference.model_dump(mode="json", exclude=set(NEUTRAL_SETTINGS))
+        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.checkpoints]
+        text = json.dumps({"checkpoints": files, "inference": settings}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def inference_patch(overrides: Sequence[str]) -> dict[str, Any]:
+    """``inference.key=value`` texts (``--set``) -> ``{key: value}``, values read as YAML; other
+    sections are refused (:class:`ConfigError`).
+
+    Preprocessing and model settings come from the checkpoint and cannot be changed at
+    inference (the model was trained with them).
+    """
+    patch: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != "inference" or not name or "." in name:
+            raise ConfigError(
+                f"--set {text!r}: only inference.<key> can be set at inference time "
+                "(preprocessing and model settings are the checkpoint's)"
+            )
+        patch[name] = value
+    return patch
+
+
+def patch_inference(cfg: InferenceConfig, patch: Mapping[str, Any]) -> InferenceConfig:
+    """``cfg`` with the typed values of ``patch`` (inference keys), validated once as a whole
+    (an unknown key or a bad value raises :class:`ConfigError`)."""
+    try:
+        return InferenceConfig.model_validate({**cfg.model_dump(mode="json"), **patch})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("--set (inference)", exc)) from None
+
+
+def apply_inference_overrides(cfg: InferenceConfig, overrides: Sequence[str]) -> InferenceConfig:
+    """``inference.key=value`` overrides (:func:`inference_patch`) on top of ``cfg``."""
+    return patch_inference(cfg, inference_patch(overrides))
+
+
+def _checkpoint_contract(path: Path, extra: Any) -> tuple[Config, list[str], str]:
+    if not isinstance(extra, dict) or not all(k in extra for k in ("config", "channels", "modality")):
+        raise MedsegError(
+            f"{path}: checkpoint lacks extra['config'/'channels'/'modality'] (write it with medseg train); "
+            "inference needs the preprocessing it was trained with"
+        )
+    try:
+        config = Config.model_validate(extra["config"])
+    except ValidationError as exc:
+        raise MedsegError(format_validation_error(f"{path} (stored config)", exc)) from None
+    channels = [str(c) for c in extra["channels"]]
+    modality = str(extra["modality"]).upper()
+    if not channels or modality not in ("CT", "MR"):
+        raise MedsegError(f"{path}: checkpoint has channels {channels} and modality {modality!r}; need >= 1 channel and CT or MR")
+    return config, channels, modality
+
+
+def load_bundle(
+    checkpoints: Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> InferenceBundle:
+    """Load one or more checkpoints (an ensemble) for inference.
+
+    All checkpoints must share channels, modality, preprocessing and output channels (their
+    probabilities are averaged). The inference settings are the first checkpoint's, then
+    ``overrides`` (``inference.key=value`` texts, e.g. ``--set``), then ``settings`` (typed
+    values by inference key, e.g. ``{"tta": True}``), validated together once. Raises
+    ``MedsegError`` naming the file otherwise.
+    Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
+    """
+    from medseg.models.checkpoint import load_checkpoint, model_from_loaded
+
+    if not checkpoints:
+        raise MedsegError("no checkpoint given (--checkpoint)")
+    dev = resolve_device(device)
+    paths = [Path(p) for p in checkpoints]
+    models: list[nn.Module] = []
+    first: tuple[Config, list[str], str] | None = None
+    for path in paths:
+        payload = load_checkpoint(path)  # read once: its contract (extra) and its model
+        config, channels, modality = _checkpoint_contract(path, payload.get("extra"))
+        model, model_cfg = model_from_loaded(payload, path)
+        del payload  # the weights now live in the model
+        context = config.preprocess.context_slices
+        needed = len(channels) * (2 * context + 1)
+        if model_cfg.in_channels != needed:
+            raise MedsegError(
+                f"{path}: model has {model_cfg.in_channels} input channels but {len(channels)} channel(s) x "
+                f"{2 * context + 1} context slices = {needed}"
+            )
+        if first is None:
+            first = (config, channels, modality)
+            out_channels = model_cfg.out_channels
+        else:
+            ref_cfg, ref_channels, ref_modality = first
+            if (channels, modality) != (ref_channels, ref_modality) or config.preprocess != ref_cfg.preprocess:
+                raise MedsegError(
+                    f"{path}: channels/modality/preprocessing differ from {paths[0]}; an ensemble needs identical inputs"
+                )
+            if model_cfg.out_channels != out_channels:
+                raise MedsegError(f"{path}: {model_cfg.out_channels} output channels, {paths[0]} has {out_channels}")
+        models.append(model)
+    assert first is not None
+    config, channels, modality = first
+    patch = {**inference_patch(overrides), **(settings or {})}
+    config = config.model_copy(update={"inference": patch_inference(config.inference, patch)})
+    prepare_models(models, dev, config.inference.channels_last)
+    if config.inference.keep_freed_memory:
+        keep_freed_memory()
+    set_threads(config.inference.threads)
+    return InferenceBundle(models, config, channels, modality, paths, dev)
+
+
