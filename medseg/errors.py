@@ -19,6 +19,16 @@ def printable_path(path: str | Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def is_utf8_text(text: str | Path) -> bool:
+    """True when ``text`` encodes as UTF-8: False for a file name whose bytes are not UTF-8 (it
+    reaches Python as surrogate escapes), which UTF-8 files and C libraries cannot take."""
+    try:
+        str(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InputFileError(MedsegError):
     """A volume file cannot be used: missing, corrupt, wrong dimensionality, NaN, bad labels..."""
 

@@ -39,7 +39,7 @@ from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.atomic import atomic_path
-from medseg.errors import GeometryMismatchError, InputFileError, OutputError
+from medseg.errors import GeometryMismatchError, InputFileError, OutputError, is_utf8_text
 from medseg.geometry import LPS_TO_RAS, grid_mismatch
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -272,11 +272,7 @@ def itk_can_take(path: str | Path) -> bool:
     name that is not (a Latin-1 file name on a UTF-8 system reaches Python as surrogate escapes)
     aborts the whole process inside ITK (SIGABRT, no Python exception) -- so medseg never hands
     such a path to ITK."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return is_utf8_text(path)
 
 
 @contextmanager

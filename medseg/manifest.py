@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.errors import ManifestError, printable_path
+from medseg.errors import ManifestError, is_utf8_text, printable_path
 from medseg.text_input import NotTextError, read_user_text
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "modality", "label", "split")
@@ -223,7 +223,7 @@ def write_manifest(cases: list[Case], path: str | Path) -> Path:
 
     rows = [[c.case_id, c.patient_id, c.modality, *(rel(c.images.get(ch)) for ch in channels), rel(c.label), c.split,
              *(c.extra.get(k, "") for k in extra_cols)] for c in cases]  # fmt: skip
-    not_utf8 = list(dict.fromkeys(printable_path(v) for row in rows for v in row if not _is_utf8(v)))
+    not_utf8 = list(dict.fromkeys(printable_path(v) for row in rows for v in row if not is_utf8_text(v)))
     if not_utf8:  # a UTF-8 manifest cannot name them; nothing is written
         raise ManifestError(out, [f"{len(not_utf8)} name(s) are not valid UTF-8 text and cannot be written to the "
                                   f"manifest: {', '.join(not_utf8[:3])}; rename the files (UTF-8 names)"])  # fmt: skip
@@ -234,14 +234,6 @@ def write_manifest(cases: list[Case], path: str | Path) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return out
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _relpath(target: Path, start: Path) -> str:

@@ -40,8 +40,8 @@ def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | 
     first use, reused after); fold k's patients are the validation (held-out) cases and the
     other folds train.
 
-    Checks: the manifest reads (columns, files), it has ``train`` cases, no patient is in both
-    ``train`` and ``val`` (splits are patient-level, never case- or slice-level), one modality across
+    Checks: the manifest reads (columns, files, a patient's rows in one split: ``read_manifest``;
+    folds are patient-level by construction), it has ``train`` cases, one modality across
     the training and validation rows, ``model.in_channels`` = channels x (2 *
     ``preprocess.context_slices`` + 1), and ``model.out_channels`` is 1 (sigmoid) or 2
     (softmax) for the binary lesion masks that preprocessing produces.
@@ -60,13 +60,6 @@ def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | 
         val = [c for c in cases if c.split == "val"]
     if not train:
         raise ManifestError(manifest, ["no row has split 'train'; assign splits (e.g. medseg import ... --val-fraction 0.2)"])
-    shared = sorted({c.patient_id for c in train} & {c.patient_id for c in val})
-    if shared:
-        raise ManifestError(
-            manifest,
-            [f"patient(s) {shared} have cases in both train and val; splits must be patient-level "
-             "(medseg.manifest.assign_patient_splits)"],
-        )  # fmt: skip
     modalities = sorted({c.modality for c in train + val})
     if len(modalities) > 1:
         counts = ", ".join(f"{m}: {sum(c.modality == m for c in train + val)} rows" for m in modalities)

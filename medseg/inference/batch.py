@@ -19,8 +19,9 @@ from medseg.atomic import write_csv, write_json
 from medseg.errors import MedsegError
 from medseg.inference.bundle import InferenceBundle
 from medseg.inference.case import CasePredictor, PreparedCase
-from medseg.inference.cases import InferenceCase, check_case_id
+from medseg.inference.cases import InferenceCase
 from medseg.inference.outputs import discard_case, expected_outputs, is_complete
+from medseg.manifest import case_id_problem
 from medseg.outputs import FAILURES_FILE, INFERENCE_RECORD
 from medseg.runtime import (
     barrier,
@@ -132,7 +133,7 @@ class BatchRun:
         """Record ``case_id`` as failed with ``exc``'s text and remove whatever it left."""
         self.summary.failures.append((case_id, _error_text(exc)))
         log.warning("case %s failed: %s", case_id, self.summary.failures[-1][1])
-        if check_case_id(case_id) is None:  # never touch files an unusable id could name
+        if case_id_problem(case_id) is None:  # never touch files an unusable id could name
             discard_case(self.out, case_id)
 
     def finish_and_write(self, prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, is_utf8_text
 from medseg.io import VOLUME_SUFFIXES
 from medseg.manifest import case_id_problem, read_manifest
 
@@ -36,11 +36,6 @@ class InferenceCase:
     problem: str | None = None
 
 
-def check_case_id(case_id: str) -> str | None:
-    """Why ``case_id`` cannot name output files, or None when it can (:func:`medseg.manifest.case_id_problem`)."""
-    return case_id_problem(case_id)
-
-
 def case_id_from_path(path: Path, channel: str | None = None) -> str:
     """File name without its volume extension (and a trailing ``_<channel>``), or a folder's name.
 
@@ -48,9 +43,7 @@ def case_id_from_path(path: Path, channel: str | None = None) -> str:
     so the id can name output files and be written into tables (``caf\xe9.nii`` -> ``café``).
     """
     name = path.name if path.name not in ("", ".", "..") else path.resolve().name
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8_text(name):
         name = os.fsencode(name).decode("latin-1")
     lower = name.lower()
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
@@ -139,7 +132,7 @@ def check_cases(cases: list[InferenceCase]) -> list[InferenceCase]:
         raise MedsegError(f"duplicate case id(s) {duplicates}: give each input a distinct case=NAME or file name")
     for case in cases:
         if case.problem is None:
-            case.problem = check_case_id(case.case_id)
+            case.problem = case_id_problem(case.case_id)
         if case.problem is None:
             missing = [str(p) for p in case.images.values() if not p.exists()]
             if missing:
