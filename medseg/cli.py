@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "plan": "medseg.commands.plan",
     "models": "medseg.commands.models",
     "export": "medseg.commands.export",
+    "export-seg": "medseg.commands.export_seg",
     "evaluate": "medseg.commands.evaluate",
     "train": "medseg.commands.train",
     "cv": "medseg.commands.cv",

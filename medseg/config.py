@@ -240,6 +240,34 @@ class PreprocessConfig(StrictModel):
         return value
 
 
+class CodeConfig(StrictModel):
+    """A coded concept (DICOM Code Sequence item): ``value`` in coding ``scheme`` (SCT = SNOMED CT,
+    DCM = DICOM), ``meaning`` its human-readable name."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(default="SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class DicomSegConfig(StrictModel):
+    """The DICOM Segmentation medseg writes (``inference.output_format`` dicom-seg/both, ``medseg
+    export-seg``; :mod:`medseg.dicom.seg_writer`).
+
+    One segment ``segment_label`` coded as ``category`` / ``property_type`` (default SNOMED CT
+    "Morphologically Abnormal Structure" / "Lesion"; multi-class models get one segment per
+    class, ``<segment_label> class <k>``). ``fractional``: a FRACTIONAL (probability, 8 bit) SEG
+    from the lesion probability instead of the BINARY mask (binary models only). The SEG is a
+    new series ``series_number`` / ``series_description`` in the source's study."""
+
+    segment_label: str = Field(default="lesion", min_length=1, max_length=64)
+    category: CodeConfig = Field(default_factory=lambda: CodeConfig(
+        value="49755003", scheme="SCT", meaning="Morphologically Abnormal Structure"))
+    property_type: CodeConfig = Field(default_factory=lambda: CodeConfig(value="52988006", scheme="SCT", meaning="Lesion"))
+    fractional: bool = False
+    series_number: int = Field(default=9001, ge=1, le=2**31 - 1)
+    series_description: str = Field(default="medseg lesion segmentation", max_length=64)
+
+
 class InferenceConfig(StrictModel):
     """``medseg infer``: whole-volume 2.5D sliding-window prediction and post-processing.
 
@@ -266,7 +294,10 @@ class InferenceConfig(StrictModel):
     only). ``medseg run pipelines/auto.yaml`` chooses these on cross-validation.
 
     Outputs (:mod:`medseg.outputs`): ``write_prob`` adds the probability map; ``write_lesions`` the instance map and
-    lesion table. ``prefetch``: in a batch, read and preprocess the next case and post-process
+    lesion table. ``output_format``: ``nifti`` (the NIfTI mask), ``dicom-seg``
+    (the mask as a DICOM Segmentation referencing the source series, settings
+    ``dicom_seg``; no NIfTI mask, so ``evaluate``/``stats`` have nothing to read) or ``both``;
+    with dicom-seg/both a case whose image is not a DICOM series fails (clear error in failures.csv). ``prefetch``: in a batch, read and preprocess the next case and post-process
     and write the previous one in background threads while the network predicts this one
     (``auto``: on CUDA, where the GPU otherwise waits for the CPU's I/O -- 4 BraTS cases on an
     H200: 1.04 s with it, 1.70 s without; off on a CPU, where all of it competes for the same
@@ -296,6 +327,8 @@ class InferenceConfig(StrictModel):
     write_lesions: bool = True
     prefetch: bool | Literal["auto"] = "auto"
     keep_freed_memory: bool = True
+    output_format: Literal["nifti", "dicom-seg", "both"] = "nifti"
+    dicom_seg: DicomSegConfig = Field(default_factory=DicomSegConfig)
 
     @field_validator("roi_size")
     @classmethod

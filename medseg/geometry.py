@@ -78,6 +78,35 @@ def grid_mismatch(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequenc
     return None
 
 
+def reindex_onto(
+    array: np.ndarray, affine: np.ndarray, target_shape: Sequence[int], target_affine: np.ndarray, atol: float = 1e-3
+) -> np.ndarray | None:
+    """``array`` (on ``affine``) re-indexed onto the grid (``target_shape``, ``target_affine``)
+    when both grids hold the same voxels in another axis order or direction (a signed axis
+    permutation: e.g. a mask saved in RAS order for an LPS series). Exact: no interpolation.
+    None when the grids' voxels do not coincide one to one (other spacing, shift, oblique)."""
+    index_map = np.linalg.inv(np.asarray(target_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    rounded = np.rint(linear)
+    if np.abs(linear - rounded).max() > atol or np.abs(offset - np.rint(offset)).max() > atol:
+        return None
+    if not (np.abs(rounded).sum(axis=0) == 1).all() or not (np.abs(rounded).sum(axis=1) == 1).all():
+        return None
+    order = [int(np.flatnonzero(rounded[t])[0]) for t in range(3)]  # target axis t <- source axis order[t]
+    out = np.transpose(array, order)
+    if tuple(out.shape) != tuple(int(s) for s in target_shape):
+        return None
+    for t in range(3):
+        sign, start = rounded[t, order[t]], int(np.rint(offset[t]))
+        if sign < 0:
+            if start != out.shape[t] - 1:
+                return None
+            out = np.flip(out, axis=t)
+        elif start != 0:
+            return None
+    return np.ascontiguousarray(out)
+
+
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every non-zero voxel of ``mask``, grown by ``margin``
     voxels and clipped to the array; ``None`` for an empty mask.

@@ -190,7 +190,13 @@ def _dicom_tag(reader: object, key: str) -> str:
     return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # type: ignore[attr-defined]
 
 
-def import_dicom(root: str | Path, map_file: str | Path | None = None) -> list[Case]:
+def import_dicom(
+    root: str | Path,
+    map_file: str | Path | None = None,
+    labels: str | None = None,
+    label_dir: str | Path | None = None,
+    select: str | None = None,
+) -> list[Case]:
     """One case per folder holding a DICOM series (the largest series of the folder).
 
     patient_id = keyed pseudonym of PatientID (:mod:`medseg.pseudonyms`: HMAC with the site
@@ -200,12 +206,25 @@ def import_dicom(root: str | Path, map_file: str | Path | None = None) -> list[C
     (folder, case_id) -- the only link back to the folders; medseg never reads it, keep it where
     identifiers may be kept. Modality from the DICOM Modality tag (CT or MR; other modalities
     are skipped with a warning).
+
+    ``labels`` = ``"seg"`` or ``"rtstruct"``: each series is paired with the DICOM SEG /
+    RTSTRUCT objects under ``root`` that reference it (by SeriesInstanceUID,
+    :mod:`medseg.dicom.pairing`); the union of their segments / ROIs (``select``: a regular
+    expression on segment labels / ROI names, default all) becomes a 0/1 label on the image grid,
+    written to ``label_dir`` (:func:`medseg.outputs.label_file`) (:mod:`medseg.dicom.seg_reader`,
+    :mod:`medseg.dicom.rtstruct`: exact geometry, no resampling). A series without a label
+    object stays an unlabelled row (split empty); a series with several takes the first by path,
+    with a warning.
     """
     base = Path(root)
     if not base.is_dir():
         raise MedsegError(f"{base}: folder not found")
     with preserve_locale():
-        cases, folders = _import_dicom_folders(base)
+        cases, folders, series_uids = _import_dicom_folders(base, skip_labels=labels is not None)
+    if labels is not None:
+        if label_dir is None:
+            raise MedsegError("import dicom --labels needs a folder for the converted labels")
+        _attach_dicom_labels(base, cases, series_uids, labels, Path(label_dir), select)
     if map_file is not None:
         import pandas as pd
 
@@ -215,7 +234,41 @@ def import_dicom(root: str | Path, map_file: str | Path | None = None) -> list[C
     return cases
 
 
-def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
+def _attach_dicom_labels(
+    base: Path, cases: list[Case], series_uids: list[str], kind: str, label_dir: Path, select: str | None
+) -> None:
+    import logging
+
+    import numpy as np
+
+    from medseg.dicom.pairing import find_label_objects, read_label_object
+    from medseg.io import read_volume, write_volume
+    from medseg.outputs import label_file
+
+    log = logging.getLogger(__name__)
+    objects = find_label_objects(base, kind)  # type: ignore[arg-type]
+    if not objects:
+        raise MedsegError(f"{base}: no DICOM {kind.upper()} object referencing an image series found")
+    labelled = 0
+    for case, uid in zip(cases, series_uids, strict=True):
+        found = objects.get(uid, [])
+        if not found:
+            log.warning("case %s: no %s references its series; left unlabelled", case.case_id, kind.upper())
+            continue
+        if len(found) > 1:
+            log.warning("case %s: %d %s objects reference its series; using %s", case.case_id, len(found),
+                        kind.upper(), found[0].name)
+        geometry = read_volume(case.images["image"]).geometry
+        mask, used = read_label_object(found[0], kind, geometry, select)  # type: ignore[arg-type]
+        out = write_volume(mask, geometry, label_file(label_dir, case.case_id), dtype=np.uint8)
+        log.info("case %s: label from %s (%s), %d voxel(s)", case.case_id, found[0].name, ", ".join(used), int(mask.sum()))
+        case.label, case.split = out.resolve(), "train"
+        labelled += 1
+    if not labelled:
+        raise MedsegError(f"{base}: no {kind.upper()} object references any of the {len(cases)} image series")
+
+
+def _import_dicom_folders(base: Path, skip_labels: bool = False) -> tuple[list[Case], list[str], list[str]]:
     import logging
 
     import SimpleITK as sitk
@@ -226,6 +279,7 @@ def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
     secret = site_secret()
     cases: list[Case] = []
     sources: list[str] = []
+    uids: list[str] = []
     series_of: dict[str, int] = {}
     folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]
     for folder in folders:
@@ -243,12 +297,15 @@ def _import_dicom_folders(base: Path) -> tuple[list[Case], list[str]]:
         modality = _dicom_tag(reader, "0008|0060").upper()
         rel = folder.relative_to(base).as_posix() if folder != base else base.name
         if modality not in ("CT", "MR"):
+            if skip_labels and modality in ("SEG", "RTSTRUCT"):
+                continue  # the label objects are paired with their series afterwards
             log.warning("skipping DICOM folder %s: modality %r is not CT or MR", rel, modality)
             continue
         patient = pseudonym(_dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel, secret)
         series_of[patient] = series_of.get(patient, 0) + 1
         cases.append(Case(f"{patient}_s{series_of[patient]}", patient, modality, {"image": folder.resolve()}, None, ""))
         sources.append(printable_path(rel))
+        uids.append(_dicom_tag(reader, "0020|000e"))
     if not cases:
         raise MedsegError(f"{base}: no CT/MR DICOM series found")
-    return cases, sources
+    return cases, sources, uids

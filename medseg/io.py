@@ -247,15 +247,28 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         return _read_dicom_series_unguarded(folder)
 
 
-def _read_dicom_series_unguarded(folder: Path) -> sitk.Image:
+def dicom_series_files(folder: str | Path) -> list[str]:
+    """The files of the DICOM series medseg reads from ``folder``, in GDCM's slice order.
+
+    Several series in one folder: the one with most files (typical: localisers, or a DICOM SEG
+    written beside the main series), ties broken by series UID -- deterministic, and the same
+    series every reader of the folder (volume, DICOM SEG writer) refers to."""
+    path = Path(folder)
+    with _DICOM_LOCK, preserve_locale():
+        return _dicom_series_files(path)
+
+
+def _dicom_series_files(folder: Path) -> list[str]:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise InputFileError(folder, "folder holds no DICOM series (no readable DICOM files found)")
-    # Several series in one folder: take the one with most slices (typical: localisers beside
-    # the main series). The choice is deterministic and recorded in meta.
     files_by_id = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids}
     series_id = max(ids, key=lambda sid: (len(files_by_id[sid]), sid))
-    files = files_by_id[series_id]
+    return list(files_by_id[series_id])
+
+
+def _read_dicom_series_unguarded(folder: Path) -> sitk.Image:
+    files = _dicom_series_files(folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     # Patient identifiers stay inside the DICOM files: no tag is copied into meta.

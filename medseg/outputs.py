@@ -17,6 +17,9 @@ For every case ``<case_id>``, all on the source image's voxel grid (same shape a
 ``lesion_table_file``    + :data:`LESIONS_CSV_SUFFIX`: one row per instance, at least
                          ``lesion_id, voxels, volume_ml, score_mean, score_max``; written
                          together with the instance map.
+``dicom_seg_file``       + :data:`DICOM_SEG_SUFFIX`: DICOM Segmentation of the mask referencing the
+                         source series (``inference.output_format`` dicom-seg or both; with
+                         dicom-seg alone no ``mask_file`` is written).
 ``marker_file``          + :data:`MARKER_SUFFIX`: JSON written last (settings fingerprint, file
                          sizes); a case is done only when it vouches for every file.
 =======================  =================================================================
@@ -36,8 +39,10 @@ MASK_SUFFIX = "_mask.nii.gz"
 PROB_SUFFIX = "_prob.nii.gz"
 LESIONS_SUFFIX = "_lesions.nii.gz"
 LESIONS_CSV_SUFFIX = "_lesions.csv"
+DICOM_SEG_SUFFIX = "_seg.dcm"
 MARKER_SUFFIX = "_complete.json"
-CASE_SUFFIXES = (MASK_SUFFIX, PROB_SUFFIX, LESIONS_SUFFIX, LESIONS_CSV_SUFFIX)  # the outputs, marker excluded
+CASE_SUFFIXES = (MASK_SUFFIX, PROB_SUFFIX, LESIONS_SUFFIX, LESIONS_CSV_SUFFIX, DICOM_SEG_SUFFIX)  # marker excluded
+LABEL_SUFFIX = "_label.nii.gz"  # labels medseg converts (import dicom --labels)
 
 FAILURES_FILE = "failures.csv"
 INFERENCE_RECORD = "inference.json"
@@ -64,13 +69,23 @@ def lesion_table_file(folder: str | Path, case_id: str) -> Path:
     return Path(folder) / f"{case_id}{LESIONS_CSV_SUFFIX}"
 
 
+def dicom_seg_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{DICOM_SEG_SUFFIX}"
+
+
+def label_file(folder: str | Path, case_id: str) -> Path:
+    return Path(folder) / f"{case_id}{LABEL_SUFFIX}"
+
+
 def marker_file(folder: str | Path, case_id: str) -> Path:
     return Path(folder) / f"{case_id}{MARKER_SUFFIX}"
 
 
-def case_output_names(case_id: str, write_prob: bool, write_lesions: bool) -> list[str]:
+def case_output_names(case_id: str, write_prob: bool, write_lesions: bool, output_format: str = "nifti") -> list[str]:
     """File names one case's outputs take under the given settings (the marker excluded)."""
-    names = [case_id + MASK_SUFFIX]
+    names = [case_id + MASK_SUFFIX] if output_format in ("nifti", "both") else []
+    if output_format in ("dicom-seg", "both"):
+        names.append(case_id + DICOM_SEG_SUFFIX)
     if write_prob:
         names.append(case_id + PROB_SUFFIX)
     if write_lesions:

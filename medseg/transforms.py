@@ -11,6 +11,8 @@ flips and axis permutations, to the closest RAS axes for oblique grids).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -115,7 +117,12 @@ class LoadVolumed(LoadImaged):
 
     def __init__(self, keys: KeysCollection, check_finite: bool = True, **kwargs: Any) -> None:
         self._volume_reader = SimpleITKReader(check_finite=check_finite)
-        super().__init__(keys, reader=self._volume_reader, image_only=True, **kwargs)
+        with warnings.catch_warnings():
+            # LoadImage also builds MONAI's default readers (never used here); with pydicom installed
+            # one of them warns on every construction that its GPU decoder plugin is missing
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+            super().__init__(keys, reader=self._volume_reader, image_only=True, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         chosen = reader or self._volume_reader

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", choices=["MR", "CT"], required=True)
     p.add_argument("--channel", default="image", help="channel name of the images (column image_<channel>)")
     _common(p)
-    p = sub.add_parser("dicom", help="one case per folder holding a DICOM series (inference rows, no labels)",
+    p = sub.add_parser("dicom", help="one case per folder holding a DICOM series (labels from DICOM SEG / RTSTRUCT "
+                                     "objects referencing it with --labels)",
                        description="case ids and patient ids are keyed pseudonyms of the DICOM PatientID (HMAC with "
                                    "the site secret: $MEDSEG_SITE_SECRET, $MEDSEG_SITE_SECRET_FILE or "
                                    "~/.config/medseg/site_secret, created on first use); folder names never "
@@ -39,11 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--map-file", metavar="CSV", help="also write folder -> case_id here (the only link back to the "
                                                      "folders; keep it where identifiers may be kept)")
+    p.add_argument("--labels", choices=["seg", "rtstruct"], default=None,
+                   help="pair each series with the DICOM SEG / RTSTRUCT under DIR that references it (by UIDs) and "
+                        "convert it to a label on the image grid (training rows); without: inference rows")
+    p.add_argument("--select", metavar="REGEX", default=None,
+                   help="with --labels: only segments / ROIs whose label / name matches (case-insensitive); "
+                        "default all, as one lesion label")
+    p.add_argument("--label-dir", metavar="DIR", default=None,
+                   help="with --labels: where the converted labels go (default: labels/ beside --out)")
     _common(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from medseg import importers
+    from medseg.errors import MedsegError
     from medseg.manifest import assign_patient_splits, read_manifest, write_manifest
     from medseg.output_folder import check_output_file
 
@@ -57,7 +67,18 @@ def run(args: argparse.Namespace) -> int:
     elif args.layout == "files":
         cases = importers.import_files(args.images, args.labels, modality=args.modality, channel=args.channel)
     else:
-        cases = importers.import_dicom(args.dir, map_file=args.map_file)
+        label_dir = None
+        if args.labels:
+            from pathlib import Path
+
+            from medseg.output_folder import check_output_folder
+
+            label_dir = Path(args.label_dir) if args.label_dir else Path(args.out).parent / "labels"
+            check_output_folder(label_dir, "--label-dir")
+        elif args.select or args.label_dir:
+            raise MedsegError("--select and --label-dir need --labels seg|rtstruct")
+        cases = importers.import_dicom(args.dir, map_file=args.map_file, labels=args.labels, label_dir=label_dir,
+                                       select=args.select)
     assign_patient_splits(cases, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     out = write_manifest(cases, args.out)
     read_manifest(out)  # validate what was written (files exist, columns consistent)

@@ -24,7 +24,9 @@ examples:
   medseg infer --checkpoint ct.pt --input scan1.nrrd scan2/ scan3.nii.gz --out preds/ --tta
   medseg infer --model runs/auto/RUN/model --manifest hospital.csv --out preds/   (fold ensemble + chosen rule)
 outputs (in --out): <case>{MASK_SUFFIX}, <case>{LESIONS_SUFFIX}, <case>{LESIONS_CSV_SUFFIX}, optional
-  <case>{PROB_SUFFIX}, <case>{MARKER_SUFFIX} (marker), {FAILURES_FILE}, {INFERENCE_RECORD}.
+  <case>{PROB_SUFFIX}, <case>{DICOM_SEG_SUFFIX} (--output-format dicom-seg|both: DICOM SEG referencing the
+  source series; dicom-seg alone writes no NIfTI mask), <case>{MARKER_SUFFIX} (marker), {FAILURES_FILE},
+  {INFERENCE_RECORD}.
   A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
 A case that fails (missing or unreadable image, wrong modality, non-finite probabilities from
   the model...) is recorded in failures.csv (case_id, error), none of its files is left, and
@@ -32,7 +34,7 @@ A case that fails (missing or unreadable image, wrong modality, non-finite proba
 exit status: 0 every case predicted or already complete; 1 some case(s) failed (failures.csv,
   the others done); 2 nothing ran (bad arguments, checkpoint or manifest: one line on stderr).
 """.format(**{k: getattr(outputs, k) for k in ("MASK_SUFFIX", "LESIONS_SUFFIX", "LESIONS_CSV_SUFFIX", "PROB_SUFFIX",
-                                         "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD")})
+                                         "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD", "DICOM_SEG_SUFFIX")})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (inference.batch_size)")
     parser.add_argument("--tta", action="store_true", help="average over in-plane flips (inference.tta)")
     parser.add_argument("--write-prob", action="store_true", help=f"also write <case>{outputs.PROB_SUFFIX} (inference.write_prob)")
+    parser.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default=None,
+                        help="nifti masks (default), DICOM SEG <case>_seg.dcm referencing each DICOM source series "
+                             "(cases that are not DICOM series fail), or both (inference.output_format)")
     add_set_option(parser, "override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)",
                    metavar="inference.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.errors import MedsegError
+    from medseg.inference.bundle import merge_settings
     from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
     from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
@@ -90,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
         options["tta"] = True
     if args.write_prob:
         options["write_prob"] = True
+    if args.output_format:
+        options["output_format"] = args.output_format
     if args.split and not args.manifest:
         raise MedsegError("--split needs --manifest")
     rule: dict[str, Any] = {}
@@ -103,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         checkpoints = args.checkpoint
     # the folder's rule, under the user's --set inference.*, under the options above
-    settings = {**rule, **inference_patch(args.overrides), **options}
+    settings = merge_settings(merge_settings(rule, inference_patch(args.overrides)), options)
     bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings)
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)

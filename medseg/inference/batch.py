@@ -112,7 +112,7 @@ class BatchRun:
         cfg = self.bundle.inference
         todo: list[InferenceCase] = []
         for case in shard(cases, self.rank, self.world):
-            expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions)
+            expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions, cfg.output_format)
             if case.problem is None and is_complete(self.out, case.case_id, expected, self.fingerprint):
                 self.summary.skipped.append(case.case_id)
             else:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,19 @@ class InferenceBundle:
     modality: str
     checkpoints: list[Path]
     device: torch.device
+    _sha256: list[str] | None = field(default=None, repr=False)
 
     @property
     def inference(self) -> InferenceConfig:
         return self.config.inference
+
+    def checkpoint_sha256(self) -> list[str]:
+        """sha256 of each checkpoint file (recorded in DICOM SEG algorithm identification)."""
+        if self._sha256 is None:
+            from medseg.atomic import sha256_file
+
+            self._sha256 = [sha256_file(p) for p in self.checkpoints]
+        return self._sha256
 
     def fingerprint(self) -> str:
         """Hash of the checkpoints (path, size, mtime) and the output-relevant settings."""
@@ -68,20 +77,35 @@ def inference_patch(overrides: Sequence[str]) -> dict[str, Any]:
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
-        if section != "inference" or not name or "." in name:
+        if section != "inference" or not name or "" in name.split("."):
             raise ConfigError(
                 f"--set {text!r}: only inference.<key> can be set at inference time "
                 "(preprocessing and model settings are the checkpoint's)"
             )
-        patch[name] = value
+        patch = merge_settings(patch, nested_setting(name.split("."), value))
     return patch
+
+
+def nested_setting(keys: list[str], value: Any) -> dict[str, Any]:
+    return {keys[0]: value} if len(keys) == 1 else {keys[0]: nested_setting(keys[1:], value)}
+
+
+def merge_settings(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` on top; nested sections (``dicom_seg``) are merged key by key."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def patch_inference(cfg: InferenceConfig, patch: Mapping[str, Any]) -> InferenceConfig:
     """``cfg`` with the typed values of ``patch`` (inference keys), validated once as a whole
     (an unknown key or a bad value raises :class:`ConfigError`)."""
     try:
-        return InferenceConfig.model_validate({**cfg.model_dump(mode="json"), **patch})
+        return InferenceConfig.model_validate(merge_settings(cfg.model_dump(mode="json"), patch))
     except ValidationError as exc:
         raise ConfigError(format_validation_error("--set (inference)", exc)) from None
 
@@ -157,7 +181,7 @@ def load_bundle(
         models.append(model)
     assert first is not None
     config, channels, modality = first
-    patch = {**inference_patch(overrides), **(settings or {})}
+    patch = merge_settings(inference_patch(overrides), settings or {})
     config = config.model_copy(update={"inference": patch_inference(config.inference, patch)})
     prepare_models(models, dev, config.inference.channels_last)
     if config.inference.keep_freed_memory:

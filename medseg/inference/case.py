@@ -19,12 +19,12 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
 from medseg import __version__
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, printable_path
 from medseg.geometry import AXIS_INDEX, index_axis, label_components
 from medseg.inference.bundle import InferenceBundle
 from medseg.inference.cases import InferenceCase
 from medseg.inference.lesion_table import lesion_table
-from medseg.inference.outputs import CaseWriter, discard_case
+from medseg.inference.outputs import CaseWriter, SegExport, discard_case
 from medseg.io import Geometry
 from medseg.prediction.postprocess import postprocess
 from medseg.prediction.predictor import predict_volume
@@ -71,12 +71,34 @@ class CasePredictor:
         """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
+        self.seg_export(case)  # a SEG without a DICOM source fails now, before any work
         start = time.perf_counter()
         data = apply_chain(self.chain, {channel_key(c): str(case.images[c]) for c in self.bundle.channels})
         image = data[IMAGE_KEY]
         size = [int(s) for s in np.asarray(image.meta["spatial_shape"])]
         geometry = Geometry.from_affine(np.asarray(image.meta["original_affine"], dtype=np.float64), size)
         return PreparedCase(case, {IMAGE_KEY: image}, geometry, time.perf_counter() - start)
+
+    def seg_export(self, case: InferenceCase) -> SegExport | None:
+        """How ``case``'s DICOM SEG is written (``inference.output_format`` dicom-seg/both), or
+        None (nifti). Raises ``MedsegError`` when its first channel is not a DICOM series folder:
+        a SEG references the source instances, which a NIfTI/NRRD/MHA file does not have."""
+        cfg = self.bundle.inference
+        if cfg.output_format == "nifti":
+            return None
+        channel = self.bundle.channels[0]
+        source = Path(case.images[channel])
+        if not source.is_dir():
+            raise MedsegError(
+                f"case {case.case_id}: inference.output_format={cfg.output_format} writes a DICOM SEG, which needs a "
+                f"DICOM series as source; channel {channel} is the file {printable_path(source)} (use output_format=nifti "
+                "for such cases)"
+            )
+        from medseg.dicom.seg_writer import Algorithm
+
+        out_channels = self.bundle.config.model.out_channels  # 1: sigmoid lesion map; K + 1: softmax classes
+        n_classes = out_channels - 1 if out_channels > 1 else 1
+        return SegExport(source, cfg.dicom_seg, Algorithm.from_checkpoints(self.bundle.checkpoint_sha256()), n_classes)
 
     def to_source(self, prob: torch.Tensor, prepared: PreparedCase) -> np.ndarray:
         """(K, R, A, S) probabilities on the preprocessed grid -> float32 (K, I, J, K) source grid."""
@@ -122,7 +144,11 @@ class CasePredictor:
         mask = postprocess(prob_src[0] if prob_src.shape[0] == 1 else prob_src, spacing, cfg)
         lesion_prob = prob_src[0] if prob_src.shape[0] == 1 else 1.0 - prob_src[0]
         if writer is not None:
-            writer.mask(mask)
+            if cfg.output_format != "dicom-seg":
+                writer.mask(mask)
+            export = self.seg_export(prepared.case)
+            if export is not None:
+                writer.dicom_seg(export, mask, lesion_prob)
             if cfg.write_prob:
                 writer.probability(lesion_prob)
         lesions = table = None

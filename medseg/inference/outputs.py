@@ -18,6 +18,7 @@ import glob
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.atomic import atomic_path, write_json
+from medseg.config import DicomSegConfig
 from medseg.io import Geometry, write_volume
 from medseg.outputs import (
     CASE_SUFFIXES,
@@ -33,6 +35,7 @@ from medseg.outputs import (
     MASK_SUFFIX,
     PROB_SUFFIX,
     case_output_names,
+    dicom_seg_file,
     marker_file,
 )
 
@@ -82,6 +85,23 @@ def lesion_map_dtype(n_lesions: int) -> type:
     raise ValueError(f"{n_lesions} lesions do not fit a uint32 lesion map")
 
 
+@dataclass
+class SegExport:
+    """How one case's DICOM SEG is made: the source series folder it references, the SEG
+    settings, what made it (:class:`medseg.dicom.seg_writer.Algorithm`), the model's classes."""
+
+    source: Path
+    settings: DicomSegConfig
+    algorithm: Any
+    n_classes: int = 1
+
+    def write(self, mask: np.ndarray, geometry: Geometry, path: Path, probability: np.ndarray | None) -> Path:
+        from medseg.dicom.seg_writer import write_dicom_seg
+
+        return write_dicom_seg(mask, geometry, self.source, path, self.settings, self.algorithm,
+                               probability if self.settings.fractional else None, self.n_classes)
+
+
 class CaseWriter:
     """Writes one case's outputs on ``geometry`` (the source grid) as each becomes ready.
 
@@ -118,6 +138,11 @@ class CaseWriter:
         """Start writing the instance map (I, J, K) of ids 0..``n_lesions``, in the smallest
         unsigned type that holds them (:func:`lesion_map_dtype`)."""
         self._volume(LESIONS_SUFFIX, labels, lesion_map_dtype(n_lesions))
+
+    def dicom_seg(self, export: SegExport, mask: np.ndarray, probability: np.ndarray | None) -> None:
+        """Start writing the DICOM SEG of ``mask`` (I, J, K) referencing ``export.source``."""
+        path = dicom_seg_file(self.out_dir, self.case_id)
+        self._pending.append(self._pool.submit(export.write, mask, self.geometry, path, probability))
 
     def table(self, table: pd.DataFrame) -> None:
         """Write the lesion table now."""

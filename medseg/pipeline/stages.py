@@ -54,7 +54,8 @@ class ImportOptions(StrictModel):
     layout: Literal["brats", "nnunet", "files", "dicom"] = "brats"
     modality: Literal["MR", "CT"] | None = None
     images: str | None = None
-    labels: str | None = None
+    labels: str | None = None  # files: glob of label files; dicom: seg | rtstruct (label objects paired by UIDs)
+    select: str | None = None  # dicom with labels: regular expression on segment labels / ROI names
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
@@ -77,6 +78,7 @@ class SplitOptions(StrictModel):
 class InferOptions(SplitOptions):
     tta: bool | None = None
     write_prob: bool | None = None
+    output_format: Literal["nifti", "dicom-seg", "both"] | None = None
 
 
 class NoOptions(StrictModel):
@@ -132,7 +134,10 @@ def stage_import(ctx: RunContext, opts: ImportOptions) -> None:
         cases = importers.import_files(str(Path(source) / opts.images), str(Path(source) / opts.labels) if opts.labels else None,
                                        modality=opts.modality)  # fmt: skip
     else:
-        cases = importers.import_dicom(source)
+        if opts.labels is not None and opts.labels not in ("seg", "rtstruct"):
+            raise ConfigError("stage import, layout dicom: labels is seg, rtstruct or unset (not a glob)")
+        cases = importers.import_dicom(source, labels=opts.labels, label_dir=ctx.stage_dir("import") / "labels",
+                                       select=opts.select)
     assign_patient_splits(cases, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=opts.seed)
     ctx.manifest = write_manifest(cases, ctx.stage_dir("import") / "manifest.csv")
     read_manifest(ctx.manifest)
@@ -252,7 +257,7 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
     from medseg.inference.cases import cases_from_manifest
     from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
-    stage_options = opts.model_dump(include={"tta", "write_prob"}, exclude_none=True)
+    stage_options = opts.model_dump(include={"tta", "write_prob", "output_format"}, exclude_none=True)
     if ctx.model_dir is not None:  # the fold ensemble with its rule, under the user's own --set inference.*
         from medseg.model_folder import read_model_folder
 
