@@ -10,10 +10,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import ConfigError
-from medseg.model_names import ARCHITECTURE_OPTIONS, ENCODER_OPTIONS, OPTION_FIELDS, unsupported_options
+from medseg.model_names import (
+    ARCHITECTURE_OPTIONS,
+    ENCODER_OPTIONS,
+    OPTION_FIELDS,
+    is_monai_arch,
+    known_names,
+    monai_network_name,
+    plugin_entry_points,
+    unsupported_options,
+)
 from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 
@@ -153,7 +170,13 @@ class ModelConfig(StrictModel):
     ``aspp_rates``: three atrous rates (6, 12, 18 at OS16; 12, 24, 36 at OS8).
     ``aspp_channels``: DeepLabv3+ ASPP/decoder width (256 x width). ``dropout``: U-Net decoder
     blocks (0) / after the ASPP projection (0.1). ``norm``: ``batch`` | ``instance`` (batch).
-    ``pretrained_path``: local file of encoder weights (never downloaded).
+    ``arch: monai:<Name>`` builds a MONAI 2-D network (``medseg models`` lists them) with
+    ``options`` passed to its constructor (spatial_dims, in/out channels filled in; ``encoder``
+    is not used); plug-in architectures/encoders (entry-point group ``medseg.models``) also take
+    ``options``. ``pretrained``: local file of encoder weights (never downloaded; the old key
+    ``pretrained_path`` is accepted), with key names of ``pretrained_map`` (``medseg`` |
+    ``torchvision`` | ``timm`` | ``monai``; :mod:`medseg.models.pretrained`); a key that does
+    not fit is an error unless ``pretrained_strict`` is false.
     """
 
     arch: str = "unet_inception"
@@ -171,27 +194,33 @@ class ModelConfig(StrictModel):
     aspp_channels: int | None = Field(default=None, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1)
     norm: Literal["batch", "instance"] | None = None
-    pretrained_path: str | None = None
+    options: dict[str, Any] | None = None
+    pretrained: str | None = Field(default=None, validation_alias=AliasChoices("pretrained", "pretrained_path"))
+    pretrained_map: Literal["medseg", "torchvision", "timm", "monai"] = "medseg"
+    pretrained_strict: bool = True
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        if value not in ARCHITECTURE_OPTIONS:
-            raise ValueError(f"unknown arch {value!r}; valid: {', '.join(ARCHITECTURE_OPTIONS)}")
+        if is_monai_arch(value):
+            monai_network_name(value)  # ValueError naming the listed networks
+            return value
+        if value not in ARCHITECTURE_OPTIONS and value not in plugin_entry_points()["arch"]:
+            raise ValueError(f"unknown arch {value!r}; valid: {', '.join(known_names('arch'))}")
         return value
 
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        if value not in ENCODER_OPTIONS:
-            raise ValueError(f"unknown encoder {value!r}; valid: {', '.join(ENCODER_OPTIONS)}")
+        if value not in ENCODER_OPTIONS and value not in plugin_entry_points()["encoder"]:
+            raise ValueError(f"unknown encoder {value!r}; valid: {', '.join(known_names('encoder'))}")
         return value
 
-    @field_validator("pretrained_path")
+    @field_validator("pretrained")
     @classmethod
     def _local_path(cls, value: str | None) -> str | None:
         if value is not None and "://" in value:
-            raise ValueError("pretrained_path must be a local file path (weights are never downloaded)")
+            raise ValueError("pretrained must be a local file path (weights are never downloaded)")
         return value
 
     @model_validator(mode="after")
@@ -200,6 +229,10 @@ class ModelConfig(StrictModel):
         problem = unsupported_options(self.arch, self.encoder, options)
         if problem is not None:
             raise ValueError(problem)
+        builtin = self.arch in ARCHITECTURE_OPTIONS and self.encoder in ENCODER_OPTIONS
+        if self.options and builtin:
+            raise ValueError(f"model.options is for monai:<Name> and plug-in models; {self.arch!r} on "
+                             f"{self.encoder!r} takes the model.* settings ({', '.join(OPTION_FIELDS)})")
         return self
 
 

@@ -39,12 +39,89 @@ ENCODER_OPTIONS: dict[str, frozenset[str]] = {
 
 
 def unsupported_options(arch: str, encoder: str, options: dict[str, object]) -> str | None:
-    """Why ``options`` (set OPTION_FIELDS) do not fit ``arch`` on ``encoder``, or None when they do.
-    ``arch`` and ``encoder`` must be registered names."""
-    accepted = ARCHITECTURE_OPTIONS[arch] | ENCODER_OPTIONS[encoder]
+    """Why ``options`` (set OPTION_FIELDS) do not fit ``arch`` on ``encoder``, or None when they do."""
+    accepted = accepted_options(arch, encoder)
     unsupported = sorted(k for k in options if k not in accepted)
     if not unsupported:
         return None
     supported = sorted(k for k in OPTION_FIELDS if k in accepted)
+    if not supported:
+        return (f"model.{', model.'.join(unsupported)} not supported by arch {arch!r}: MONAI networks and plug-in "
+                "architectures take their settings in model.options")
     return (f"model.{', model.'.join(unsupported)} not supported by arch {arch!r} with encoder {encoder!r}; "
             f"its settings are: {', '.join(supported)} (leave the others unset)")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- MONAI networks by name
+
+MONAI_PREFIX = "monai:"
+
+# MONAI 2-D segmentation networks reachable as ``model.arch: monai:<Name>``: the constructor
+# arguments medseg fills in when the config leaves them out (MONAI requires them or its default
+# does not fit a 2-D slice), and how the input size must divide (pooling depth). ``spatial_dims``,
+# ``in_channels`` and ``out_channels`` always come from medseg's config.
+MONAI_NETWORKS: dict[str, dict[str, object]] = {
+    "BasicUNet": {"defaults": {}, "multiple": 16},
+    "BasicUNetPlusPlus": {"defaults": {}, "multiple": 16},
+    "UNet": {"defaults": {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2], "num_res_units": 2},
+             "multiple": "strides"},
+    "AttentionUnet": {"defaults": {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2]}, "multiple": "strides"},
+    "SegResNet": {"defaults": {}, "multiple": "blocks_down"},
+    "DynUNet": {"defaults": {"kernel_size": [3, 3, 3, 3, 3], "strides": [1, 2, 2, 2, 2],
+                             "upsample_kernel_size": [2, 2, 2, 2]}, "multiple": "strides"},
+    "FlexibleUNet": {"defaults": {"backbone": "resnet34"}, "multiple": 32},
+    "SwinUNETR": {"defaults": {}, "multiple": 32},
+}
+
+# FlexibleUNet's backbones (MONAI's encoder registry, no pretrained download: local weights only)
+FLEXIBLE_UNET_BACKBONES: tuple[str, ...] = (
+    "resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
+    *(f"efficientnet-b{i}" for i in range(9)), "efficientnet-l2",
+)  # fmt: skip
+
+
+def is_monai_arch(name: str) -> bool:
+    return name.startswith(MONAI_PREFIX)
+
+
+def monai_network_name(arch: str) -> str:
+    """``monai:SegResNet`` -> ``SegResNet``; raises ValueError for a network medseg does not list."""
+    name = arch[len(MONAI_PREFIX):]
+    if name not in MONAI_NETWORKS:
+        raise ValueError(f"unknown MONAI network {name!r} in model.arch {arch!r}; listed 2-D networks: "
+                         f"{', '.join(MONAI_PREFIX + n for n in MONAI_NETWORKS)}")  # fmt: skip
+    return name
+
+
+# --------------------------------------------------------------------------- plug-ins
+
+PLUGIN_GROUP = "medseg.models"
+
+
+def plugin_entry_points() -> dict[str, dict[str, object]]:
+    """Models other packages register under the ``medseg.models`` entry-point group, by kind:
+    ``{"arch": {name: entry_point}, "encoder": {name: entry_point}}``. Entry-point names are
+    ``arch.<name>`` or ``encoder.<name>``; nothing is imported here (names only)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, dict[str, object]] = {"arch": {}, "encoder": {}}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        kind, _, name = ep.name.partition(".")
+        if kind in found and name:
+            found[kind][name] = ep
+    return found
+
+
+def known_names(kind: str) -> list[str]:
+    """Every name ``model.<kind>`` accepts: built-in, plug-in (and for arch ``monai:<Name>``)."""
+    builtin = list(ARCHITECTURE_OPTIONS if kind == "arch" else ENCODER_OPTIONS)
+    plugins = [n for n in plugin_entry_points()[kind] if n not in builtin]
+    monai = [MONAI_PREFIX + n for n in MONAI_NETWORKS] if kind == "arch" else []
+    return builtin + monai + plugins
+
+
+def accepted_options(arch: str, encoder: str) -> frozenset[str]:
+    """The OPTION_FIELDS ``arch`` on ``encoder`` take: none for MONAI networks and plug-ins
+    (their settings go in ``model.options``)."""
+    return ARCHITECTURE_OPTIONS.get(arch, frozenset()) | (
+        ENCODER_OPTIONS.get(encoder, frozenset()) if arch in ARCHITECTURE_OPTIONS else frozenset())

@@ -102,8 +102,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """Rebuild the model a checkpoint was saved from and load its weights.
 
-    Returns ``(model, model_cfg)``; the model is in eval mode. The encoder's ``pretrained_path``
-    is not read again (the checkpoint's weights replace it), and is cleared in the returned config.
+    Returns ``(model, model_cfg)``; the model is in eval mode. The encoder's ``pretrained``
+    file is not read again (the checkpoint's weights replace it), and is cleared in the returned config.
     """
     return model_from_loaded(load_checkpoint(path), path)
 
@@ -114,7 +114,8 @@ def model_from_loaded(payload: dict[str, Any], path: str | Path) -> tuple[nn.Mod
     from medseg.models.registry import build_model
 
     try:
-        cfg = ModelConfig.model_validate({**payload["model"], "pretrained_path": None})
+        stored = {k: v for k, v in payload["model"].items() if k not in ("pretrained", "pretrained_path")}
+        cfg = ModelConfig.model_validate(stored)
     except ValidationError as exc:
         raise MedsegError(format_validation_error(f"{path} (model config)", exc)) from None
     model = build_model(cfg)

@@ -28,19 +28,18 @@ atrous encoder): convs lose their stride, 3x3 kernels get dilation ``stride / ou
 max-pools become identities, and ``strides`` is updated (e.g. ``2, 4, 8, 16, 16`` at 16).
 
 ``input_conv_keys`` names the state-dict keys of the conv weights that read the raw input;
-``load_pretrained`` adapts exactly those when a checkpoint has another input channel count.
+:func:`medseg.models.pretrained.load_pretrained` adapts exactly those when a weights file has
+another input channel count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-from medseg.errors import MedsegError
 from medseg.models.blocks import DoubleConv, SeparableConv2d, make_norm
 
 
@@ -290,33 +289,3 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
         return weight.sum(dim=1, keepdim=True)
     index = torch.arange(in_channels) % old
     return weight[:, index] * (old / in_channels)
-
-
-def load_pretrained(encoder: Encoder, path: str | Path) -> None:
-    """Load local encoder weights from ``path``, adapting the input convs to ``encoder.in_channels``.
-
-    The file is read with ``torch.load(weights_only=True)`` and may hold an encoder state dict,
-    or a medseg checkpoint / any dict with a ``state_dict`` whose ``encoder.*`` keys are used.
-    Every key must match (strict load); errors name the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MedsegError(f"{path}: pretrained weights file not found (model.pretrained_path)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle with non-tensor objects, ...
-        raise MedsegError(f"{path}: cannot read pretrained weights ({exc})") from exc
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise MedsegError(f"{path}: expected a state dict, got {type(loaded).__name__}")
-    if any(str(k).startswith("encoder.") for k in loaded):
-        loaded = {k[len("encoder.") :]: v for k, v in loaded.items() if k.startswith("encoder.")}
-    state = dict(loaded)
-    for key in encoder.input_conv_keys:
-        if key in state and isinstance(state[key], torch.Tensor) and state[key].ndim == 4:
-            state[key] = adapt_input_conv(state[key], encoder.in_channels)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise MedsegError(f"{path}: weights do not fit this encoder: {exc}") from exc

@@ -16,11 +16,18 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.model_names import ARCHITECTURE_OPTIONS, ENCODER_OPTIONS, OPTION_FIELDS, unsupported_options
+from medseg.model_names import (
+    ARCHITECTURE_OPTIONS,
+    ENCODER_OPTIONS,
+    OPTION_FIELDS,
+    is_monai_arch,
+    monai_network_name,
+    plugin_entry_points,
+    unsupported_options,
+)
 from medseg.models.deeplab import build_deeplabv3plus
 from medseg.models.encoders import (
     Encoder,
-    load_pretrained,
     resnet18_encoder,
     resnet34_encoder,
     resnet50_encoder,
@@ -62,9 +69,15 @@ def _check_names_table() -> None:
 
 
 def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
-    if name not in registry:
-        raise ConfigError(f"unknown model.{kind} {name!r}; valid: {', '.join(registry)}")
-    return registry[name]
+    """The builder of ``name``: built-in, else a plug-in (:mod:`medseg.models.plugins`)."""
+    if name in registry:
+        return registry[name]
+    if name in plugin_entry_points()[kind]:
+        from medseg.models.plugins import load_plugin
+
+        return load_plugin(kind, name)
+    valid = list(registry) + [n for n in plugin_entry_points()[kind] if n not in registry]
+    raise ConfigError(f"unknown model.{kind} {name!r}; valid: {', '.join(valid)}")
 
 
 def _accepted(builder: Callable[..., Any]) -> set[str]:
@@ -77,41 +90,75 @@ def list_encoders() -> list[str]:
 
 
 def list_models() -> list[tuple[str, str]]:
-    """Every ``(architecture, encoder)`` pair that ``build_model`` can build."""
+    """Every built-in ``(architecture, encoder)`` pair that ``build_model`` can build."""
     return [(arch, enc) for arch in ARCHITECTURES for enc in ENCODERS]
 
 
+def list_monai_networks() -> list[str]:
+    """``monai:<Name>`` of every listed MONAI 2-D network (:data:`medseg.model_names.MONAI_NETWORKS`)."""
+    from medseg.model_names import MONAI_NETWORKS, MONAI_PREFIX
+
+    return [MONAI_PREFIX + name for name in MONAI_NETWORKS]
+
+
 def split_options(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``cfg``'s non-None options split into ``(encoder_kwargs, arch_kwargs)``.
+    """``cfg``'s non-None options split into ``(encoder_kwargs, arch_kwargs)``; a plug-in
+    architecture (else a plug-in encoder) takes ``model.options``.
 
     Raises ``ConfigError`` for an unknown name or a setting that neither builder accepts.
     """
-    _lookup(ARCHITECTURES, "arch", cfg.arch)
-    _lookup(ENCODERS, "encoder", cfg.encoder)
     options = {k: getattr(cfg, k) for k in OPTION_FIELDS if getattr(cfg, k) is not None}
     problem = unsupported_options(cfg.arch, cfg.encoder, options)
     if problem is not None:
         raise ConfigError(problem)
-    return (
-        {k: v for k, v in options.items() if k in ENCODER_OPTIONS[cfg.encoder]},
-        {k: v for k, v in options.items() if k in ARCHITECTURE_OPTIONS[cfg.arch]},
-    )
+    enc_kwargs = {k: v for k, v in options.items() if k in ENCODER_OPTIONS.get(cfg.encoder, ())}
+    arch_kwargs = {k: v for k, v in options.items() if k in ARCHITECTURE_OPTIONS.get(cfg.arch, ())}
+    if cfg.arch not in ARCHITECTURES:
+        arch_kwargs.update(cfg.options or {})
+    elif cfg.encoder not in ENCODERS:
+        enc_kwargs.update(cfg.options or {})
+    return enc_kwargs, arch_kwargs
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build ``cfg.arch`` on ``cfg.encoder``: ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` logits.
 
-    Loads ``cfg.pretrained_path`` (a local file of encoder weights) into the encoder, adapting
-    the input conv when the file was trained with another input channel count.
+    ``monai:<Name>``: the MONAI network (:mod:`medseg.models.monai_nets`). Loads
+    ``cfg.pretrained`` (a local file of encoder weights, :mod:`medseg.models.pretrained`) into
+    the encoder, adapting the input conv to ``in_channels``.
     """
+    if is_monai_arch(cfg.arch):
+        return _build_monai(cfg)
+    arch_builder = _lookup(ARCHITECTURES, "arch", cfg.arch)
+    encoder_builder = _lookup(ENCODERS, "encoder", cfg.encoder)
     enc_kwargs, arch_kwargs = split_options(cfg)
     try:
-        encoder = ENCODERS[cfg.encoder](in_channels=cfg.in_channels, **enc_kwargs)
-        if cfg.pretrained_path is not None:
-            load_pretrained(encoder, cfg.pretrained_path)
-        return ARCHITECTURES[cfg.arch](encoder, out_channels=cfg.out_channels, **arch_kwargs)
-    except ValueError as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
+        encoder = encoder_builder(in_channels=cfg.in_channels, **enc_kwargs)
+        if cfg.pretrained is not None:
+            from medseg.models.pretrained import load_pretrained
+
+            load_pretrained(encoder, cfg.pretrained, cfg.pretrained_map, cfg.pretrained_strict)
+        return arch_builder(encoder, out_channels=cfg.out_channels, **arch_kwargs)
+    except (ValueError, TypeError) as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
         raise ConfigError(f"model ({cfg.arch} / {cfg.encoder}): {exc}") from exc
+
+
+def _build_monai(cfg: ModelConfig) -> nn.Module:
+    from medseg.models.monai_nets import build_monai_network
+
+    name = monai_network_name(cfg.arch)
+    model = build_monai_network(name, cfg.in_channels, cfg.out_channels, cfg.options)
+    if cfg.pretrained is not None:
+        if name != "FlexibleUNet":
+            raise ConfigError(f"model.pretrained with {cfg.arch}: only monai:FlexibleUNet has an encoder to load "
+                              "weights into")
+        from medseg.models.pretrained import load_pretrained
+
+        encoder = model.net.encoder
+        first = "_conv_stem.weight" if "_conv_stem.weight" in encoder.state_dict() else "conv1.weight"
+        load_pretrained(encoder, cfg.pretrained, cfg.pretrained_map, cfg.pretrained_strict, [first], cfg.in_channels,
+                        medseg_layout=False)
+    return model
 
 
 _check_names_table()

@@ -50,11 +50,11 @@ def test_failed_save_keeps_the_old_checkpoint(trained):
 def test_pretrained_path_is_not_read_again(tmp_path):
     weights = tmp_path / "enc.pt"
     torch.save(build_model(CFG).encoder.state_dict(), weights)
-    cfg = CFG.model_copy(update={"pretrained_path": str(weights)})
+    cfg = CFG.model_copy(update={"pretrained": str(weights)})
     path = save_checkpoint(tmp_path / "c.pt", build_model(cfg), cfg, {})
     weights.unlink()
     _, loaded_cfg = model_from_checkpoint(path)
-    assert loaded_cfg.pretrained_path is None
+    assert loaded_cfg.pretrained is None
 
 
 def test_missing_checkpoint(tmp_path):

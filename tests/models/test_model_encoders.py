@@ -71,7 +71,7 @@ def test_pretrained_weights_adapt_in_channels(tmp_path, encoder, source):
     else:
         save_checkpoint(path, source_model, base_cfg, {})
     torch.manual_seed(1)
-    model = build_model(base_cfg.model_copy(update={"in_channels": 9, "pretrained_path": str(path)}))
+    model = build_model(base_cfg.model_copy(update={"in_channels": 9, "pretrained": str(path)}))
     src, dst = source_model.encoder.state_dict(), model.encoder.state_dict()
     first = set(model.encoder.input_conv_keys)
     for key, value in src.items():
