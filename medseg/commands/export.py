@@ -68,4 +68,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"max abs difference to PyTorch on a random input: {diff:.3g}")
     if diff >= TOLERANCE:
         raise MedsegError(f"{out}: exported model differs from PyTorch by {diff:.3g} (>= {TOLERANCE})")
+    other = (args.height + 32, args.width)
+    if verify_export(model, out, args.format, torch.randn(1, cfg.in_channels, *other)) >= TOLERANCE:
+        print(f"warning: the exported model matches PyTorch only at {args.height}x{args.width}, not at "
+              f"{other[0]}x{other[1]}: its trace fixed the input size (e.g. SwinUNETR's attention windows); "
+              "export at the size you will run it at")
     return 0
