@@ -158,7 +158,8 @@ class EvaluationConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Network: registry names (``arch``, ``encoder``) plus optional settings.
 
-    ``arch``: ``unet`` | ``unet_inception`` | ``deeplabv3plus``; ``encoder``: ``unet`` |
+    ``arch``: ``unet`` | ``unet_inception`` | ``deeplabv3plus`` | ``segnet`` (encoder ``unet``
+    only: max-unpooling needs pooling indices); ``encoder``: ``unet`` |
     ``resnet18`` | ``resnet34`` | ``resnet50`` | ``xception`` (see ``medseg models``).
     ``in_channels``: modalities x context slices (2.5D: e.g. 3 modalities x 3 slices = 9).
     Settings left at None take the architecture's default; a setting the chosen architecture

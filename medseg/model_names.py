@@ -26,6 +26,12 @@ ARCHITECTURE_OPTIONS: dict[str, frozenset[str]] = {
     "unet": frozenset({"decoder_channels", "dropout", "norm", "residual"}),
     "unet_inception": frozenset({"decoder_channels", "dropout", "inception_branches", "norm", "residual"}),
     "deeplabv3plus": frozenset({"aspp_channels", "aspp_rates", "dropout", "norm", "output_stride", "width"}),
+    "segnet": frozenset({"dropout", "norm"}),
+}
+
+# architectures that work on some encoders only (others: every encoder)
+ARCHITECTURE_ENCODERS: dict[str, frozenset[str]] = {
+    "segnet": frozenset({"unet"}),  # max-unpooling needs pooling indices: the encoder must downsample by max-pools
 }
 
 # encoder name -> the OPTION_FIELDS its builder accepts
@@ -40,6 +46,10 @@ ENCODER_OPTIONS: dict[str, frozenset[str]] = {
 
 def unsupported_options(arch: str, encoder: str, options: dict[str, object]) -> str | None:
     """Why ``options`` (set OPTION_FIELDS) do not fit ``arch`` on ``encoder``, or None when they do."""
+    allowed = ARCHITECTURE_ENCODERS.get(arch)
+    if allowed is not None and encoder in ENCODER_OPTIONS and encoder not in allowed:
+        return (f"arch {arch!r} needs an encoder that downsamples by max-pooling (pooling indices): "
+                f"{', '.join(sorted(allowed))}; {encoder!r} downsamples with strided convolutions")
     accepted = accepted_options(arch, encoder)
     unsupported = sorted(k for k in options if k not in accepted)
     if not unsupported:

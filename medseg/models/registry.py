@@ -17,6 +17,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.model_names import (
+    ARCHITECTURE_ENCODERS,
     ARCHITECTURE_OPTIONS,
     ENCODER_OPTIONS,
     OPTION_FIELDS,
@@ -34,6 +35,7 @@ from medseg.models.encoders import (
     unet_encoder,
     xception_encoder,
 )
+from medseg.models.segnet import build_segnet
 from medseg.models.unet import build_unet, build_unet_inception
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet": build_unet,
     "unet_inception": build_unet_inception,
     "deeplabv3plus": build_deeplabv3plus,
+    "segnet": build_segnet,
 }
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
@@ -91,7 +94,8 @@ def list_encoders() -> list[str]:
 
 def list_models() -> list[tuple[str, str]]:
     """Every built-in ``(architecture, encoder)`` pair that ``build_model`` can build."""
-    return [(arch, enc) for arch in ARCHITECTURES for enc in ENCODERS]
+    return [(arch, enc) for arch in ARCHITECTURES for enc in ENCODERS
+            if enc in ARCHITECTURE_ENCODERS.get(arch, ENCODERS)]
 
 
 def list_monai_networks() -> list[str]:

@@ -14,7 +14,7 @@ from medseg.models.checkpoint import save_checkpoint
 from medseg.models.export import export_model, verify_export
 
 TOL = 1e-4
-MODELS = [("unet_inception", "resnet18"), ("deeplabv3plus", "xception")]
+MODELS = [("unet_inception", "resnet18"), ("deeplabv3plus", "xception"), ("segnet", "unet")]
 needs_ort = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
     reason="onnx/onnxruntime not installed (pip install 'medseg[export]')",
