@@ -111,3 +111,15 @@ def test_export_seg_refuses_a_mask_on_another_grid(tmp_path, rng, capsys):
     assert main(["export-seg", str(tmp_path / "prob.nii.gz"), "--reference", str(folder), "--out", str(tmp_path / "o.dcm"),
                  "--set", "dicom_seg.colour=red"]) == 2  # fmt: skip
     assert "colour" in capsys.readouterr().err
+
+
+def test_import_dicom_with_a_damaged_seg_names_the_file(tmp_path, rng, capsys):
+    root = tmp_path / "archive"
+    folder, geometry = study(root, "p", "axial", rng, series_uid="1.2.826.0.1.3680043.8.498.2")
+    seg = write_dicom_seg(np.ones(SHAPE, np.uint8), geometry, folder, root / "p" / "seg.dcm")
+    data = seg.read_bytes()
+    seg.write_bytes(data[: len(data) - 200])  # truncated pixel data
+    assert main(["import", "dicom", str(root), "--labels", "seg", "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "seg.dcm" in err and "Traceback" not in err
+    assert not (tmp_path / "m.csv").exists()

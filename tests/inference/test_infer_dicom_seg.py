@@ -120,3 +120,24 @@ def test_nested_seg_settings_from_set():
         apply_inference_overrides(InferenceConfig(), ["inference.dicom_seg.colour=red"])
     with pytest.raises(ConfigError, match="output_format"):
         apply_inference_overrides(InferenceConfig(), ["inference.output_format=dicom"])
+
+
+def test_infer_cli_output_format(tmp_path, rng, capsys):
+    from infer_helpers import save_tiny_checkpoint
+
+    from medseg.cli import main
+
+    folder, _ = dicom_phantom(tmp_path, rng)
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", ["ct"], modality="CT")
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(checkpoint), "--input", "case=P1_s1", f"ct={folder}",
+                 "--out", str(out), "--output-format", "dicom-seg", "--no-progress"]) == 0  # fmt: skip
+    assert (out / "P1_s1_seg.dcm").is_file() and not (out / "P1_s1_mask.nii.gz").exists()
+    record = json.loads((out / "inference.json").read_text())
+    assert record["inference"]["output_format"] == "dicom-seg"
+    import pydicom
+
+    seg = pydicom.dcmread(out / "P1_s1_seg.dcm")
+    from medseg.atomic import sha256_file
+
+    assert sha256_file(checkpoint) in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
