@@ -136,5 +136,10 @@ def run(args: argparse.Namespace) -> int:
         _print(header, rows, args.format, 2)
         return 0
     header = ["arch", "encoder", "params (M)", f"GFLOPs / {args.height}x{args.width} slice", "RF (px)"]
-    _print(header, _rows(args), args.format, 2)
+    rows = _rows(args)
+    _print(header, rows, args.format, 2)
+    if any(r[0] == "monai:FlexibleUNet" for r in rows):
+        from medseg.model_names import FLEXIBLE_UNET_BACKBONES
+
+        print(f"\nmonai:FlexibleUNet (row: resnet34) takes model.options.backbone: {', '.join(FLEXIBLE_UNET_BACKBONES)}")
     return 0

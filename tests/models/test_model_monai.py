@@ -133,3 +133,11 @@ def test_torchscript_export_of_monai_networks(tmp_path, name):
         assert other > 1e-4
     else:
         assert other < 1e-4
+
+
+def test_models_lists_monai_networks_and_flexible_unet_backbones(capsys):
+    from medseg.cli import main
+
+    assert main(["models", "--arch", "monai:FlexibleUNet", "--arch", "monai:SegResNet"]) == 0
+    out = capsys.readouterr().out
+    assert "monai:SegResNet" in out and "resnet50" in out and "efficientnet-b0" in out
