@@ -60,9 +60,9 @@ def _rows(args: argparse.Namespace) -> list[list[str]]:
 
     rows = []
     for arch, encoder in _catalogue(args):
-        width = args.channel_width if arch.find(":") < 0 and encoder != "-" else None
-        cfg = ModelConfig(arch=arch, **({"encoder": encoder} if encoder != "-" else {}), in_channels=args.in_channels,
-                          width=width)  # fmt: skip
+        # "-": monai:<Name> / plug-in architectures, which take neither an encoder nor model.width
+        own_encoder = {"encoder": encoder, "width": args.channel_width} if encoder != "-" else {}
+        cfg = ModelConfig(arch=arch, in_channels=args.in_channels, **own_encoder)
         model = build_model(cfg)
         rows.append([arch, encoder, f"{count_parameters(model) / 1e6:.2f}",
                      f"{count_gflops(model, args.in_channels, args.height, args.width):.2f}",

@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 
 LabelKind = Literal["seg", "rtstruct"]
 MODALITY = {"seg": "SEG", "rtstruct": "RTSTRUCT"}
-LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 
 
 def find_label_objects(root: str | Path, kind: LabelKind) -> dict[str, list[Path]]:

@@ -104,8 +104,3 @@ def place_instances(folder: str | Path, geometry: Geometry) -> list[PlacedInstan
         raise InputFileError(folder, f"series instances do not cover the grid's {size[2]} slices once each "
                                      f"(missing {missing[:5]}, doubled {doubled[:5]})")
     return placed
-
-
-def is_dicom_series_path(path: str | Path) -> bool:
-    """True for a folder (medseg reads folders as DICOM series)."""
-    return Path(path).is_dir()

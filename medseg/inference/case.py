@@ -45,6 +45,7 @@ class PreparedCase:
     data: dict[str, Any]
     geometry: Geometry
     seconds: float
+    seg_export: SegExport | None = None  # how its DICOM SEG is written (output_format dicom-seg/both)
 
 
 @dataclass
@@ -71,13 +72,13 @@ class CasePredictor:
         """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
-        self.seg_export(case)  # a SEG without a DICOM source fails now, before any work
+        export = self.seg_export(case)  # a SEG without a DICOM source fails now, before any work
         start = time.perf_counter()
         data = apply_chain(self.chain, {channel_key(c): str(case.images[c]) for c in self.bundle.channels})
         image = data[IMAGE_KEY]
         size = [int(s) for s in np.asarray(image.meta["spatial_shape"])]
         geometry = Geometry.from_affine(np.asarray(image.meta["original_affine"], dtype=np.float64), size)
-        return PreparedCase(case, {IMAGE_KEY: image}, geometry, time.perf_counter() - start)
+        return PreparedCase(case, {IMAGE_KEY: image}, geometry, time.perf_counter() - start, export)
 
     def seg_export(self, case: InferenceCase) -> SegExport | None:
         """How ``case``'s DICOM SEG is written (``inference.output_format`` dicom-seg/both), or
@@ -146,9 +147,8 @@ class CasePredictor:
         if writer is not None:
             if cfg.output_format != "dicom-seg":
                 writer.mask(mask)
-            export = self.seg_export(prepared.case)
-            if export is not None:
-                writer.dicom_seg(export, mask, lesion_prob)
+            if prepared.seg_export is not None:
+                writer.dicom_seg(prepared.seg_export, mask, lesion_prob)
             if cfg.write_prob:
                 writer.probability(lesion_prob)
         lesions = table = None

@@ -130,7 +130,8 @@ def load_pretrained(
         input_conv_keys = list(getattr(target, "input_conv_keys", []))
     if in_channels is None:
         in_channels = int(getattr(target, "in_channels", 0))
-    if key_map in ("torchvision", "timm", "monai") and medseg_layout and "stages.1.1.0.conv1.weight" not in target.state_dict():
+    own = target.state_dict()
+    if key_map in ("torchvision", "timm", "monai") and medseg_layout and "stages.1.1.0.conv1.weight" not in own:
         raise MedsegError(f"{path}: model.pretrained_map {key_map} holds ResNet weights; this encoder is not a "
                           "ResNet (resnet18/34/50), use pretrained_map medseg with its own weights")
     state, ignored = map_keys(read_state_dict(path), key_map, medseg_layout)
@@ -139,7 +140,6 @@ def load_pretrained(
         if key in state and state[key].ndim == 4 and in_channels and state[key].shape[1] != in_channels:
             state[key] = adapt_input_conv(state[key], in_channels)
             report.adapted.append(key)
-    own = target.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and own[k].shape != v.shape]  # fmt: skip
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -29,7 +29,7 @@ instances (touching lesions are separate instances when the reference labels the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -118,15 +118,17 @@ class MaskRCNN(nn.Module):
 
     def __init__(self, encoder: Encoder, settings: MaskRCNNSettings | None = None) -> None:
         super().__init__()
-        self.settings = s = settings or MaskRCNNSettings()
+        s = replace(settings) if settings is not None else MaskRCNNSettings()  # a copy: the caller's stays as given
         self.encoder = encoder
         self.level_ids = [i for i, stride in enumerate(encoder.strides) if stride >= 4][:4]
         if len(self.level_ids) < 2:
             raise ValueError("maskrcnn needs an encoder with at least two feature levels at stride >= 4")
         self.strides = [encoder.strides[i] for i in self.level_ids]
-        if len(s.anchor_sizes) != len(self.strides):
-            s.anchor_sizes = list(s.anchor_sizes)[: len(self.strides)] + [s.anchor_sizes[-1] * 2 ** (k + 1)
-                                                                          for k in range(len(self.strides) - len(s.anchor_sizes))]  # fmt: skip
+        sizes = list(s.anchor_sizes)[: len(self.strides)]
+        while len(sizes) < len(self.strides):  # one size per level: double the largest for levels beyond the list
+            sizes.append(sizes[-1] * 2)
+        s.anchor_sizes = sizes
+        self.settings = s
         self.multiple = max(self.strides)
         c = s.fpn_channels
         self.fpn = FPN([encoder.out_channels[i] for i in self.level_ids], c)
@@ -291,7 +293,8 @@ class MaskRCNN(nn.Module):
             boxes, score = boxes[kept], score[kept]
             masks = x.new_zeros((0, h, w))
             if boxes.shape[0]:
-                logits = self.mask_head(self.roi_features(pyramid, boxes, batch_index[: boxes.shape[0]], s.mask_size // 2))
+                kept_index = torch.full((boxes.shape[0],), b, dtype=torch.long)
+                logits = self.mask_head(self.roi_features(pyramid, boxes, kept_index, s.mask_size // 2))
                 masks = paste_masks(torch.sigmoid(logits[:, 0]), boxes, h, w)
             results.append({"boxes": boxes, "scores": score, "masks": masks})
         return results
