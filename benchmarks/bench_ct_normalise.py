@@ -10,23 +10,14 @@ own transform (in-place clamp/sub/div on one float32 copy, no MetaTensor trackin
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRanged
+from timing import best_of
 
 from medseg.preprocessing import NormalizeCTd
-
-
-def best_of(transform, data: dict, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        transform(dict(data))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -41,8 +32,8 @@ def main() -> None:
     ours = NormalizeCTd(["image"], (-100.0, 200.0))
     monai = ScaleIntensityRanged(["image"], -100.0, 200.0, 0.0, 1.0, clip=True, dtype=np.float32)
     diff = float((ours(dict(data))["image"].as_tensor() - monai(dict(data))["image"].as_tensor()).abs().max())
-    best_of(ours, data, 1), best_of(monai, data, 1)  # warm-up
-    t_ours, t_monai = best_of(ours, data, args.rounds), best_of(monai, data, args.rounds)
+    best_of(lambda: ours(dict(data)), 1), best_of(lambda: monai(dict(data)), 1)  # warm-up
+    t_ours, t_monai = best_of(lambda: ours(dict(data)), args.rounds), best_of(lambda: monai(dict(data)), args.rounds)
     print(f"volume {tuple(args.shape)}, {args.threads} thread(s): NormalizeCTd {t_ours * 1000:.0f} ms, "
           f"ScaleIntensityRanged(clip=True) {t_monai * 1000:.0f} ms, ratio MONAI/medseg {t_monai / t_ours:.2f}, "
           f"max |difference| {diff:.3g}")  # fmt: skip

@@ -12,25 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_helpers import write_series  # noqa: E402
+from timing import best_of  # noqa: E402
 
 from medseg.dicom.seg_writer import write_dicom_seg  # noqa: E402
 from medseg.io import Geometry, read_volume, write_volume  # noqa: E402
-
-
-def best_of(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from timing import best_of
 
 from medseg.config import load_config
 from medseg.evaluation import evaluate
@@ -59,15 +59,6 @@ def build(data: Path, tmp: Path) -> tuple[Path, Path, list[Path]]:
     return manifest, pred, files
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of BraTS case folders")
@@ -90,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(pred, manifest, tmp / "out", cfg, progress=False)
 
         read_all()  # warm the page cache for both timings
-        baseline = best_of(args.repeat, read_all)
-        full = best_of(args.repeat, run_evaluate)
+        baseline = best_of(read_all, args.repeat)
+        full = best_of(run_evaluate, args.repeat)
         n_cases = len(files) // 2
     print(f"cases: {n_cases}  files read: {len(files)}  repeat: {args.repeat} (best of)")
     print(f"baseline read_volume x{len(files)}: {baseline:.2f} s")

@@ -24,15 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of
 
 
 def make_cases(folder: Path, n: int, shape: tuple[int, int, int]) -> Path:
