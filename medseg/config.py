@@ -47,10 +47,15 @@ class LabelConfig(StrictModel):
     masks) or an explicit list of raw values that count as lesion (e.g. ``[1, 4]`` for BraTS
     tumour core). ``allowed_values``: raw values that may appear at all; any other value is
     an error naming the file (``None`` accepts any integer value).
+    ``instances``: what one lesion is, for instance models (``maskrcnn``) and lesion-wise
+    evaluation of their outputs: ``components`` (a connected component of the mask; touching
+    lesions merge) or ``values`` (every distinct foreground value is one lesion: an
+    instance-labelled reference, where touching lesions keep their own ids).
     """
 
     foreground: Literal["nonzero"] | list[int] = "nonzero"
     allowed_values: list[int] | None = None
+    instances: Literal["components", "values"] = "components"
 
     @field_validator("foreground")
     @classmethod
@@ -159,7 +164,8 @@ class ModelConfig(StrictModel):
     """Network: registry names (``arch``, ``encoder``) plus optional settings.
 
     ``arch``: ``unet`` | ``unet_inception`` | ``deeplabv3plus`` | ``segnet`` (encoder ``unet``
-    only: max-unpooling needs pooling indices); ``encoder``: ``unet`` |
+    only: max-unpooling needs pooling indices) | ``maskrcnn`` (lesion instances with learned
+    scores; ``out_channels`` 1); ``encoder``: ``unet`` |
     ``resnet18`` | ``resnet34`` | ``resnet50`` | ``xception`` (see ``medseg models``).
     ``in_channels``: modalities x context slices (2.5D: e.g. 3 modalities x 3 slices = 9).
     Settings left at None take the architecture's default; a setting the chosen architecture
@@ -171,6 +177,8 @@ class ModelConfig(StrictModel):
     ``aspp_rates``: three atrous rates (6, 12, 18 at OS16; 12, 24, 36 at OS8).
     ``aspp_channels``: DeepLabv3+ ASPP/decoder width (256 x width). ``dropout``: U-Net decoder
     blocks (0) / after the ASPP projection (0.1). ``norm``: ``batch`` | ``instance`` (batch).
+    ``anchor_sizes``: Mask R-CNN anchor side per FPN level in pixels, smallest first (None: the
+    trainer sizes them from the training lesions and stores them in the run's config).
     ``arch: monai:<Name>`` builds a MONAI 2-D network (``medseg models`` lists them) with
     ``options`` passed to its constructor (spatial_dims, in/out channels filled in; ``encoder``
     is not used); plug-in architectures/encoders (entry-point group ``medseg.models``) also take
@@ -195,6 +203,7 @@ class ModelConfig(StrictModel):
     aspp_channels: int | None = Field(default=None, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1)
     norm: Literal["batch", "instance"] | None = None
+    anchor_sizes: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1, max_length=4)
     options: dict[str, Any] | None = None
     pretrained: str | None = Field(default=None, validation_alias=AliasChoices("pretrained", "pretrained_path"))
     pretrained_map: Literal["medseg", "torchvision", "timm", "monai"] = "medseg"

@@ -4,12 +4,21 @@ The prediction folder's files and the tables written here are named in :mod:`med
 (the contract): per case a mask (required), a probability map and a lesion instance map with
 its table (optional).
 
-Detection score of a predicted lesion (used to rank lesions for AP): ``score_mean`` of the
+Detection score of a predicted lesion (used to rank lesions for AP): with an instance model's
+outputs (the lesion table's ``score_source`` is ``learned``, Mask R-CNN), the predicted lesions
+**are** the instances of the ``_lesions`` map (touching lesions stay apart) and each scores its
+learned ``score_mean`` (``"score_source": "learned"``); otherwise lesions are the connected
+components of the mask, scored by the ``score_mean`` of the
 instance that overlaps it most (ties: lower id) when the instance map and CSV both exist; else
 the mean of ``_prob`` inside the lesion; else there is no score -- every lesion scores 1, the
 ranking falls back to lesion volume (larger first), and ``summary.json`` says
 ``"score_source": "none"`` so nobody mistakes that AP for a ranked one. Each case records its
-source in ``metrics_per_case.csv``; ``summary.json`` reports ``mixed`` when cases differ.
+source in ``metrics_per_case.csv``; ``summary.json`` reports the source of the cases with
+predicted lesions, ``mixed`` when they differ.
+
+Reference lesions are the connected components of the reference mask, or with
+``data.labels.instances: values`` the distinct raw values inside it (an instance-labelled
+reference: touching lesions are two).
 
 Regions
 -------
@@ -63,7 +72,7 @@ from tqdm import tqdm
 from medseg import __version__, atomic
 from medseg.config import Config, LabelConfig
 from medseg.errors import InputFileError, ManifestError, MedsegError
-from medseg.geometry import bounding_box, label_components, slice_axis
+from medseg.geometry import bounding_box, consecutive_labels, label_components, slice_axis
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import map_labels
 from medseg.manifest import Case, read_manifest
@@ -261,8 +270,10 @@ def case_box(
 # --------------------------------------------------------------------------- lesion scores
 
 
-def _instance_scores(path_csv: Path) -> dict[int, float]:
-    """``{lesion_id: score_mean}`` of a lesion table file (:func:`medseg.outputs.lesion_table_file`)."""
+def _instance_scores(path_csv: Path) -> tuple[dict[int, float], bool]:
+    """``{lesion_id: score_mean}`` of a lesion table file (:func:`medseg.outputs.lesion_table_file`)
+    and whether the scores are an instance model's learned ones (every row's ``score_source``
+    is ``learned``)."""
     try:
         table = pd.read_csv(path_csv)
     except (OSError, ValueError) as exc:
@@ -274,14 +285,16 @@ def _instance_scores(path_csv: Path) -> dict[int, float]:
         )
     if table["score_mean"].isna().any():
         raise InputFileError(path_csv, "lesion table has empty score_mean values")
-    return {int(i): float(s) for i, s in zip(table["lesion_id"], table["score_mean"], strict=True)}
+    learned = "score_source" in table.columns and len(table) > 0 and bool((table["score_source"] == "learned").all())
+    return {int(i): float(s) for i, s in zip(table["lesion_id"], table["score_mean"], strict=True)}, learned
 
 
 @dataclass(frozen=True)
 class ScoreSource:
     """Where one case's predicted-lesion scores come from (see the module docstring).
 
-    ``kind``: ``lesions_csv``, ``probability`` or ``none``. ``prob``: the ``_prob`` array and
+    ``kind``: ``learned`` (instances and scores of an instance model), ``lesions_csv``,
+    ``probability`` or ``none``. ``prob``: the ``_prob`` array and
     ``instances``: the ``_lesions`` array, ``(I, J, K)`` on the mask's grid (or the same crop of
     it); ``instance_scores``: ``score_mean`` by instance id; ``path``: the file errors name.
     """
@@ -300,6 +313,19 @@ class ScoreSource:
             self.instance_scores,
             self.path,
         )
+
+    def learned_lesions(self, pred_mask: np.ndarray, box: tuple[slice, ...], where: str) -> tuple[np.ndarray, int, np.ndarray]:
+        """An instance model's lesions inside ``pred_mask`` (a region's mask on the sub-box ``box``
+        of this source's arrays): (labels 1..n, n, learned score of each)."""
+        assert self.instances is not None and self.instance_scores is not None
+        inst = np.where(pred_mask, self.instances[box], 0)
+        if (pred_mask & (inst == 0)).any():
+            raise InputFileError(self.path or "", f"{where}: predicted voxels lie outside every lesion instance")
+        labels, old = consecutive_labels(inst)
+        unknown = sorted({int(i) for i in old} - set(self.instance_scores))
+        if unknown:
+            raise InputFileError(self.path or "", f"{where}: lesion_id(s) {unknown[:10]} have no row in this table")
+        return labels, int(old.size), np.array([self.instance_scores[int(i)] for i in old], dtype=np.float64)
 
     def lesion_scores(
         self, pred_labels: np.ndarray, n_pred: int, box: tuple[slice, ...], where: str
@@ -340,8 +366,9 @@ def read_score_source(files: PredictionFiles, ref: Volume, case_id: str) -> Scor
         instances = _integer_array(volume, "lesion instance map")
         if instances.size and int(instances.min()) < 0:
             raise InputFileError(files.lesions, "lesion instance map has negative values; 0 = background")
-        scores = _instance_scores(files.lesions_csv)
-        return ScoreSource("lesions_csv", instances=instances, instance_scores=scores, path=files.lesions_csv)
+        scores, learned = _instance_scores(files.lesions_csv)
+        kind = "learned" if learned else "lesions_csv"
+        return ScoreSource(kind, instances=instances, instance_scores=scores, path=files.lesions_csv)
     if files.prob is not None:
         volume = read_volume(files.prob)
         check_same_grid(ref, volume, f"case {case_id}: probability vs reference")
@@ -438,13 +465,16 @@ def evaluate_region(
     scores: ScoreSource | None = None,
     origin: Sequence[int] = (0, 0, 0),
     outside_slices: int = 0,
+    ref_instances: np.ndarray | None = None,
 ) -> RegionResult:
     """Metrics of one region of one case. Masks: bool ``(I, J, K)`` of one shape, voxel size
     ``spacing`` mm; ``axis``: the array axis of slice-level detection.
 
     The masks (and ``scores``' arrays) may be a crop of the volume that holds every non-zero
     voxel: ``origin`` is the crop's first voxel (for centroids) and ``outside_slices`` the
-    slices along ``axis`` that the crop leaves out (negative in both masks: true negatives)."""
+    slices along ``axis`` that the crop leaves out (negative in both masks: true negatives).
+    ``ref_instances``: raw reference values on the same grid (``data.labels.instances: values``):
+    one lesion per value."""
     ev = cfg.evaluation
     scores = scores or ScoreSource()
     voxel = voxel_metrics(pred_mask, ref_mask, spacing, distances=ev.surface_distances)
@@ -452,12 +482,20 @@ def evaluate_region(
     voxel_mm3 = float(np.prod(spacing))
 
     box = bounding_box(pred_mask | ref_mask) or tuple(slice(0, 0) for _ in range(3))
-    ref_labels, n_ref = label_components(ref_mask[box], ev.connectivity)
-    pred_labels, n_pred = label_components(pred_mask[box], ev.connectivity)
+    where = f"case {case_id}, region {region.name}"
+    if ref_instances is not None:
+        ref_labels, old = consecutive_labels(np.where(ref_mask[box], ref_instances[box], 0))
+        n_ref = int(old.size)
+    else:
+        ref_labels, n_ref = label_components(ref_mask[box], ev.connectivity)
+    if scores.kind == "learned":
+        pred_labels, n_pred, pred_scores = scores.learned_lesions(pred_mask[box], box, where)
+    else:
+        pred_labels, n_pred = label_components(pred_mask[box], ev.connectivity)
+        pred_scores = scores.lesion_scores(pred_labels, n_pred, box, where)
     table = overlap_table(ref_labels, pred_labels, n_ref, n_pred)
     matching = match_lesions(table, ev.matching, ev.iou_threshold)
     counts = lesion_counts(matching)
-    pred_scores = scores.lesion_scores(pred_labels, n_pred, box, f"case {case_id}, region {region.name}")
     pred_volumes = table.pred_sizes * voxel_mm3
     pred_tp = {t: match_lesions(table, "iou", t).pred_matched for t in _thresholds(cfg)}
     ref_buckets = size_buckets(table.ref_sizes * voxel_mm3, ev.size_edges_mm3)
@@ -519,6 +557,7 @@ def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Reg
     pred_masks = prediction_masks(pred_arr[box], regions)
     origin = [b.start for b in box]
     outside = raw.shape[axis] - (box[axis].stop - box[axis].start)
+    ref_instances = raw[box] if cfg.data.labels.instances == "values" else None
     return [
         evaluate_region(
             case.case_id,
@@ -531,6 +570,7 @@ def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Reg
             scores.crop(box),
             origin,
             outside,
+            ref_instances,
         )
         for region, ref_mask, pred_mask in zip(regions, ref_masks, pred_masks, strict=True)
     ]
@@ -705,7 +745,8 @@ def evaluate(
             failures.append((case.case_id, error))
             continue
         cases.append(case)
-        sources.append(results[0].row["score_source"])
+        if results[0].pred_scores.size:  # a case without predicted lesions says nothing about the scores
+            sources.append(results[0].row["score_source"])
         for region, result in zip(regions, results, strict=True):
             per_region[region.name].append(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -724,6 +765,8 @@ def evaluate(
         summary, rows = summarise_region(region.name, per_region[region.name], case_ids, cfg)
         region_summaries[region.name] = summary
         curve_rows.extend(rows)
+    if not sources:
+        sources = [per_region[regions[0].name][0].row["score_source"]]
     score_source = sources[0] if len(set(sources)) == 1 else "mixed"
     if score_source == "none":
         log.warning(

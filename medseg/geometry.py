@@ -153,6 +153,21 @@ def components_per_slice(mask: np.ndarray, axis: int, connectivity: int) -> np.n
     return np.diff(running, prepend=0).astype(np.int64)
 
 
+def consecutive_labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Instance ids (any non-negative integers, 0 background) -> (labels int32 1..n in raster
+    order of each id's first voxel, as connected-component labelling numbers them; the old id of
+    each new label, (n,)). Lesion ``k`` of the result is old id ``old[k - 1]``."""
+    flat = np.asarray(ids).ravel()
+    present, first = np.unique(flat, return_index=True)
+    keep = present > 0
+    old = present[keep][np.argsort(first[keep], kind="stable")]
+    if old.size == 0:
+        return np.zeros(np.shape(ids), dtype=np.int32), old.astype(np.int64)
+    lookup = np.zeros(int(old.max()) + 1, dtype=np.int32)
+    lookup[old] = np.arange(1, old.size + 1, dtype=np.int32)
+    return lookup[np.asarray(ids)], old.astype(np.int64)
+
+
 def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """3-D connected components of ``mask > 0``: (labels, N), lesions 1..N in raster order.
 

@@ -19,6 +19,7 @@ OPTION_FIELDS: tuple[str, ...] = (
     "aspp_channels",
     "dropout",
     "norm",
+    "anchor_sizes",
 )
 
 # architecture name -> the OPTION_FIELDS its builder accepts
@@ -27,7 +28,18 @@ ARCHITECTURE_OPTIONS: dict[str, frozenset[str]] = {
     "unet_inception": frozenset({"decoder_channels", "dropout", "inception_branches", "norm", "residual"}),
     "deeplabv3plus": frozenset({"aspp_channels", "aspp_rates", "dropout", "norm", "output_stride", "width"}),
     "segnet": frozenset({"dropout", "norm"}),
+    "maskrcnn": frozenset({"anchor_sizes"}),
 }
+
+# architectures that predict lesion instances (boxes, learned scores, masks) instead of a dense
+# map: trained on per-slice instance targets (``data.labels.instances``), inferred per whole
+# slice with 3-D linking (:mod:`medseg.prediction.instances`)
+INSTANCE_ARCHITECTURES: frozenset[str] = frozenset({"maskrcnn"})
+
+
+def is_instance_arch(arch: str) -> bool:
+    """True for architectures that predict lesion instances (:data:`INSTANCE_ARCHITECTURES`)."""
+    return arch in INSTANCE_ARCHITECTURES
 
 # architectures that work on some encoders only (others: every encoder)
 ARCHITECTURE_ENCODERS: dict[str, frozenset[str]] = {

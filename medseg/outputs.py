@@ -16,7 +16,9 @@ For every case ``<case_id>``, all on the source image's voxel grid (same shape a
                          the smallest unsigned type that holds them (uint8/uint16/uint32).
 ``lesion_table_file``    + :data:`LESIONS_CSV_SUFFIX`: one row per instance, at least
                          ``lesion_id, voxels, volume_ml, score_mean, score_max``; written
-                         together with the instance map.
+                         together with the instance map. ``score_source`` ``learned`` (an
+                         instance model's scores) makes evaluation take the instances as the
+                         predicted lesions (:mod:`medseg.evaluation`).
 ``dicom_seg_file``       + :data:`DICOM_SEG_SUFFIX`: DICOM Segmentation of the mask referencing the
                          source series (``inference.output_format`` dicom-seg or both; with
                          dicom-seg alone no ``mask_file`` is written).

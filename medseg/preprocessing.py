@@ -192,11 +192,13 @@ def preprocess_transforms(
     channels: Sequence[str],
     with_label: bool,
     label_cfg: LabelConfig | None = None,
+    label_values: bool = False,
 ) -> Compose:
     """The chain documented in the module docstring.
 
     Input dict: ``image_<channel>`` -> file path for each channel, and ``label`` -> path when
-    ``with_label``. Output: ``image`` (C, R, A, S) float32, ``label`` (1, R, A, S) uint8.
+    ``with_label``. Output: ``image`` (C, R, A, S) float32, ``label`` (1, R, A, S) uint8 0/1, or
+    with ``label_values`` int32 raw values on the lesion voxels (instance-labelled references).
     """
     keys = [channel_key(c) for c in channels]
     all_keys = [*keys, *([LABEL_KEY] if with_label else [])]
@@ -205,7 +207,7 @@ def preprocess_transforms(
     # memory traffic of float32, and normalisation makes its float32 copy anyway (same values)
     chain: list[Any] = [LoadVolumed(all_keys, dtype=None), CheckSameGridd(all_keys)]
     if with_label:
-        chain.append(MapLabelsd([LABEL_KEY], label_cfg))
+        chain.append(MapLabelsd([LABEL_KEY], label_cfg, keep_values=label_values))
     chain += [
         EnsureChannelFirstd(all_keys, channel_dim="no_channel"),
         ConcatItemsd(keys, IMAGE_KEY),
@@ -231,7 +233,7 @@ def preprocess_transforms(
         chain.append(NormalizeMRd([IMAGE_KEY], cfg.mr_percentiles))
     chain.append(EnsureTyped([IMAGE_KEY], dtype=torch.float32, track_meta=True))
     if with_label:
-        chain.append(EnsureTyped([LABEL_KEY], dtype=torch.uint8, track_meta=True))
+        chain.append(EnsureTyped([LABEL_KEY], dtype=torch.int32 if label_values else torch.uint8, track_meta=True))
     return Compose(chain)
 
 

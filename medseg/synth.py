@@ -2,7 +2,9 @@
 
 Each phantom is a body ellipsoid that spans part of the slice axis (so the foreground extent
 differs from the volume), an organ inside it (liver-like for CT, brain-like for MR), and
-``n_lesions`` non-touching ellipsoid lesions of varied size inside the organ. Grids are
+``n_lesions`` non-touching ellipsoid lesions of varied size inside the organ (plus, with
+``touching_pairs``, pairs of lesions that touch face to face: one connected component, two
+lesions, each with its own intensity, as confluent lesions are). Grids are
 anisotropic and cycle through three storage orientations: RAS, LPS and oblique (rotated),
 so every consumer is exercised on non-identity affines.
 
@@ -35,6 +37,7 @@ class Phantom:
     affine: np.ndarray
     orientation: str
     lesions: list[dict] = field(default_factory=list)
+    instances: np.ndarray | None = None  # (I, J, K) uint8 lesion ids 1..N in placement order
 
 
 def phantom_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float], orientation: str, rng: np.random.Generator) -> np.ndarray:
@@ -71,8 +74,13 @@ def make_phantom(
     spacing: tuple[float, float, float] = (1.2, 1.2, 3.0),
     orientation: str = "ras",
     n_lesions: int = 3,
+    touching_pairs: int = 0,
 ) -> Phantom:
-    """Build one phantom. Lesion radii are 2.5-14 mm; lesions are >= 2 voxels apart."""
+    """Build one phantom. Lesion radii are 2.5-14 mm; lesions are >= 2 voxels apart, except the
+    ``touching_pairs`` pairs: the second lesion of a pair is placed beside the first along an
+    in-plane axis, overlapping it by about a voxel (it keeps only the voxels the first does not
+    have), so the two share a face. Lesion intensities then vary per lesion (MR FLAIR 480-720,
+    a pair at least 120 apart), otherwise they are fixed per modality as before."""
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     sp = np.asarray(spacing, dtype=np.float64)
     size_mm = np.asarray(shape) * sp
@@ -93,7 +101,9 @@ def make_phantom(
     occupied = np.zeros(shape, dtype=bool)
     lesions: list[dict] = []
     attempts = 0
-    while len(lesions) < n_lesions and attempts < 500:
+    total = n_lesions + 2 * touching_pairs
+    pairs_left = touching_pairs
+    while len(lesions) < total and attempts < 500:
         attempts += 1
         radii_mm = rng.uniform(2.5, 14.0) * rng.uniform(0.7, 1.3, 3)
         radii_vox = np.maximum(radii_mm / sp, 0.8)
@@ -108,10 +118,44 @@ def make_phantom(
         if (ndimage.binary_dilation(region[big_box], iterations=2) & occupied[big_box]).any():
             continue
         del grown
+        if pairs_left:  # a partner beside this lesion, sharing a face with it
+            axis = int(rng.integers(0, 2))
+            partner_mm = rng.uniform(4.0, 10.0) * rng.uniform(0.8, 1.2, 3)
+            partner_vox = np.maximum(partner_mm / sp, 0.8)
+            pc = c.copy()
+            pc[axis] += (radii_vox[axis] + partner_vox[axis] - 1.0) * rng.choice([-1.0, 1.0])
+            pbox, pmask = _ellipsoid(shape, pc, partner_vox)
+            partner = np.zeros(shape, dtype=bool)
+            partner[pbox] = pmask
+            partner &= ~region
+            both = region | partner
+            if partner.sum() < 8 or not organ[both].all() or (ndimage.binary_dilation(both, iterations=2) & occupied).any():
+                continue
+            occupied |= both
+            label[box][mask] = len(lesions) + 1
+            label[partner] = len(lesions) + 2
+            lesions.append({"centre_vox": c.round(2).tolist(), "radii_mm": radii_mm.round(2).tolist(),
+                            "voxels": int(mask.sum()), "touches": len(lesions) + 2})
+            lesions.append({"centre_vox": pc.round(2).tolist(), "radii_mm": partner_mm.round(2).tolist(),
+                            "voxels": int(partner.sum()), "touches": len(lesions)})
+            pairs_left -= 1
+            continue
+        if len(lesions) >= total - 2 * pairs_left:
+            continue  # room is left for the pairs still to place
         occupied[box] |= mask
-        label[box][mask] = 1
+        label[box][mask] = len(lesions) + 1
         lesions.append({"centre_vox": c.round(2).tolist(), "radii_mm": radii_mm.round(2).tolist(), "voxels": int(mask.sum())})
 
+    instances = label.copy()
+    label = (instances > 0).view(np.uint8)
+    # per-lesion FLAIR levels for phantoms with touching pairs (a pair differs by >= 120)
+    levels = np.full(len(lesions) + 1, 620.0)
+    if touching_pairs:
+        for k, info in enumerate(lesions, start=1):
+            partner = info.get("touches")
+            levels[k] = rng.uniform(480.0, 720.0)
+            if partner is not None and partner < k and abs(levels[k] - levels[partner]) < 120.0:
+                levels[k] = levels[partner] + (120.0 if levels[partner] < 600.0 else -120.0)
     noise = rng.normal(size=shape)
     smooth = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
     lesion = label.astype(bool)
@@ -130,7 +174,7 @@ def make_phantom(
         flair = np.zeros(shape)
         flair[body] = 150.0
         flair[organ] = 320.0 + 25 * smooth[organ]
-        flair[lesion] = 620.0 + 40 * smooth[lesion]
+        flair[lesion] = levels[instances[lesion]] + 40 * smooth[lesion]
         t1 = np.zeros(shape)
         t1[body] = 250.0
         t1[organ] = 420.0 + 20 * smooth[organ]
@@ -141,7 +185,7 @@ def make_phantom(
             noisy = np.hypot(arr + 18 * rng.normal(size=shape), 18 * rng.normal(size=shape))  # Rician
             images[name] = noisy.round().astype(np.int16)
     return Phantom(images=images, label=label, affine=phantom_affine(shape, tuple(sp), orientation, rng),  # type: ignore[arg-type]
-                   orientation=orientation, lesions=lesions)
+                   orientation=orientation, lesions=lesions, instances=instances)
 
 
 def generate_dataset(
@@ -153,9 +197,14 @@ def generate_dataset(
     manifest_path: str | Path | None = None,
     val_fraction: float = 0.25,
     test_fraction: float = 0.25,
+    touching_pairs: int = 0,
+    instance_labels: bool = False,
 ) -> Path:
     """Write ``n_cases`` phantoms as NIfTI plus a manifest (default ``out_dir/data_manifest.csv``)
     and ``phantoms.csv`` (truth: lesion count and voxels per case). Returns the manifest path.
+    ``touching_pairs``: pairs of touching lesions per case (:func:`make_phantom`);
+    ``instance_labels``: label files hold one value per lesion (1..N) instead of 0/1
+    (``data.labels.instances: values`` reads them as lesion instances).
 
     Deterministic for a given seed. Spacing varies per case (anisotropic, 2.5-4 mm slices).
     """
@@ -175,13 +224,14 @@ def generate_dataset(
         spacing = (round(float(rng.uniform(0.8, 1.3)), 3),) * 2 + (round(float(rng.uniform(2.5, 4.0)), 3),)
         orientation = ORIENTATIONS[i % len(ORIENTATIONS)]
         n_lesions = int(rng.integers(1, 6))
-        phantom = make_phantom(rng, mod, shape, spacing, orientation, n_lesions)  # type: ignore[arg-type]
+        phantom = make_phantom(rng, mod, shape, spacing, orientation, n_lesions, touching_pairs)  # type: ignore[arg-type]
         case_id = f"phantom_{i:03d}"
         geometry = Geometry.from_affine(phantom.affine, shape)
         images = {}
         for name, arr in phantom.images.items():
             images[name] = write_volume(arr, geometry, out / f"{case_id}_{name}.nii.gz", dtype=np.int16)
-        label_path = write_volume(phantom.label, geometry, out / f"{case_id}_label.nii.gz", dtype=np.uint8)
+        label = phantom.instances if instance_labels else phantom.label
+        label_path = write_volume(label, geometry, out / f"{case_id}_label.nii.gz", dtype=np.uint8)
         cases.append(Case(case_id, f"patient_{i:03d}", mod, images, label_path, ""))
         truth.append({"case_id": case_id, "modality": mod, "orientation": orientation,
                       "spacing": "x".join(str(s) for s in spacing), "n_lesions": len(phantom.lesions),

@@ -44,18 +44,22 @@ def _source_name(data: Any) -> str:
 
 
 class MapLabels(Transform):
-    """Raw label values -> uint8 binary lesion mask (0/1), per ``LabelConfig``.
+    """Raw label values -> uint8 binary lesion mask (0/1), per ``LabelConfig``; with
+    ``keep_values``, int32 raw values on the lesion voxels (0 elsewhere) for instance labels.
 
     Input/output: array or MetaTensor of any shape (typically (1, I, J, K)); meta is kept.
     Unexpected values raise ``InputFileError`` naming the source file.
     """
 
-    def __init__(self, cfg: LabelConfig | None = None) -> None:
+    def __init__(self, cfg: LabelConfig | None = None, keep_values: bool = False) -> None:
         self.cfg = cfg or LabelConfig()
+        self.keep_values = keep_values
 
     def __call__(self, label: Any) -> Any:
         array = np.asarray(label)
         mapped = map_labels(array, self.cfg, _source_name(label))
+        if self.keep_values:  # instance-labelled reference: each lesion keeps its own value
+            mapped = np.where(mapped > 0, array, 0).astype(np.int32)
         if isinstance(label, MetaTensor):
             out = MetaTensor(torch.from_numpy(mapped), meta=label.meta)
             return out
@@ -65,9 +69,10 @@ class MapLabels(Transform):
 class MapLabelsd(MapTransform):
     """Dictionary twin of ``MapLabels``."""
 
-    def __init__(self, keys: KeysCollection, cfg: LabelConfig | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, cfg: LabelConfig | None = None, allow_missing_keys: bool = False,
+                 keep_values: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.mapper = MapLabels(cfg)
+        self.mapper = MapLabels(cfg, keep_values)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {checkpoint.stat().st_size / 1e6:.1f} MB before; "
               f"{cfg.arch}/{cfg.encoder}, weights identical)")  # fmt: skip
         return 0
+    from medseg.model_names import is_instance_arch
+
+    if is_instance_arch(cfg.arch):
+        raise ConfigError(f"{checkpoint}: {cfg.arch} cannot be traced to {args.format} (its proposals and boxes depend on "
+                          "the image); use --format inference for a slim checkpoint medseg infer reads")
     torch.manual_seed(0)
     example = torch.randn(1, cfg.in_channels, args.height, args.width)
     export_model(model, out, args.format, example)

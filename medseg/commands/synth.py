@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[128, 128, 40], metavar=("I", "J", "K"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--manifest", default=None, help="manifest path (default OUT/data_manifest.csv)")
+    parser.add_argument("--touching-pairs", type=int, default=0,
+                        help="pairs of touching lesions per case (one connected component, two lesions)")
+    parser.add_argument("--instance-labels", action="store_true",
+                        help="label files hold one value per lesion (1..N); read with data.labels.instances: values")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.manifest, "--manifest")
     manifest = generate_dataset(
         args.out, n_cases=args.n, modality=args.modality, shape=tuple(args.shape), seed=args.seed,
-        manifest_path=args.manifest,
+        manifest_path=args.manifest, touching_pairs=args.touching_pairs, instance_labels=args.instance_labels,
     )
     print(f"wrote {args.n} {args.modality} phantoms to {args.out}; manifest: {manifest}")
     return 0

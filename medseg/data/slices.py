@@ -42,7 +42,7 @@ class SliceIndex:
         cases, slices, voxels = [], [], []
         for position, volume in enumerate(volumes):
             stats = case_lesion_stats(
-                volume.label.numpy(), volume.spacing, axis=0, connectivity_2d=connectivity_2d
+                (volume.label > 0).numpy(), volume.spacing, axis=0, connectivity_2d=connectivity_2d
             ).slices
             n = len(stats)
             cases.append(np.full(n, position, dtype=np.int64))

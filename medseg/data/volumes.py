@@ -7,7 +7,10 @@ uses too) once; the result is stored slice-major for fast 2.5D access:
   ``preprocess.slice_axis``, then the two in-plane axes in RAS order (axial: S, then R, A;
   coronal: A, then R, S; sagittal: R, then A, S). ``image[:, s]`` is exactly the slice that
   ``context_stack(volume_cras, s, k, axis=slice_axis)`` takes from the (C, R, A, S) volume.
-- ``label``: (S, H, W) uint8 0/1.
+- ``label``: (S, H, W) uint8 0/1; for instance models (``instances=True``) the lesion instances
+  of each slice instead, ids 1..n per slice (0 background): ``data.labels.instances``
+  ``components`` = 8-connected components of the slice's mask, ``values`` = one id per distinct
+  raw value (an instance-labelled reference). Every consumer that wants the mask reads ``label > 0``.
 - ``spacing``: voxel size in mm along (S, H, W).
 
 The on-disk cache (``train.cache_dir``) holds one ``<case_id>-<fingerprint>.pt`` per case; the
@@ -49,6 +52,7 @@ class TrainVolume:
     image: torch.Tensor
     label: torch.Tensor
     spacing: tuple[float, float, float]
+    instances: bool = False  # ``label`` holds per-slice instance ids (module docstring)
 
     @property
     def n_slices(self) -> int:
@@ -64,7 +68,7 @@ def _code_digest() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fingerprint(case: Case, preprocess: PreprocessConfig, labels: LabelConfig) -> str:
+def fingerprint(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False) -> str:
     """Hex digest identifying ``case``'s preprocessed volume (see the module docstring)."""
     files = []
     for role, path in [*case.images.items(), ("label", case.label)]:
@@ -81,18 +85,42 @@ def fingerprint(case: Case, preprocess: PreprocessConfig, labels: LabelConfig) -
         "files": files,
         "preprocess": settings,
         "labels": labels.model_dump(mode="json"),
+        "instances": instances,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig) -> TrainVolume:
-    """Run the shared preprocessing chain on one labelled case; return it slice-major."""
+def slice_instances(label: np.ndarray, values: bool, where: str) -> np.ndarray:
+    """(S, H, W) label (0/1 mask, or raw instance values with ``values``) -> uint8 instance ids
+    1..n per slice: 8-connected components of each slice's mask, or one id per distinct value.
+    Raises ``MedsegError`` naming ``where`` when a slice holds more than 255 lesions."""
+    import cc3d
+
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
+        plane = label[z]
+        if values:
+            ids = np.unique(plane, return_inverse=True)[1].reshape(plane.shape)  # 0 stays 0 (the smallest value)
+            n = int(ids.max())
+        else:
+            ids, n = cc3d.connected_components(np.ascontiguousarray(plane > 0), connectivity=8, return_N=True)
+        if n > 255:
+            raise MedsegError(f"{where}: slice {z} holds {n} lesions; instance training handles at most 255 per slice")
+        out[z] = ids
+    return out
+
+
+def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False) -> TrainVolume:
+    """Run the shared preprocessing chain on one labelled case; return it slice-major (with
+    ``instances``: per-slice instance ids as the label, module docstring)."""
     from medseg.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
     from medseg.transforms import apply_chain
 
     if case.label is None:
         raise MedsegError(f"case {case.case_id}: training needs a label file")
-    chain = preprocess_transforms(preprocess, case.modality, case.channels, with_label=True, label_cfg=labels)
+    values = instances and labels.instances == "values"
+    chain = preprocess_transforms(preprocess, case.modality, case.channels, with_label=True, label_cfg=labels,
+                                  label_values=values)
     data = {channel_key(c): str(p) for c, p in case.images.items()}
     data[LABEL_KEY] = str(case.label)
     out = apply_chain(chain, data)
@@ -101,11 +129,15 @@ def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfi
     spacing_ras = np.linalg.norm(affine[:3, :3], axis=0)
     axis = SLICE_AXIS[preprocess.slice_axis]
     order = [axis, *[a for a in range(3) if a != axis]]
+    slice_major = torch.movedim(label.as_tensor()[0], axis, 0).contiguous()
+    if instances:
+        slice_major = torch.from_numpy(slice_instances(slice_major.numpy(), values, f"case {case.case_id}"))
     return TrainVolume(
         case_id=case.case_id,
         image=torch.movedim(image.as_tensor(), axis + 1, 1).contiguous().float(),
-        label=torch.movedim(label.as_tensor()[0], axis, 0).contiguous().to(torch.uint8),
+        label=slice_major.to(torch.uint8),
         spacing=tuple(float(spacing_ras[a]) for a in order),  # type: ignore[arg-type]
+        instances=instances,
     )
 
 
@@ -115,7 +147,8 @@ def _cache_file(cache_dir: Path, case: Case, digest: str) -> Path:
 
 
 def _save(volume: TrainVolume, path: Path) -> None:
-    payload = {"case_id": volume.case_id, "image": volume.image, "label": volume.label, "spacing": list(volume.spacing)}
+    payload = {"case_id": volume.case_id, "image": volume.image, "label": volume.label, "spacing": list(volume.spacing),
+               "instances": volume.instances}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -123,25 +156,27 @@ def _save(volume: TrainVolume, path: Path) -> None:
 def _load(path: Path) -> TrainVolume | None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        return TrainVolume(payload["case_id"], payload["image"], payload["label"], tuple(payload["spacing"]))
+        return TrainVolume(payload["case_id"], payload["image"], payload["label"], tuple(payload["spacing"]),
+                           bool(payload.get("instances", False)))
     except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
         log.warning("ignoring unreadable cache file %s (%s)", path, exc)
         return None
 
 
 def load_volume(
-    case: Case, preprocess: PreprocessConfig, labels: LabelConfig, cache_dir: str | Path | None = None
+    case: Case, preprocess: PreprocessConfig, labels: LabelConfig, cache_dir: str | Path | None = None,
+    instances: bool = False,
 ) -> TrainVolume:
     """The preprocessed volume of ``case``, from ``cache_dir`` when present there (else built
-    and, with a ``cache_dir``, stored)."""
+    and, with a ``cache_dir``, stored); ``instances``: per-slice instance ids as the label."""
     if cache_dir is None:
-        return preprocess_case(case, preprocess, labels)
-    path = _cache_file(Path(cache_dir), case, fingerprint(case, preprocess, labels))
+        return preprocess_case(case, preprocess, labels, instances)
+    path = _cache_file(Path(cache_dir), case, fingerprint(case, preprocess, labels, instances))
     if path.is_file():
         volume = _load(path)
         if volume is not None:
             return volume
-    volume = preprocess_case(case, preprocess, labels)
+    volume = preprocess_case(case, preprocess, labels, instances)
     _save(volume, path)
     return volume
 
@@ -152,11 +187,12 @@ def load_volumes(
     labels: LabelConfig,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    instances: bool = False,
 ) -> list[TrainVolume]:
     """``load_volume`` for each case, in order (with a tqdm bar when ``progress``)."""
     from tqdm import tqdm
 
     return [
-        load_volume(case, preprocess, labels, cache_dir)
+        load_volume(case, preprocess, labels, cache_dir, instances)
         for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress, leave=False)
     ]

@@ -63,6 +63,7 @@ from medseg.engine.setup import TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
+from medseg.model_names import is_instance_arch
 from medseg.runtime import autocast_dtype, resolve_train_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -143,18 +144,22 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.start_time = time.monotonic()
+        self.detector = is_instance_arch(cfg.model.arch)  # Mask R-CNN: instance targets, its own loss
 
     # ----------------------------------------------------------------- set-up
     def _load_data(self, cases: TrainingCases, info: DistInfo) -> None:
         cfg = self.cfg
         cache = cfg.train.cache_dir
         show = self.progress and info.is_main
+        inst = self.detector
         if cache is not None and info.distributed:  # rank 0 fills the cache, the others read it
             if info.is_main:
-                load_volumes(cases.train + cases.val, cfg.preprocess, cfg.data.labels, cache, show)
+                load_volumes(cases.train + cases.val, cfg.preprocess, cfg.data.labels, cache, show, inst)
             barrier(info)
-        self.train_volumes = load_volumes(cases.train, cfg.preprocess, cfg.data.labels, cache, show)
-        self.val_volumes = load_volumes(shard(cases.val, info), cfg.preprocess, cfg.data.labels, cache, show)
+        self.train_volumes = load_volumes(cases.train, cfg.preprocess, cfg.data.labels, cache, show, inst)
+        self.val_volumes = load_volumes(shard(cases.val, info), cfg.preprocess, cfg.data.labels, cache, show, inst)
+        if self.detector and cfg.model.anchor_sizes is None:
+            self._size_anchors(info)
         index = SliceIndex.from_volumes(self.train_volumes, connectivity_2d=cfg.stats.connectivity_2d)
         t = cfg.train
         self.steps_per_epoch = max(1, math.ceil(t.samples_per_epoch / (t.batch_size * info.world_size)))
@@ -185,6 +190,20 @@ class Trainer:
             len(cases.train), len(index), int(index.lesion.sum()), len(cases.val),
             [c.case_id for c in cases.val], self.steps_per_epoch, t.batch_size, info.world_size,
         )  # fmt: skip
+
+    def _size_anchors(self, info: DistInfo) -> None:
+        """Mask R-CNN anchors from the training lesions (:func:`medseg.models.detection.anchors.
+        anchor_sizes`), written into this run's config (and so into its checkpoints). Every rank
+        loads every training case, so every rank computes the same sizes."""
+        from medseg.models.detection.anchors import anchor_sizes
+        from medseg.models.detection.maskrcnn import instance_sides
+
+        sides = [side for volume in self.train_volumes for side in instance_sides(volume.label.numpy())]
+        sizes = [round(v, 2) for v in anchor_sizes(sides, 4)]
+        self.cfg = self.cfg.model_copy(deep=True)  # the caller's config stays as given
+        self.cfg.model.anchor_sizes = sizes
+        if info.is_main:
+            log.info("maskrcnn anchors from %d training lesion slice(s): %s px", len(sides), sizes)
 
     def _build(self, info: DistInfo) -> None:
         from medseg.models import build_model
@@ -217,8 +236,12 @@ class Trainer:
             raise MedsegError(f"--resume: {path} not found (no run to resume in {self.out_dir})")
         saved = read_resume_state(path)
         current = self.cfg.model_dump(mode="json")
+        try:  # through today's schema: settings added since the run started read as their defaults
+            saved_sections = type(self.cfg).model_validate(saved["config"]).model_dump(mode="json")
+        except Exception:  # noqa: BLE001 -- a config today's schema rejects differs by definition
+            saved_sections = saved["config"]
         for section in RESUME_CHECKED_SECTIONS:
-            if saved["config"].get(section) != current[section]:
+            if saved_sections.get(section) != current[section]:
                 raise ConfigError(
                     f"--resume: config section '{section}' differs from the one {path} was trained with; "
                     f"resume with the same {', '.join(RESUME_CHECKED_SECTIONS)} sections (see {self.out_dir / 'config.yaml'})"
@@ -268,8 +291,13 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
-            logits = model(x)
-        loss = self.loss_fn(logits, y)
+            if self.detector:  # label = per-slice instance ids; the model returns its loss terms
+                from medseg.models.detection.maskrcnn import instance_targets
+
+                terms = model(x, instance_targets(y))
+            else:
+                logits = model(x)
+        loss = sum(v.float() for v in terms.values()) if self.detector else self.loss_fn(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip is not None:
@@ -407,10 +435,11 @@ class Trainer:
         model = self.model
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            model = DistributedDataParallel(self.model, device_ids=ids)
+            # a Mask R-CNN batch without lesion leaves the mask head out of the graph
+            model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=self.detector)
         history = MetricsHistory(self.out_dir, self.state.epoch) if info.is_main else None
         if info.is_main:
-            dump_config(cfg, self.out_dir / "config.yaml")
+            dump_config(self.cfg, self.out_dir / "config.yaml")  # with what setup filled in (maskrcnn anchors)
             log.info("device %s, amp %s, %d rank(s); writing to %s", info.device, self.amp, info.world_size, self.out_dir)
         epoch_seconds: list[float] = []
         stop_reason = "epochs"

@@ -26,6 +26,8 @@ from medseg.inference.cases import InferenceCase
 from medseg.inference.lesion_table import lesion_table
 from medseg.inference.outputs import CaseWriter, SegExport, discard_case
 from medseg.io import Geometry
+from medseg.model_names import is_instance_arch
+from medseg.prediction.instances import InstancePrediction, instances_in_mask, predict_instances
 from medseg.prediction.postprocess import postprocess
 from medseg.prediction.predictor import predict_volume
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
@@ -46,6 +48,7 @@ class PreparedCase:
     geometry: Geometry
     seconds: float
     seg_export: SegExport | None = None  # how its DICOM SEG is written (output_format dicom-seg/both)
+    detections: InstancePrediction | None = None  # instance models: linked lesions on the preprocessed grid
 
 
 @dataclass
@@ -67,6 +70,13 @@ class CasePredictor:
         cfg = bundle.config
         self.chain: Compose = preprocess_transforms(cfg.preprocess, bundle.modality, bundle.channels, with_label=False)
         self.ras_axis = AXIS_INDEX[cfg.preprocess.slice_axis]
+        self.detector = is_instance_arch(cfg.model.arch)
+        if self.detector and len(bundle.models) > 1:
+            raise MedsegError(f"{cfg.model.arch} checkpoints predict lesion instances, which are not averaged across "
+                              f"models: give one checkpoint (got {len(bundle.models)})")
+        if self.detector and bundle.inference.tta:
+            raise MedsegError(f"inference.tta is not supported for {cfg.model.arch} (instances are not averaged "
+                              "across flips); set inference.tta=false")
 
     def prepare(self, case: InferenceCase) -> PreparedCase:
         """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
@@ -101,11 +111,12 @@ class CasePredictor:
         n_classes = out_channels - 1 if out_channels > 1 else 1
         return SegExport(source, cfg.dicom_seg, Algorithm.from_checkpoints(self.bundle.checkpoint_sha256()), n_classes)
 
-    def to_source(self, prob: torch.Tensor, prepared: PreparedCase) -> np.ndarray:
-        """(K, R, A, S) probabilities on the preprocessed grid -> float32 (K, I, J, K) source grid."""
+    def to_source(self, prob: torch.Tensor, prepared: PreparedCase, nearest: bool = False) -> np.ndarray:
+        """(K, R, A, S) probabilities on the preprocessed grid -> float32 (K, I, J, K) source grid
+        (``nearest``: nearest-neighbour resampling, for label maps)."""
         image = prepared.data[IMAGE_KEY]
         pred = MetaTensor(prob, meta=copy.copy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
-        inverted = Invertd("pred", self.chain, orig_keys=IMAGE_KEY, nearest_interp=False)({IMAGE_KEY: image, "pred": pred})
+        inverted = Invertd("pred", self.chain, orig_keys=IMAGE_KEY, nearest_interp=nearest)({IMAGE_KEY: image, "pred": pred})
         out = inverted["pred"]
         array = out.as_tensor().numpy() if isinstance(out, MetaTensor) else np.asarray(out)
         return array.astype(np.float32, copy=False)
@@ -118,6 +129,13 @@ class CasePredictor:
         precision): the image was checked for NaN on reading, so the model is to blame, and a NaN
         map would otherwise be written as an empty mask."""
         start = time.perf_counter()
+        if self.detector:
+            found = predict_instances(
+                self.bundle.models[0], prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
+                self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1,
+            )
+            prepared.detections = found
+            return found.prob, time.perf_counter() - start
         prob = predict_volume(
             self.bundle.models, prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
             self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1,
@@ -153,13 +171,23 @@ class CasePredictor:
                 writer.probability(lesion_prob)
         lesions = table = None
         if cfg.write_lesions:
-            lesions, n = label_components(mask, cfg.connectivity)
+            learned = None
+            n = 0
+            if prepared.detections is not None:  # the model's own instances and learned scores
+                found = prepared.detections
+                ids = torch.from_numpy(found.instances.astype(np.float32))[None]
+                ids_src = self.to_source(ids, prepared, nearest=True)[0].round().astype(np.int32)
+                lesions, n, mean, best = instances_in_mask(mask, ids_src, found.score_mean, found.score_max)
+                learned = (mean, best)
+            if n == 0:
+                lesions, n = label_components(mask, cfg.connectivity)
+                learned = None
             if writer is not None:
                 writer.lesions(lesions, n)
             affine = prepared.geometry.affine
             table = lesion_table(
                 lesions, n, lesion_prob, affine, spacing, index_axis(affine, self.ras_axis),
-                classes=mask if prob_src.shape[0] > 1 else None,
+                classes=mask if prob_src.shape[0] > 1 else None, learned_scores=learned,
             )
             if writer is not None:
                 writer.table(table)

@@ -12,7 +12,10 @@ Columns (one row per lesion, ``lesion_id`` = the value in the instance map):
 lesion_id                  1..N, in raster order of the (I, J, K) array (cc3d labelling)
 class                      most frequent predicted class in the lesion (1 for binary models)
 voxels, volume_ml          size; mL = voxels x voxel volume / 1000
-score_mean, score_max      mean and max lesion probability inside the lesion
+score_mean, score_max      mean and max lesion probability inside the lesion; for instance
+                           models (Mask R-CNN) the learned lesion score instead: the per-slice
+                           detection scores averaged by slice area, and their maximum
+score_source               ``probability``, ``learned`` or ``none`` (what score_mean/max are)
 centroid_i/j/k             centroid in voxel indices of the source grid
 centroid_x/y/z_ras_mm      the same point in RAS world millimetres (scanner coordinates)
 bbox_i_min ... bbox_k_max  bounding box, inclusive voxel indices
@@ -35,7 +38,7 @@ LESION_COLUMNS = (
     "lesion_id", "class", "voxels", "volume_ml", "score_mean", "score_max",
     "centroid_i", "centroid_j", "centroid_k", "centroid_x_ras_mm", "centroid_y_ras_mm", "centroid_z_ras_mm",
     "bbox_i_min", "bbox_i_max", "bbox_j_min", "bbox_j_max", "bbox_k_min", "bbox_k_max",
-    "max_inplane_diameter_mm",
+    "max_inplane_diameter_mm", "score_source",
 )  # fmt: skip
 
 
@@ -60,16 +63,20 @@ def lesion_table(
     spacing: Sequence[float],
     slice_axis: int,
     classes: np.ndarray | None = None,
+    learned_scores: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per lesion of ``labels`` (columns: module docstring, ``LESION_COLUMNS``).
 
     ``labels``: (I, J, K) instance ids 0..n; ``lesion_prob``: (I, J, K) lesion probability or
     None (scores NaN); ``affine``: 4x4 RAS; ``spacing``: mm along I, J, K; ``slice_axis``: index
     axis normal to the slices (``medseg.geometry.index_axis``); ``classes``: (I, J, K) uint8 predicted
-    classes (None: class 1 for every lesion).
+    classes (None: class 1 for every lesion). ``learned_scores``: (score_mean, score_max) per
+    lesion 1..n from an instance model; they replace the probability scores (``score_source``
+    ``learned``).
     """
     if n == 0:
-        return pd.DataFrame({c: pd.Series(dtype=np.float64 if "mm" in c or "score" in c or c == "volume_ml" else np.int64)
+        return pd.DataFrame({c: pd.Series(dtype=object if c == "score_source" else
+                                          np.float64 if "mm" in c or "score" in c or c == "volume_ml" else np.int64)
                              for c in LESION_COLUMNS})
     outer = bounding_box(labels)  # every measure is taken inside the lesions' bounding box
     assert outer is not None, "n > 0 but labels are empty"
@@ -80,10 +87,15 @@ def lesion_table(
     centroids = np.asarray(stats["centroids"][1 : n + 1], dtype=np.float64) + origin
     boxes = stats["bounding_boxes"][1 : n + 1]
     ids = np.arange(1, n + 1)
-    if lesion_prob is not None:
+    source = "probability"
+    if learned_scores is not None:
+        score_mean, score_max = (np.asarray(v, dtype=np.float64) for v in learned_scores)
+        source = "learned"
+    elif lesion_prob is not None:
         score_mean, score_max = _scores(labels, n, np.asarray(lesion_prob)[outer], counts)
     else:
         score_mean = score_max = np.full(n, np.nan)
+        source = "none"
     if classes is not None:
         classes = np.asarray(classes)[outer]
         cls = np.empty(n, dtype=np.int64)
@@ -115,4 +127,5 @@ def lesion_table(
         table[f"bbox_{name}_min"] = np.array([b[axis].start for b in boxes], dtype=np.int64) + origin[axis]
         table[f"bbox_{name}_max"] = np.array([b[axis].stop - 1 for b in boxes], dtype=np.int64) + origin[axis]
     table["max_inplane_diameter_mm"] = diameters
+    table["score_source"] = np.full(n, source, dtype=object)
     return pd.DataFrame(table, columns=list(LESION_COLUMNS))

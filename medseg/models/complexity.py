@@ -59,10 +59,12 @@ class ReceptiveField:
 
     pixels: float
     global_pooling: bool
+    roi: bool = False  # an instance model: ``pixels`` is its finest FPN level's; the heads see each whole RoI
 
     def __str__(self) -> str:
         text = f"{self.pixels:g}"
-        return f"{text} + global" if self.global_pooling else text
+        text = f"{text} + global" if self.global_pooling else text
+        return f"{text} + RoI" if self.roi else text
 
 
 @dataclass(frozen=True)
@@ -138,18 +140,21 @@ def receptive_field(model: nn.Module, in_channels: int, size: int = 64) -> Recep
     """Theoretical receptive field of ``model``'s output, traced on a ``size x size`` input (eval mode).
 
     The value does not depend on ``size`` (it may exceed it); ``size`` only has to be a valid input.
+    For an instance model (a ``pyramid`` method: Mask R-CNN) it is the finest FPN level's, marked
+    ``+ RoI``: the box and mask heads pool each whole proposal box from it.
     """
     was_training = model.training
     model.eval()
     x = torch.zeros(1, in_channels, size, size)
     mode = _ReceptiveFieldMode()
+    pyramid = getattr(model, "pyramid", None)  # Mask R-CNN: the dense part ends at the FPN
     try:
         with torch.no_grad(), mode:
             mode.set(x, _Meta(1.0, 1.0))
-            y = model(x)
+            y = pyramid(x)[0] if pyramid is not None else model(x)
             meta = mode.get(y)
     finally:
         model.train(was_training)
     if meta is None:
         raise RuntimeError("receptive field: the output does not depend on the input")
-    return ReceptiveField(pixels=meta.r, global_pooling=meta.glob)
+    return ReceptiveField(pixels=meta.r, global_pooling=meta.glob, roi=pyramid is not None)

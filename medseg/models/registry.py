@@ -27,6 +27,7 @@ from medseg.model_names import (
     unsupported_options,
 )
 from medseg.models.deeplab import build_deeplabv3plus
+from medseg.models.detection.maskrcnn import build_maskrcnn
 from medseg.models.encoders import (
     Encoder,
     resnet18_encoder,
@@ -46,6 +47,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet_inception": build_unet_inception,
     "deeplabv3plus": build_deeplabv3plus,
     "segnet": build_segnet,
+    "maskrcnn": build_maskrcnn,
 }
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {

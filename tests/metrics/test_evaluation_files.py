@@ -119,7 +119,7 @@ def test_probability_and_instance_scores_rank_lesions(tmp_path: Path) -> None:
     summary = evaluate(pred, manifest, tmp_path / "prob", Config(), progress=False)
     # FP outranks A: hit at rank 2 of 2 reference lesions -> AP = (1/2) / 2; c2 has no prob file
     assert summary["per_region"]["lesion"]["detection"]["ap"]["0.5"] == pytest.approx(0.25)
-    assert summary["score_source"] == "mixed"
+    assert summary["score_source"] == "probability"  # c2 predicts no lesion: nothing of it is ranked
 
     instances = np.zeros(SHAPE, np.int16)
     instances[A], instances[FP] = 1, 2
@@ -236,3 +236,35 @@ def test_lesion_table_must_cover_the_instance_map(tmp_path: Path) -> None:
     # an instance map without its table is ignored (with a warning): no scores
     (pred / "c1_lesions.csv").unlink()
     assert evaluate(pred, manifest, tmp_path / "out", Config(), progress=False)["score_source"] == "none"
+
+
+def test_learned_instances_are_the_predicted_lesions(tmp_path: Path) -> None:
+    """An instance model's outputs: its instances are the lesions (touching ones stay two), its
+    learned scores rank them; an instance-labelled reference (instances: values) counts two."""
+    manifest, pred = build(tmp_path)
+    left, right = (slice(2, 8), slice(2, 8), slice(2, 5)), (slice(2, 8), slice(2, 8), slice(5, 8))  # A in two halves
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[left], ref[right] = 3, 5
+    write_nifti(tmp_path / "data" / "c1_seg.nii.gz", ref)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[A] = 1
+    write_nifti(pred / "c1_mask.nii.gz", mask)
+    instances = np.zeros(SHAPE, np.int16)
+    instances[left], instances[right] = 2, 1
+    write_nifti(pred / "c1_lesions.nii.gz", instances)
+    table = {"lesion_id": [1, 2], "score_mean": [0.4, 0.9], "score_source": ["learned", "learned"]}
+    pd.DataFrame(table).to_csv(pred / "c1_lesions.csv", index=False)
+
+    cfg = Config.model_validate({"data": {"labels": {"instances": "values"}}})
+    summary = evaluate(pred, manifest, tmp_path / "learned", cfg, progress=False)
+    assert summary["score_source"] == "learned"
+    pooled = summary["per_region"]["lesion"]["lesion"]["pooled"]
+    assert (pooled["n_ref"], pooled["n_pred"], pooled["tp"], pooled["f1"]) == (2, 2, 2, 1.0)
+    matches = pd.read_csv(tmp_path / "learned" / "lesion_matches.csv")
+    assert sorted(matches[matches.side == "prediction"].score.tolist()) == [0.4, 0.9]
+
+    # the same files scored as a plain lesion table: connected components, one predicted lesion
+    pd.DataFrame({**table, "score_source": ["probability"] * 2}).to_csv(pred / "c1_lesions.csv", index=False)
+    plain = evaluate(pred, manifest, tmp_path / "plain", cfg, progress=False)
+    assert plain["score_source"] == "lesions_csv"
+    assert plain["per_region"]["lesion"]["lesion"]["pooled"]["n_pred"] == 1

@@ -242,3 +242,35 @@ def test_translate_sets_the_training_crop_margin():
 
     assert crop_margin(AugmentConfig(translate=0.25), (160, 192)) == (40, 48)
     assert crop_margin(AugmentConfig(translate=0.25, enabled=False), (160, 192)) == (0, 0)
+
+
+def test_instance_labels_per_slice(tmp_path):
+    """Instance models train on per-slice lesion ids: ``values`` keeps touching lesions apart
+    (an instance-labelled reference), ``components`` merges them; the cache tells the two apart."""
+    from medseg.config import LabelConfig
+    from medseg.data.volumes import slice_instances
+
+    manifest = generate_dataset(tmp_path / "data", 1, shape=(48, 48, 12), seed=2, val_fraction=0, test_fraction=0,
+                                touching_pairs=1, instance_labels=True)
+    case = read_manifest(manifest)[0]
+    preprocess = PreprocessConfig()
+    values, components = LabelConfig(instances="values"), LabelConfig(instances="components")
+    by_value = load_volume(case, preprocess, values, tmp_path / "cache", instances=True)
+    by_component = load_volume(case, preprocess, components, tmp_path / "cache", instances=True)
+    mask = load_volume(case, preprocess, values, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    assert by_value.instances and not mask.instances
+    assert torch.equal(by_value.label > 0, mask.label > 0) and torch.equal(by_component.label > 0, mask.label > 0)
+    per_slice = [(int(v.max()), int(c.max())) for v, c in zip(by_value.label, by_component.label, strict=True)]
+    assert any(v == c + 1 for v, c in per_slice), per_slice  # a slice where the touching pair is one component
+    # the index counts lesion slices from the ids as from the mask
+    assert np.array_equal(SliceIndex.from_volumes([by_value]).lesion, SliceIndex.from_volumes([mask]).lesion)
+
+    plane = np.zeros((2, 6, 6), dtype=np.int32)
+    plane[0, 1:3, 1:3], plane[0, 3:5, 1:3] = 7, 9
+    assert slice_instances(plane, values=True, where="x")[0].max() == 2
+    assert slice_instances(plane > 0, values=False, where="x")[0].max() == 1
+    crowded = np.zeros((1, 40, 40), dtype=np.int32)
+    crowded[0, ::2, ::2] = 1  # 400 isolated pixels
+    with pytest.raises(Exception, match="at most 255"):
+        slice_instances(crowded, values=False, where="case x")

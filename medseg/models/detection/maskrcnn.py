@@ -11,7 +11,7 @@ Pipeline for a batch ``x`` (B, C, H, W) (edge-padded to the deepest used stride)
    per image, half positive at most; BCE + smooth L1. Proposals: top-k per level, decoded,
    clipped, NMS 0.7.
 3. **RoI heads**: proposals (plus the ground-truth boxes in training) matched at IoU 0.5,
-   128 sampled per image with at most 25 % lesions. RoIAlign (:mod:`.roi_align`, 7 x 7 from the
+   64 sampled per image with at most 25 % lesions. RoIAlign (:mod:`.roi_align`, 7 x 7 from the
    FPN level that fits the box size) -> two FC layers -> lesion-vs-background logits and box
    deltas (BoxCoder (10, 10, 5, 5)). The mask branch runs **in parallel** on the lesion RoIs:
    RoIAlign 14 x 14 -> four 3x3 convs -> 2x deconv -> 28 x 28 logits, trained with per-pixel BCE
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +55,7 @@ class MaskRCNNSettings:
     rpn_nms: float = 0.7
     rpn_iou: tuple[float, float] = (0.3, 0.7)  # negative below, positive from
     rpn_batch: int = 256
-    roi_batch: int = 128
+    roi_batch: int = 64  # per image: lesion slices hold few objects; the mask head runs on up to a quarter of these
     roi_positive_fraction: float = 0.25
     roi_iou: float = 0.5
     score_threshold: float = 0.05
@@ -103,8 +104,8 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     n = masks.shape[0]
     if n == 0:
         return masks.new_zeros((0, height, width))
-    xs = torch.arange(width, dtype=masks.dtype) + 0.5
-    ys = torch.arange(height, dtype=masks.dtype) + 0.5
+    xs = torch.arange(width, dtype=masks.dtype, device=masks.device) + 0.5
+    ys = torch.arange(height, dtype=masks.dtype, device=masks.device) + 0.5
     w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3)
     h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3)
     gx = 2 * (xs[None] - boxes[:, 0:1]) / w[:, None] - 1  # (N, W)
@@ -160,12 +161,13 @@ class MaskRCNN(nn.Module):
         for level, feature in enumerate(pyramid):
             b, _, h, w = feature.shape
             t = F.relu(self.rpn_conv(feature))
-            scores.append(self.rpn_objectness(t).permute(0, 2, 3, 1).reshape(b, -1))
-            d = self.rpn_deltas(t).view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2)
+            # float32 from here on (under autocast too): box coordinates in bf16 are off by pixels
+            scores.append(self.rpn_objectness(t).float().permute(0, 2, 3, 1).reshape(b, -1))
+            d = self.rpn_deltas(t).float().view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2)
             deltas.append(d.reshape(b, -1, 4))
             cells = getattr(self, f"cells_{level}")
             anchors.append(grid_anchors(h, w, self.strides[level], cells).to(feature.device))
-            levels.append(torch.full((anchors[-1].shape[0],), level, dtype=torch.long))
+            levels.append(torch.full((anchors[-1].shape[0],), level, dtype=torch.long, device=feature.device))
         return torch.cat(scores, 1), torch.cat(deltas, 1), torch.cat(anchors), torch.cat(levels)
 
     def proposals(self, scores, deltas, anchors, levels, size: tuple[int, int]) -> list[torch.Tensor]:
@@ -183,7 +185,7 @@ class MaskRCNN(nn.Module):
                 keep_boxes.append(boxes[ok])
                 keep_scores.append(scores[b, chosen].detach()[ok])
             boxes, box_scores = torch.cat(keep_boxes), torch.cat(keep_scores)
-            kept = nms(boxes, box_scores, s.rpn_nms)[: s.rpn_post_nms[mode]]
+            kept = nms(boxes, box_scores, s.rpn_nms, s.rpn_post_nms[mode])
             out.append(boxes[kept])
         return out
 
@@ -191,13 +193,13 @@ class MaskRCNN(nn.Module):
         """RoIAlign of ``boxes`` from the FPN level that fits each box: level k holds boxes whose
         side is nearest its anchor size (log scale)."""
         side = box_area(boxes).clamp(min=1e-6).sqrt()
-        sizes = torch.as_tensor(self.settings.anchor_sizes, dtype=side.dtype)
+        sizes = torch.as_tensor(self.settings.anchor_sizes, dtype=side.dtype, device=side.device)
         level = torch.argmin((side[:, None].log() - sizes[None].log()).abs(), dim=1)
         out = pyramid[0].new_zeros((boxes.shape[0], pyramid[0].shape[1], size, size))
         for k, feature in enumerate(pyramid):
             sel = torch.nonzero(level == k, as_tuple=True)[0]
             if sel.numel():
-                out[sel] = roi_align(feature, boxes[sel], batch_index[sel], size, 1.0 / self.strides[k], 2)
+                out[sel] = roi_align(feature, boxes[sel], batch_index[sel], size, 1.0 / self.strides[k], 2).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ training
@@ -210,12 +212,13 @@ class MaskRCNN(nn.Module):
         x = pad_to_multiple(x, self.multiple)
         pyramid = self.pyramid(x)
         scores, deltas, anchors, levels = self.rpn(pyramid)
-        gt_boxes = [masks_to_boxes(m) if m.shape[0] else torch.zeros((0, 4)) for m in instances]
+        dev = x.device
+        gt_boxes = [masks_to_boxes(m) if m.shape[0] else torch.zeros((0, 4), device=dev) for m in instances]
         losses = {k: x.new_zeros(()) for k in ("rpn_objectness", "rpn_box", "box_class", "box_regression", "mask")}
         n_rpn = 0
         for b, boxes in enumerate(gt_boxes):
-            labels = torch.zeros(anchors.shape[0], dtype=torch.long)
-            matched = torch.zeros(anchors.shape[0], dtype=torch.long)
+            labels = torch.zeros(anchors.shape[0], dtype=torch.long, device=dev)
+            matched = torch.zeros(anchors.shape[0], dtype=torch.long, device=dev)
             if boxes.shape[0]:
                 iou = box_iou(anchors, boxes)
                 best, matched = iou.max(dim=1)
@@ -225,7 +228,7 @@ class MaskRCNN(nn.Module):
             pos, neg = sample_labels(labels, s.rpn_batch, 0.5)
             sampled = torch.cat([pos, neg])
             n_rpn += sampled.numel()
-            target = torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())])
+            target = torch.cat([torch.ones(pos.numel(), device=dev), torch.zeros(neg.numel(), device=dev)])
             losses["rpn_objectness"] = losses["rpn_objectness"] + F.binary_cross_entropy_with_logits(
                 scores[b, sampled], target, reduction="sum")
             if pos.numel():
@@ -238,33 +241,33 @@ class MaskRCNN(nn.Module):
         roi_boxes, roi_batch, roi_labels, roi_targets, roi_masks = [], [], [], [], []
         for b, (props, boxes) in enumerate(zip(proposals, gt_boxes, strict=True)):
             candidates = torch.cat([props, boxes])
-            labels = torch.zeros(candidates.shape[0], dtype=torch.long)
-            matched = torch.zeros(candidates.shape[0], dtype=torch.long)
+            labels = torch.zeros(candidates.shape[0], dtype=torch.long, device=dev)
+            matched = torch.zeros(candidates.shape[0], dtype=torch.long, device=dev)
             if boxes.shape[0]:
                 best, matched = box_iou(candidates, boxes).max(dim=1)
                 labels = (best >= s.roi_iou).long()
             pos, neg = sample_labels(labels, s.roi_batch, s.roi_positive_fraction)
             for idx, label in ((pos, 1), (neg, 0)):
                 roi_boxes.append(candidates[idx])
-                roi_batch.append(torch.full((idx.numel(),), b, dtype=torch.long))
-                roi_labels.append(torch.full((idx.numel(),), label, dtype=torch.long))
-                roi_targets.append(boxes[matched[idx]] if label else torch.zeros((idx.numel(), 4)))
+                roi_batch.append(torch.full((idx.numel(),), b, dtype=torch.long, device=dev))
+                roi_labels.append(torch.full((idx.numel(),), label, dtype=torch.long, device=dev))
+                roi_targets.append(boxes[matched[idx]] if label else torch.zeros((idx.numel(), 4), device=dev))
                 if label and idx.numel():
                     # the lesion's mask RoIAligned into the sampled box, as the mask branch's target
-                    own = roi_align(instances[b].float()[None], candidates[idx], torch.zeros(idx.numel(), dtype=torch.long),
+                    own = roi_align(instances[b].float()[None], candidates[idx], torch.zeros(idx.numel(), dtype=torch.long, device=dev),
                                     s.mask_size, 1.0, 2)  # (n, N_b, M, M)  # fmt: skip
                     roi_masks.append(own[torch.arange(idx.numel()), matched[idx]] >= 0.5)
         boxes = torch.cat(roi_boxes)
         batch_index, labels, targets = torch.cat(roi_batch), torch.cat(roi_labels), torch.cat(roi_targets)
         if boxes.shape[0]:
             hidden = self.box_head(self.roi_features(pyramid, boxes, batch_index, s.roi_size))
-            losses["box_class"] = F.cross_entropy(self.box_score(hidden), labels)
+            losses["box_class"] = F.cross_entropy(self.box_score(hidden).float(), labels)
             fg = torch.nonzero(labels == 1, as_tuple=True)[0]
             if fg.numel():
                 goal = self.box_coder.encode(targets[fg], boxes[fg])
-                losses["box_regression"] = smooth_l1(self.box_deltas(hidden)[fg], goal, 1.0) / labels.numel()
+                losses["box_regression"] = smooth_l1(self.box_deltas(hidden)[fg].float(), goal, 1.0) / labels.numel()
                 mask_logits = self.mask_head(self.roi_features(pyramid, boxes[fg], batch_index[fg], s.mask_size // 2))
-                losses["mask"] = F.binary_cross_entropy_with_logits(mask_logits[:, 0], torch.cat(roi_masks).float())
+                losses["mask"] = F.binary_cross_entropy_with_logits(mask_logits[:, 0].float(), torch.cat(roi_masks).float())
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -280,31 +283,36 @@ class MaskRCNN(nn.Module):
         proposals = self.proposals(scores, deltas, anchors, levels, (h, w))
         results = []
         for b, props in enumerate(proposals):
-            batch_index = torch.full((props.shape[0],), b, dtype=torch.long)
+            batch_index = torch.full((props.shape[0],), b, dtype=torch.long, device=x.device)
             if props.shape[0] == 0:
                 results.append({"boxes": props, "scores": props.new_zeros(0), "masks": x.new_zeros((0, h, w))})
                 continue
             hidden = self.box_head(self.roi_features(pyramid, props, batch_index, s.roi_size))
-            score = F.softmax(self.box_score(hidden), dim=1)[:, 1]
-            boxes = clip_boxes(self.box_coder.decode(self.box_deltas(hidden), props), h, w)
+            score = F.softmax(self.box_score(hidden).float(), dim=1)[:, 1]
+            boxes = clip_boxes(self.box_coder.decode(self.box_deltas(hidden).float(), props), h, w)
             ok = (score >= s.score_threshold) & ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
             boxes, score = boxes[ok], score[ok]
-            kept = nms(boxes, score, s.box_nms)[: s.detections]
+            kept = nms(boxes, score, s.box_nms, s.detections)
             boxes, score = boxes[kept], score[kept]
             masks = x.new_zeros((0, h, w))
             if boxes.shape[0]:
-                kept_index = torch.full((boxes.shape[0],), b, dtype=torch.long)
+                kept_index = torch.full((boxes.shape[0],), b, dtype=torch.long, device=x.device)
                 logits = self.mask_head(self.roi_features(pyramid, boxes, kept_index, s.mask_size // 2))
-                masks = paste_masks(torch.sigmoid(logits[:, 0]), boxes, h, w)
+                masks = paste_masks(torch.sigmoid(logits[:, 0].float()), boxes, h, w)
             results.append({"boxes": boxes, "scores": score, "masks": masks})
         return results
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1, H, W) logits of the per-pixel ``max_i score_i * mask_i``."""
-        prob = x.new_zeros((x.shape[0], 1, x.shape[-2], x.shape[-1]))
+    def forward(self, x: torch.Tensor, instances: list[torch.Tensor] | None = None):
+        """With ``instances`` (training): :meth:`loss`, a dict of loss terms, so DDP sees the
+        training pass as the wrapper's forward. Without: (B, C, H, W) -> (B, 1, H, W) logits of
+        the per-pixel ``max_i score_i * mask_i`` (no gradient: the dense view for validation,
+        the sliding-window predictor and export)."""
+        if instances is not None:
+            return self.loss(x, instances)
+        prob = x.new_zeros((x.shape[0], 1, x.shape[-2], x.shape[-1]), dtype=torch.float32)
         for b, found in enumerate(self.detect(x)):
             if found["scores"].numel():
-                prob[b, 0] = (found["scores"][:, None, None] * found["masks"]).max(dim=0).values
+                prob[b, 0] = (found["scores"][:, None, None] * found["masks"]).float().max(dim=0).values
         eps = 1e-4
         return torch.logit(prob.clamp(eps, 1 - eps))
 
@@ -314,4 +322,39 @@ def anchor_settings_for(diameters_px: list[float], levels: int = 4) -> MaskRCNNS
     return MaskRCNNSettings(anchor_sizes=anchor_sizes(diameters_px, levels))
 
 
-__all__ = ["FPN", "MaskRCNN", "MaskRCNNSettings", "anchor_settings_for", "paste_masks"]
+def instance_sides(label: np.ndarray) -> list[float]:
+    """Square-equivalent box side ``sqrt(h * w)`` in pixels of every 2-D instance of a slice-major
+    (S, H, W) map of per-slice instance ids (0 background): what the anchors are sized from."""
+    from scipy import ndimage
+
+    sides: list[float] = []
+    for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
+        for box in ndimage.find_objects(label[z]):
+            if box is not None:
+                sides.append(float(np.sqrt((box[0].stop - box[0].start) * (box[1].stop - box[1].start))))
+    return sides
+
+
+def build_maskrcnn(encoder: Encoder, out_channels: int = 1, anchor_sizes: list[float] | None = None) -> MaskRCNN:
+    """Registry builder of ``maskrcnn``: one lesion class (``out_channels`` 1), anchors of
+    ``anchor_sizes`` (pixels per FPN level; None: :func:`.anchors.anchor_sizes`' default)."""
+    if out_channels != 1:
+        raise ValueError(f"maskrcnn detects one lesion class: model.out_channels must be 1, got {out_channels}")
+    settings = MaskRCNNSettings(anchor_sizes=[float(a) for a in anchor_sizes]) if anchor_sizes else None
+    return MaskRCNN(encoder, settings)
+
+
+def instance_targets(label: torch.Tensor) -> list[torch.Tensor]:
+    """(B, 1, H, W) per-slice instance ids (0 background, float or int) -> per image an
+    (N_i, H, W) boolean stack, one mask per distinct non-zero id (ascending)."""
+    out = []
+    for image in label[:, 0]:
+        ids = torch.unique(image)
+        ids = ids[ids > 0]
+        out.append(image[None] == ids[:, None, None] if ids.numel() else torch.zeros((0, *image.shape), dtype=torch.bool,
+                                                                                     device=image.device))
+    return out
+
+
+__all__ = ["FPN", "MaskRCNN", "MaskRCNNSettings", "anchor_settings_for", "build_maskrcnn", "instance_sides", "instance_targets",
+           "paste_masks"]

@@ -29,7 +29,9 @@ def roi_align(
     """``features`` (B, C, H, W), ``boxes`` (R, 4) in image pixel-edge coordinates, ``batch_index``
     (R,) the image of each box -> (R, C, output_size, output_size).
 
-    ``spatial_scale``: feature pixels per image pixel (1 / stride)."""
+    ``spatial_scale``: feature pixels per image pixel (1 / stride). Computed in float32 (under
+    autocast too): the output is float32."""
+    features = features.float()  # sampling positions in bf16/fp16 would be off by up to a pixel: float32 always
     n_boxes = boxes.shape[0]
     _, channels, height, width = features.shape
     out = features.new_zeros((n_boxes, channels, output_size, output_size))
@@ -58,5 +60,5 @@ def roi_align(
         sampled = F.grid_sample(features[b:b + 1], grid, mode="bilinear", padding_mode="border", align_corners=True)
         sampled = sampled.reshape(channels, len(sel), p * s, p * s).permute(1, 0, 2, 3)
         sampled = sampled * inside[:, None].to(sampled.dtype)
-        out[sel] = sampled.reshape(len(sel), channels, p, s, p, s).mean(dim=(3, 5))
+        out[sel] = F.avg_pool2d(sampled, s) if s > 1 else sampled  # mean of each bin's s x s samples
     return out
