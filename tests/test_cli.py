@@ -35,6 +35,22 @@ def test_synth_then_stats(tmp_path, capsys):
     assert "lesion-distribution curve" in capsys.readouterr().out
 
 
+def test_synth_touching_pairs_with_instance_labels(tmp_path):
+    """Touching pairs: stats (connected components) count each pair once; the label files keep
+    one value per lesion (what data.labels.instances: values reads)."""
+    assert main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--shape", "64", "64", "12",
+                 "--touching-pairs", "1", "--instance-labels"]) == 0  # fmt: skip
+    truth = pd.read_csv(tmp_path / "data" / "phantoms.csv")
+    for case in read_manifest(tmp_path / "data" / "data_manifest.csv"):
+        from medseg.geometry import label_components
+        from medseg.io import read_volume
+
+        label = read_volume(case.label).array
+        n_truth = int(truth.set_index("case_id").loc[case.case_id, "n_lesions"])
+        assert int(label.max()) == n_truth and len(set(label[label > 0].tolist())) == n_truth
+        assert label_components(label > 0)[1] == n_truth - 1  # the pair is one component
+
+
 def test_tracked_demo_manifest_is_what_synth_writes(tmp_path):
     """data_manifest.csv at the repo root describes exactly the phantoms `make demo` generates."""
     main(["synth", "--out", str(tmp_path / "demo_data"), "--n", "12", "--seed", "0",
