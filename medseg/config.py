@@ -334,7 +334,10 @@ class InferenceConfig(StrictModel):
     components, ``connectivity``) smaller than ``min_lesion_mm3`` are removed, and with
     ``min_component_fraction`` > 0 those smaller than that fraction of the largest lesion
     (0.1: keep every lesion of at least a tenth of the largest one's voxels; 1: the largest
-    only). ``medseg run pipelines/auto.yaml`` chooses these on cross-validation.
+    only). ``medseg run pipelines/auto.yaml`` chooses these on cross-validation. Instance models
+    (``maskrcnn``) only: ``min_lesion_score`` drops the lesions whose learned score is below it
+    from the mask and the tables (0 keeps all; choose it on training or validation cases, e.g.
+    where their lesion F1 peaks, never on the cases you report).
 
     Outputs (:mod:`medseg.outputs`): ``write_prob`` adds the probability map; ``write_lesions`` the instance map and
     lesion table. ``output_format``: ``nifti`` (the NIfTI mask), ``dicom-seg``
@@ -365,6 +368,7 @@ class InferenceConfig(StrictModel):
     fill_holes: bool = False
     largest_component: bool = False
     min_component_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_lesion_score: float = Field(default=0.0, ge=0.0, lt=1.0)
     connectivity: Literal[6, 18, 26] = 26
     write_prob: bool = False
     write_lesions: bool = True

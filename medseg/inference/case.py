@@ -27,7 +27,12 @@ from medseg.inference.lesion_table import lesion_table
 from medseg.inference.outputs import CaseWriter, SegExport, discard_case
 from medseg.io import Geometry
 from medseg.model_names import is_instance_arch
-from medseg.prediction.instances import InstancePrediction, instances_in_mask, predict_instances
+from medseg.prediction.instances import (
+    InstancePrediction,
+    drop_low_scores,
+    instances_in_mask,
+    predict_instances,
+)
 from medseg.prediction.postprocess import postprocess
 from medseg.prediction.predictor import predict_volume
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
@@ -74,6 +79,9 @@ class CasePredictor:
         if self.detector and len(bundle.models) > 1:
             raise MedsegError(f"{cfg.model.arch} checkpoints predict lesion instances, which are not averaged across "
                               f"models: give one checkpoint (got {len(bundle.models)})")
+        if not self.detector and bundle.inference.min_lesion_score > 0:
+            raise MedsegError(f"inference.min_lesion_score filters the learned lesion scores of instance models "
+                              f"(maskrcnn); {cfg.model.arch} has none: use min_lesion_mm3 / min_component_fraction")
         if self.detector and bundle.inference.tta:
             raise MedsegError(f"inference.tta is not supported for {cfg.model.arch} (instances are not averaged "
                               "across flips); set inference.tta=false")
@@ -162,6 +170,18 @@ class CasePredictor:
         spacing = prepared.geometry.spacing
         mask = postprocess(prob_src[0] if prob_src.shape[0] == 1 else prob_src, spacing, cfg)
         lesion_prob = prob_src[0] if prob_src.shape[0] == 1 else 1.0 - prob_src[0]
+        learned = None
+        n = 0
+        if prepared.detections is not None and (cfg.write_lesions or cfg.min_lesion_score > 0):
+            # the model's own instances and learned scores, cut to the post-processed mask
+            found = prepared.detections
+            ids = torch.from_numpy(found.instances.astype(np.float32))[None]
+            ids_src = self.to_source(ids, prepared, nearest=True)[0].round().astype(np.int32)
+            lesions, n, mean, best = instances_in_mask(mask, ids_src, found.score_mean, found.score_max)
+            if n and cfg.min_lesion_score > 0:
+                lesions, n, mean, best = drop_low_scores(lesions, mean, best, cfg.min_lesion_score)
+                mask = (lesions > 0).astype(np.uint8)  # the instances cover the mask: what is left of it
+            learned = (mean, best)
         if writer is not None:
             if cfg.output_format != "dicom-seg":
                 writer.mask(mask)
@@ -169,16 +189,10 @@ class CasePredictor:
                 writer.dicom_seg(prepared.seg_export, mask, lesion_prob)
             if cfg.write_prob:
                 writer.probability(lesion_prob)
-        lesions = table = None
-        if cfg.write_lesions:
-            learned = None
-            n = 0
-            if prepared.detections is not None:  # the model's own instances and learned scores
-                found = prepared.detections
-                ids = torch.from_numpy(found.instances.astype(np.float32))[None]
-                ids_src = self.to_source(ids, prepared, nearest=True)[0].round().astype(np.int32)
-                lesions, n, mean, best = instances_in_mask(mask, ids_src, found.score_mean, found.score_max)
-                learned = (mean, best)
+        table = None
+        if not cfg.write_lesions:
+            lesions = None
+        else:
             if n == 0:
                 lesions, n = label_components(mask, cfg.connectivity)
                 learned = None

@@ -213,4 +213,16 @@ def instances_in_mask(
     return out, int(old.size), score_mean[old - 1], score_max[old - 1]
 
 
-__all__ = ["LINK_OVERLAP", "InstancePrediction", "claim_pixels", "instances_in_mask", "link_slices", "predict_instances"]
+def drop_low_scores(
+    lesions: np.ndarray, score_mean: np.ndarray, score_max: np.ndarray, min_score: float
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """Remove the lesions of ``lesions`` (ids 1..n) whose ``score_mean`` is below ``min_score``;
+    the others keep their order, renumbered 1..m. Returns (lesions, m, score_mean, score_max)."""
+    keep = score_mean >= min_score
+    lookup = np.zeros(score_mean.size + 1, dtype=np.int32)
+    lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lookup[lesions], int(keep.sum()), score_mean[keep], score_max[keep]
+
+
+__all__ = ["LINK_OVERLAP", "InstancePrediction", "claim_pixels", "drop_low_scores", "instances_in_mask", "link_slices",
+           "predict_instances"]

@@ -104,3 +104,12 @@ def test_predict_instances_links_slices_into_lesions_with_learned_scores():
     assert torch.allclose(found.prob[3, 2, 0], torch.tensor(0.9)) and float(found.prob[..., 3].max()) == 0.0
     # both touching lesions are one connected component: instances tell them apart
     assert label_components((found.instances[..., :3] > 0).astype(np.uint8))[1] == 1
+
+
+def test_drop_low_scores_keeps_order_and_renumbers():
+    from medseg.prediction.instances import drop_low_scores
+
+    lesions = np.array([[[1, 2, 3, 0]]], dtype=np.int32)
+    out, n, mean, best = drop_low_scores(lesions, np.array([0.9, 0.3, 0.8]), np.array([0.95, 0.4, 0.85]), 0.5)
+    assert n == 2 and out.tolist() == [[[1, 0, 2, 0]]]
+    assert mean.tolist() == [0.9, 0.8] and best.tolist() == [0.95, 0.85]
