@@ -113,3 +113,13 @@ def test_drop_low_scores_keeps_order_and_renumbers():
     out, n, mean, best = drop_low_scores(lesions, np.array([0.9, 0.3, 0.8]), np.array([0.95, 0.4, 0.85]), 0.5)
     assert n == 2 and out.tolist() == [[[1, 0, 2, 0]]]
     assert mean.tolist() == [0.9, 0.8] and best.tolist() == [0.95, 0.85]
+
+
+def test_min_lesion_score_is_for_instance_models():
+    from infer_helpers import identity_bundle
+
+    from medseg.errors import MedsegError
+    from medseg.inference.runner import CasePredictor
+
+    with pytest.raises(MedsegError, match="min_lesion_score filters the learned lesion scores"):
+        CasePredictor(identity_bundle(inference=InferenceConfig(min_lesion_score=0.5)))

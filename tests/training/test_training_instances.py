@@ -125,3 +125,24 @@ def test_instance_models_refuse_what_they_cannot_do(trained, tmp_path, capsys):
     assert "inference.tta is not supported" in capsys.readouterr().err
     assert main(["export", checkpoint, "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 2
     assert "cannot be traced" in capsys.readouterr().err
+
+
+def test_min_lesion_score_cuts_lesions_from_mask_and_table(trained, tmp_path):
+    root, manifest, _ = trained
+    checkpoint = str(root / "run" / "last.pt")
+    common = ["--manifest", str(manifest), "--no-progress", "--set", "inference.precision=fp32"]
+    assert main(["infer", "--checkpoint", checkpoint, "--out", str(tmp_path / "all"), *common]) == 0
+    scores = pd.concat(pd.read_csv(p) for p in sorted((tmp_path / "all").glob("*_lesions.csv")))["score_mean"]
+    cut = float(scores.median())
+    assert main(["infer", "--checkpoint", checkpoint, "--out", str(tmp_path / "cut"), *common,
+                 "--set", f"inference.min_lesion_score={cut}"]) == 0  # fmt: skip
+    kept = 0
+    for table_path in sorted((tmp_path / "cut").glob("*_lesions.csv")):
+        case_id = table_path.name.removesuffix("_lesions.csv")
+        table = pd.read_csv(table_path)
+        assert (table["score_mean"] >= cut).all()
+        kept += len(table)
+        instances = read_volume(tmp_path / "cut" / f"{case_id}_lesions.nii.gz").array
+        mask = read_volume(tmp_path / "cut" / f"{case_id}_mask.nii.gz").array
+        assert np.array_equal(instances > 0, mask > 0) and int(instances.max()) == len(table)
+    assert kept == int((scores >= cut).sum()) and kept < len(scores)
