@@ -13,13 +13,18 @@ import torch
 
 from medseg.config import Config, InferenceConfig, ModelConfig
 from medseg.inference import predict_volume
+from medseg.model_names import is_instance_arch
 from medseg.models import build_model
 from medseg.models.registry import list_models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
 
 
-@pytest.mark.parametrize("arch,encoder", list_models())
+DENSE = [(a, e) for a, e in list_models() if not is_instance_arch(a)]
+INSTANCE = [(a, e) for a, e in list_models() if is_instance_arch(a)]
+
+
+@pytest.mark.parametrize("arch,encoder", DENSE)
 def test_model_trains_under_bf16_autocast_on_cuda(arch, encoder):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, encoder=encoder, in_channels=6, out_channels=1, width=0.25)).cuda()
@@ -38,6 +43,25 @@ def test_model_trains_under_bf16_autocast_on_cuda(arch, encoder):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = model(x).float()
     assert float((bf16 - fp32).norm() / fp32.norm()) < 0.05
+
+
+@pytest.mark.parametrize("arch,encoder", INSTANCE)
+def test_instance_model_trains_and_detects_under_bf16_autocast_on_cuda(arch, encoder):
+    from medseg.models.detection.maskrcnn import instance_targets
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, encoder=encoder, in_channels=6, out_channels=1, width=0.25)).cuda().train()
+    label = torch.zeros(4, 1, 96, 80, device="cuda")
+    label[:, 0, 20:40, 10:30], label[:, 0, 20:40, 30:44] = 1, 2
+    x = torch.randn(4, 6, 96, 80, device="cuda") + 2 * (label > 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(x, instance_targets(label))
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        found = model.eval().detect(x)
+    assert len(found) == 4 and all(f["masks"].shape[1:] == (96, 80) and f["masks"].device.type == "cuda" for f in found)
 
 
 def test_gpu_inference_matches_the_cpu_probabilities():
