@@ -11,6 +11,11 @@ Outputs in ``out_dir``: ``config.yaml`` (the resolved config), ``last.pt`` (ever
 ``train.ema_decay`` both hold the weight average, see ``medseg.engine.ema``),
 ``epoch_NNN.pt`` (with ``train.save_every``), ``history.csv`` and ``tensorboard/``.
 
+Instance models (``maskrcnn``): the cached volumes hold per-slice lesion instance ids
+(``data.labels.instances``), the model's forward with the instances returns its loss terms
+(summed; no Dice/CE), and unset ``model.anchor_sizes`` are sized from the training lesions and
+written into the run's config.
+
 Cross-validation (``fold=k``, :mod:`medseg.folds`): the held-out fold is validated every
 epoch for the record, but nothing is chosen on it: no ``best.pt``, no early stopping; the
 fold's model is ``last.pt`` (the weights after the last epoch).
