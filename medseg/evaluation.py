@@ -322,10 +322,18 @@ class ScoreSource:
         if (pred_mask & (inst == 0)).any():
             raise InputFileError(self.path or "", f"{where}: predicted voxels lie outside every lesion instance")
         labels, old = consecutive_labels(inst)
-        unknown = sorted({int(i) for i in old} - set(self.instance_scores))
+        return labels, int(old.size), self._table_scores(old, where)
+
+    def _table_scores(self, ids: np.ndarray, where: str) -> np.ndarray:
+        """The table's ``score_mean`` of each instance id in ``ids``; an id without a row is an
+        ``InputFileError``."""
+        assert self.instance_scores is not None
+        unknown = sorted({int(i) for i in ids} - set(self.instance_scores))
         if unknown:
-            raise InputFileError(self.path or "", f"{where}: lesion_id(s) {unknown[:10]} have no row in this table")
-        return labels, int(old.size), np.array([self.instance_scores[int(i)] for i in old], dtype=np.float64)
+            raise InputFileError(
+                self.path or "", f"{where}: lesion_id(s) {unknown[:10]} have no row in this table"
+            )
+        return np.array([self.instance_scores[int(i)] for i in ids], dtype=np.float64)
 
     def lesion_scores(
         self, pred_labels: np.ndarray, n_pred: int, box: tuple[slice, ...], where: str
@@ -345,12 +353,7 @@ class ScoreSource:
                 raise InputFileError(
                     self.path or "", f"{where}: a predicted lesion lies outside every lesion instance"
                 )
-            unknown = sorted({int(i) for i in best} - set(self.instance_scores))
-            if unknown:
-                raise InputFileError(
-                    self.path or "", f"{where}: lesion_id(s) {unknown[:10]} have no row in this table"
-                )
-            return np.array([self.instance_scores[int(i)] for i in best], dtype=np.float64)
+            return self._table_scores(best, where)
         if self.prob is not None:
             flat = pred_labels.ravel()
             sums = np.bincount(flat, weights=self.prob[box].ravel(), minlength=n_pred + 1)[1:]

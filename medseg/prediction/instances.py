@@ -31,7 +31,7 @@ from torch import nn
 
 from medseg.config import InferenceConfig
 from medseg.geometry import bounding_box, consecutive_labels
-from medseg.prediction.predictor import SliceStacks, default_batch_size
+from medseg.prediction.predictor import SliceStacks, default_batch_size, evaluating
 from medseg.runtime import autocast_dtype, resolve_device
 
 LINK_OVERLAP = 0.5
@@ -135,10 +135,6 @@ def predict_instances(
     spatial_axis = axis % 4
     if volume.ndim != 4 or spatial_axis == 0:
         raise ValueError(f"image must be (C, R, A, S) and axis spatial, got {tuple(volume.shape)} / {axis}")
-    was_training = model.training
-    model.eval()
-    if any(p.device != dev for p in model.parameters()):
-        model.to(dev)
     n_slices = volume.shape[spatial_axis]
     stacks = SliceStacks(volume.to(dev), spatial_axis, context, channels_last=False)
     batch = cfg.batch_size or default_batch_size(dev)
@@ -148,7 +144,7 @@ def predict_instances(
     tracks = _Tracks()
     previous = np.zeros(plane, dtype=np.int32)
     previous_tracks: dict[int, int] = {}
-    try:
+    with evaluating([model], dev):
         for start in range(0, n_slices, batch):
             stop = min(start + batch, n_slices)
             with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -172,8 +168,6 @@ def predict_instances(
                 previous, previous_tracks = local, current_tracks
             if progress is not None:
                 progress(stop)
-    finally:
-        model.train(was_training)
     score_mean, score_max = tracks.scores()
     return InstancePrediction(
         prob=torch.movedim(torch.from_numpy(prob), 0, spatial_axis - 1),

@@ -27,7 +27,8 @@ Flip TTA and several models are averaged in probability space (float32).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -242,14 +243,22 @@ def predict_volume(
     """
     dev = resolve_device(device)
     amp = autocast_dtype(cfg.precision, dev)
+    network = EnsembleProbability(models, cfg.tta_flips if cfg.tta else (), amp, cfg.channels_last)
+    with evaluating(models, dev):
+        return _predict(network, image, context, cfg, dev, axis, progress)
+
+
+@contextmanager
+def evaluating(models: Sequence[nn.Module], dev: torch.device) -> Iterator[None]:
+    """``models`` in eval mode on ``dev`` (moved there when a weight is elsewhere) for the block;
+    each model's train/eval state is restored afterwards (a trainer validates through this)."""
     was_training = [m.training for m in models]
     for model in models:
         model.eval()
         if any(p.device != dev for p in model.parameters()):
             model.to(dev)
-    network = EnsembleProbability(models, cfg.tta_flips if cfg.tta else (), amp, cfg.channels_last)
     try:
-        return _predict(network, image, context, cfg, dev, axis, progress)
+        yield
     finally:
         for model, training in zip(models, was_training, strict=True):
             model.train(training)
