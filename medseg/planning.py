@@ -20,17 +20,7 @@ preprocess.slice_axis             the axis of the largest median spacing if it i
 evaluation.slice_axis)
 preprocess.spacing_inplane        ``null`` (native grid) when every case's in-plane spacings lie
                                   within ``SPACING_TOLERANCE`` (10%) of the dataset medians,
-                                  else the two median in-plane spacings. Coarsened when the
-                                  time budget is short: if ``train.epochs`` (below) at that
-                                  spacing is under ``TARGET_EPOCHS`` (12, the recipe's), the
-                                  median spacings x the smallest of ``COARSEN_FACTORS``
-                                  (1.25, 1.5, 2) whose smaller patch reaches it, else the
-                                  largest allowed; allowed = the lesions that hold
-                                  ``LESION_VOLUME_SHARE`` (90%) of the lesion volume keep an
-                                  equivalent-sphere diameter of ``MIN_LESION_DIAMETER_PX``
-                                  (16) px. Fewer pixels per slice buy epochs on a CPU; a GPU
-                                  budget keeps the native grid. Masks and probabilities are
-                                  still written on the source grid (inverted resampling)
+                                  else the two median in-plane spacings
 preprocess.context_slices k       round(``CONTEXT_MM`` (2 mm) / median slice spacing), clamped
                                   to [``MIN_CONTEXT``, ``MAX_CONTEXT``] = [1, 3]
 model                             the shipped recipe ``MODEL_RECIPE`` (unet_inception,
@@ -107,10 +97,6 @@ STRONG_AUGMENT_BELOW = 50
 MIN_LESION_RANGE = (10.0, 500.0)
 THRESHOLD = 0.5
 FOLDS = 5
-TARGET_EPOCHS = 12  # the recipe's training length (configs/brats_unet_inception.yaml: 11, its peak at 9-10)
-COARSEN_FACTORS = (1.25, 1.5, 2.0)  # in-plane coarsenings tried, in order, when the budget holds fewer
-LESION_VOLUME_SHARE = 0.9  # the lesions that hold this share of the lesion volume set the size limit
-MIN_LESION_DIAMETER_PX = 16  # ... and keep at least this equivalent-sphere diameter in pixels
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # RAS index -> slice axis name
 AXIS_LETTERS = "RAS"
@@ -207,34 +193,6 @@ def one_significant_digit(value: float) -> float:
     return float(round(value, digits))
 
 
-def lesion_diameter_mm(volumes_mm3: list[float], share: float = LESION_VOLUME_SHARE) -> float | None:
-    """Equivalent-sphere diameter (mm) of the smallest of the largest lesions that together hold
-    ``share`` of the lesion volume (``None`` without lesions): the size the segmentation's Dice
-    depends on, where a count-based percentile would be set by one-voxel satellites.
-
-    Volumes [1000, 10, 5] mm3 at share 0.9 -> the 1000 mm3 lesion alone -> 12.4 mm."""
-    ordered = sorted((float(v) for v in volumes_mm3 if v > 0), reverse=True)
-    total = sum(ordered)
-    if not ordered:
-        return None
-    held = 0.0
-    for volume in ordered:
-        held += volume
-        if held >= share * total:
-            return (6.0 * volume / math.pi) ** (1.0 / 3.0)
-    return (6.0 * ordered[-1] / math.pi) ** (1.0 / 3.0)
-
-
-def coarsening_factor(epochs_at: Any, max_factor: float) -> float:
-    """The in-plane coarsening for a short budget: 1.0 when ``epochs_at(1.0)`` reaches
-    ``TARGET_EPOCHS``; else the smallest of ``COARSEN_FACTORS`` up to ``max_factor`` (the
-    lesion-size limit) whose ``epochs_at`` reaches it, else the largest allowed (1.0 if none is)."""
-    if epochs_at(1.0) >= TARGET_EPOCHS:
-        return 1.0
-    allowed = [f for f in COARSEN_FACTORS if f <= max_factor]
-    return next((f for f in allowed if epochs_at(f) >= TARGET_EPOCHS), allowed[-1] if allowed else 1.0)
-
-
 def plan_from_fingerprint(
     fingerprint: dict,
     manifest: str,
@@ -281,18 +239,7 @@ def plan_from_fingerprint(
     inplane = [i for i in range(3) if i != axis]
     rules.append(f"preprocess.slice_axis = {axis_name} (and stats.axis, evaluation.slice_axis): {why}")
 
-    # throughput of the device that trains (slices/s at REFERENCE_PATCH)
-    if device == "cpu":
-        if cpu_bf16 is None:
-            from medseg.runtime import cpu_has_fast_bf16
-
-            cpu_bf16 = cpu_has_fast_bf16()
-        reference_throughput = THROUGHPUT_CPU if cpu_bf16 else THROUGHPUT_CPU_FP32
-        kind = "cpu, bf16" if cpu_bf16 else "cpu without bf16 instructions, fp32"
-    else:
-        reference_throughput, kind = THROUGHPUT_CUDA, "cuda"
-
-    # in-plane spacing: the median when the cases disagree
+    # in-plane spacing
     median_inplane = [spacing[i] for i in inplane]
     off = [
         (row["case_id"], [row["spacing"][i] for i in inplane])
@@ -301,57 +248,16 @@ def plan_from_fingerprint(
     ]
     plane = "x".join(AXIS_LETTERS[i] for i in inplane)
     if not off:
-        base = None
-        spacing_why = (f"every case's {plane} spacing lies within {SPACING_TOLERANCE:.0%} of the median "
-                       f"{_fmt(median_inplane[0])} x {_fmt(median_inplane[1])} mm")
+        spacing_inplane = None
+        rules.append(f"preprocess.spacing_inplane = null (native grid): every case's {plane} spacing lies within "
+                     f"{SPACING_TOLERANCE:.0%} of the median {_fmt(median_inplane[0])} x {_fmt(median_inplane[1])} mm")
+        target = None
     else:
-        base = [round(s, 4) for s in median_inplane]
+        spacing_inplane = [round(s, 4) for s in median_inplane]
+        target = spacing_inplane
         example = ", ".join(f"{cid} {' x '.join(_fmt(s) for s in sp)}" for cid, sp in off[:3])
-        spacing_why = (f"{len(off)} case(s) lie more than {SPACING_TOLERANCE:.0%} from the median {plane} spacing "
-                       f"(e.g. {example} mm): resample to the median")
-
-    margin = PreprocessConfig().crop_margin
-    lo, hi = PATCH_RANGE[device]
-
-    def layout(factor: float) -> tuple[list[float] | None, list[int], list[float], int]:
-        """(target spacing, patch, median cropped extent in px, epochs) at ``factor`` x the base
-        spacing: the training slice is the foreground box plus the preprocessing crop margin."""
-        target = base if factor == 1.0 else [round(factor * s, 4) for s in median_inplane]
-        extents = []
-        for row in cases:
-            ext = [float(row["cropped_extent"][i]) for i in inplane]
-            size = [float(row["shape"][i]) for i in inplane]
-            if target is not None:
-                scale = [row["spacing"][i] / t for i, t in zip(inplane, target, strict=True)]
-                ext = [e * f for e, f in zip(ext, scale, strict=True)]
-                size = [n * f for n, f in zip(size, scale, strict=True)]
-            extents.append([min(e + 2 * margin, n) for e, n in zip(ext, size, strict=True)])
-        median_extent = [statistics.median(e[j] for e in extents) for j in range(2)]
-        patch = round_patch(median_extent, device)
-        throughput = reference_throughput * REFERENCE_PATCH[0] * REFERENCE_PATCH[1] / (patch[0] * patch[1])
-        epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
-        return target, patch, median_extent, epochs
-
-    # coarsened when the time budget holds fewer epochs than the recipe trains, as far as the lesions allow
-    native = layout(1.0)
-    lesion_mm = lesion_diameter_mm([v for row in cases for v in row.get("lesion_volumes_mm3", [])])
-    max_factor = (1.0 if lesion_mm is None
-                  else lesion_mm / MIN_LESION_DIAMETER_PX / max(median_inplane))
-    factor = coarsening_factor(lambda f: layout(f)[3], max_factor)
-    target, patch, median_extent, epochs = layout(factor)
-    spacing_inplane = target
-    if factor > 1.0:
-        assert target is not None
-        rules.append(
-            f"preprocess.spacing_inplane = {target}: at {_fmt(median_inplane[0])} x {_fmt(median_inplane[1])} mm "
-            f"the budget holds {native[3]} epoch(s) < {TARGET_EPOCHS} (the recipe's), {_fmt(factor)}x coarser holds "
-            f"{epochs} (factors {list(COARSEN_FACTORS)}, the smallest that reaches it, else the largest allowed); the "
-            f"lesions holding {LESION_VOLUME_SHARE:.0%} of the lesion volume are >= {_fmt(lesion_mm or 0)} mm across, "
-            f">= {MIN_LESION_DIAMETER_PX} px up to {_fmt(max_factor)}x coarser ({spacing_why})")
-    elif spacing_inplane is None:
-        rules.append(f"preprocess.spacing_inplane = null (native grid): {spacing_why}")
-    else:
-        rules.append(f"preprocess.spacing_inplane = {spacing_inplane}: {spacing_why}")
+        rules.append(f"preprocess.spacing_inplane = {spacing_inplane}: {len(off)} case(s) lie more than "
+                     f"{SPACING_TOLERANCE:.0%} from the median {plane} spacing (e.g. {example} mm); resample to the median")
 
     # context
     slice_spacing = spacing[axis]
@@ -365,6 +271,20 @@ def plan_from_fingerprint(
     rules.append(f"model.in_channels = {in_channels}: {len(channels)} channel(s) {channels} x {2 * k + 1} slices; "
                  f"model = {MODEL_RECIPE['arch']} / {MODEL_RECIPE['encoder']}, width {MODEL_RECIPE['width']} (recipe)")
 
+    # patch: the training slice is the foreground box plus the preprocessing crop margin
+    margin = PreprocessConfig().crop_margin
+    extents = []
+    for row in cases:
+        ext = [float(row["cropped_extent"][i]) for i in inplane]
+        size = [float(row["shape"][i]) for i in inplane]
+        if target is not None:
+            scale = [row["spacing"][i] / t for i, t in zip(inplane, target, strict=True)]
+            ext = [e * f for e, f in zip(ext, scale, strict=True)]
+            size = [n * f for n, f in zip(size, scale, strict=True)]
+        extents.append([min(e + 2 * margin, n) for e, n in zip(ext, size, strict=True)])
+    median_extent = [statistics.median(e[j] for e in extents) for j in range(2)]
+    patch = round_patch(median_extent, device)
+    lo, hi = PATCH_RANGE[device]
     rules.append(f"train.patch_size = {patch}: median cropped {plane} slice "
                  f"{_fmt(median_extent[0])} x {_fmt(median_extent[1])} px (foreground box + 2 x "
                  f"{margin} px crop margin{', after resampling' if target is not None else ''}), to the nearest "
@@ -404,7 +324,16 @@ def plan_from_fingerprint(
         batch = min(max(power_of_two(BATCH_CUDA * area_ratio), BATCH_CUDA_RANGE[0]), BATCH_CUDA_RANGE[1])
         rules.append(f"train.batch_size = {batch}: {BATCH_CUDA} at {REFERENCE_PATCH[0]}x{REFERENCE_PATCH[1]} x "
                      f"area ratio {area_ratio:.3g}, to a power of two in {list(BATCH_CUDA_RANGE)}")
-    throughput = reference_throughput * area_ratio
+    if device == "cpu":
+        if cpu_bf16 is None:
+            from medseg.runtime import cpu_has_fast_bf16
+
+            cpu_bf16 = cpu_has_fast_bf16()
+        throughput = (THROUGHPUT_CPU if cpu_bf16 else THROUGHPUT_CPU_FP32) * area_ratio
+        kind = "cpu, bf16" if cpu_bf16 else "cpu without bf16 instructions, fp32"
+    else:
+        throughput, kind = THROUGHPUT_CUDA * area_ratio, "cuda"
+    epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
     max_minutes = MAX_MINUTES_FACTOR * minutes
     rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({kind}) / "
                  f"{SAMPLES_PER_EPOCH} slices per epoch, clamped to {list(EPOCH_RANGE)}; "

@@ -277,10 +277,7 @@ def test_radiomics_nrrd_plans(tmp_path, requires_nrrd):
     plan = plan_dataset(brain, tmp_path / "brain" / "PLAN.yaml", device="cpu", progress=False, cpu_bf16=True)
     cfg = plan.config
     assert cfg.preprocess.slice_axis == "axial" and cfg.preprocess.context_slices == 1
-    # 256 px slices hold 5 epochs in 20 min at 0.78 mm (bf16 CPU); the lesions holding 90 % of the
-    # lesion volume (14.0 + 2.4 mL of 18.2) are >= 16.7 mm across: 16 px up to 1.33x -> 1.25x
-    assert cfg.preprocess.spacing_inplane == pytest.approx((0.9766, 0.9766)) and cfg.model.in_channels == 3
-    assert list(cfg.train.patch_size) == [192, 192] and cfg.train.epochs == 10
+    assert cfg.preprocess.spacing_inplane is None and cfg.model.in_channels == 3
     assert cfg.cv.folds == 2
     assert load_config(tmp_path / "brain" / "PLAN.yaml") == cfg
 
@@ -306,72 +303,6 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     assert {k: getattr(cfg.train, k) for k in same} == {k: getattr(hand.train, k) for k in same}
     assert cfg.train.patience is None and cfg.cv.folds == 5  # nothing is chosen on a held-out fold
     assert cfg.train.epochs == 12  # 20 min at 17 slices/s: the recipe's length at the native 1 mm
-
-    # an fp32-only CPU holds 4 epochs at 1 mm: 2 mm in-plane (96 x 96 patches) holds 13; the
-    # tumours that hold 90 % of the lesion volume stay >= 16 px across at 2 mm
     fp32 = plan_dataset(manifest, tmp_path / "fp32.yaml", device="cpu", progress=False, cpu_bf16=False).config
-    assert fp32.preprocess.spacing_inplane == pytest.approx((2.0, 2.0))
-    assert list(fp32.train.patch_size) == [96, 96] and fp32.train.epochs == 13
-    assert fp32.model == hand.model and fp32.preprocess.context_slices == hand.preprocess.context_slices
+    assert fp32.train.epochs == 4 and fp32.preprocess == hand.preprocess  # an AVX2-only CPU: fewer epochs, same grid
 
-
-def brain_like(tmp_path: Path, lesion_side: int) -> dict:
-    """Fingerprint of two 1 mm MR patients: a 180 x 180 px foreground box on 200 x 200 slices,
-    a ``lesion_side``-voxel cubic lesion and a 1-voxel satellite (the count-based lesion
-    percentiles see mostly satellites; the size rule must not)."""
-    cases = []
-    for i in range(2):
-        image, label = mr_volume((200, 200, 30), (slice(10, 190), slice(10, 190), slice(None)),
-                                 (slice(50, 50 + lesion_side), slice(60, 60 + lesion_side), slice(2, 2 + lesion_side)))
-        image[150, 150, 25], label[150, 150, 25] = 300, 2
-        cases.append(write_case(tmp_path, f"b{lesion_side}_{i}", {"flair": image}, label, (1.0, 1.0, 1.0), "MR"))
-    return compute_fingerprint(cases, LabelConfig(), progress=False)
-
-
-def fp32_epochs(patch: int, minutes: float = 20) -> int:
-    """train.epochs on an fp32 CPU: minutes x 5.5 slices/s at 160 x 192, scaled by the patch area."""
-    return math.floor(minutes * 60 * 5.5 * (160 * 192) / (patch * patch) / 1600)
-
-
-def test_short_cpu_budget_coarsens_inplane_as_far_as_the_lesions_allow(tmp_path):
-    # a 26 mm tumour (d = 32.2 mm equivalent sphere): 16 px at up to 2.0 mm -> every factor allowed
-    big = brain_like(tmp_path, 26)
-    native_patch = round((180 + 2 * MARGIN) / 32) * 32  # 192
-    assert fp32_epochs(native_patch) == 3 < 12
-    plan = plan_from_fingerprint(big, "m.csv", "cpu", cpu_bf16=False)
-    # 1.25x: 144 + 16 -> 160 px, 4 epochs; 1.5x: 120 + 16 -> 128, 7; 2x: 90 + 16 -> 96, 13 >= 12
-    assert [fp32_epochs(p) for p in (160, 128, 96)] == [4, 7, 13]
-    assert plan.config.preprocess.spacing_inplane == pytest.approx((2.0, 2.0))
-    assert list(plan.config.train.patch_size) == [96, 96] and plan.config.train.epochs == 13
-    assert any(r.startswith("preprocess.spacing_inplane = [2.0, 2.0]: at 1 x 1 mm the budget holds 3") for r in plan.rules)
-    # a 40 min budget holds 12 at 1.25x (patch 160): the smallest factor that reaches the recipe's length
-    assert fp32_epochs(160, 40) == 9 and fp32_epochs(128, 40) == 15
-    longer = plan_from_fingerprint(big, "m.csv", "cpu", minutes_per_fold=40, cpu_bf16=False).config
-    assert longer.preprocess.spacing_inplane == pytest.approx((1.5, 1.5)) and list(longer.train.patch_size) == [128, 128]
-    # bf16 CPU (17 slices/s at 160 x 192): 10 epochs at 1 mm, 15 at 1.25x; 30 min hold 15 at 1 mm: native
-    bf16 = plan_from_fingerprint(big, "m.csv", "cpu", cpu_bf16=True).config
-    assert bf16.preprocess.spacing_inplane == pytest.approx((1.25, 1.25)) and bf16.train.epochs == 15
-    assert plan_from_fingerprint(big, "m.csv", "cpu", 30, cpu_bf16=True).config.preprocess.spacing_inplane is None
-    assert plan_from_fingerprint(big, "m.csv", "cuda").config.preprocess.spacing_inplane is None
-
-    # a 20 mm tumour (d = 24.8 mm): 16 px up to 1.55 mm -> 1.5x at most, although it holds 7 epochs only
-    mid = plan_from_fingerprint(brain_like(tmp_path, 20), "m.csv", "cpu", cpu_bf16=False).config
-    assert mid.preprocess.spacing_inplane == pytest.approx((1.5, 1.5)) and mid.train.epochs == fp32_epochs(128) == 7
-
-    # an 8 mm lesion (d = 9.9 mm) is < 16 px at any coarser grid: native, whatever the budget
-    small = plan_from_fingerprint(brain_like(tmp_path, 8), "m.csv", "cpu", cpu_bf16=False).config
-    assert small.preprocess.spacing_inplane is None and small.train.epochs == 3
-
-
-def test_lesion_diameter_follows_the_volume_not_the_count():
-    from medseg.planning import coarsening_factor, lesion_diameter_mm
-
-    sphere = lambda d: math.pi / 6 * d**3  # noqa: E731
-    assert lesion_diameter_mm([sphere(40.0), 1.0, 2.0, 3.0]) == pytest.approx(40.0)
-    # two tumours of 40 and 20 mm: the 20 mm one is needed to reach 90 % of the volume (8 + 1)/9
-    assert lesion_diameter_mm([sphere(40.0), sphere(20.0)]) == pytest.approx(20.0)
-    assert lesion_diameter_mm([]) is None
-    assert coarsening_factor(lambda f: 12, 3.0) == 1.0
-    assert coarsening_factor(lambda f: int(6 * f * f), 3.0) == 1.5  # 6, 9.4, 13.5
-    assert coarsening_factor(lambda f: int(6 * f * f), 1.3) == 1.25  # 1.5 not allowed
-    assert coarsening_factor(lambda f: 3, 1.1) == 1.0
