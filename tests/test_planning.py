@@ -303,6 +303,5 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     assert {k: getattr(cfg.train, k) for k in same} == {k: getattr(hand.train, k) for k in same}
     assert cfg.train.patience is None and cfg.cv.folds == 5  # nothing is chosen on a held-out fold
     assert cfg.train.epochs == 12  # 20 min at 17 slices/s: the recipe's length at the native 1 mm
-    fp32 = plan_dataset(manifest, tmp_path / "fp32.yaml", device="cpu", progress=False, cpu_bf16=False).config
+    fp32 = plan_from_fingerprint(plan.fingerprint, str(manifest), "cpu", cpu_bf16=False).config  # same fingerprint
     assert fp32.train.epochs == 4 and fp32.preprocess == hand.preprocess  # an AVX2-only CPU: fewer epochs, same grid
-
