@@ -35,12 +35,17 @@ preprocess.ct_window (CT)         0.5 / 99.5 percentiles of the first channel in
                                   lesions (pooled over cases; nnU-Net's foreground clipping),
                                   widened about its centre to at least ``CT_MIN_WINDOW_HU``
                                   (100 HU); MR keeps the z-score on [0.5, 99.5] percentiles
-train.batch_size                  CPU ``BATCH_CPU`` (16); CUDA ``BATCH_CUDA`` (32) x
+train.batch_size                  CPU ``BATCH_CPU`` (8: a CPU step costs the same per slice
+                                  at 8 as at 16, so a short budget gets twice the optimiser
+                                  steps); CUDA ``BATCH_CUDA`` (32) x
                                   ``REFERENCE_PATCH`` area / patch area, rounded to a power of
                                   two, clamped to ``BATCH_CUDA_RANGE`` ([4, 64])
 train.epochs                      floor(minutes per fold x 60 x throughput /
                                   ``SAMPLES_PER_EPOCH`` (1600)), clamped to ``EPOCH_RANGE``
-                                  ([3, 100]); throughput = ``THROUGHPUT_CPU`` (17 slices/s,
+                                  ([3, 100]); throughput = training slices/s of the planned
+                                  model, patch and batch measured on the planning machine
+                                  (:mod:`medseg.throughput`, when it plans for its own
+                                  device), else assumed: ``THROUGHPUT_CPU`` (17 slices/s,
                                   CPUs with bf16 instructions) or ``THROUGHPUT_CPU_FP32`` (5.5,
                                   other CPUs: fp32 training) or ``THROUGHPUT_CUDA`` (600) at a
                                   160 x 192 patch, scaled by
@@ -83,7 +88,7 @@ PATCH_RANGE = {"cpu": (64, 256), "cuda": (64, 512)}
 CT_MIN_WINDOW_HU = 100.0
 CT_WINDOW_PERCENTILES = ("p0.5", "p99.5")
 REFERENCE_PATCH = (160, 192)
-BATCH_CPU = 16
+BATCH_CPU = 8  # slices/s on 2 AVX2 cores at 160 x 192: 9.0 at 8, 8.8 at 16 (benchmarks/bench_training.py)
 BATCH_CUDA = 32
 BATCH_CUDA_RANGE = (4, 64)
 SAMPLES_PER_EPOCH = 1600
@@ -147,12 +152,16 @@ class Plan:
 def plan_device(device: str) -> Literal["cpu", "cuda"]:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda`` unchanged."""
     if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch_sees_gpu() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
     return device  # type: ignore[return-value]
+
+
+def torch_sees_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def round_half_up(value: float) -> int:
@@ -200,14 +209,17 @@ def plan_from_fingerprint(
     minutes_per_fold: float | None = None,
     labels: LabelConfig | None = None,
     cpu_bf16: bool | None = None,
+    throughput: float | None = None,
 ) -> Plan:
     """Apply the rules of the module docstring to ``fingerprint`` (``medseg.fingerprint``).
 
     ``labels``: the label mapping to keep (its ``foreground``, and its ``allowed_values`` when
     set); default ``nonzero`` with the values seen. ``cpu_bf16``: whether the CPU that will
     train computes bf16 in hardware (``None``: this machine's, :func:`medseg.runtime.cpu_has_fast_bf16`).
-    Raises ``ConfigError`` for an unknown
-    device, a non-positive time budget or a pool of fewer than 2 patients.
+    ``throughput``: training slices/s measured at the planned model, patch and batch
+    (:func:`medseg.throughput.measure_training_throughput`); ``None``: the assumed constants
+    (then ``cpu_bf16`` picks the CPU one). Raises ``ConfigError`` for an unknown device, a
+    non-positive time budget or throughput, or a pool of fewer than 2 patients.
     """
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"plan device must be cpu or cuda (resolve 'auto' first), got {device!r}")
@@ -324,15 +336,19 @@ def plan_from_fingerprint(
         batch = min(max(power_of_two(BATCH_CUDA * area_ratio), BATCH_CUDA_RANGE[0]), BATCH_CUDA_RANGE[1])
         rules.append(f"train.batch_size = {batch}: {BATCH_CUDA} at {REFERENCE_PATCH[0]}x{REFERENCE_PATCH[1]} x "
                      f"area ratio {area_ratio:.3g}, to a power of two in {list(BATCH_CUDA_RANGE)}")
-    if device == "cpu":
+    if throughput is not None:
+        if not throughput > 0:
+            raise ConfigError(f"measured training throughput must be positive, got {throughput}")
+        kind = f"measured on this machine: {batch} x {patch[0]}x{patch[1]} steps of the planned model"
+    elif device == "cpu":
         if cpu_bf16 is None:
             from medseg.runtime import cpu_has_fast_bf16
 
             cpu_bf16 = cpu_has_fast_bf16()
         throughput = (THROUGHPUT_CPU if cpu_bf16 else THROUGHPUT_CPU_FP32) * area_ratio
-        kind = "cpu, bf16" if cpu_bf16 else "cpu without bf16 instructions, fp32"
+        kind = "assumed, cpu, bf16" if cpu_bf16 else "assumed, cpu without bf16 instructions, fp32"
     else:
-        throughput, kind = THROUGHPUT_CUDA * area_ratio, "cuda"
+        throughput, kind = THROUGHPUT_CUDA * area_ratio, "assumed, cuda"
     epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
     max_minutes = MAX_MINUTES_FACTOR * minutes
     rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({kind}) / "
@@ -408,12 +424,16 @@ def plan_dataset(
     minutes_per_fold: float | None = None,
     progress: bool = True,
     cpu_bf16: bool | None = None,
+    measure: bool = True,
 ) -> Plan:
     """Fingerprint the manifest's cross-validation pool, plan a config and write it to ``out``
     (YAML with the rules as a comment header) and ``fingerprint.json`` beside it (both atomic).
 
-    ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). ``cpu_bf16``: see
-    :func:`plan_from_fingerprint` (``None``: this machine's CPU). Raises
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). ``measure``: time
+    the planned model's training steps on this machine (:mod:`medseg.throughput`, 10-30 s) and
+    size the epochs from that; without it, or when planning for a GPU this machine lacks, the
+    assumed throughput of :func:`plan_from_fingerprint` (``cpu_bf16``: ``None`` = this
+    machine's CPU). Raises
     ``ManifestError`` naming the manifest when no labelled case lies outside the test split or
     the pool mixes modalities, ``ConfigError`` for fewer than 2 patients.
     """
@@ -433,6 +453,11 @@ def plan_dataset(
         raise ManifestError(manifest, [f"the pool mixes modalities {modalities}; plan one modality per manifest"])
     fingerprint = compute_fingerprint(pool, LabelConfig(), progress=progress)
     plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, cpu_bf16=cpu_bf16)
+    if measure and (resolved == "cpu" or torch_sees_gpu()):
+        from medseg.throughput import measure_training_throughput
+
+        measured = measure_training_throughput(plan.config, resolved)
+        plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, throughput=measured)
     out_path = Path(out)
     header = f"medseg plan {manifest} ({resolved}, fingerprint: {out_path.parent / 'fingerprint.json'})"
     atomic.write_json(out_path.parent / "fingerprint.json", fingerprint)

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device the plan is sized for (auto: cuda when torch sees a GPU)")
     parser.add_argument("--minutes-per-fold", type=float, default=None, metavar="M",
                         help="training time budget per cross-validation fold (default: 20 on cpu, 10 on cuda)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="size the epochs from the assumed throughput of the device class instead of timing "
+                             "the planned model's training steps on this machine (10-30 s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_file(args.out)
     plan = plan_dataset(args.manifest, args.out, device=args.device, minutes_per_fold=args.minutes_per_fold,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, measure=not args.no_measure)
     print(f"plan for {args.manifest} ({plan.fingerprint['n_cases']} pool case(s), "
           f"{plan.fingerprint['n_patients']} patient(s), {plan.fingerprint['modality']}):")
     for rule in plan.rules:

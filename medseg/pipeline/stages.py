@@ -63,10 +63,13 @@ class ImportOptions(StrictModel):
 
 class PlanOptions(StrictModel):
     """``medseg plan``: derive the config from the data (:mod:`medseg.planning`). The pipeline's
-    config overrides (``--set section.key=value``) are applied on top of the plan."""
+    config overrides (``--set section.key=value``) are applied on top of the plan.
+    ``measure``: size the epochs from the planned model's training steps timed on this machine
+    (``false``: the assumed throughput of :mod:`medseg.planning`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     minutes_per_fold: float | None = Field(default=None, gt=0.0)
+    measure: bool = True
 
 
 class SplitOptions(StrictModel):
@@ -156,7 +159,7 @@ def stage_plan(ctx: RunContext, opts: PlanOptions) -> None:
 
     out = ctx.stage_dir("plan")
     plan = plan_dataset(ctx.manifest, out / "plan.yaml", device=opts.device, minutes_per_fold=opts.minutes_per_fold,
-                        progress=ctx.progress)  # fmt: skip
+                        progress=ctx.progress, measure=opts.measure)  # fmt: skip
     for line in plan.rules:
         log.info("plan: %s", line)
     restore_plan(ctx, {})

@@ -1,0 +1,105 @@
+"""Training throughput of a config on this machine, measured in seconds rather than assumed.
+
+:func:`measure_training_throughput` times optimiser steps of the config's model on random
+batches shaped like its training batches (``train.batch_size`` x ``model.in_channels`` x
+``train.patch_size``), with the training step's settings: autocast dtype (``train.amp``),
+``channels_last``, ``train.threads``, loss, optimiser and gradient clipping. ``medseg plan``
+turns the result into the number of epochs that fit the time budget, so a plan made on a fast
+GPU, an old CPU or a bf16 CPU trains as long as that machine allows instead of as long as a
+constant for its device class says.
+
+The data pipeline is not part of the measurement: on the machines of docs/benchmarks.md it is
+hidden behind the step (``benchmarks/bench_training.py``: pipeline / step alone 0.99-1.03 on 2
+CPU cores at 160 x 192), and where it is not, the trainer's ``train.max_minutes`` fits the
+learning-rate schedule to the epochs that really fit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from medseg.config import Config
+from medseg.errors import ConfigError
+
+WARMUP_STEPS = 2
+MIN_STEPS = 2
+MAX_STEPS = 5
+MAX_SECONDS = 30.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu", max_seconds: float = MAX_SECONDS) -> float:
+    """Training slices per second of ``cfg`` on ``device``: ``WARMUP_STEPS`` untimed steps, then
+    timed steps until ``MAX_STEPS`` or ``max_seconds`` (at least ``MIN_STEPS``).
+
+    A batch is ``image`` (B, C, H, W) standard normal and ``label`` (B, 1, H, W) with a
+    lesion in its centre quarter (B = ``train.batch_size``, C = ``model.in_channels``,
+    (H, W) = ``train.patch_size``). Torch's thread count is set to ``train.threads`` for the
+    measurement and restored after. Raises ``ConfigError`` for a detection model (its step
+    takes instance targets; plan it with the assumed throughput) or a CUDA device torch does
+    not see.
+    """
+    from medseg.engine.optim import build_optimizer
+    from medseg.losses import build_loss
+    from medseg.models import build_model
+    from medseg.runtime import autocast_dtype
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cannot measure training throughput on cuda: torch sees no GPU")
+    if cfg.model.arch == "maskrcnn":
+        raise ConfigError("training throughput is measured for segmentation models; maskrcnn takes instance targets")
+    t = cfg.train
+    threads = torch.get_num_threads()
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        model: nn.Module = build_model(cfg.model).to(dev).train()
+        memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        model.to(memory_format=memory_format)
+        optimizer = build_optimizer(model, t.optimizer)
+        loss_fn = build_loss(cfg.model.out_channels, t.loss)
+        amp = autocast_dtype(t.amp, dev)
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+        b, (h, w) = t.batch_size, t.patch_size
+        image = torch.randn(b, cfg.model.in_channels, h, w, generator=generator).to(dev)
+        image = image.contiguous(memory_format=memory_format)
+        label = torch.zeros(b, 1, h, w)
+        label[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1.0
+        label = label.to(dev)
+
+        def step() -> None:
+            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                logits = model(image)
+            loss = loss_fn(logits, label)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+
+        for _ in range(WARMUP_STEPS):
+            step()
+        _sync(dev)
+        start = time.perf_counter()
+        steps = 0
+        while steps < MIN_STEPS or (steps < MAX_STEPS and time.perf_counter() - start < max_seconds):
+            step()
+            _sync(dev)
+            steps += 1
+        return steps * b / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+__all__ = ["measure_training_throughput"]
