@@ -128,7 +128,14 @@ def test_ct_thick_slices_plan(ct_manifest):
     assert cfg.train.epochs == epochs and cfg.train.max_minutes == 25
     fp32 = plan_from_fingerprint(fingerprint, str(manifest), "cpu", cpu_bf16=False).config  # an AVX2-only CPU
     assert fp32.train.epochs == math.floor(20 * 60 * 5.5 * (160 * 192) / (patch[0] * patch[1]) / 1600)
-    assert cfg.train.batch_size == 16 and cfg.train.num_workers == 1 and cfg.train.threads == 1
+    assert cfg.train.batch_size == 8 and cfg.train.num_workers == 1 and cfg.train.threads == 1
+    assert any("(assumed, cpu, bf16)" in r for r in plan.rules if r.startswith("train.epochs"))
+    measured = plan_from_fingerprint(fingerprint, str(manifest), "cpu", throughput=7.3)  # slices/s at this patch
+    assert measured.config.train.epochs == math.floor(20 * 60 * 7.3 / 1600) == 5
+    assert any("7.3 slices/s (measured on this machine: 8 x 128x160" in r for r in measured.rules)
+    assert measured.config.model_dump(exclude={"train": {"epochs"}}) == cfg.model_dump(exclude={"train": {"epochs"}})
+    with pytest.raises(ConfigError, match="throughput must be positive"):
+        plan_from_fingerprint(fingerprint, str(manifest), "cpu", throughput=0.0)
     assert cfg.inference.min_lesion_mm3 == 200  # half of 245 mm3 -> 1 significant digit
     assert cfg.cv.folds == 3
     assert cfg.data.labels.allowed_values == [0, 1] and cfg.data.labels.foreground == "nonzero"
@@ -205,29 +212,35 @@ def test_test_cases_are_never_read(tmp_path, ct_manifest):
     all_cases = write_manifest(cases, tmp_path / "with_test.csv")
     fingerprint = compute_fingerprint(read_manifest(all_cases), LabelConfig(), progress=False)
     assert [row["case_id"] for row in fingerprint["cases"]] == ["ct0", "ct1", "ct2"]
-    plan = plan_dataset(all_cases, tmp_path / "plan" / "PLAN.yaml", device="cpu", progress=False)
+    plan = plan_dataset(all_cases, tmp_path / "plan" / "PLAN.yaml", device="cpu", progress=False, measure=False)
     assert plan.fingerprint["n_cases"] == 3 and plan.config.cv.folds == 3
 
 
 def test_written_plan_loads_as_the_same_config(tmp_path, ct_manifest):
     manifest, _ = ct_manifest
     out = tmp_path / "plans" / "PLAN.yaml"
-    plan = plan_dataset(manifest, out, device="cpu", minutes_per_fold=5, progress=False)
+    plan = plan_dataset(manifest, out, device="cpu", minutes_per_fold=5, progress=False)  # measured epochs
     assert load_config(out) == plan.config
     text = out.read_text()
     assert all(f"#   {rule}" in text for rule in plan.rules)
     assert json.loads((out.parent / "fingerprint.json").read_text()) == plan.fingerprint
     assert plan.config.data.manifest == str(manifest)
     assert plan.config.train.max_minutes == 5 * 1.25
+    epochs_rule = next(r for r in plan.rules if r.startswith("train.epochs"))
+    assert "measured on this machine: 8 x 128x160 steps of the planned model" in epochs_rule
+    shown = float(epochs_rule.split(" x ")[1].split(" slices/s")[0])  # 4 significant digits
+    possible = {min(max(math.floor(5 * 60 * shown * f / 1600), 3), 100) for f in (1 - 5e-4, 1 + 5e-4)}
+    assert plan.config.train.epochs in possible
 
 
 def test_cli_plan_writes_plan_and_fingerprint(tmp_path, ct_manifest, capsys):
     manifest, _ = ct_manifest
     out = tmp_path / "cli" / "PLAN.yaml"
-    assert main(["plan", str(manifest), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["plan", str(manifest), "--out", str(out), "--device", "cpu", "--no-measure", "--no-progress"]) == 0
     assert out.is_file() and (out.parent / "fingerprint.json").is_file()
     printed = capsys.readouterr().out
     assert "preprocess.context_slices = 1" in printed and str(out) in printed
+    assert "slices/s (assumed, cpu" in printed  # --no-measure: the device class's constant
 
 
 def test_errors_name_the_manifest(tmp_path, capsys):
@@ -235,12 +248,12 @@ def test_errors_name_the_manifest(tmp_path, capsys):
     image, label, _ = ct_case(rng)
     one = write_manifest([write_case(tmp_path, "a", {"ct": image}, label, (0.7, 0.7, 5.0), "CT")], tmp_path / "one.csv")
     with pytest.raises(ConfigError, match=r"one\.csv.*1 patient"):
-        plan_dataset(one, tmp_path / "p1.yaml", progress=False)
+        plan_dataset(one, tmp_path / "p1.yaml", progress=False, measure=False)
     only_test = write_manifest(
         [write_case(tmp_path, "b", {"ct": image}, label, (0.7, 0.7, 5.0), "CT", split="test")], tmp_path / "test_only.csv"
     )
     with pytest.raises(ManifestError, match=r"test_only\.csv"):
-        plan_dataset(only_test, tmp_path / "p2.yaml", progress=False)
+        plan_dataset(only_test, tmp_path / "p2.yaml", progress=False, measure=False)
     assert main(["plan", str(only_test), "--out", str(tmp_path / "p3.yaml"), "--device", "cpu"]) == 2
     assert "test_only.csv" in capsys.readouterr().err
 
@@ -255,10 +268,10 @@ def test_radiomics_nrrd_plans(tmp_path, requires_nrrd):
     # lung1: CT 0.57 x 0.57 x 5 mm, one nodule of 837 voxels on 3 slices
     lung = write_manifest([row("lung1", "CT", "p1")], tmp_path / "lung.csv")
     with pytest.raises(ConfigError, match="1 patient"):
-        plan_dataset(lung, tmp_path / "lung.yaml", progress=False)
+        plan_dataset(lung, tmp_path / "lung.yaml", progress=False, measure=False)
     assert not (tmp_path / "fingerprint.json").exists() and not (tmp_path / "lung.yaml").exists()
     twice = write_manifest([row("lung1", "CT", "p1"), row("lung1", "CT", "p2")], tmp_path / "lung2.csv")
-    plan = plan_dataset(twice, tmp_path / "lung" / "PLAN.yaml", device="cpu", progress=False)
+    plan = plan_dataset(twice, tmp_path / "lung" / "PLAN.yaml", device="cpu", progress=False, measure=False)
     case = plan.fingerprint["cases"][0]
     assert case["spacing"] == pytest.approx([0.5703125, 0.5703125, 5.0])
     assert case["n_lesions"] == 1 and case["lesion_volumes_mm3"][0] == pytest.approx(837 * 0.5703125**2 * 5.0)
@@ -274,7 +287,8 @@ def test_radiomics_nrrd_plans(tmp_path, requires_nrrd):
 
     # brain1 + brain2: MR 0.78 x 0.78 x 6.5 mm
     brain = write_manifest([row("brain1", "MR", "b1"), row("brain2", "MR", "b2")], tmp_path / "brain.csv")
-    plan = plan_dataset(brain, tmp_path / "brain" / "PLAN.yaml", device="cpu", progress=False, cpu_bf16=True)
+    plan = plan_dataset(brain, tmp_path / "brain" / "PLAN.yaml", device="cpu", progress=False, cpu_bf16=True,
+                        measure=False)
     cfg = plan.config
     assert cfg.preprocess.slice_axis == "axial" and cfg.preprocess.context_slices == 1
     assert cfg.preprocess.spacing_inplane is None and cfg.model.in_channels == 3
@@ -292,16 +306,17 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     from medseg.manifest import assign_patient_splits
 
     manifest = write_manifest(assign_patient_splits(import_brats(requires_brats), val_fraction=0.0), tmp_path / "b.csv")
-    plan = plan_dataset(manifest, tmp_path / "plan.yaml", device="cpu", progress=False, cpu_bf16=True)
+    plan = plan_dataset(manifest, tmp_path / "plan.yaml", device="cpu", progress=False, cpu_bf16=True, measure=False)
     hand = load_config(Path(__file__).resolve().parents[1] / "configs" / "brats_unet_inception.yaml")
     cfg = plan.config
     assert cfg.preprocess == hand.preprocess
     assert cfg.model == hand.model
     assert cfg.data.labels == hand.data.labels
-    same = ("seed", "samples_per_epoch", "batch_size", "patch_size", "lesion_fraction", "num_workers", "threads", "amp",
+    same = ("seed", "samples_per_epoch", "patch_size", "lesion_fraction", "num_workers", "threads", "amp",
             "ema_decay", "optimizer", "schedule", "loss", "augment")  # fmt: skip
     assert {k: getattr(cfg.train, k) for k in same} == {k: getattr(hand.train, k) for k in same}
     assert cfg.train.patience is None and cfg.cv.folds == 5  # nothing is chosen on a held-out fold
+    assert hand.train.batch_size == 16 and cfg.train.batch_size == 8  # CPU: twice the optimiser steps, same cost
     assert cfg.train.epochs == 12  # 20 min at 17 slices/s: the recipe's length at the native 1 mm
     fp32 = plan_from_fingerprint(plan.fingerprint, str(manifest), "cpu", cpu_bf16=False).config  # same fingerprint
     assert fp32.train.epochs == 4 and fp32.preprocess == hand.preprocess  # an AVX2-only CPU: fewer epochs, same grid
