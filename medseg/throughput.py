@@ -3,7 +3,8 @@
 :func:`measure_training_throughput` times optimiser steps of the config's model on random
 batches shaped like its training batches (``train.batch_size`` x ``model.in_channels`` x
 ``train.patch_size``), with the training step's settings: autocast dtype (``train.amp``),
-``channels_last``, ``train.threads``, loss, optimiser and gradient clipping. ``medseg plan``
+``channels_last``, ``train.threads``, loss, optimiser and gradient clipping
+(:func:`medseg.engine.optim.optimiser_step`, as the trainer's step). ``medseg plan``
 turns the result into the number of epochs that fit the time budget, so a plan made on a fast
 GPU, an old CPU or a bf16 CPU trains as long as that machine allows instead of as long as a
 constant for its device class says.
@@ -23,6 +24,7 @@ from torch import nn
 
 from medseg.config import Config
 from medseg.errors import ConfigError
+from medseg.model_names import is_instance_arch
 
 WARMUP_STEPS = 2
 MIN_STEPS = 2
@@ -46,7 +48,7 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
     takes instance targets; plan it with the assumed throughput) or a CUDA device torch does
     not see.
     """
-    from medseg.engine.optim import build_optimizer
+    from medseg.engine.optim import build_optimizer, optimiser_step
     from medseg.losses import build_loss
     from medseg.models import build_model
     from medseg.runtime import autocast_dtype
@@ -54,8 +56,8 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("cannot measure training throughput on cuda: torch sees no GPU")
-    if cfg.model.arch == "maskrcnn":
-        raise ConfigError("training throughput is measured for segmentation models; maskrcnn takes instance targets")
+    if is_instance_arch(cfg.model.arch):
+        raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
     t = cfg.train
     threads = torch.get_num_threads()
     if t.threads is not None:
@@ -79,14 +81,7 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
         def step() -> None:
             with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 logits = model(image)
-            loss = loss_fn(logits, label)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            optimiser_step(loss_fn(logits, label), model, optimizer, scaler, t.grad_clip)
 
         for _ in range(WARMUP_STEPS):
             step()

@@ -28,6 +28,20 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def optimiser_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:
+    """Backward pass of ``loss`` and one step of ``optimizer``: gradients cleared first, the loss
+    scaled by ``scaler`` (fp16 training; a pass-through when disabled), the gradients unscaled and
+    clipped to total norm ``grad_clip`` (``None``: not clipped). The scheduler is the caller's."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfig) -> float:
     """Multiplier of the peak learning rate at optimiser step ``step`` (0-based)."""
     if warmup_steps > 0 and step < warmup_steps:

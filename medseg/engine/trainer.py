@@ -63,7 +63,13 @@ from medseg.engine.distributed import (
 )
 from medseg.engine.ema import build_ema
 from medseg.engine.history import MetricsHistory
-from medseg.engine.optim import build_optimizer, build_scheduler, epochs_within_budget, fit_scheduler
+from medseg.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    epochs_within_budget,
+    fit_scheduler,
+    optimiser_step,
+)
 from medseg.engine.setup import TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
@@ -303,13 +309,7 @@ class Trainer:
             else:
                 logits = model(x)
         loss = sum(v.float() for v in terms.values()) if self.detector else self.loss_fn(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimiser_step(loss, model, self.optimizer, self.scaler, self.cfg.train.grad_clip)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(bare(model))
