@@ -44,7 +44,7 @@ train.epochs                      floor(minutes per fold x 60 x throughput /
                                   ``SAMPLES_PER_EPOCH`` (1600)), clamped to ``EPOCH_RANGE``
                                   ([3, 100]); throughput = training slices/s of the planned
                                   model, patch and batch measured on the planning machine
-                                  (:mod:`medseg.throughput`, when it plans for its own
+                                  (:mod:`medseg.engine.throughput`, when it plans for its own
                                   device), else assumed: ``THROUGHPUT_CPU`` (17 slices/s,
                                   CPUs with bf16 instructions) or ``THROUGHPUT_CPU_FP32`` (5.5,
                                   other CPUs: fp32 training) or ``THROUGHPUT_CUDA`` (600) at a
@@ -217,7 +217,7 @@ def plan_from_fingerprint(
     set); default ``nonzero`` with the values seen. ``cpu_bf16``: whether the CPU that will
     train computes bf16 in hardware (``None``: this machine's, :func:`medseg.runtime.cpu_has_fast_bf16`).
     ``throughput``: training slices/s measured at the planned model, patch and batch
-    (:func:`medseg.throughput.measure_training_throughput`); ``None``: the assumed constants
+    (:func:`medseg.engine.throughput.measure_training_throughput`); ``None``: the assumed constants
     (then ``cpu_bf16`` picks the CPU one). Raises ``ConfigError`` for an unknown device, a
     non-positive time budget or throughput, or a pool of fewer than 2 patients.
     """
@@ -430,7 +430,7 @@ def plan_dataset(
     (YAML with the rules as a comment header) and ``fingerprint.json`` beside it (both atomic).
 
     ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). ``measure``: time
-    the planned model's training steps on this machine (:mod:`medseg.throughput`, 10-30 s) and
+    the planned model's training steps on this machine (:mod:`medseg.engine.throughput`, 10-30 s) and
     size the epochs from that; without it, or when planning for a GPU this machine lacks, the
     assumed throughput of :func:`plan_from_fingerprint` (``cpu_bf16``: ``None`` = this
     machine's CPU). Raises
@@ -454,7 +454,7 @@ def plan_dataset(
     fingerprint = compute_fingerprint(pool, LabelConfig(), progress=progress)
     plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, cpu_bf16=cpu_bf16)
     if measure and (resolved == "cpu" or torch_sees_gpu()):
-        from medseg.throughput import measure_training_throughput
+        from medseg.engine.throughput import measure_training_throughput
 
         measured = measure_training_throughput(plan.config, resolved)
         plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, throughput=measured)

@@ -1,4 +1,4 @@
-"""`medseg.throughput`: training steps of a config timed on this machine (what `medseg plan`
+"""`medseg.engine.throughput`: training steps of a config timed on this machine (what `medseg plan`
 sizes the epochs from)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 import medseg.models
 from medseg.config import Config
+from medseg.engine.throughput import MIN_STEPS, WARMUP_STEPS, measure_training_throughput
 from medseg.errors import ConfigError
-from medseg.throughput import MIN_STEPS, WARMUP_STEPS, measure_training_throughput
 
 
 def tiny_config(**model) -> Config:
