@@ -11,7 +11,8 @@
 # folder is RUN_DIR (environment, default /tmp/medseg_auto_brats: outside OUT_DIR, whose
 # checkpoints and predictions need not come back). The run stops after LIMIT_S seconds
 # (environment, default 540) and is resumable: call the script again on the same machine and it
-# goes on from the last finished fold. medseg runs from this checkout
+# goes on from the last finished fold. SET (environment): more space-separated config overrides,
+# e.g. SET="cv.folds=3 train.samples_per_epoch=800". medseg runs from this checkout
 # (PYTHONPATH); torch and medseg's dependencies must be installed. OUT_DIR receives auto.log,
 # plan.yaml, cv_table.csv, cv_summary.json (the plan's post-processing), cv_chosen_summary.json
 # (the rule chosen on CV), postprocess.json, the fold histories and the run's state.json.
@@ -29,9 +30,11 @@ RUN=${RUN_DIR:-/tmp/medseg_auto_brats}
 
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| monai', monai.__version__)"
+overrides=()
+for kv in ${SET:-}; do overrides+=(--set "$kv"); done
 start=$SECONDS
 timeout "${LIMIT_S:-540}" $PY -m medseg run pipelines/auto.yaml --set "pipeline.source=$BRATS" \
-    --set "stage.plan.minutes_per_fold=$MINUTES" --set "stage.plan.device=$DEVICE" --out "$RUN" --no-progress \
+    --set "stage.plan.minutes_per_fold=$MINUTES" --set "stage.plan.device=$DEVICE" --out "$RUN" --no-progress "${overrides[@]}" \
     >>"$OUT/auto.log" 2>&1
 rc=$?
 echo "auto pipeline: rc $rc in $((SECONDS - start)) s (124 = stopped at LIMIT_S; call again to resume)"
