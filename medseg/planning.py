@@ -456,8 +456,13 @@ def plan_dataset(
     if measure and (resolved == "cpu" or torch_sees_gpu()):
         from medseg.engine.throughput import measure_training_throughput
 
-        measured = measure_training_throughput(plan.config, resolved)
-        plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, throughput=measured)
+        try:
+            measured = measure_training_throughput(plan.config, resolved)
+        except (RuntimeError, ConfigError) as exc:  # e.g. out of GPU memory: the assumed speed, said in the rules
+            plan.rules.append(f"training throughput not measured ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "the epochs use the assumed throughput")
+        else:
+            plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, throughput=measured)
     out_path = Path(out)
     header = f"medseg plan {manifest} ({resolved}, fingerprint: {out_path.parent / 'fingerprint.json'})"
     atomic.write_json(out_path.parent / "fingerprint.json", fingerprint)

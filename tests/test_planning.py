@@ -233,6 +233,20 @@ def test_written_plan_loads_as_the_same_config(tmp_path, ct_manifest):
     assert plan.config.train.epochs in possible
 
 
+def test_a_failed_measurement_falls_back_to_the_assumed_speed(tmp_path, ct_manifest, monkeypatch):
+    import medseg.engine.throughput
+
+    def out_of_memory(cfg, device):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(medseg.engine.throughput, "measure_training_throughput", out_of_memory)
+    manifest, _ = ct_manifest
+    plan = plan_dataset(manifest, tmp_path / "PLAN.yaml", device="cpu", progress=False, cpu_bf16=False)
+    assert plan.config.train.epochs == math.floor(20 * 60 * 5.5 * (160 * 192) / (128 * 160) / 1600)
+    assert "training throughput not measured (RuntimeError: CUDA out of memory)" in plan.rules[-1]
+    assert plan.rules[-1] in (tmp_path / "PLAN.yaml").read_text()
+
+
 def test_cli_plan_writes_plan_and_fingerprint(tmp_path, ct_manifest, capsys):
     manifest, _ = ct_manifest
     out = tmp_path / "cli" / "PLAN.yaml"
