@@ -128,6 +128,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` on ``device`` to ``dtype`` (from :func:`autocast_dtype`); disabled for
+    ``None`` (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 # --------------------------------------------------------------------------- torchrun
 
 

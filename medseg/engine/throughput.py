@@ -45,17 +45,15 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
     lesion in its centre quarter (B = ``train.batch_size``, C = ``model.in_channels``,
     (H, W) = ``train.patch_size``). Torch's thread count is set to ``train.threads`` for the
     measurement and restored after. Raises ``ConfigError`` for a detection model (its step
-    takes instance targets; plan it with the assumed throughput) or a CUDA device torch does
-    not see.
+    takes instance targets; plan it with the assumed throughput) or a device
+    :func:`medseg.runtime.resolve_device` refuses (e.g. CUDA where torch sees no GPU).
     """
     from medseg.engine.optim import build_optimizer, optimiser_step
     from medseg.losses import build_loss
     from medseg.models import build_model
-    from medseg.runtime import autocast_dtype
+    from medseg.runtime import autocast, autocast_dtype, resolve_device
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("cannot measure training throughput on cuda: torch sees no GPU")
+    dev = resolve_device(device)
     if is_instance_arch(cfg.model.arch):
         raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
     t = cfg.train
@@ -79,7 +77,7 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
         label = label.to(dev)
 
         def step() -> None:
-            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            with autocast(dev, amp):
                 logits = model(image)
             optimiser_step(loss_fn(logits, label), model, optimizer, scaler, t.grad_clip)
 

@@ -75,7 +75,7 @@ from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
 from medseg.model_names import is_instance_arch
-from medseg.runtime import autocast_dtype, resolve_train_device, set_threads
+from medseg.runtime import autocast, autocast_dtype, resolve_train_device, set_threads
 
 log = logging.getLogger(__name__)
 RESUME_CHECKED_SECTIONS = ("data", "preprocess", "model")
@@ -301,7 +301,7 @@ class Trainer:
         y = batch["label"].to(device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+        with autocast(device, self.amp):
             if self.detector:  # label = per-slice instance ids; the model returns its loss terms
                 from medseg.models.detection.maskrcnn import instance_targets
 

@@ -32,7 +32,7 @@ from torch import nn
 from medseg.config import InferenceConfig
 from medseg.geometry import bounding_box, consecutive_labels
 from medseg.prediction.predictor import SliceStacks, default_batch_size, evaluating
-from medseg.runtime import autocast_dtype, resolve_device
+from medseg.runtime import autocast, autocast_dtype, resolve_device
 
 LINK_OVERLAP = 0.5
 
@@ -147,7 +147,7 @@ def predict_instances(
     with evaluating([model], dev):
         for start in range(0, n_slices, batch):
             stop = min(start + batch, n_slices)
-            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            with autocast(dev, amp):
                 found = model.detect(stacks(start, stop))
             for offset, det in enumerate(found):
                 z = start + offset

@@ -45,5 +45,5 @@ def test_unmeasurable_configs_say_why():
     with pytest.raises(ConfigError, match="maskrcnn"):
         measure_training_throughput(tiny_config(arch="maskrcnn", encoder="resnet18", out_channels=2))
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no GPU"):
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
             measure_training_throughput(tiny_config(), "cuda")
