@@ -53,7 +53,14 @@ train.epochs                      floor(minutes per fold x 60 x throughput /
                                   160 x 192 patch, scaled by
                                   the area ratio; minutes per fold default
                                   ``DEFAULT_MINUTES`` (CPU 20, CUDA 10); ``max_minutes`` =
-                                  ``MAX_MINUTES_FACTOR`` (1.25) x minutes per fold
+                                  ``MAX_MINUTES_FACTOR`` (1.25) x minutes per fold. On a CPU
+                                  the measurement is whole training steps through the data
+                                  pipeline on ``MEASURE_CASES`` (3) pool cases, once with 1
+                                  thread and once with every core (the loader worker shares
+                                  them); on a GPU, the optimiser step alone
+train.threads (CPU)               every core (``null``) when that measured
+                                  ``ALL_CORES_GAIN`` (1.1) x the 1-thread speed or more, else 1
+                                  (also 1 when not measured: kind to a shared machine)
 train (the rest)                  ``TRAIN_RECIPE`` (configs/brats_unet_inception.yaml) plus
                                   ``WORKERS`` per device
 train.augment                     ``STRONG_AUGMENT`` when the pool has fewer than
@@ -73,13 +80,16 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import ValidationError
 
 from medseg.config import Config, LabelConfig, PreprocessConfig, format_validation_error
-from medseg.errors import ConfigError, ManifestError
+from medseg.errors import ConfigError, ManifestError, MedsegError
+
+if TYPE_CHECKING:
+    from medseg.manifest import Case
 
 ANISOTROPY_RATIO = 1.5
 SPACING_TOLERANCE = 0.10
@@ -103,6 +113,8 @@ THROUGHPUT_CUDA = 600.0
 EPOCH_RANGE = (3, 100)
 DEFAULT_MINUTES = {"cpu": 20.0, "cuda": 10.0}
 MAX_MINUTES_FACTOR = 1.25
+MEASURE_CASES = 3
+ALL_CORES_GAIN = 1.1
 STRONG_AUGMENT_BELOW = 50
 MIN_LESION_RANGE = (10.0, 500.0)
 THRESHOLD = 0.5
@@ -142,6 +154,18 @@ STRONG_AUGMENT: dict[str, Any] = {
     "blur_prob": 0.15,
     "translate": 0.25,
 }
+
+
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """Training speed measured on the planning machine: ``slices_per_s`` of the planned model,
+    ``what`` was timed (for the rule line) and the ``threads`` (``train.threads``) it was
+    measured with, ``why_threads`` the comparison that chose them ("" when not compared)."""
+
+    slices_per_s: float
+    what: str
+    threads: int | None
+    why_threads: str = ""
 
 
 @dataclass
@@ -213,7 +237,7 @@ def plan_from_fingerprint(
     minutes_per_fold: float | None = None,
     labels: LabelConfig | None = None,
     cpu_bf16: bool | None = None,
-    throughput: float | None = None,
+    throughput: float | MeasuredSpeed | None = None,
 ) -> Plan:
     """Apply the rules of the module docstring to ``fingerprint`` (``medseg.fingerprint``).
 
@@ -221,9 +245,11 @@ def plan_from_fingerprint(
     set); default ``nonzero`` with the values seen. ``cpu_bf16``: whether the CPU that will
     train computes bf16 in hardware (``None``: this machine's, :func:`medseg.runtime.cpu_has_fast_bf16`).
     ``throughput``: training slices/s measured at the planned model, patch and batch
-    (:func:`medseg.engine.throughput.measure_training_throughput`); ``None``: the assumed constants
-    (then ``cpu_bf16`` picks the CPU one). Raises ``ConfigError`` for an unknown device, a
-    non-positive time budget or throughput, or a pool of fewer than 2 patients.
+    (:func:`medseg.engine.throughput.measure_training_throughput`, a float: the step alone at
+    the device's ``WORKERS`` threads) or a :class:`MeasuredSpeed` (which also sets
+    ``train.threads``); ``None``: the assumed constants (then ``cpu_bf16`` picks the CPU one).
+    Raises ``ConfigError`` for an unknown device, a non-positive time budget or throughput, or
+    a pool of fewer than 2 patients.
     """
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"plan device must be cpu or cuda (resolve 'auto' first), got {device!r}")
@@ -341,10 +367,16 @@ def plan_from_fingerprint(
         batch = min(max(power_of_two(BATCH_CUDA * area_ratio), BATCH_CUDA_RANGE[0]), BATCH_CUDA_RANGE[1])
         rules.append(f"train.batch_size = {batch}: {BATCH_CUDA} at {REFERENCE_PATCH[0]}x{REFERENCE_PATCH[1]} x "
                      f"area ratio {area_ratio:.3g}, to a power of two in {list(BATCH_CUDA_RANGE)}")
+    threads, why_threads = WORKERS[device]["threads"], ""
+    if isinstance(throughput, (int, float)):
+        throughput = MeasuredSpeed(float(throughput), f"{batch} x {patch[0]}x{patch[1]} steps of the planned model",
+                                   threads)
     if throughput is not None:
-        if not throughput > 0:
-            raise ConfigError(f"measured training throughput must be positive, got {throughput}")
-        kind = f"measured on this machine: {batch} x {patch[0]}x{patch[1]} steps of the planned model"
+        if not throughput.slices_per_s > 0:
+            raise ConfigError(f"measured training throughput must be positive, got {throughput.slices_per_s}")
+        kind = f"measured on this machine: {throughput.what}"
+        threads, why_threads = throughput.threads, throughput.why_threads
+        throughput = throughput.slices_per_s
     elif device == "cpu":
         if cpu_bf16 is None:
             from medseg.runtime import cpu_has_fast_bf16
@@ -363,6 +395,7 @@ def plan_from_fingerprint(
     train: dict[str, Any] = {
         **TRAIN_RECIPE,
         **WORKERS[device],
+        "threads": threads,
         "device": device,
         "epochs": epochs,
         "batch_size": batch,
@@ -370,7 +403,7 @@ def plan_from_fingerprint(
         "max_minutes": max_minutes,
     }
     rules.append(f"train.device = {device}; num_workers = {WORKERS[device]['num_workers']}, "
-                 f"threads = {WORKERS[device]['threads'] or 'null'}; optimiser, schedule, loss, EMA: the BraTS recipe")
+                 f"threads = {threads or 'null'}{why_threads}; optimiser, schedule, loss, EMA: the BraTS recipe")
     if n_patients < STRONG_AUGMENT_BELOW:
         train["augment"] = dict(STRONG_AUGMENT)
         rules.append(f"train.augment = strong (rotate 30 deg, scale 0.25, elastic 0.3, ...): {n_patients} patients "
@@ -422,6 +455,41 @@ def plan_yaml(plan: Plan, header: str = "") -> str:
     return "\n".join(lines) + "\n" + body
 
 
+def measure_speed(config: Config, pool: list[Case], manifest: Path, device: Literal["cpu", "cuda"]) -> MeasuredSpeed:
+    """The planned ``config``'s training speed on this machine. CPU: whole training steps with
+    batches through the data pipeline on the first ``MEASURE_CASES`` cases of ``pool``
+    (:func:`medseg.engine.throughput.measure_pipeline_throughput`), with 1 thread and with every
+    core; every core is kept when it is ``ALL_CORES_GAIN`` x faster (the loader worker shares
+    the cores, and other jobs on a shared machine slow the all-core run most). GPU: the
+    optimiser step alone (:func:`medseg.engine.throughput.measure_training_throughput`)."""
+    import torch
+
+    from medseg.engine.setup import TrainingCases
+    from medseg.engine.throughput import measure_pipeline_throughput, measure_training_throughput
+
+    t = config.train
+    shape = f"{t.batch_size} x {t.patch_size[0]}x{t.patch_size[1]}"
+    if device == "cuda":
+        return MeasuredSpeed(measure_training_throughput(config, device), f"{shape} steps of the planned model", t.threads)
+    sample = TrainingCases(manifest, pool[:MEASURE_CASES], [], pool[0].channels, pool[0].modality)
+    what = f"{shape} steps of the planned model, batches through the data pipeline"
+
+    def at(threads: int | None) -> float:
+        cfg = config.model_copy(deep=True)
+        cfg.train.threads = threads
+        return measure_pipeline_throughput(cfg, sample, device)
+
+    one = at(1)
+    cores = torch.get_num_threads()
+    if cores < 2:
+        return MeasuredSpeed(one, f"{what}, 1 thread", 1, " (PyTorch uses 1 core here)")
+    every = at(None)
+    compared = f"{_fmt(every)} slices/s with all {cores} threads vs {_fmt(one)} with 1 (measured)"
+    if every >= ALL_CORES_GAIN * one:
+        return MeasuredSpeed(every, f"{what}, {cores} threads", None, f" (every core: {compared})")
+    return MeasuredSpeed(one, f"{what}, 1 thread", 1, f" ({compared}: under {ALL_CORES_GAIN}x)")
+
+
 def plan_dataset(
     manifest: str | Path,
     out: str | Path,
@@ -435,8 +503,8 @@ def plan_dataset(
     (YAML with the rules as a comment header) and ``fingerprint.json`` beside it (both atomic).
 
     ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). ``measure``: time
-    the planned model's training steps on this machine (:mod:`medseg.engine.throughput`, 10-30 s) and
-    size the epochs from that; without it, or when planning for a GPU this machine lacks, the
+    the planned model's training steps on this machine (:func:`measure_speed`; CPU 20-60 s, GPU
+    10-30 s) and size the epochs (and, on a CPU, the threads) from that; without it, or when planning for a GPU this machine lacks, the
     assumed throughput of :func:`plan_from_fingerprint` (``cpu_bf16``: ``None`` = this
     machine's CPU). Raises
     ``ManifestError`` naming the manifest when no labelled case lies outside the test split or
@@ -459,11 +527,9 @@ def plan_dataset(
     fingerprint = compute_fingerprint(pool, LabelConfig(), progress=progress)
     plan = plan_from_fingerprint(fingerprint, str(manifest), resolved, minutes_per_fold, cpu_bf16=cpu_bf16)
     if measure and (resolved == "cpu" or torch_sees_gpu()):
-        from medseg.engine.throughput import measure_training_throughput
-
         try:
-            measured = measure_training_throughput(plan.config, resolved)
-        except (RuntimeError, ConfigError) as exc:  # e.g. out of GPU memory: the assumed speed, said in the rules
+            measured = measure_speed(plan.config, pool, Path(manifest), resolved)
+        except (RuntimeError, MedsegError) as exc:  # e.g. out of GPU memory: the assumed speed, said in the rules
             plan.rules.append(f"training throughput not measured ({type(exc).__name__}: {str(exc)[:200]}); "
                               "the epochs use the assumed throughput")
         else:

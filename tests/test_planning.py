@@ -227,7 +227,8 @@ def test_written_plan_loads_as_the_same_config(tmp_path, ct_manifest):
     assert plan.config.data.manifest == str(manifest)
     assert plan.config.train.max_minutes == 5 * 1.25
     epochs_rule = next(r for r in plan.rules if r.startswith("train.epochs"))
-    assert "measured on this machine: 8 x 128x160 steps of the planned model" in epochs_rule
+    assert "measured on this machine: 8 x 128x160 steps of the planned model, batches through the data" in epochs_rule
+    assert plan.config.train.threads in (1, None)
     shown = float(epochs_rule.split(" x ")[1].split(" slices/s")[0])  # 4 significant digits
     possible = {min(max(math.floor(5 * 60 * shown * f / 1600), 3), 100) for f in (1 - 5e-4, 1 + 5e-4)}
     assert plan.config.train.epochs in possible
@@ -236,15 +237,46 @@ def test_written_plan_loads_as_the_same_config(tmp_path, ct_manifest):
 def test_a_failed_measurement_falls_back_to_the_assumed_speed(tmp_path, ct_manifest, monkeypatch):
     import medseg.engine.throughput
 
-    def out_of_memory(cfg, device):
+    def out_of_memory(cfg, cases, device):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(medseg.engine.throughput, "measure_training_throughput", out_of_memory)
+    monkeypatch.setattr(medseg.engine.throughput, "measure_pipeline_throughput", out_of_memory)
     manifest, _ = ct_manifest
     plan = plan_dataset(manifest, tmp_path / "PLAN.yaml", device="cpu", progress=False, cpu_bf16=False)
     assert plan.config.train.epochs == math.floor(20 * 60 * 8 * (160 * 192) / (128 * 160) / 1600)
     assert "training throughput not measured (RuntimeError: CUDA out of memory)" in plan.rules[-1]
     assert plan.rules[-1] in (tmp_path / "PLAN.yaml").read_text()
+
+
+@pytest.mark.parametrize(("cores", "all_cores", "threads"), [(4, 20.0, None), (4, 10.5, 1), (1, 20.0, 1)])
+def test_cpu_threads_and_epochs_follow_the_pipeline_measurement(tmp_path, ct_manifest, monkeypatch, cores, all_cores,
+                                                                threads):
+    import torch
+
+    import medseg.engine.throughput
+
+    measured = []
+
+    def pipeline_speed(cfg, cases, device):
+        measured.append((cfg.train.threads, [c.case_id for c in cases.train], cases.val, device))
+        return 10.0 if cfg.train.threads == 1 else all_cores
+
+    monkeypatch.setattr(medseg.engine.throughput, "measure_pipeline_throughput", pipeline_speed)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+    manifest, _ = ct_manifest
+    plan = plan_dataset(manifest, tmp_path / "PLAN.yaml", device="cpu", progress=False)
+    pool = ["ct0", "ct1", "ct2"]  # MEASURE_CASES of the pool, nothing held out
+    assert measured == [(1, pool, [], "cpu"), (None, pool, [], "cpu")][: 2 if cores > 1 else 1]
+    assert plan.config.train.threads == threads
+    speed = all_cores if threads is None else 10.0
+    assert plan.config.train.epochs == math.floor(20 * 60 * speed / 1600)
+    epochs_rule = next(r for r in plan.rules if r.startswith("train.epochs"))
+    assert "batches through the data pipeline" in epochs_rule
+    assert ("1 thread" in epochs_rule) == (threads == 1)
+    threads_rule = next(r for r in plan.rules if r.startswith("train.device"))
+    if cores > 1:
+        assert f"{all_cores:g} slices/s with all 4 threads vs 10 with 1 (measured)" in threads_rule
+    assert f"threads = {threads or 'null'}" in threads_rule
 
 
 def test_cli_plan_writes_plan_and_fingerprint(tmp_path, ct_manifest, capsys):

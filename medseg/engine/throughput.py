@@ -9,10 +9,14 @@ turns the result into the number of epochs that fit the time budget, so a plan m
 GPU, an old CPU or a bf16 CPU trains as long as that machine allows instead of as long as a
 constant for its device class says.
 
-The data pipeline is not part of the measurement: on the machines of docs/benchmarks.md it is
-hidden behind the step (``benchmarks/bench_training.py``: pipeline / step alone 0.99-1.03 on 2
-CPU cores at 160 x 192), and where it is not, the trainer's ``train.max_minutes`` fits the
-learning-rate schedule to the epochs that really fit.
+The data pipeline is not part of that measurement: with one training thread beside one loader
+worker on 2 CPU cores it is hidden behind the step (``benchmarks/bench_training.py``: pipeline /
+step alone 0.99-1.03 at 160 x 192), and where it is not, the trainer's ``train.max_minutes`` fits
+the learning-rate schedule to the epochs that really fit. With every core training, the loader
+worker competes with the step (pipeline / step alone 0.73 on 2 cores), so
+:func:`measure_pipeline_throughput` times whole training steps, batches drawn through the
+trainer's own data pipeline (preprocessing, 2.5D stacks, augmentation, DataLoader workers) from
+a few real cases: ``medseg plan`` uses it on CPUs to choose ``train.threads`` and the epochs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from medseg.config import Config
+from medseg.engine.setup import TrainingCases
 from medseg.errors import ConfigError
 from medseg.model_names import is_instance_arch
 
@@ -30,6 +35,8 @@ WARMUP_STEPS = 2
 MIN_STEPS = 2
 MAX_STEPS = 5
 MAX_SECONDS = 30.0
+PIPELINE_MIN_STEPS = 12  # more than a full prefetch queue, so the loader's pace shows
+PIPELINE_MAX_STEPS = 40
 
 
 def _sync(device: torch.device) -> None:
@@ -95,4 +102,68 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
         torch.set_num_threads(threads)
 
 
-__all__ = ["measure_training_throughput"]
+def measure_pipeline_throughput(
+    cfg: Config, cases: TrainingCases, device: str | torch.device = "cpu", max_seconds: float = MAX_SECONDS
+) -> float:
+    """Training slices per second of ``cfg`` through its data pipeline: a ``Trainer`` on
+    ``cases.train`` (loaded in memory, ``cases.val`` ignored; a few cases suffice) draws
+    batches from its DataLoader (``train.num_workers`` workers, augmentation) into optimiser
+    steps. Untimed: ``WARMUP_STEPS`` plus the prefetched batches (workers x
+    ``train.prefetch_factor``); timed: steps until ``PIPELINE_MAX_STEPS`` or ``max_seconds``
+    (at least ``PIPELINE_MIN_STEPS``). Torch's thread count is ``train.threads`` for the
+    measurement (``None``: left as it is, PyTorch's default unless the caller changed it) and
+    restored after; the trainer's log stays quiet. Raises ``ConfigError`` for a detection model or a refused device, and what
+    loading the cases raises (e.g. ``ImageLoadError``).
+    """
+    import logging
+    import tempfile
+
+    from medseg.engine.distributed import DistInfo
+    from medseg.engine.trainer import Trainer
+    from medseg.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if is_instance_arch(cfg.model.arch):
+        raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
+    cfg = cfg.model_copy(deep=True)
+    t = cfg.train
+    prefetched = t.num_workers * t.prefetch_factor
+    # one epoch holds every step, so one loader iterator (and its workers) serves the measurement
+    cfg.train.samples_per_epoch = (1 + WARMUP_STEPS + prefetched + PIPELINE_MAX_STEPS) * t.batch_size
+    threads = torch.get_num_threads()
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
+    trainer_log = logging.getLogger("medseg.engine.trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(logging.WARNING)  # its "train: N case(s) ..." line would read as a training run
+    try:
+        with tempfile.TemporaryDirectory(prefix="medseg-throughput-") as tmp:
+            trainer = Trainer(cfg, tmp, progress=False)
+            trainer.setup(TrainingCases(cases.manifest, cases.train, [], cases.channels, cases.modality),
+                          DistInfo(rank=0, world_size=1, local_rank=0, device=dev))
+            trainer.model.train()
+            trainer.sampler.set_epoch(1)
+            batches = iter(trainer.loader)
+            try:
+                for _ in range(WARMUP_STEPS + prefetched):
+                    trainer.step(trainer.model, next(batches), dev)
+                _sync(dev)
+                start = time.perf_counter()
+                steps = slices = 0
+                while steps < PIPELINE_MIN_STEPS or (
+                    steps < PIPELINE_MAX_STEPS and time.perf_counter() - start < max_seconds
+                ):
+                    batch = next(batches)
+                    trainer.step(trainer.model, batch, dev)
+                    slices += batch["image"].shape[0]
+                    steps += 1
+                _sync(dev)
+                return slices / (time.perf_counter() - start)
+            finally:  # the loader's persistent workers end with the trainer, before the folder goes
+                del batches, trainer
+    finally:
+        trainer_log.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+__all__ = ["measure_pipeline_throughput", "measure_training_throughput"]

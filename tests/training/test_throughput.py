@@ -1,8 +1,9 @@
-"""`medseg.engine.throughput`: training steps of a config timed on this machine (what `medseg plan`
-sizes the epochs from)."""
+"""`medseg.engine.throughput`: training steps of a config timed on this machine, alone or with
+batches through the data pipeline (what `medseg plan` sizes the epochs and CPU threads from)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -10,8 +11,18 @@ import torch
 
 import medseg.models
 from medseg.config import Config
-from medseg.engine.throughput import MIN_STEPS, WARMUP_STEPS, measure_training_throughput
+from medseg.engine.setup import TrainingCases
+from medseg.engine.throughput import (
+    MIN_STEPS,
+    PIPELINE_MIN_STEPS,
+    WARMUP_STEPS,
+    measure_pipeline_throughput,
+    measure_training_throughput,
+)
+from medseg.engine.trainer import Trainer
 from medseg.errors import ConfigError
+from medseg.manifest import Case
+from tests.conftest import make_affine, make_case_files
 
 
 def tiny_config(**model) -> Config:
@@ -47,3 +58,31 @@ def test_unmeasurable_configs_say_why():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             measure_training_throughput(tiny_config(), "cuda")
+
+
+def test_pipeline_steps_take_batches_from_the_trainers_loader(tmp_path, monkeypatch):
+    cases = []
+    for i in range(2):
+        files = make_case_files(tmp_path, f"c{i}", make_affine("lps"))
+        label = files.pop("label")
+        cases.append(Case(f"c{i}", f"p{i}", "MR", files, label, "train"))
+    val = Case("v", "pv", "MR", {"flair": tmp_path / "missing.nii.gz"}, tmp_path / "missing_seg.nii.gz", "val")
+    cfg = tiny_config(in_channels=6)  # 2 channels x 3 context slices
+    cfg.train.num_workers, cfg.train.prefetch_factor = 1, 2
+    shapes = []
+    step = Trainer.step
+
+    def recording_step(self, model, batch, device):
+        shapes.append((tuple(batch["image"].shape), tuple(batch["label"].shape)))
+        return step(self, model, batch, device)
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    trainer_log = logging.getLogger("medseg.engine.trainer")
+    threads, level = torch.get_num_threads(), trainer_log.level
+    sample = TrainingCases(tmp_path / "m.csv", cases, [val], ["flair", "t1"], "MR")  # val ignored: never read
+    slices_per_s = measure_pipeline_throughput(cfg, sample, "cpu", max_seconds=0.0)  # the minimum of steps
+    assert math.isfinite(slices_per_s) and slices_per_s > 0
+    untimed = WARMUP_STEPS + 1 * 2  # + the batches the worker prefetched
+    assert shapes == [((2, 6, 32, 48), (2, 1, 32, 48))] * (untimed + PIPELINE_MIN_STEPS)
+    assert torch.get_num_threads() == threads and trainer_log.level == level  # restored
+    assert cfg.train.samples_per_epoch == 2000  # the caller's config is not changed
