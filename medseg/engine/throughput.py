@@ -112,8 +112,8 @@ def measure_pipeline_throughput(
     ``train.prefetch_factor``); timed: steps until ``PIPELINE_MAX_STEPS`` or ``max_seconds``
     (at least ``PIPELINE_MIN_STEPS``). Torch's thread count is ``train.threads`` for the
     measurement (``None``: left as it is, PyTorch's default unless the caller changed it) and
-    restored after; the trainer's log stays quiet. Raises ``ConfigError`` for a detection model or a refused device, and what
-    loading the cases raises (e.g. ``ImageLoadError``).
+    restored after; the trainer's log stays quiet. Raises ``ConfigError`` for a detection model
+    or a refused device, and what loading the cases raises (e.g. ``InputFileError``).
     """
     import logging
     import tempfile
