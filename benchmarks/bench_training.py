@@ -2,7 +2,8 @@
 DataLoader workers -> optimiser step) against the optimiser step alone on pre-made tensors.
 
 Both use the same ``Trainer`` (model, batch, AMP, threads, channels_last, loss, optimiser) built
-from a config; the baseline repeats one batch already in memory. Blocks of ``--steps`` steps
+from a config on the manifest's training cases (:func:`medseg.engine.throughput.training_batches`);
+the baseline repeats one batch already in memory. Blocks of ``--steps`` steps
 alternate (baseline, pipeline, baseline, ...) ``--rounds`` times so that load from other jobs on
 a shared machine hits both alike; the median block throughput of each is reported, and
 ``ratio`` = pipeline / step alone (1.0 = the data pipeline is hidden behind compute).
@@ -18,15 +19,14 @@ import datetime
 import os
 import platform
 import statistics
-import tempfile
 import time
 from itertools import cycle
 
 import torch
 
 from medseg.config import load_config
-from medseg.engine.distributed import DistInfo
 from medseg.engine.setup import check_training_setup
+from medseg.engine.throughput import training_batches
 from medseg.engine.trainer import Trainer
 
 
@@ -56,26 +56,19 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     cases = check_training_setup(cfg)
     t = cfg.train
-    # an epoch long enough for every block, so one loader iterator (and its workers) serves all
-    total = (1 + args.warmup + args.steps * args.rounds) * t.batch_size
-    cfg.train.samples_per_epoch = max(total, t.samples_per_epoch)
     if t.threads is not None:
         torch.set_num_threads(t.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, progress=False)
-        info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device))
-        trainer.setup(cases, info)
-        trainer.model.train()
-        trainer.sampler.set_epoch(1)
-        pipeline = iter(trainer.loader)
+    device = torch.device(args.device)
+    n_batches = 1 + args.warmup + args.steps * args.rounds  # every block from one loader iterator
+    with training_batches(cfg, cases, device, n_batches) as (trainer, pipeline):
         fixed = next(pipeline)
         made = cycle([fixed])
-        block(trainer, made, args.warmup, info.device)
-        block(trainer, pipeline, args.warmup, info.device)
+        block(trainer, made, args.warmup, device)
+        block(trainer, pipeline, args.warmup, device)
         step_alone, full = [], []
         for _ in range(args.rounds):
-            step_alone.append(block(trainer, made, args.steps, info.device))
-            full.append(block(trainer, pipeline, args.steps, info.device))
+            step_alone.append(block(trainer, made, args.steps, device))
+            full.append(block(trainer, pipeline, args.steps, device))
     a, b = statistics.median(step_alone), statistics.median(full)
     print(f"date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -504,9 +504,9 @@ def plan_dataset(
 
     ``device``: ``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU). ``measure``: time
     the planned model's training steps on this machine (:func:`measure_speed`; CPU 20-60 s, GPU
-    10-30 s) and size the epochs (and, on a CPU, the threads) from that; without it, or when planning for a GPU this machine lacks, the
-    assumed throughput of :func:`plan_from_fingerprint` (``cpu_bf16``: ``None`` = this
-    machine's CPU). Raises
+    10-30 s) and size the epochs (and, on a CPU, the threads) from that; without it, or when
+    planning for a GPU this machine lacks, the assumed throughput of
+    :func:`plan_from_fingerprint` (``cpu_bf16``: ``None`` = this machine's CPU). Raises
     ``ManifestError`` naming the manifest when no labelled case lies outside the test split or
     the pool mixes modalities, ``ConfigError`` for fewer than 2 patients.
     """

@@ -22,6 +22,9 @@ a few real cases: ``medseg plan`` uses it on CPUs to choose ``train.threads`` an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +33,9 @@ from medseg.config import Config
 from medseg.engine.setup import TrainingCases
 from medseg.errors import ConfigError
 from medseg.model_names import is_instance_arch
+
+if TYPE_CHECKING:
+    from medseg.engine.trainer import Trainer
 
 WARMUP_STEPS = 2
 MIN_STEPS = 2
@@ -42,6 +48,44 @@ PIPELINE_MAX_STEPS = 40
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _measurable_device(cfg: Config, device: str | torch.device) -> torch.device:
+    """``device`` resolved (:func:`medseg.runtime.resolve_device`); ``ConfigError`` for a detection model."""
+    from medseg.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if is_instance_arch(cfg.model.arch):
+        raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
+    return dev
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's thread count at ``threads`` inside (``None``: as it is), restored after."""
+    from medseg.runtime import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _slices_per_second(step: Callable[[], int], dev: torch.device, min_steps: int, max_steps: int,
+                       max_seconds: float) -> float:
+    """Time calls of ``step`` (one optimiser step; returns its number of slices) until
+    ``max_steps`` or ``max_seconds``, at least ``min_steps``; the device is synchronised after
+    each, so the clock sees the work."""
+    _sync(dev)
+    start = time.perf_counter()
+    steps = slices = 0
+    while steps < min_steps or (steps < max_steps and time.perf_counter() - start < max_seconds):
+        slices += step()
+        _sync(dev)
+        steps += 1
+    return slices / (time.perf_counter() - start)
 
 
 def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu", max_seconds: float = MAX_SECONDS) -> float:
@@ -58,16 +102,11 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
     from medseg.engine.optim import build_optimizer, optimiser_step
     from medseg.losses import build_loss
     from medseg.models import build_model
-    from medseg.runtime import autocast, autocast_dtype, resolve_device
+    from medseg.runtime import autocast, autocast_dtype
 
-    dev = resolve_device(device)
-    if is_instance_arch(cfg.model.arch):
-        raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
+    dev = _measurable_device(cfg, device)
     t = cfg.train
-    threads = torch.get_num_threads()
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
-    try:
+    with _torch_threads(t.threads):
         generator = torch.Generator().manual_seed(0)
         model: nn.Module = build_model(cfg.model).to(dev).train()
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -83,23 +122,40 @@ def measure_training_throughput(cfg: Config, device: str | torch.device = "cpu",
         label[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1.0
         label = label.to(dev)
 
-        def step() -> None:
+        def step() -> int:
             with autocast(dev, amp):
                 logits = model(image)
             optimiser_step(loss_fn(logits, label), model, optimizer, scaler, t.grad_clip)
+            return b
 
         for _ in range(WARMUP_STEPS):
             step()
-        _sync(dev)
-        start = time.perf_counter()
-        steps = 0
-        while steps < MIN_STEPS or (steps < MAX_STEPS and time.perf_counter() - start < max_seconds):
-            step()
-            _sync(dev)
-            steps += 1
-        return steps * b / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+        return _slices_per_second(step, dev, MIN_STEPS, MAX_STEPS, max_seconds)
+
+
+@contextmanager
+def training_batches(cfg: Config, cases: TrainingCases, device: torch.device,
+                     n_batches: int) -> Iterator[tuple[Trainer, Iterator[dict[str, torch.Tensor]]]]:
+    """A ``Trainer`` of ``cfg`` set up on ``cases.train`` (loaded in memory; ``cases.val`` is
+    not read) in a temporary folder, in training mode, and an iterator over its DataLoader's
+    batches (its workers, augmentation) with at least ``n_batches`` in the epoch. ``cfg`` is not
+    changed. The loader's persistent workers end when the caller lets go of the iterator (the
+    folder holds nothing they use). Used here and by ``benchmarks/bench_training.py``."""
+    import tempfile
+
+    from medseg.engine.distributed import DistInfo
+    from medseg.engine.trainer import Trainer
+
+    cfg = cfg.model_copy(deep=True)
+    # one epoch holds every batch, so one loader iterator (and its workers) serves the caller
+    cfg.train.samples_per_epoch = max(cfg.train.samples_per_epoch, n_batches * cfg.train.batch_size)
+    with tempfile.TemporaryDirectory(prefix="medseg-throughput-") as tmp:
+        trainer = Trainer(cfg, tmp, progress=False)
+        trainer.setup(TrainingCases(cases.manifest, cases.train, [], cases.channels, cases.modality),
+                      DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+        trainer.model.train()
+        trainer.sampler.set_epoch(1)
+        yield trainer, iter(trainer.loader)
 
 
 def measure_pipeline_throughput(
@@ -108,62 +164,35 @@ def measure_pipeline_throughput(
     """Training slices per second of ``cfg`` through its data pipeline: a ``Trainer`` on
     ``cases.train`` (loaded in memory, ``cases.val`` ignored; a few cases suffice) draws
     batches from its DataLoader (``train.num_workers`` workers, augmentation) into optimiser
-    steps. Untimed: ``WARMUP_STEPS`` plus the prefetched batches (workers x
-    ``train.prefetch_factor``); timed: steps until ``PIPELINE_MAX_STEPS`` or ``max_seconds``
-    (at least ``PIPELINE_MIN_STEPS``). Torch's thread count is ``train.threads`` for the
-    measurement (``None``: left as it is, PyTorch's default unless the caller changed it) and
-    restored after; the trainer's log stays quiet. Raises ``ConfigError`` for a detection model
-    or a refused device, and what loading the cases raises (e.g. ``InputFileError``).
+    steps (:func:`training_batches`). Untimed: ``WARMUP_STEPS`` plus the prefetched batches
+    (workers x ``train.prefetch_factor``); timed: steps until ``PIPELINE_MAX_STEPS`` or
+    ``max_seconds`` (at least ``PIPELINE_MIN_STEPS``). Torch's thread count is
+    ``train.threads`` for the measurement (``None``: left as it is, PyTorch's default unless
+    the caller changed it) and restored after; the trainer's log stays quiet. Raises
+    ``ConfigError`` for a detection model or a refused device, and what loading the cases
+    raises (e.g. ``InputFileError``).
     """
     import logging
-    import tempfile
 
-    from medseg.engine.distributed import DistInfo
-    from medseg.engine.trainer import Trainer
-    from medseg.runtime import resolve_device
-
-    dev = resolve_device(device)
-    if is_instance_arch(cfg.model.arch):
-        raise ConfigError(f"training throughput is measured for segmentation models; {cfg.model.arch} takes instance targets")
-    cfg = cfg.model_copy(deep=True)
+    dev = _measurable_device(cfg, device)
     t = cfg.train
-    prefetched = t.num_workers * t.prefetch_factor
-    # one epoch holds every step, so one loader iterator (and its workers) serves the measurement
-    cfg.train.samples_per_epoch = (1 + WARMUP_STEPS + prefetched + PIPELINE_MAX_STEPS) * t.batch_size
-    threads = torch.get_num_threads()
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
+    untimed = WARMUP_STEPS + t.num_workers * t.prefetch_factor
     trainer_log = logging.getLogger("medseg.engine.trainer")
     level = trainer_log.level
     trainer_log.setLevel(logging.WARNING)  # its "train: N case(s) ..." line would read as a training run
     try:
-        with tempfile.TemporaryDirectory(prefix="medseg-throughput-") as tmp:
-            trainer = Trainer(cfg, tmp, progress=False)
-            trainer.setup(TrainingCases(cases.manifest, cases.train, [], cases.channels, cases.modality),
-                          DistInfo(rank=0, world_size=1, local_rank=0, device=dev))
-            trainer.model.train()
-            trainer.sampler.set_epoch(1)
-            batches = iter(trainer.loader)
-            try:
-                for _ in range(WARMUP_STEPS + prefetched):
-                    trainer.step(trainer.model, next(batches), dev)
-                _sync(dev)
-                start = time.perf_counter()
-                steps = slices = 0
-                while steps < PIPELINE_MIN_STEPS or (
-                    steps < PIPELINE_MAX_STEPS and time.perf_counter() - start < max_seconds
-                ):
-                    batch = next(batches)
-                    trainer.step(trainer.model, batch, dev)
-                    slices += batch["image"].shape[0]
-                    steps += 1
-                _sync(dev)
-                return slices / (time.perf_counter() - start)
-            finally:  # the loader's persistent workers end with the trainer, before the folder goes
-                del batches, trainer
+        with _torch_threads(t.threads), training_batches(cfg, cases, dev, untimed + PIPELINE_MAX_STEPS) as (trainer, batches):
+
+            def step() -> int:
+                batch = next(batches)
+                trainer.step(trainer.model, batch, dev)
+                return batch["image"].shape[0]
+
+            for _ in range(untimed):
+                step()
+            return _slices_per_second(step, dev, PIPELINE_MIN_STEPS, PIPELINE_MAX_STEPS, max_seconds)
     finally:
         trainer_log.setLevel(level)
-        torch.set_num_threads(threads)
 
 
-__all__ = ["measure_pipeline_throughput", "measure_training_throughput"]
+__all__ = ["measure_pipeline_throughput", "measure_training_throughput", "training_batches"]
