@@ -18,7 +18,8 @@ the CV table. Layout of ``out_dir``::
     oof/                out-of-fold predictions: <case>_mask/_prob/_lesions..., failures.csv
     evaluation/         evaluate()'s tables of oof/ (metrics_per_case.csv, summary.json, ...)
     cv_table.csv        one row per pool case: fold, patient, Dice, HD95, lesion F1, ... + "mean"
-    cv_summary.json     means over cases and per fold, training seconds per fold, device
+    cv_summary.json     means over cases (each with a 95 % patient-bootstrap interval, ``ci95``)
+                        and per fold, training seconds per fold, device
 
 Resuming: a fold whose ``fold_done.json`` matches the current training inputs (the data,
 preprocess, model, train and fold sections and the fold's patients) is not trained again; a
@@ -50,6 +51,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation import describe
 from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.manifest import Case, read_manifest
+from medseg.metrics.uncertainty import CI_METHOD, bootstrap_mean_ci
 from medseg.outputs import EVAL_PER_CASE, mask_file, prob_file
 
 log = logging.getLogger(__name__)
@@ -185,12 +187,19 @@ def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device:
         "n_folds": folds.n_folds,
         "n_cases": int(len(cases)),
         "n_patients": int(cases["patient_id"].nunique()),
-        "metrics": {m: describe(cases[m]) for m in metrics},
+        "metrics": {m: {**describe(cases[m]), "ci95": _ci95(cases, m)} for m in metrics},
+        "ci95": CI_METHOD,
         "per_fold": per_fold,
         "fold_training_seconds": [d.get("seconds") for d in done],
         "fold_epochs": [d.get("epochs") for d in done],
         "device": device,
     }
+
+
+def _ci95(cases: pd.DataFrame, metric: str) -> list[float] | None:
+    """95 % patient-level bootstrap interval of the case mean of ``metric`` (None: < 3 patients)."""
+    ci = bootstrap_mean_ci(cases[metric].to_numpy(dtype=float), cases["patient_id"].astype(str).tolist())
+    return None if ci is None else [ci[0], ci[1]]
 
 
 def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], device: str,

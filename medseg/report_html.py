@@ -191,12 +191,17 @@ def _cv_headline(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
     holds the chosen rule's numbers (then said to be chosen on the same predictions)."""
     dice = lambda stat: _num(_metric(summary, "dice", stat), "{:.3f}")  # noqa: E731
     text = (f"Out-of-fold over {_num(summary.get('n_patients'), '{:.0f}')} patients ({_num(summary.get('n_folds'), '{:.0f}')} folds): "
-            f"mean Dice <b>{dice('mean')}</b> (median {dice('median')}, {dice('min')}–{dice('max')}), "
-            f"HD95 <b>{_num(_metric(summary, 'hd95_mm'), '{:.2f}')} mm</b>, "
+            f"mean Dice <b>{dice('mean')}</b>{_ci_text(summary, 'dice', '{:.3f}')} (median {dice('median')}, "
+            f"{dice('min')}–{dice('max')}), "
+            f"HD95 <b>{_num(_metric(summary, 'hd95_mm'), '{:.2f}')} mm</b>{_ci_text(summary, 'hd95_mm', '{:.1f}')}, "
             f"lesion F1 <b>{_num(_metric(summary, 'lesion_f1'), '{:.3f}')}</b> — each patient predicted by a model that "
             "did not train on it. This is the accuracy to expect on new patients from the same source; the best "
             "validation epoch is not reported.")
     parts = [f"<p class='headline'>{text}</p>"]
+    if _metric(summary, "dice", "ci95"):
+        parts.append("<p>The bracketed ranges are 95 % intervals from resampling the patients (bootstrap): "
+                     "how far the mean could move on another set of patients of this size from the same source. "
+                     "Narrow them with more patients, not more folds.</p>")
     n_cases, n_nan = summary.get("n_cases"), _metric(summary, "dice", "n_nan")
     parts.append(f"<p>{_num(n_cases, '{:.0f}')} case(s), region {html.escape(str(summary.get('region', 'n/a')))}, "
                  f"trained on {html.escape(str(summary.get('device', 'n/a')))}"
@@ -204,11 +209,20 @@ def _cv_headline(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
     if plan is not None:
         parts.append(
             "<p>These numbers use the post-processing rule chosen on cross-validation. With the plan's own rule "
-            f"the same predictions score mean Dice {_num(_metric(plan, 'dice'), '{:.3f}')}, "
+            f"the same predictions score mean Dice {_num(_metric(plan, 'dice'), '{:.3f}')}"
+            f"{_ci_text(plan, 'dice', '{:.3f}')}, "
             f"HD95 {_num(_metric(plan, 'hd95_mm'), '{:.2f}')} mm, lesion F1 {_num(_metric(plan, 'lesion_f1'), '{:.3f}')}. "
             "The rule was chosen on these same out-of-fold predictions, so the chosen-rule numbers are slightly "
             "optimistic.</p>")
     return "".join(parts)
+
+
+def _ci_text(summary: dict[str, Any], name: str, fmt: str) -> str:
+    """`` (95 % CI low–high)`` for a metric whose summary holds ``ci95``, else empty."""
+    ci = _metric(summary, name, "ci95")
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return ""
+    return f" (95 % CI {_num(ci[0], fmt)}–{_num(ci[1], fmt)})"
 
 
 def _per_fold_table(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:

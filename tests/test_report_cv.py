@@ -216,6 +216,28 @@ def test_plan_rule_only_is_not_called_optimistic(tmp_path):
     assert "plan's post-processing rule" in section
 
 
+def test_bootstrap_intervals_are_shown_when_the_summary_has_them(tmp_path):
+    """cv_summary.json carries ``ci95`` per metric since the bootstrap intervals came in; older ones do not."""
+    _cv_files(tmp_path / "cv", PLAN)
+    _model_files(tmp_path / "model")
+    for folder, dice_ci in ((tmp_path / "cv", [0.58, 0.81]), (tmp_path / "model" / "cv_chosen", [0.6217, 0.8333])):
+        summary = json.loads((folder / "cv_summary.json").read_text())
+        summary["metrics"]["dice"]["ci95"] = dice_ci
+        summary["metrics"]["hd95_mm"]["ci95"] = [4.04, 9.96]
+        (folder / "cv_summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    inputs = ReportInputs(title="ci", cases=[], cv_dir=tmp_path / "cv", model_dir=tmp_path / "model")
+    section = _section(write_report(inputs, tmp_path / "report").read_text(encoding="utf-8"), SECTION)
+    assert ("mean Dice <b>0.733</b> (95 % CI 0.622–0.833) (median 0.750, 0.500–0.900), "
+            "HD95 <b>7.00 mm</b> (95 % CI 4.0–10.0), lesion F1 <b>0.667</b>") in section
+    assert "the same predictions score mean Dice 0.700 (95 % CI 0.580–0.810), HD95 9.50 mm" in section
+    assert "resampling the patients" in section
+
+
+def test_summaries_without_intervals_show_none(full_report):
+    section = _section(full_report[0], SECTION)
+    assert "95 % CI" not in section and "resampling the patients" not in section
+
+
 @pytest.mark.parametrize("content", [
     b"case_id,fold,dice\ncase0,0,0.5\ncase1,0,0.4,9,9,9\n",  # ragged: pandas ParserError
     b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary junk",  # not a CSV

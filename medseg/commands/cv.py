@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     metrics = result.summary["metrics"]
     dice, hd95 = metrics["dice"], metrics.get("hd95_mm", {})
+    ci = dice.get("ci95")
+    interval = f" (95 % CI over patients {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     print(f"out-of-fold over {result.summary['n_cases']} case(s), {result.folds.n_folds} folds: mean Dice "
-          f"{dice['mean']:.4f} (median {dice['median']:.4f}), HD95 {hd95.get('mean', float('nan')):.2f} mm; "
+          f"{dice['mean']:.4f}{interval} (median {dice['median']:.4f}), HD95 {hd95.get('mean', float('nan')):.2f} mm; "
           f"{out / CV_SUMMARY}")  # fmt: skip
     for failure in result.failures:
         print(f"failed: {failure['case_id']}: {failure['error']}")

@@ -4,6 +4,7 @@
 ``lesion``: connected components, one-pass overlap table, IoU / any-overlap matching,
 lesion-wise P/R/F1 and BraTS lesion-wise Dice.
 ``detection``: AP / mAP over ranked lesions, PR curves, per-slice detection.
+``uncertainty``: patient-level bootstrap interval of a mean over cases.
 File handling lives in :mod:`medseg.evaluation`.
 """
 

@@ -32,6 +32,7 @@ from medseg.engine.setup import check_training_setup
 from medseg.folds import FOLDS_FILE, read_folds
 from medseg.io import read_volume
 from medseg.manifest import read_manifest
+from medseg.metrics.uncertainty import bootstrap_mean_ci
 from medseg.model_folder import read_model_folder, write_model_folder
 from medseg.synth import generate_dataset
 
@@ -89,6 +90,7 @@ def test_every_pool_case_predicted_once_by_the_model_that_did_not_see_it(data, c
     assert table.iloc[-1]["dice"] == pytest.approx(rows["dice"].mean())
     summary = json.loads((out / CV_SUMMARY).read_text())
     assert summary["n_cases"] == 5 and summary["metrics"]["dice"]["mean"] == pytest.approx(rows["dice"].mean())
+    assert summary["metrics"]["dice"]["ci95"] == pytest.approx(list(bootstrap_mean_ci(rows["dice"], rows["patient_id"])))
 
     # the held-out case's probabilities are its own fold model's, not another fold's
     cfg_local = cfg
@@ -145,7 +147,7 @@ def test_killed_cv_resumes_without_redoing_finished_folds(data, tmp_path):
     done0 = (out / "fold_0" / FOLD_DONE).read_text()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "out-of-fold over 5 case(s), 3 folds" in run.stdout
+    assert "out-of-fold over 5 case(s), 3 folds" in run.stdout and "(95 % CI over patients 0." in run.stdout
     assert _sha(out / "fold_0" / "last.pt") == fold0 and (out / "fold_0" / FOLD_DONE).read_text() == done0
     assert len(fold_models(out, 3)) == 3
     assert len(list((out / OOF_DIR).glob("*_complete.json"))) == 5
