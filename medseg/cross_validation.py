@@ -15,6 +15,8 @@ the CV table. Layout of ``out_dir``::
     folds.json          patient-level fold assignment (fixed for the run)
     fold_<k>/           the fold's training run (last.pt, history.csv, config.yaml, tensorboard/)
                         + fold_key.json (what it was trained from) + fold_done.json (finished)
+    fold_<k>_r<r>/      with ``cv.repeats`` > 1: the fold's repeat r (seed train.seed + r);
+                        the fold's patients are predicted by the average of its repeats
     oof/                out-of-fold predictions: <case>_mask/_prob/_lesions..., failures.csv
     evaluation/         evaluate()'s tables of oof/ (metrics_per_case.csv, summary.json, ...)
     cv_table.csv        one row per pool case: fold, patient, Dice, HD95, lesion F1, ... + "mean"
@@ -27,9 +29,9 @@ fold interrupted mid-training resumes from its ``last.pt``; a fold trained from 
 is discarded and trained again. Out-of-fold cases already complete (inference markers) are
 skipped.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r trains and predicts folds r, r + W, ... on its
-own device (``cuda:LOCAL_RANK``), each fold one plain process (no DDP: folds are independent),
-and rank 0 evaluates once every rank is done.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r trains (every repeat of) and predicts folds r,
+r + W, ... on its own device (``cuda:LOCAL_RANK``), each fold one plain process (no DDP: folds
+are independent), and rank 0 evaluates once every rank is done.
 """
 
 from __future__ import annotations
@@ -80,13 +82,19 @@ class CVResult:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def fold_dir(out_dir: Path, fold: int) -> Path:
-    return out_dir / f"fold_{fold}"
+def fold_dir(out_dir: Path, fold: int, repeat: int = 0) -> Path:
+    """``out_dir/fold_<k>`` (repeat 0) or ``out_dir/fold_<k>_r<r>`` (``cv.repeats``)."""
+    return out_dir / (f"fold_{fold}" if repeat == 0 else f"fold_{fold}_r{repeat}")
 
 
-def fold_models(out_dir: str | Path, n_folds: int) -> list[Path]:
-    """The fold models of a finished CV run, in fold order (``MedsegError`` if one is missing)."""
-    paths = [fold_dir(Path(out_dir), k) / FOLD_MODEL for k in range(n_folds)]
+def _unit(fold: int, repeat: int) -> str:
+    return f"fold {fold}" if repeat == 0 else f"fold {fold} repeat {repeat}"
+
+
+def fold_models(out_dir: str | Path, n_folds: int, repeats: int = 1) -> list[Path]:
+    """The models of a finished CV run, fold by fold and within a fold repeat by repeat
+    (``MedsegError`` if one is missing)."""
+    paths = [fold_dir(Path(out_dir), k, r) / FOLD_MODEL for k in range(n_folds) for r in range(repeats)]
     missing = [str(p) for p in paths if not (p.parent / FOLD_DONE).is_file() or not p.is_file()]
     if missing:
         raise MedsegError(f"cross-validation in {out_dir} is not finished: no finished fold model {missing}")
@@ -110,24 +118,26 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def train_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, fold: int, progress: bool = True,
-               device: str | None = None) -> Path:  # fmt: skip
-    """Train fold ``fold`` into ``out_dir/fold_<k>`` unless it is finished with the same inputs
-    (module docstring); returns the fold model's path."""
+               device: str | None = None, repeat: int = 0) -> Path:  # fmt: skip
+    """Train fold ``fold`` (its repeat ``repeat``: seed ``train.seed + repeat``) into
+    :func:`fold_dir` unless it is finished with the same inputs (module docstring); returns the
+    model's path."""
     from medseg.engine.trainer import Trainer
 
-    folder = fold_dir(out_dir, fold)
-    key = training_key(cfg, folds, fold)
+    folder, unit = fold_dir(out_dir, fold, repeat), _unit(fold, repeat)
+    fold_cfg = cfg.model_copy(deep=True)
+    fold_cfg.train.seed = cfg.train.seed + repeat
+    key = training_key(fold_cfg, folds, fold)
     done = _read_json(folder / FOLD_DONE)
     if done is not None and done.get("key") == key and (folder / FOLD_MODEL).is_file():
-        log.info("cv fold %d: finished earlier (%s), not trained again", fold, folder)
+        log.info("cv %s: finished earlier (%s), not trained again", unit, folder)
         return folder / FOLD_MODEL
     started = _read_json(folder / FOLD_KEY)
     if folder.exists() and (started is None or started.get("key") != key):
-        log.warning("cv fold %d: %s was trained from other inputs; training it again", fold, folder)
+        log.warning("cv %s: %s was trained from other inputs; training it again", unit, folder)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / FOLD_KEY, {"fold": fold, "key": key})
-    fold_cfg = cfg.model_copy(deep=True)
+    write_json(folder / FOLD_KEY, {"fold": fold, "repeat": repeat, "key": key})
     if device is not None:
         fold_cfg.train.device = device
     resume = (folder / FOLD_MODEL).is_file()
@@ -135,7 +145,7 @@ def train_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, fold: int, pro
     result = Trainer(fold_cfg, folder, resume=resume, progress=progress, fold=fold, folds_dir=out_dir,
                      single_process=True).fit()  # fmt: skip
     write_json(folder / FOLD_DONE, {
-        "fold": fold, "key": key, "epochs": result.epochs_done, "stop_reason": result.stop_reason,
+        "fold": fold, "repeat": repeat, "key": key, "epochs": result.epochs_done, "stop_reason": result.stop_reason,
         "seconds": round(time.perf_counter() - start, 1), "resumed": resume,
     })  # fmt: skip
     return folder / FOLD_MODEL
@@ -143,12 +153,14 @@ def train_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, fold: int, pro
 
 def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], fold: int,
                  device: str | None = None, progress: bool = True) -> list[dict[str, str]]:  # fmt: skip
-    """Predict fold ``fold``'s held-out cases with its model into ``out_dir/oof``; returns failures."""
+    """Predict fold ``fold``'s held-out cases into ``out_dir/oof`` with its model, or the average
+    of its ``cv.repeats`` models; returns failures."""
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import load_bundle, run_inference
 
     explicit = cfg.inference.model_dump(mode="json", include=cfg.inference.model_fields_set)
-    bundle = load_bundle([fold_dir(out_dir, fold) / FOLD_MODEL], device=device,
+    models = [fold_dir(out_dir, fold, r) / FOLD_MODEL for r in range(cfg.cv.repeats)]
+    bundle = load_bundle(models, device=device,
                          settings={**explicit, "write_prob": True, "write_lesions": True})  # fmt: skip
     _, held_out = folds.split(cases, fold)
     todo = [InferenceCase(c.case_id, {ch: c.images[ch] for ch in bundle.channels}, c.modality) for c in held_out]
@@ -172,8 +184,9 @@ def cv_table(metrics: pd.DataFrame, folds: FoldAssignment, cases: list[Case]) ->
     return pd.concat([rows, pd.DataFrame([mean])], ignore_index=True)
 
 
-def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device: str) -> dict[str, Any]:
-    """Out-of-fold means over cases and per fold, fold training times (``cv_summary.json``)."""
+def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device: str, repeats: int = 1) -> dict[str, Any]:
+    """Out-of-fold means over cases and per fold, fold training times (``cv_summary.json``):
+    a fold's seconds add up its ``repeats`` models, its epochs are repeat 0's."""
     cases = table[table["case_id"] != "mean"]
     metrics = [m for m in TABLE_METRICS if m in cases.columns]
     per_fold = {
@@ -181,17 +194,19 @@ def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device:
                  **{m: float(cases.loc[cases["fold"] == k, m].mean()) for m in ("dice", "hd95_mm", "lesion_f1") if m in metrics}}
         for k in range(folds.n_folds)
     }  # fmt: skip
-    done = [_read_json(fold_dir(out_dir, k) / FOLD_DONE) or {} for k in range(folds.n_folds)]
+    done = [[_read_json(fold_dir(out_dir, k, r) / FOLD_DONE) or {} for r in range(repeats)] for k in range(folds.n_folds)]
+    seconds = [sum(d["seconds"] for d in fold) if all(d.get("seconds") is not None for d in fold) else None for fold in done]
     return {
         "what": "out-of-fold: every pool case predicted once by the fold model that did not train on its patient",
         "n_folds": folds.n_folds,
+        "repeats": repeats,
         "n_cases": int(len(cases)),
         "n_patients": int(cases["patient_id"].nunique()),
         "metrics": {m: {**describe(cases[m]), "ci95": _ci95(cases, m)} for m in metrics},
         "ci95": CI_METHOD,
         "per_fold": per_fold,
-        "fold_training_seconds": [d.get("seconds") for d in done],
-        "fold_epochs": [d.get("epochs") for d in done],
+        "fold_training_seconds": seconds,
+        "fold_epochs": [fold[0].get("epochs") for fold in done],
         "device": device,
     }
 
@@ -225,7 +240,7 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     metrics = metrics[metrics["region"] == regions[0]]  # the first region is the one the models segment
     table = cv_table(metrics, folds, cases)
     write_csv(root / CV_TABLE, table)
-    summary = summarise(table, folds, out_dir, device)
+    summary = summarise(table, folds, out_dir, device, cfg.cv.repeats)
     summary["region"] = regions[0]
     summary["n_pool_cases"] = len(pool)
     summary["inference"] = cfg.inference.model_dump(mode="json", include=set(POSTPROCESS_SETTINGS))
@@ -278,7 +293,8 @@ def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path,
     failures: list[dict[str, str]] = []
     for k in range(rank, folds.n_folds, world):
         log.info("cv: fold %d of %d (rank %d)", k, folds.n_folds, rank)
-        train_fold(cfg, out, folds, k, progress, device)
+        for repeat in range(cfg.cv.repeats):
+            train_fold(cfg, out, folds, k, progress, device, repeat)
         failures += predict_fold(cfg, out, folds, cases, k, device, progress)
     barrier(world)
     summary: dict[str, Any] = {}
@@ -287,7 +303,8 @@ def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path,
         summary = evaluate_oof(cfg, out, folds, cases, device or _device_name(cfg.train.device), progress)
     barrier(world)
     leave_process_group(created)
-    return CVResult(out, folds, [fold_dir(out, k) / FOLD_MODEL for k in range(folds.n_folds)], summary, failures)
+    models = [fold_dir(out, k, r) / FOLD_MODEL for k in range(folds.n_folds) for r in range(cfg.cv.repeats)]
+    return CVResult(out, folds, models, summary, failures)
 
 
 def _all_fold_failures(out: Path, n_folds: int) -> list[dict[str, str]]:

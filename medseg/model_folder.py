@@ -11,6 +11,7 @@ Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
     model.json              what is here: format, medseg version, fold checkpoints with sha256,
                             channels, modality, the post-processing rule, the CV summary line
     fold_0.pt ... fold_N.pt slim inference checkpoints (no optimiser state), one per fold
+                            (+ fold_<k>_r<r>.pt for ``cv.repeats`` > 1)
     config.yaml             the config the folds were trained with (the plan)
     folds.json              the patient-level fold assignment (:mod:`medseg.folds`)
     postprocess.json        the rule chosen on the out-of-fold predictions and why
@@ -61,12 +62,13 @@ def write_model_folder(
     postprocess: dict[str, Any] | None = None,
     extra_files: Sequence[str | Path] = (),
     summary: dict[str, Any] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Assemble a model folder in ``out_dir`` (layout: module docstring); returns ``model.json``.
 
-    Each fold checkpoint is written as a slim inference checkpoint ``fold_<k>.pt``; the config,
-    folds and ``extra_files`` are copied; ``postprocess`` (inference keys) is recorded in
-    ``model.json``. Every file is written atomically, ``model.json`` last, so a folder without it
+    Each fold checkpoint is written as a slim inference checkpoint named ``names[k]`` (default
+    ``fold_<k>.pt``); the config, folds and ``extra_files`` are copied; ``postprocess``
+    (inference keys) is recorded in ``model.json``. Every file is written atomically, ``model.json`` last, so a folder without it
     is incomplete.
     """
     from medseg.models.checkpoint import load_checkpoint, write_inference_checkpoint
@@ -76,8 +78,11 @@ def write_model_folder(
     (out / MODEL_FILE).unlink(missing_ok=True)
     checkpoints = []
     channels = modality = None
-    for k, source in enumerate(fold_checkpoints):
-        target = out / f"fold_{k}.pt"
+    names = list(names) if names is not None else [f"fold_{k}.pt" for k in range(len(fold_checkpoints))]
+    if len(names) != len(fold_checkpoints) or len(set(names)) != len(names):
+        raise ValueError(f"{len(fold_checkpoints)} checkpoints need as many distinct names, got {names}")
+    for source, name in zip(fold_checkpoints, names, strict=True):
+        target = out / name
         write_inference_checkpoint(source, target)
         extra = load_checkpoint(target).get("extra", {})
         channels, modality = extra.get("channels"), extra.get("modality")

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 from conftest import REPO
 
 from medseg.cli import main
+from medseg.io import read_volume
 from medseg.manifest import read_manifest
 from medseg.model_folder import read_model_folder
 from medseg.synth import generate_dataset
@@ -96,6 +100,43 @@ def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
     record = json.loads((other / "predictions" / "inference.json").read_text())
     assert len(record["checkpoints"]) == 3 and record["inference"]["threshold"] == rule["threshold"]
     assert len(list((other / "predictions").glob("*_mask.nii.gz"))) == 6
+
+
+def test_repeats_per_fold_are_averaged_out_of_fold_and_kept_in_the_model_folder(tmp_path):
+    """cv.repeats=2: two seeds per fold; a held-out case's probabilities are their average
+    (what `medseg infer` gives with both checkpoints), and the model folder keeps all four."""
+    source = _brats_like(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.source={source}", "--out", str(run_dir),
+            "--no-progress", *TINY, "--set", "cv.folds=2", "--set", "cv.repeats=2", "--set", "train.seed=7"]  # fmt: skip
+    assert main(args) == 0
+    cv = run_dir / "cv"
+    names = ["fold_0", "fold_0_r1", "fold_1", "fold_1_r1"]
+    done = {n: json.loads((cv / n / "fold_done.json").read_text()) for n in names}
+    assert [(d["fold"], d["repeat"]) for d in done.values()] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    seeds = [yaml.safe_load((cv / n / "config.yaml").read_text())["train"]["seed"] for n in names]
+    assert seeds == [7, 8, 7, 8]
+    weights = [torch.load(cv / n / "last.pt", weights_only=True)["state_dict"] for n in ("fold_0", "fold_0_r1")]
+    assert any(not torch.equal(a, weights[1][k]) for k, a in weights[0].items() if a.is_floating_point())
+
+    summary = json.loads((cv / "cv_summary.json").read_text())
+    assert summary["repeats"] == 2
+    assert summary["fold_training_seconds"] == pytest.approx(
+        [done["fold_0"]["seconds"] + done["fold_0_r1"]["seconds"], done["fold_1"]["seconds"] + done["fold_1_r1"]["seconds"]])
+    table = pd.read_csv(cv / "cv_table.csv", dtype={"case_id": str})
+    case_id, fold = table["case_id"][0], int(table["fold"][0])
+    manifest = run_dir / "import" / "manifest.csv"
+    oof = read_volume(cv / "oof" / f"{case_id}_prob.nii.gz").array
+    for checkpoints, same in (([f"fold_{fold}", f"fold_{fold}_r1"], True), ([f"fold_{fold}"], False)):
+        out = tmp_path / "_".join(checkpoints)
+        ckpt_args = [a for c in checkpoints for a in ("--checkpoint", str(cv / c / "last.pt"))]
+        assert main(["infer", *ckpt_args, "--manifest", str(manifest), "--out", str(out), "--write-prob",
+                     "--no-progress"]) == 0  # fmt: skip
+        assert np.allclose(read_volume(out / f"{case_id}_prob.nii.gz").array, oof, atol=1e-6) == same, checkpoints
+
+    model = read_model_folder(run_dir / "model")
+    assert [p.name for p in model.checkpoints] == [f"{n}.pt" for n in names]
+    assert model.record["summary"]["repeats"] == 2
 
 
 def test_auto_pipeline_needs_data(tmp_path, capsys):

@@ -214,11 +214,12 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     n_folds = json.loads((cv_dir / FOLDS_FILE).read_text(encoding="utf-8"))["n_folds"]
     dice = chosen.get("metrics", {}).get("dice", {})
     hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
+    models = fold_models(cv_dir, n_folds, ctx.cfg.cv.repeats)
     write_model_folder(
-        model_dir, fold_models(cv_dir, n_folds), config_file, cv_dir / FOLDS_FILE, selection.chosen,
+        model_dir, models, config_file, cv_dir / FOLDS_FILE, selection.chosen, names=[f"{p.parent.name}.pt" for p in models],
         extra_files=[cv_dir / CV_TABLE, cv_dir / CV_SUMMARY],
         summary={"cv_mean_dice": dice.get("mean"), "cv_mean_hd95_mm": hd95.get("mean"), "n_cases": dice.get("n"),
-                 "n_folds": n_folds, "postprocess_reason": selection.reason,
+                 "n_folds": n_folds, "repeats": ctx.cfg.cv.repeats, "postprocess_reason": selection.reason,
                  "evidence": sorted(p.name for p in written.values())},
     )  # fmt: skip
     ctx.model_dir = model_dir

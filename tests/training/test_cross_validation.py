@@ -175,6 +175,9 @@ def test_model_folder_round_trips_through_infer(data, cv_run, tmp_path, capsys):
     folder = read_model_folder(tmp_path / "model")
     assert [p.name for p in folder.checkpoints] == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
     assert (tmp_path / "model" / FOLDS_FILE).is_file() and (tmp_path / "model" / "config.yaml").is_file()
+    with pytest.raises(ValueError, match="3 checkpoints need as many distinct names"):
+        write_model_folder(tmp_path / "named", models, tmp_path / "config.yaml", out / FOLDS_FILE, rule,
+                           names=["a.pt", "a.pt", "b.pt"])  # fmt: skip
 
     by_model, by_hand = tmp_path / "by_model", tmp_path / "by_hand"
     assert main(["infer", "--model", str(tmp_path / "model"), "--manifest", str(data), "--split", "test",
