@@ -194,9 +194,9 @@ def _cv_headline(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
             f"mean Dice <b>{dice('mean')}</b>{_ci_text(summary, 'dice', '{:.3f}')} (median {dice('median')}, "
             f"{dice('min')}–{dice('max')}), "
             f"HD95 <b>{_num(_metric(summary, 'hd95_mm'), '{:.2f}')} mm</b>{_ci_text(summary, 'hd95_mm', '{:.1f}')}, "
-            f"lesion F1 <b>{_num(_metric(summary, 'lesion_f1'), '{:.3f}')}</b> — each patient predicted by a model that "
-            "did not train on it. This is the accuracy to expect on new patients from the same source; the best "
-            "validation epoch is not reported.")
+            f"lesion F1 <b>{_num(_metric(summary, 'lesion_f1'), '{:.3f}')}</b> — each patient predicted by "
+            f"{_predictor_text(summary.get('repeats'))} that did not train on it. This is the accuracy to expect on new "
+            "patients from the same source; the best validation epoch is not reported.")
     parts = [f"<p class='headline'>{text}</p>"]
     if _metric(summary, "dice", "ci95"):
         parts.append("<p>The bracketed ranges are 95 % intervals from resampling the patients (bootstrap): "
@@ -215,6 +215,11 @@ def _cv_headline(summary: dict[str, Any], plan: dict[str, Any] | None) -> str:
             "The rule was chosen on these same out-of-fold predictions, so the chosen-rule numbers are slightly "
             "optimistic.</p>")
     return "".join(parts)
+
+
+def _predictor_text(repeats: Any) -> str:
+    """What predicted each patient: a model, or the average of ``cv.repeats`` models."""
+    return f"the average of {repeats} models (seeds)" if isinstance(repeats, int) and repeats > 1 else "a model"
 
 
 def _ci_text(summary: dict[str, Any], name: str, fmt: str) -> str:

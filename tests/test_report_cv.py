@@ -231,6 +231,15 @@ def test_bootstrap_intervals_are_shown_when_the_summary_has_them(tmp_path):
             "HD95 <b>7.00 mm</b> (95 % CI 4.0–10.0), lesion F1 <b>0.667</b>") in section
     assert "the same predictions score mean Dice 0.700 (95 % CI 0.580–0.810), HD95 9.50 mm" in section
     assert "resampling the patients" in section
+    assert "each patient predicted by a model that did not train on it" in section
+
+
+def test_repeats_are_named_in_the_headline(tmp_path):
+    _cv_files(tmp_path / "cv", PLAN)
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    (tmp_path / "cv" / "cv_summary.json").write_text(json.dumps({**summary, "repeats": 2}), encoding="utf-8")
+    text = write_report(ReportInputs(title="repeats", cases=[], cv_dir=tmp_path / "cv"), tmp_path / "report").read_text()
+    assert "each patient predicted by the average of 2 models (seeds) that did not train on it" in _section(text, SECTION)
 
 
 def test_summaries_without_intervals_show_none(full_report):
