@@ -71,6 +71,11 @@ inference.min_lesion_mm3          half the 5th percentile of the lesion volumes,
 inference.threshold               ``THRESHOLD`` (0.5)
 cv.folds                          ``FOLDS`` (5), or the number of pool patients if fewer; fewer
                                   than 2 patients is an error
+cv.repeats                        models (seeds) per fold, averaged: the epochs the budget
+                                  holds // ``EPOCH_RANGE``'s maximum, clamped to [1,
+                                  ``MAX_REPEATS``] (3): a budget beyond one model's 100 epochs
+                                  buys a seed ensemble instead of idle time (two averaged
+                                  models: +0.010 Dice out-of-fold on BraTS, docs/benchmarks.md)
 ================================  ===========================================================
 """
 
@@ -119,6 +124,7 @@ STRONG_AUGMENT_BELOW = 50
 MIN_LESION_RANGE = (10.0, 500.0)
 THRESHOLD = 0.5
 FOLDS = 5
+MAX_REPEATS = 3
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # RAS index -> slice axis name
 AXIS_LETTERS = "RAS"
@@ -386,7 +392,9 @@ def plan_from_fingerprint(
         kind = "assumed, cpu, bf16" if cpu_bf16 else "assumed, cpu without bf16 instructions, fp32"
     else:
         throughput, kind = THROUGHPUT_CUDA * area_ratio, "assumed, cuda"
-    epochs = min(max(math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH), EPOCH_RANGE[0]), EPOCH_RANGE[1])
+    budget_epochs = math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH)
+    epochs = min(max(budget_epochs, EPOCH_RANGE[0]), EPOCH_RANGE[1])
+    repeats = min(max(budget_epochs // EPOCH_RANGE[1], 1), MAX_REPEATS)
     max_minutes = MAX_MINUTES_FACTOR * minutes
     rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({kind}) / "
                  f"{SAMPLES_PER_EPOCH} slices per epoch, clamped to {list(EPOCH_RANGE)}; "
@@ -427,6 +435,9 @@ def plan_from_fingerprint(
 
     folds = min(FOLDS, n_patients)
     rules.append(f"cv.folds = {folds}: {n_patients} patients in the pool (at most {FOLDS})")
+    rules.append(f"cv.repeats = {repeats}: the budget holds {budget_epochs} epochs per fold, one model trains at most "
+                 f"{EPOCH_RANGE[1]}; {budget_epochs} // {EPOCH_RANGE[1]} models (seeds) per fold, averaged, clamped to "
+                 f"[1, {MAX_REPEATS}]")
 
     tree = {
         "data": {"manifest": str(manifest), "labels": {"foreground": foreground, "allowed_values": allowed}},
@@ -436,7 +447,7 @@ def plan_from_fingerprint(
         "evaluation": {"slice_axis": axis_name},
         "inference": {"threshold": THRESHOLD, "min_lesion_mm3": min_lesion},
         "train": train,
-        "cv": {"folds": folds},
+        "cv": {"folds": folds, "repeats": repeats},
     }
     try:
         config = Config.model_validate(tree)

@@ -146,6 +146,19 @@ def test_ct_thick_slices_plan(ct_manifest):
     assert cuda.config.train.batch_size == cuda_batch(patch) == 64  # 32 x 1.5 = 48 -> 2 ** round(5.58)
     assert cuda.config.train.epochs == math.floor(60 * 600 * (160 * 192) / (128 * 160) / 1600)
     assert cuda.config.train.num_workers == 8 and cuda.config.train.threads is None
+    assert cfg.cv.repeats == fp32.cv.repeats == cuda.config.cv.repeats == 1
+
+
+@pytest.mark.parametrize(("minutes", "repeats"), [(1, 1), (5, 1), (8, 2), (20, 3)])
+def test_a_budget_beyond_one_models_epochs_buys_repeats(ct_manifest, minutes, repeats):
+    """At 900 slices/s a fold's budget holds 33.75 epochs a minute; one model trains at most 100."""
+    manifest, _ = ct_manifest
+    fingerprint = compute_fingerprint(read_manifest(manifest), LabelConfig(), progress=False)
+    plan = plan_from_fingerprint(fingerprint, str(manifest), "cuda", minutes_per_fold=minutes, throughput=900.0)
+    budget = math.floor(minutes * 60 * 900 / 1600)
+    assert plan.config.train.epochs == min(max(budget, 3), 100)
+    assert plan.config.cv.repeats == repeats == min(max(budget // 100, 1), 3)
+    assert any(r.startswith(f"cv.repeats = {repeats}: the budget holds {budget} epochs per fold") for r in plan.rules)
 
 
 def test_thick_r_axis_gives_sagittal_slices(tmp_path):
