@@ -197,7 +197,7 @@ def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device:
     done = [[_read_json(fold_dir(out_dir, k, r) / FOLD_DONE) or {} for r in range(repeats)] for k in range(folds.n_folds)]
     seconds = [sum(d["seconds"] for d in fold) if all(d.get("seconds") is not None for d in fold) else None for fold in done]
     return {
-        "what": "out-of-fold: every pool case predicted once by the fold model that did not train on its patient",
+        "what": "out-of-fold: every pool case predicted once by its fold's model(s), which did not train on its patient",
         "n_folds": folds.n_folds,
         "repeats": repeats,
         "n_cases": int(len(cases)),
