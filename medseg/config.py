@@ -595,8 +595,9 @@ class CrossValidationConfig(StrictModel):
     ``fold_<k>_r<r>``); the fold's patients are predicted by the average of its repeats'
     probabilities, so the out-of-fold scores are those of an ensemble of ``repeats`` models,
     and the model folder holds ``folds x repeats`` models. Costs ``repeats`` times the training
-    and the inference. Two models, each trained alone, averaged: +0.010 mean Dice out-of-fold
-    on BraTS, 11 of 12 patients better (docs/benchmarks.md, "Run-to-run spread").
+    and the inference. Two models averaged on BraTS: +0.005 to +0.010 mean Dice out-of-fold
+    over the two models' mean, 9-11 of 12 patients better, in two pairs of runs
+    (docs/benchmarks.md, "A second training seed ... averaging seeds").
     """
 
     folds: int = Field(default=5, ge=2, le=50)

@@ -75,7 +75,8 @@ cv.repeats                        models (seeds) per fold, averaged: the epochs 
                                   holds // ``EPOCH_RANGE``'s maximum, clamped to [1,
                                   ``MAX_REPEATS``] (3): a budget beyond one model's 100 epochs
                                   buys a seed ensemble instead of idle time (two averaged
-                                  models: +0.010 Dice out-of-fold on BraTS, docs/benchmarks.md)
+                                  models: +0.005 to +0.010 Dice out-of-fold on BraTS,
+                                  docs/benchmarks.md)
 ================================  ===========================================================
 """
 
