@@ -41,6 +41,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,12 @@ def fold_dir(out_dir: Path, fold: int, repeat: int = 0) -> Path:
     return out_dir / (f"fold_{fold}" if repeat == 0 else f"fold_{fold}_r{repeat}")
 
 
+def fold_model_paths(out_dir: Path, folds: Iterable[int], repeats: int) -> list[Path]:
+    """The model files of ``folds``, fold by fold and within a fold repeat by repeat (the
+    layout only: whether they exist is :func:`fold_models`' check)."""
+    return [fold_dir(out_dir, k, r) / FOLD_MODEL for k in folds for r in range(repeats)]
+
+
 def _unit(fold: int, repeat: int) -> str:
     return f"fold {fold}" if repeat == 0 else f"fold {fold} repeat {repeat}"
 
@@ -94,7 +101,7 @@ def _unit(fold: int, repeat: int) -> str:
 def fold_models(out_dir: str | Path, n_folds: int, repeats: int = 1) -> list[Path]:
     """The models of a finished CV run, fold by fold and within a fold repeat by repeat
     (``MedsegError`` if one is missing)."""
-    paths = [fold_dir(Path(out_dir), k, r) / FOLD_MODEL for k in range(n_folds) for r in range(repeats)]
+    paths = fold_model_paths(Path(out_dir), range(n_folds), repeats)
     missing = [str(p) for p in paths if not (p.parent / FOLD_DONE).is_file() or not p.is_file()]
     if missing:
         raise MedsegError(f"cross-validation in {out_dir} is not finished: no finished fold model {missing}")
@@ -159,8 +166,7 @@ def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     from medseg.inference.runner import load_bundle, run_inference
 
     explicit = cfg.inference.model_dump(mode="json", include=cfg.inference.model_fields_set)
-    models = [fold_dir(out_dir, fold, r) / FOLD_MODEL for r in range(cfg.cv.repeats)]
-    bundle = load_bundle(models, device=device,
+    bundle = load_bundle(fold_model_paths(out_dir, [fold], cfg.cv.repeats), device=device,
                          settings={**explicit, "write_prob": True, "write_lesions": True})  # fmt: skip
     _, held_out = folds.split(cases, fold)
     todo = [InferenceCase(c.case_id, {ch: c.images[ch] for ch in bundle.channels}, c.modality) for c in held_out]
@@ -303,8 +309,7 @@ def run_cross_validation(cfg: Config, manifest: str | Path, out_dir: str | Path,
         summary = evaluate_oof(cfg, out, folds, cases, device or _device_name(cfg.train.device), progress)
     barrier(world)
     leave_process_group(created)
-    models = [fold_dir(out, k, r) / FOLD_MODEL for k in range(folds.n_folds) for r in range(cfg.cv.repeats)]
-    return CVResult(out, folds, models, summary, failures)
+    return CVResult(out, folds, fold_model_paths(out, range(folds.n_folds), cfg.cv.repeats), summary, failures)
 
 
 def _all_fold_failures(out: Path, n_folds: int) -> list[dict[str, str]]:

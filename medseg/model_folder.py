@@ -68,8 +68,8 @@ def write_model_folder(
 
     Each fold checkpoint is written as a slim inference checkpoint named ``names[k]`` (default
     ``fold_<k>.pt``); the config, folds and ``extra_files`` are copied; ``postprocess``
-    (inference keys) is recorded in ``model.json``. Every file is written atomically, ``model.json`` last, so a folder without it
-    is incomplete.
+    (inference keys) is recorded in ``model.json``. Every file is written atomically,
+    ``model.json`` last, so a folder without it is incomplete.
     """
     from medseg.models.checkpoint import load_checkpoint, write_inference_checkpoint
 
