@@ -141,3 +141,70 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     if unknown:
         raise MedsegError(f"{record_path}: unknown post-processing key(s) {unknown}; known: {list(POSTPROCESS_KEYS)}")
     return ModelFolder(folder, checkpoints, dict(rule), record)
+
+
+CV_SUMMARY_FILES = ("cv_chosen/cv_summary.json", "cv_summary.json")  # the chosen rule's scores first
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def model_identity(checkpoints: Sequence[str | Path], folder: str | Path | None = None) -> dict[str, Any]:
+    """What a run's record names as the model that ran: every checkpoint file with its sha256 and,
+    for a model folder, the folder, the sha256 of the plan's dataset fingerprint
+    (``fingerprint.json``, when the folder holds it) and the cross-validated accuracy (mean Dice /
+    HD95 with their 95 % intervals, from ``cv_chosen/cv_summary.json`` or ``cv_summary.json``).
+    Missing pieces are ``None``, never guessed."""
+    identity: dict[str, Any] = {
+        "checkpoints": [{"file": str(p), "sha256": sha256_file(p)} for p in map(Path, checkpoints)],
+        "model_folder": None,
+        "dataset_fingerprint_sha256": None,
+        "cv_accuracy": None,
+    }
+    if folder is None:
+        return identity
+    root = Path(folder)
+    identity["model_folder"] = str(root)
+    if (root / FINGERPRINT_FILE).is_file():
+        identity["dataset_fingerprint_sha256"] = sha256_file(root / FINGERPRINT_FILE)
+    for name in CV_SUMMARY_FILES:
+        try:
+            summary = json.loads((root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        metrics = summary.get("metrics", {}) if isinstance(summary, dict) else {}
+        identity["cv_accuracy"] = {
+            "source": name,
+            "what": summary.get("what"),
+            "n_cases": summary.get("n_cases"),
+            "n_folds": summary.get("n_folds"),
+            **{f"{m}_{k}": metrics.get(m, {}).get(k) for m in ("dice", "hd95_mm") for k in ("mean", "ci95")},
+        }
+        break
+    return identity
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model takes: its input channel names (in order) and the modality it was trained on."""
+
+    channels: list[str]
+    modality: str
+    source: Path
+
+
+def read_model_inputs(path: str | Path) -> ModelInputs:
+    """The channels and modality of a model folder (from ``model.json``) or of a checkpoint file
+    (its stored contract), without building the network. Raises ``MedsegError`` naming the file."""
+    source = Path(path)
+    if source.is_dir():
+        record = read_model_folder(source).record
+        channels, modality, named = record.get("channels"), record.get("modality"), source / MODEL_FILE
+    else:
+        from medseg.models.checkpoint import load_checkpoint
+
+        extra = load_checkpoint(source).get("extra")
+        extra = extra if isinstance(extra, dict) else {}
+        channels, modality, named = extra.get("channels"), extra.get("modality"), source
+    if not isinstance(channels, list) or not channels or str(modality).upper() not in ("CT", "MR"):
+        raise MedsegError(f"{named}: names no input channels and CT/MR modality (channels {channels!r}, "
+                          f"modality {modality!r}); write it with medseg train or pipelines/auto.yaml")
+    return ModelInputs([str(c) for c in channels], str(modality).upper(), source)
