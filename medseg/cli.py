@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from medseg import __version__
 from medseg.errors import MedsegError
+from medseg.logs import configure_console
 
 # command name -> module path (a plain dict: the registry of CLI commands)
 COMMANDS: dict[str, str] = {
@@ -56,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_console(args.verbose)
     try:
         return int(args._run(args) or 0)
     except MedsegError as exc:

@@ -300,7 +300,10 @@ class DicomSegConfig(StrictModel):
     "Morphologically Abnormal Structure" / "Lesion"; multi-class models get one segment per
     class, ``<segment_label> class <k>``). ``fractional``: a FRACTIONAL (probability, 8 bit) SEG
     from the lesion probability instead of the BINARY mask (binary models only). The SEG is a
-    new series ``series_number`` / ``series_description`` in the source's study."""
+    new series ``series_number`` / ``series_description`` in the source's study.
+    ``missing_frame_of_reference``: a source series without a Frame of Reference UID is refused
+    before inference (``refuse``, the message names this setting) or gets a ``new`` UID, derived
+    from the source series so reruns agree, noted in the SEG's series description."""
 
     segment_label: str = Field(default="lesion", min_length=1, max_length=64)
     category: CodeConfig = Field(default_factory=lambda: CodeConfig(
@@ -309,6 +312,11 @@ class DicomSegConfig(StrictModel):
     fractional: bool = False
     series_number: int = Field(default=9001, ge=1, le=2**31 - 1)
     series_description: str = Field(default="medseg lesion segmentation", max_length=64)
+    # a source series without a Frame of Reference UID (anonymised or legacy exports): refuse it
+    # before inference (the case's NIfTI outputs are still written with output_format both), or
+    # give the SEG a new frame of reference (a UID derived from the source series; said in the SEG's
+    # series description and the run's cases.csv)
+    missing_frame_of_reference: Literal["refuse", "new"] = "refuse"
 
 
 class InferenceConfig(StrictModel):

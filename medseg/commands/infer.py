@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from medseg import outputs
 from medseg.commands import add_set_option
 
 HELP = "predict lesion masks (+ lesion tables) on the source grid of each input image"
+RUN_LOG = "run.log"  # every log line of the run, the libraries' included
 
 EPILOG = """\
 inputs:
@@ -26,15 +28,21 @@ examples:
 outputs (in --out): <case>{MASK_SUFFIX}, <case>{LESIONS_SUFFIX}, <case>{LESIONS_CSV_SUFFIX}, optional
   <case>{PROB_SUFFIX}, <case>{DICOM_SEG_SUFFIX} (--output-format dicom-seg|both: DICOM SEG referencing the
   source series; dicom-seg alone writes no NIfTI mask), <case>{MARKER_SUFFIX} (marker), {FAILURES_FILE},
-  {INFERENCE_RECORD}.
-  A re-run skips complete cases. Under torchrun each rank takes its share of the cases.
-A case that fails (missing or unreadable image, wrong modality, non-finite probabilities from
-  the model...) is recorded in failures.csv (case_id, error), none of its files is left, and
-  the others go on.
+  {CASES_TABLE} (one row per predicted case: lesion count, total and largest lesion volume in mL,
+  slices with lesion, what became of its DICOM SEG), {INFERENCE_RECORD} (settings and the model's
+  identity), run.log. A re-run skips complete cases. Under torchrun each rank takes its share.
+Before any inference every case is checked (preflight): files, modality of DICOM series against
+  the model's, channels on one grid, a DICOM series with a Frame of Reference UID when a SEG is
+  asked for (or inference.dicom_seg.missing_frame_of_reference=new). A one-channel model takes a
+  manifest's one image column whatever its name.
+A case that fails (refused by the preflight, unreadable image, non-finite probabilities from the
+  model...) is recorded in failures.csv (case_id, error), none of its files is left, and the
+  others go on; a case whose DICOM SEG alone cannot be written keeps its NIfTI mask and tables.
 exit status: 0 every case predicted or already complete; 1 some case(s) failed (failures.csv,
   the others done); 2 nothing ran (bad arguments, checkpoint or manifest: one line on stderr).
 """.format(**{k: getattr(outputs, k) for k in ("MASK_SUFFIX", "LESIONS_SUFFIX", "LESIONS_CSV_SUFFIX", "PROB_SUFFIX",
-                                         "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD", "DICOM_SEG_SUFFIX")})
+                                         "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD", "DICOM_SEG_SUFFIX",
+                                         "CASES_TABLE")})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +81,11 @@ def _device(requested: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.logs import log_to_file
     from medseg.output_folder import claim_output_folder
 
     # first, before any model is loaded or case read: an unwritable or busy --out fails now
-    with claim_output_folder(args.out, "medseg infer"):
+    with claim_output_folder(args.out, "medseg infer"), log_to_file(Path(args.out) / RUN_LOG):
         return _run(args)
 
 
@@ -112,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoints = args.checkpoint
     # the folder's rule, under the user's --set inference.*, under the options above
     settings = merge_settings(merge_settings(rule, inference_patch(args.overrides)), options)
-    bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings)
+    bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings, model_dir=args.model)
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)
     else:

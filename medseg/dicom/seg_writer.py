@@ -37,6 +37,34 @@ class Algorithm:
         return cls(parameters={"checkpoint_sha256": ",".join(sha256)} if sha256 else {})
 
 
+NEW_FOR_NOTE = " (new frame of ref.)"
+MISSING_FOR_MESSAGE = ("series has no Frame of Reference UID, so a DICOM SEG cannot reference its space; set "
+                       "inference.dicom_seg.missing_frame_of_reference=new to give the SEG a new one, or "
+                       "output_format=nifti")
+
+
+def missing_frame_of_reference(dataset: object) -> bool:
+    """True when an instance header has no (or an empty) Frame of Reference UID."""
+    return not str(getattr(dataset, "FrameOfReferenceUID", "") or "").strip()
+
+
+def with_new_frame_of_reference(datasets: Sequence[object]) -> list[object]:
+    """Copies of the series' instance headers (no pixel data) sharing one new Frame of Reference
+    UID, derived from their SeriesInstanceUID so every run gives the same one."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    series_uid = str(getattr(datasets[0], "SeriesInstanceUID", ""))
+    uid = generate_uid(entropy_srcs=["medseg frame of reference", series_uid])
+    out = []
+    for ds in datasets:
+        ds = copy.deepcopy(ds)
+        ds.FrameOfReferenceUID = uid
+        out.append(ds)
+    return out
+
+
 def _code(code: CodeConfig):  # -> highdicom CodedConcept
     import highdicom as hd
 
@@ -109,8 +137,12 @@ def write_dicom_seg(
             pixels = np.stack([(frames == c) for c in classes], axis=-1).astype(np.uint8)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     any_foreground = bool(np.any(pixels))
-    if "FrameOfReferenceUID" not in datasets[0]:
-        raise InputFileError(source, "series has no Frame of Reference UID; a SEG cannot reference its space")
+    description = settings.series_description
+    if missing_frame_of_reference(datasets[0]):
+        if settings.missing_frame_of_reference != "new":
+            raise InputFileError(source, MISSING_FOR_MESSAGE)
+        datasets = with_new_frame_of_reference(datasets)
+        description = (description[: 64 - len(NEW_FOR_NOTE)] + NEW_FOR_NOTE)
     try:
         seg = hd.seg.Segmentation(
             source_images=datasets,
@@ -126,12 +158,12 @@ def write_dicom_seg(
             software_versions=algorithm.version,
             device_serial_number="none",
             content_label="LESIONS",
-            content_description=settings.series_description[:64] or None,
+            content_description=description[:64] or None,
             omit_empty_frames=any_foreground,  # an empty mask still needs one frame per slice
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputFileError(source, f"cannot make a DICOM SEG for this series ({exc})") from None
-    seg.SeriesDescription = settings.series_description
+    seg.SeriesDescription = description
     out = Path(out_path)
     try:
         with atomic_path(out) as tmp:

@@ -3,10 +3,13 @@ recorded per case, torchrun sharding and the run record (module docstring of :mo
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,16 @@ from medseg.errors import MedsegError
 from medseg.inference.bundle import InferenceBundle
 from medseg.inference.case import CasePredictor, PreparedCase
 from medseg.inference.cases import InferenceCase
-from medseg.inference.outputs import discard_case, expected_outputs, is_complete
+from medseg.inference.outputs import (
+    SEG_NOT_ASKED,
+    PartialCaseError,
+    discard_case,
+    expected_outputs,
+    is_complete,
+)
+from medseg.inference.preflight import preflight
 from medseg.manifest import case_id_problem
-from medseg.outputs import FAILURES_FILE, INFERENCE_RECORD
+from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD, marker_file
 from medseg.runtime import (
     barrier,
     join_process_group,
@@ -94,7 +104,7 @@ class BatchRun:
     ) -> None:
         self.bundle = bundle
         self.out = Path(out_dir)
-        self.show_progress = show_progress
+        self.show_progress = show_progress and sys.stderr.isatty()  # bars on a terminal; logs get lines
         self.rank_sharding = rank_sharding
         self.failures_file = failures_file
         self.rank, self.world = torchrun_rank() if rank_sharding else (0, 1)
@@ -106,17 +116,25 @@ class BatchRun:
         # the previous case, post-processed and written in the background: (case_id, its future)
         self.finishing: tuple[str, Future[None]] | None = None
         self.bar: Any = None
+        self.cases: list[InferenceCase] = []
 
     def todo(self, cases: Sequence[InferenceCase]) -> list[InferenceCase]:
-        """This rank's share of ``cases`` less those complete in the output folder (recorded as skipped)."""
+        """This rank's share of ``cases`` less those refused by :func:`.preflight.preflight`
+        (recorded as failures now, before any inference) and those complete in the output
+        folder (recorded as skipped)."""
         cfg = self.bundle.inference
+        mine = preflight(shard(cases, self.rank, self.world), self.bundle.channels, self.bundle.modality, cfg)
         todo: list[InferenceCase] = []
-        for case in shard(cases, self.rank, self.world):
+        for case in mine:
             expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions, cfg.output_format)
-            if case.problem is None and is_complete(self.out, case.case_id, expected, self.fingerprint):
+            if case.problem is not None:
+                self.record_failure(case.case_id, MedsegError(f"case {case.case_id}: {case.problem}"))
+            elif is_complete(self.out, case.case_id, expected, self.fingerprint):
                 self.summary.skipped.append(case.case_id)
             else:
                 todo.append(case)
+        if self.summary.failures and self.world == 1:  # the refusals are on disk before the long part starts
+            write_csv(self.out / self.failures_file, pd.DataFrame(self.summary.failures, columns=["case_id", "error"]))
         if self.summary.skipped:
             log.info("rank %d: %d case(s) already complete, skipped", self.rank, len(self.summary.skipped))
         return todo
@@ -148,9 +166,24 @@ class BatchRun:
         try:
             future.result()
             self.summary.done.append(case_id)
+            self.say_done(case_id)
+        except PartialCaseError as exc:  # the SEG failed; the NIfTI mask and tables stay
+            self.summary.failures.append((case_id, str(exc)))
+            log.warning("case %s failed: %s", case_id, exc)
         except Exception as exc:  # noqa: BLE001
             self.record_failure(case_id, exc)
         self.bar.update(1)
+
+    def say_done(self, case_id: str) -> None:
+        """One line per finished case (the plain-log progress; a TTY shows the bars instead)."""
+        try:
+            record = json.loads(marker_file(self.out, case_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        cohort = record.get("cohort") or {}
+        seconds = sum(v for v in (record.get("timings_s") or {}).values() if isinstance(v, (int, float)))
+        log.info("case %s done: %s lesion(s), %s mL, %.1f s", case_id, cohort.get("n_lesions", "?"),
+                 cohort.get("total_volume_ml", "?"), seconds)
 
     def predict_all(self, todo: Sequence[InferenceCase]) -> None:
         """Predict ``todo`` one after the other; with ``overlap``, one thread reads the next case and
@@ -170,7 +203,8 @@ class BatchRun:
                 upcoming = reader.submit(self.prepare, todo[i + 1]) if overlap and i + 1 < len(todo) else None
                 if current is not None:
                     try:
-                        prob, seconds = self.predictor.probabilities(current)
+                        with self.slice_bar(case.case_id, self.predictor.n_slices(current)) as advance:
+                            prob, seconds = self.predictor.probabilities(current, advance)
                     except Exception as exc:  # noqa: BLE001
                         error = exc
                 self.settle()
@@ -183,6 +217,33 @@ class BatchRun:
                         self.settle()  # one case at a time: its outputs before the next case is read
                 del current, prob
             self.settle()
+
+    @contextmanager
+    def slice_bar(self, case_id: str, n_slices: int) -> Iterator[Callable[[int], None] | None]:
+        """A progress bar over one case's slices while the network runs (a TTY only), as a
+        callback taking the number of slices done; None without a bar."""
+        if not self.show_progress or self.world > 1:
+            yield None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=n_slices, desc=f"  {case_id}", unit="slice", leave=False) as bar:
+            yield lambda done: bar.update(done - bar.n)
+
+    def write_cases_table(self, cases: Sequence[InferenceCase]) -> None:
+        """``cases.csv`` (:data:`medseg.outputs.CASES_COLUMNS`): one row per case of ``cases``
+        whose marker is in the output folder (predicted now or before, or kept after a failed
+        SEG), from the numbers the marker holds."""
+        rows = []
+        for case in cases:
+            try:
+                record = json.loads(marker_file(self.out, case.case_id).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            cohort = record.get("cohort") or {}
+            rows.append({"case_id": case.case_id, **{c: cohort.get(c) for c in CASES_COLUMNS[1:-1]},
+                         "dicom_seg": record.get("dicom_seg", SEG_NOT_ASKED)})
+        write_csv(self.out / CASES_TABLE, pd.DataFrame(rows, columns=list(CASES_COLUMNS)))
 
     def write_records(self) -> None:
         """``failures_file`` (this rank's, merged by rank 0 after a barrier under torchrun) and,
@@ -198,9 +259,11 @@ class BatchRun:
             write_csv(out / self.failures_file, frame)
         if rank == 0:
             bundle = self.bundle
+            self.write_cases_table(self.cases)
             write_json(out / RUN_RECORD, {
                 "medseg_version": __version__,
                 "checkpoints": [str(p) for p in bundle.checkpoints],
+                "model": bundle.identity,
                 "channels": bundle.channels,
                 "modality": bundle.modality,
                 "device": str(bundle.device),
@@ -218,16 +281,31 @@ class BatchRun:
         # early: a broken torchrun setup fails before any work
         created_group = join_process_group(self.world) if self.rank_sharding else False
         start = time.perf_counter()
+        self.cases = list(cases)
         todo = self.todo(cases)
         rank, world = self.rank, self.world
         self.bar = tqdm(total=len(todo), desc="infer" if world == 1 else f"infer rank {rank}", unit="case",
                         disable=not self.show_progress, position=rank if world > 1 else None)
-        self.predict_all(todo)
+        with bar_safe_logging(self.show_progress):
+            self.predict_all(todo)
         self.bar.close()
         self.summary.seconds = time.perf_counter() - start
         self.write_records()
         leave_process_group(created_group)
         return self.summary
+
+
+@contextmanager
+def bar_safe_logging(active: bool) -> Iterator[None]:
+    """While progress bars are on screen, console log lines are written above them (tqdm.write)
+    instead of cutting into them."""
+    if not active:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
 
 
 def run_inference(

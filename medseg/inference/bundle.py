@@ -44,7 +44,9 @@ class InferenceBundle:
     modality: str
     checkpoints: list[Path]
     device: torch.device
+    model_dir: Path | None = None  # the model folder the checkpoints came from, if any
     _sha256: list[str] | None = field(default=None, repr=False)
+    _identity: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def inference(self) -> InferenceConfig:
@@ -57,6 +59,15 @@ class InferenceBundle:
 
             self._sha256 = [sha256_file(p) for p in self.checkpoints]
         return self._sha256
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The model that runs, for run records (:func:`medseg.model_folder.model_identity`)."""
+        if self._identity is None:
+            from medseg.model_folder import model_identity
+
+            self._identity = model_identity(self.checkpoints, self.model_dir)
+        return self._identity
 
     def fingerprint(self) -> str:
         """Hash of the checkpoints (path, size, mtime) and the output-relevant settings."""
@@ -137,6 +148,7 @@ def load_bundle(
     overrides: Sequence[str] = (),
     device: str | torch.device | None = None,
     settings: Mapping[str, Any] | None = None,
+    model_dir: str | Path | None = None,
 ) -> InferenceBundle:
     """Load one or more checkpoints (an ensemble) for inference.
 
@@ -144,8 +156,8 @@ def load_bundle(
     probabilities are averaged). The inference settings are the first checkpoint's, then
     ``overrides`` (``inference.key=value`` texts, e.g. ``--set``), then ``settings`` (typed
     values by inference key, e.g. ``{"tta": True}``), validated together once. Raises
-    ``MedsegError`` naming the file otherwise.
-    Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
+    ``MedsegError`` naming the file otherwise. ``model_dir``: the model folder they came from
+    (named in the run's record). Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
     """
     from medseg.models.checkpoint import load_checkpoint, model_from_loaded
 
@@ -187,6 +199,6 @@ def load_bundle(
     if config.inference.keep_freed_memory:
         keep_freed_memory()
     set_threads(config.inference.threads)
-    return InferenceBundle(models, config, channels, modality, paths, dev)
+    return InferenceBundle(models, config, channels, modality, paths, dev, Path(model_dir) if model_dir else None)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,33 @@ class PreparedCase:
 
 @dataclass
 class CaseResult:
-    """Outputs of one case on the source grid (I, J, K)."""
+    """Outputs of one case on the source grid (I, J, K); ``cohort``: its row of the run's
+    cases table (:func:`cohort_numbers`)."""
 
     mask: np.ndarray
     lesion_prob: np.ndarray
     lesions: np.ndarray | None
     table: pd.DataFrame | None
     timings: dict[str, float] = field(default_factory=dict)
+    cohort: dict[str, Any] = field(default_factory=dict)
+
+
+def cohort_numbers(mask: np.ndarray, lesions: np.ndarray, n_lesions: int, spacing: tuple[float, ...],
+                   slice_axis: int) -> dict[str, Any]:
+    """One case's row of ``cases.csv`` (:data:`medseg.outputs.CASES_COLUMNS`, less case_id and
+    dicom_seg): ``mask`` and ``lesions`` (I, J, K) on the source grid, lesion ids 1..``n_lesions``;
+    volumes in mL from the voxel ``spacing`` (mm); ``slices_with_lesion`` counts the slices along
+    file axis ``slice_axis`` (the model's slice plane) that hold any foreground."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    foreground = mask > 0
+    sizes = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:] if n_lesions else np.zeros(0, np.int64)
+    others = tuple(a for a in range(3) if a != slice_axis)
+    return {
+        "n_lesions": int(n_lesions),
+        "total_volume_ml": round(float(foreground.sum()) * voxel_ml, 4),
+        "largest_volume_ml": round(float(sizes.max()) * voxel_ml, 4) if sizes.size else 0.0,
+        "slices_with_lesion": int(np.any(foreground, axis=others).sum()),
+    }
 
 
 class CasePredictor:
@@ -90,7 +111,7 @@ class CasePredictor:
         """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
-        export = self.seg_export(case)  # a SEG without a DICOM source fails now, before any work
+        export = self.seg_export(case)  # a SEG without a DICOM source fails now (preflight refused it already)
         start = time.perf_counter()
         data = apply_chain(self.chain, {channel_key(c): str(case.images[c]) for c in self.bundle.channels})
         image = data[IMAGE_KEY]
@@ -117,7 +138,8 @@ class CasePredictor:
 
         out_channels = self.bundle.config.model.out_channels  # 1: sigmoid lesion map; K + 1: softmax classes
         n_classes = out_channels - 1 if out_channels > 1 else 1
-        return SegExport(source, cfg.dicom_seg, Algorithm.from_checkpoints(self.bundle.checkpoint_sha256()), n_classes)
+        return SegExport(source, cfg.dicom_seg, Algorithm.from_checkpoints(self.bundle.checkpoint_sha256()), n_classes,
+                         case.new_frame_of_reference)
 
     def to_source(self, prob: torch.Tensor, prepared: PreparedCase, nearest: bool = False) -> np.ndarray:
         """(K, R, A, S) probabilities on the preprocessed grid -> float32 (K, I, J, K) source grid
@@ -129,9 +151,16 @@ class CasePredictor:
         array = out.as_tensor().numpy() if isinstance(out, MetaTensor) else np.asarray(out)
         return array.astype(np.float32, copy=False)
 
-    def probabilities(self, prepared: PreparedCase) -> tuple[torch.Tensor, float]:
+    def n_slices(self, prepared: PreparedCase) -> int:
+        """How many slices :meth:`probabilities` predicts (the progress bar's total)."""
+        return int(prepared.data[IMAGE_KEY].shape[self.ras_axis + 1])
+
+    def probabilities(
+        self, prepared: PreparedCase, progress: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, float]:
         """The network's part: (R, A, S) or (K, R, A, S) probabilities on the preprocessed grid
-        (:func:`predict_volume`), and the seconds it took.
+        (:func:`predict_volume`), and the seconds it took; ``progress`` is called with the number
+        of slices done.
 
         Raises ``MedsegError`` when a probability is NaN/Inf (NaN weights, an overflow in reduced
         precision): the image was checked for NaN on reading, so the model is to blame, and a NaN
@@ -146,7 +175,7 @@ class CasePredictor:
             return found.prob, time.perf_counter() - start
         prob = predict_volume(
             self.bundle.models, prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
-            self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1,
+            self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1, progress=progress,
         )
         if not bool(torch.isfinite(prob).all()):
             names = ", ".join(str(p) for p in self.bundle.checkpoints) or "the in-memory model"
@@ -190,15 +219,16 @@ class CasePredictor:
             if cfg.write_prob:
                 writer.probability(lesion_prob)
         table = None
+        if n == 0:
+            lesions, n = label_components(mask, cfg.connectivity)
+            learned = None
+        affine = prepared.geometry.affine
+        cohort = cohort_numbers(mask, lesions, n, spacing, index_axis(affine, self.ras_axis))
         if not cfg.write_lesions:
             lesions = None
         else:
-            if n == 0:
-                lesions, n = label_components(mask, cfg.connectivity)
-                learned = None
             if writer is not None:
                 writer.lesions(lesions, n)
-            affine = prepared.geometry.affine
             table = lesion_table(
                 lesions, n, lesion_prob, affine, spacing, index_axis(affine, self.ras_axis),
                 classes=mask if prob_src.shape[0] > 1 else None, learned_scores=learned,
@@ -206,7 +236,7 @@ class CasePredictor:
             if writer is not None:
                 writer.table(table)
         timings["postprocess"] = time.perf_counter() - start
-        return CaseResult(mask, lesion_prob, lesions, table, timings)
+        return CaseResult(mask, lesion_prob, lesions, table, timings, cohort)
 
     def finish_and_write(
         self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float, out_dir: Path, fingerprint: str
@@ -217,7 +247,7 @@ class CasePredictor:
         with CaseWriter(out_dir, prepared.case.case_id, prepared.geometry, fingerprint) as writer:
             result = self.finish(prepared, prob, predict_seconds, writer)
             info = {"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
-                    "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
+                    "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
             return writer.close(info)
 
     def run_case(self, case: InferenceCase, out_dir: str | Path) -> list[Path]:

@@ -26,14 +26,15 @@ from medseg.manifest import case_id_problem, read_manifest
 class InferenceCase:
     """One case to predict. ``images``: channel -> path in the checkpoint's channel order.
 
-    ``problem``: an input problem found while parsing (wrong number of paths, modality...);
-    the batch records it in ``failures.csv`` instead of predicting the case.
+    ``problem``: an input problem found while parsing (wrong number of paths, modality...) or by
+    :mod:`.preflight`; the batch records it in ``failures.csv`` before predicting any case.
     """
 
     case_id: str
     images: dict[str, Path]
     modality: str | None = None
     problem: str | None = None
+    new_frame_of_reference: bool = False  # its DICOM SEG gets a new Frame of Reference UID (preflight)
 
 
 def case_id_from_path(path: Path, channel: str | None = None) -> str:
@@ -59,28 +60,41 @@ def cases_from_manifest(path: str | Path, channels: list[str], modality: str, sp
     """Every manifest row (or those of ``split``) as an ``InferenceCase``.
 
     Raises ``MedsegError`` when the manifest's channel columns differ from ``channels`` (the
-    checkpoint's); a row whose image file is missing or whose modality differs from
-    ``modality`` gets a ``problem`` (that case fails, the others run). Label files are not
-    needed and not checked.
+    model's; :func:`channel_binding`: a one-channel model takes any one image column); a row
+    whose image file is missing or whose modality differs from ``modality`` gets a ``problem``
+    (that case fails, the others run). Label files are not needed and not checked.
     """
     rows = read_manifest(path, check_files=False)
     if split is not None:
         rows = [r for r in rows if r.split == split]
         if not rows:
             raise MedsegError(f"{path}: no manifest row has split {split!r}")
-    have = rows[0].channels
-    if sorted(have) != sorted(channels):
-        raise MedsegError(
-            f"{path}: manifest channels {have} differ from the checkpoint's {channels}; "
-            f"the manifest needs the columns {['image_' + c for c in channels]}"
-        )
+    binding = channel_binding(rows[0].channels, channels, path)
     cases = []
     for row in rows:
         problem = row.check_files(label=False)
         if problem is None and row.modality != modality:
-            problem = f"case modality is {row.modality} but the checkpoint was trained on {modality}"
-        cases.append(InferenceCase(row.case_id, {c: row.images[c] for c in channels}, row.modality, problem))
+            problem = (f"case modality is {row.modality} but the model was trained on {modality}; give {modality} "
+                       f"scans or a model trained on {row.modality}")
+        cases.append(InferenceCase(row.case_id, {c: row.images[binding[c]] for c in channels}, row.modality, problem))
     return cases
+
+
+def channel_binding(have: list[str], channels: list[str], path: str | Path) -> dict[str, str]:
+    """Model channel -> manifest channel. The names must match, except that a one-channel model
+    takes a manifest's one image column whatever its name (said in one log line). Raises
+    ``MedsegError`` naming the columns needed otherwise."""
+    import logging
+
+    if sorted(have) == sorted(channels):
+        return {c: c for c in channels}
+    if len(have) == 1 and len(channels) == 1:
+        logging.getLogger(__name__).info("%s: column image_%s is the model's one channel %r", path, have[0], channels[0])
+        return {channels[0]: have[0]}
+    raise MedsegError(
+        f"{path}: manifest channels {have} differ from the model's {channels}; the manifest needs the columns "
+        f"{['image_' + c for c in channels]} (medseg import dicom --model MODEL writes them)"
+    )
 
 
 def _group_case(group: list[str], channels: list[str]) -> InferenceCase:

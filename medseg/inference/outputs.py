@@ -27,6 +27,7 @@ import pandas as pd
 
 from medseg.atomic import atomic_path, write_json
 from medseg.config import DicomSegConfig
+from medseg.errors import MedsegError
 from medseg.io import Geometry, write_volume
 from medseg.outputs import (
     CASE_SUFFIXES,
@@ -85,15 +86,32 @@ def lesion_map_dtype(n_lesions: int) -> type:
     raise ValueError(f"{n_lesions} lesions do not fit a uint32 lesion map")
 
 
+class PartialCaseError(MedsegError):
+    """A case whose DICOM SEG could not be written: its NIfTI mask, lesion table and marker are
+    kept (the batch records it in ``failures.csv`` without removing them)."""
+
+
+SEG_WRITTEN = "written"
+SEG_WRITTEN_NEW_FOR = "written (new frame of reference)"
+SEG_NOT_ASKED = "not asked"
+
+
 @dataclass
 class SegExport:
     """How one case's DICOM SEG is made: the source series folder it references, the SEG
-    settings, what made it (:class:`medseg.dicom.seg_writer.Algorithm`), the model's classes."""
+    settings, what made it (:class:`medseg.dicom.seg_writer.Algorithm`), the model's classes,
+    and whether the source lacks a Frame of Reference UID and the SEG gets a new one."""
 
     source: Path
     settings: DicomSegConfig
     algorithm: Any
     n_classes: int = 1
+    new_frame_of_reference: bool = False
+
+    @property
+    def status(self) -> str:
+        """What ``cases.csv`` says of a SEG written this way."""
+        return SEG_WRITTEN_NEW_FOR if self.new_frame_of_reference else SEG_WRITTEN
 
     def write(self, mask: np.ndarray, geometry: Geometry, path: Path, probability: np.ndarray | None) -> Path:
         from medseg.dicom.seg_writer import write_dicom_seg
@@ -119,6 +137,8 @@ class CaseWriter:
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="medseg-write")
         self._pending: list[Future[Path]] = []
         self._written: list[Path] = []
+        # the SEG apart: its failure keeps the other outputs (mask kept to write it as NIfTI then)
+        self._seg: tuple[SegExport, Future[Path], np.ndarray] | None = None
 
     def __enter__(self) -> CaseWriter:
         return self
@@ -142,7 +162,7 @@ class CaseWriter:
     def dicom_seg(self, export: SegExport, mask: np.ndarray, probability: np.ndarray | None) -> None:
         """Start writing the DICOM SEG of ``mask`` (I, J, K) referencing ``export.source``."""
         path = dicom_seg_file(self.out_dir, self.case_id)
-        self._pending.append(self._pool.submit(export.write, mask, self.geometry, path, probability))
+        self._seg = (export, self._pool.submit(export.write, mask, self.geometry, path, probability), mask)
 
     def table(self, table: pd.DataFrame) -> None:
         """Write the lesion table now."""
@@ -153,11 +173,30 @@ class CaseWriter:
         self._pending.append(self._pool.submit(write_volume, array, self.geometry, path, dtype=dtype))
 
     def close(self, info: dict[str, Any] | None = None) -> list[Path]:
-        """Wait for the volumes, then write the marker (with ``info`` and the seconds since the
-        writer was made). Returns the written paths, marker last; raises the first write error."""
+        """Wait for the volumes, then write the marker (with ``info``, what became of the DICOM
+        SEG, and the seconds since the writer was made). Returns the written paths, marker last;
+        raises the first volume write error. A SEG that could not be written leaves the other
+        outputs and a marker that does not list it (so a rerun computes the case again), the mask
+        also written as NIfTI when only the SEG was asked for, and raises
+        :class:`PartialCaseError`."""
         written = [future.result() for future in self._pending] + self._written
+        seg_status, seg_error = SEG_NOT_ASKED, None
+        if self._seg is not None:
+            export, future, mask = self._seg
+            try:
+                written.append(future.result())
+                seg_status = export.status
+            except Exception as exc:  # noqa: BLE001 - any failure of the SEG keeps the other outputs
+                seg_error = str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
+                seg_status = f"failed: {seg_error}"
+                if not any(p.name.endswith(MASK_SUFFIX) for p in written):
+                    written.append(write_volume(mask, self.geometry, self.out_dir / (self.case_id + MASK_SUFFIX),
+                                                dtype=np.uint8))
         record = {"case_id": self.case_id, "fingerprint": self.fingerprint,
-                  "files": {p.name: p.stat().st_size for p in written},
+                  "files": {p.name: p.stat().st_size for p in written}, "dicom_seg": seg_status,
                   **(info or {}), "write_seconds": round(time.perf_counter() - self.start, 4)}
         written.append(write_json(marker_path(self.out_dir, self.case_id), record))
+        if seg_error is not None:
+            raise PartialCaseError(f"case {self.case_id}: DICOM SEG not written ({seg_error}); its NIfTI mask and "
+                                   f"lesion table are kept in {self.out_dir}")
         return written

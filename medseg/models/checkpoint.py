@@ -74,6 +74,21 @@ def _write_payload(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def unreadable_checkpoint_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line and without torch's
+    advice to turn safe loading off (a checkpoint from elsewhere may run code when unpickled)."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Unsupported global" in text:
+        return ("not a medseg checkpoint: it holds Python objects other than tensors and plain values, which "
+                "medseg never unpickles (safe loading); export it again with medseg train / medseg export")
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "not a readable checkpoint (truncated, or not a PyTorch file)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"not a readable checkpoint ({type(exc).__name__}: {first[:160]})"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (on the CPU, ``weights_only=True``).
 
@@ -85,7 +100,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, disallowed pickle content, ...
-        raise MedsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # medseg (torch.save) always writes a zip archive
+            raise MedsegError(f"{path}: not a checkpoint (not a PyTorch file, or truncated)") from None
+        raise MedsegError(f"{path}: {unreadable_checkpoint_reason(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MedsegError(f"{path}: not a medseg checkpoint (no 'format: {FORMAT}' entry)")
     if payload.get("format_version") != FORMAT_VERSION:

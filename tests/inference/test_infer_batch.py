@@ -270,10 +270,10 @@ def test_input_channel_mismatch_is_a_failure_row(tmp_path, checkpoint):
 
 def test_manifest_channels_must_match_the_checkpoint(tmp_path):
     manifest = _manifest(tmp_path, 1)
-    with pytest.raises(MedsegError, match=r"manifest channels \['flair', 't1'\] differ from the checkpoint's \['flair', 't1ce', 't2'\]"):
+    with pytest.raises(MedsegError, match=r"manifest channels \['flair', 't1'\] differ from the model's \['flair', 't1ce', 't2'\]"):
         cases_from_manifest(manifest, ["flair", "t1ce", "t2"], "MR")
     ct = cases_from_manifest(manifest, ["t1", "flair"], "CT")
-    assert "checkpoint was trained on CT" in ct[0].problem and list(ct[0].images) == ["t1", "flair"]
+    assert "model was trained on CT" in ct[0].problem and list(ct[0].images) == ["t1", "flair"]
 
 
 def test_overrides_only_touch_the_inference_section(tmp_path):
