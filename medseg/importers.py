@@ -6,10 +6,13 @@
   ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``, optional ``imagesTs``) and
   MSD-style ``dataset.json`` (``modality`` + ``training`` list) with 3-D images.
 - ``import_files(images_glob, labels_glob)``: image/label pairs matched by file stem.
-- ``import_dicom(root)``: one case per folder holding a DICOM series; the patient id is a
-  pseudonym of the DICOM PatientID, so no identifier enters the manifest.
+- ``import_dicom(root, series_dir=...)``: one case per DICOM series (or per study with
+  ``--series`` rules), each pointing at a folder of links holding exactly that series; the
+  patient id is a keyed pseudonym of the DICOM PatientID, so no identifier enters the manifest
+  (:mod:`medseg.dicom.import_series`).
 
-All return ``list[Case]``; ``write_manifest`` stores them with relative paths.
+All return ``list[Case]`` (``import_dicom``: a :class:`DicomImport` with the cases and the
+refused series); ``write_manifest`` stores them with relative paths.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import glob
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import MedsegError, printable_path
-from medseg.io import itk_can_take, itk_path, preserve_locale
+from medseg.dicom.import_series import Refusal, SeriesRule
+from medseg.errors import MedsegError
 from medseg.manifest import Case
 from medseg.text_input import NotTextError, read_user_text
 
@@ -186,8 +191,17 @@ def import_files(
     ]
 
 
-def _dicom_tag(reader: object, key: str) -> str:
-    return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # type: ignore[attr-defined]
+@dataclass
+class DicomImport:
+    """What :func:`import_dicom` made: the rows (``cases``, images = series folders of links) and
+    the series / studies it refused (:class:`medseg.dicom.import_series.Refusal`, one line each)."""
+
+    cases: list[Case]
+    refusals: list[Refusal]
+
+    def failure_rows(self) -> list[dict[str, str]]:
+        """``what, error`` records for ``<manifest stem>_failures.csv`` (pseudonymous names only)."""
+        return [{"what": r.what, "error": r.error} for r in self.refusals]
 
 
 def import_dicom(
@@ -196,42 +210,141 @@ def import_dicom(
     labels: str | None = None,
     label_dir: str | Path | None = None,
     select: str | None = None,
-) -> list[Case]:
-    """One case per folder holding a DICOM series (the largest series of the folder).
+    *,
+    series_dir: str | Path | None = None,
+    channel: str | None = None,
+    model: str | Path | None = None,
+    series: Sequence[str] = (),
+    modality: str | None = None,
+    allow_missing_patient_id: bool = False,
+) -> DicomImport:
+    """Manifest rows from the DICOM series under ``root`` (:mod:`medseg.dicom.import_series`).
 
-    patient_id = keyed pseudonym of PatientID (:mod:`medseg.pseudonyms`: HMAC with the site
-    secret; StudyInstanceUID when PatientID is empty); case_id = the pseudonym plus the series'
-    number for that patient (``P3f9c..._s1``, ``_s2``, ... in folder order), never the folder
-    name, which often holds a patient's name or ID. ``map_file``: also write a CSV
-    (folder, case_id) -- the only link back to the folders; medseg never reads it, keep it where
-    identifiers may be kept. Modality from the DICOM Modality tag (CT or MR; other modalities
-    are skipped with a warning).
+    One row per CT/MR series by default, channel ``channel`` (default ``image``); each row's
+    image is ``series_dir/<case_id>/``, a folder of links to exactly that series' files.
+    ``model`` (a model folder or checkpoint): channel names and modality from it
+    (:func:`medseg.model_folder.read_model_inputs`); only series of its modality become rows.
+    ``series`` (``NAME=REGEX`` rules): one row per study instead, channel NAME = the study's one
+    series whose SeriesDescription / ProtocolName matches REGEX (``series_dir/<case_id>/<NAME>/``);
+    a model with several channels needs a rule for each. ``modality``: only series of it.
 
-    ``labels`` = ``"seg"`` or ``"rtstruct"``: each series is paired with the DICOM SEG /
-    RTSTRUCT objects under ``root`` that reference it (by SeriesInstanceUID,
+    patient_id = keyed pseudonym of PatientID (:mod:`medseg.pseudonyms`); an empty PatientID is
+    refused unless ``allow_missing_patient_id`` (then the StudyInstanceUID is keyed). case_id =
+    the pseudonym plus the patient's series (``_s<n>``) or study (``_st<n>``) number, never a
+    folder name. ``map_file``: also write a CSV (folder, series_uid, case_id, channel, status)
+    -- the only link back to the folders; medseg never reads it, keep it where identifiers may
+    be kept.
+
+    ``labels`` = ``"seg"`` or ``"rtstruct"``: each row is paired with the DICOM SEG / RTSTRUCT
+    objects under ``root`` that reference its (first channel's) series (by SeriesInstanceUID,
     :mod:`medseg.dicom.pairing`); the union of their segments / ROIs (``select``: a regular
     expression on segment labels / ROI names, default all) becomes a 0/1 label on the image grid,
     written to ``label_dir`` (:func:`medseg.outputs.label_file`) (:mod:`medseg.dicom.seg_reader`,
     :mod:`medseg.dicom.rtstruct`: exact geometry, no resampling). A series without a label
     object stays an unlabelled row (split empty); a series with several takes the first by path,
     with a warning.
+
+    Refused series / studies are returned, not raised; raises ``MedsegError`` for bad options and
+    when no DICOM series is found at all.
     """
+    from medseg.dicom import import_series as dicom_import
+    from medseg.pseudonyms import site_secret
+
     base = Path(root)
     if not base.is_dir():
         raise MedsegError(f"{base}: folder not found")
-    with preserve_locale():
-        cases, folders, series_uids = _import_dicom_folders(base, skip_labels=labels is not None)
-    if labels is not None:
+    if series_dir is None:
+        raise MedsegError("import dicom needs a folder for the series folders (--series-dir)")
+    links = Path(series_dir)
+    if links.resolve() == base.resolve() or links.resolve() in base.resolve().parents:
+        raise MedsegError(f"{links}: --series-dir holds the DICOM folder {base}; choose a folder outside it")
+    inputs = _dicom_inputs(channel, model, series, modality)
+    secret = site_secret()
+    found = dicom_import.find_series(base, exclude=links)
+    if not found:
+        raise MedsegError(f"{base}: no DICOM series found (no file with a DICOM header and a SeriesInstanceUID)")
+    if inputs.rules:
+        rows, refusals = dicom_import.plan_study_rows(found, secret, inputs.rules, inputs.modality, inputs.modality_source,
+                                                      allow_missing_patient_id)  # fmt: skip
+    else:
+        rows, refusals = dicom_import.plan_series_rows(found, secret, inputs.channels[0], inputs.modality,
+                                                       inputs.modality_source, allow_missing_patient_id,
+                                                       skip_labels=labels is not None)  # fmt: skip
+    cases = dicom_import.write_series_folders(rows, links) if rows else []
+    if labels is not None and cases:
         if label_dir is None:
             raise MedsegError("import dicom --labels needs a folder for the converted labels")
-        _attach_dicom_labels(base, cases, series_uids, labels, Path(label_dir), select)
+        _attach_dicom_labels(base, cases, [next(iter(r.series.values())).uid for r in rows], labels, Path(label_dir),
+                             select)  # fmt: skip
     if map_file is not None:
         import pandas as pd
 
         from medseg.atomic import write_csv
 
-        write_csv(Path(map_file), pd.DataFrame({"folder": folders, "case_id": [c.case_id for c in cases]}))
-    return cases
+        records = dicom_import.map_records(rows, refusals)
+        write_csv(Path(map_file), pd.DataFrame(records, columns=["folder", "series_uid", "case_id", "channel", "status"]))
+    return DicomImport(cases, refusals)
+
+
+@dataclass(frozen=True)
+class _DicomInputs:
+    channels: list[str]
+    modality: str | None
+    modality_source: str  # who wants that modality, for the skip lines
+    rules: list[SeriesRule]
+
+
+def _dicom_inputs(channel: str | None, model: str | Path | None, series: Sequence[str], modality: str | None) -> _DicomInputs:
+    """Channels, modality and ``--series`` rules from the options; one clear error for a conflict."""
+    rules = [_series_rule(text) for text in series]
+    names = [r.name for r in rules]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise MedsegError(f"--series names channel {', '.join(doubled)} twice; give each channel one rule")
+    if modality is not None and modality.upper() not in ("CT", "MR"):
+        raise MedsegError(f"--modality {modality}: choose CT or MR")
+    wanted = modality.upper() if modality else None
+    source = f"--modality wants {wanted}" if wanted else ""
+    if channel is not None and rules:
+        raise MedsegError(f"--channel {channel} names the one channel of one-series rows; with --series the rule "
+                          f"names are the channels ({', '.join(names)}): leave --channel out")  # fmt: skip
+    if model is None:
+        channels = names or [channel_name(channel or "image")]
+        return _DicomInputs(channels, wanted, source, rules)
+    from medseg.model_folder import read_model_inputs
+
+    inputs = read_model_inputs(model)
+    if wanted and wanted != inputs.modality:
+        raise MedsegError(f"--modality {wanted} disagrees with the model {model}, which takes {inputs.modality}; "
+                          "leave --modality out")  # fmt: skip
+    listed = ", ".join(inputs.channels)
+    if channel is not None and [channel_name(channel)] != inputs.channels:
+        raise MedsegError(f"--channel {channel} disagrees with the model {model}, which takes channel(s) {listed}; "
+                          "leave --channel out (the model names the channels)")  # fmt: skip
+    if len(inputs.channels) > 1 or rules:
+        missing = [c for c in inputs.channels if c not in names]
+        extra = [n for n in names if n not in inputs.channels]
+        if missing or extra:
+            add = " ".join(f"--series {c}=REGEX" for c in missing)
+            raise MedsegError(
+                f"the model {model} takes channels {listed} ({inputs.modality}), one series each from one study"
+                + (f"; add {add} (REGEX matching that series' SeriesDescription or ProtocolName)" if missing else "")
+                + (f"; --series {', '.join(extra)}: not a channel of the model" if extra else "")
+            )
+        order = {c: i for i, c in enumerate(inputs.channels)}
+        rules.sort(key=lambda r: order[r.name])
+    return _DicomInputs(list(inputs.channels), inputs.modality, f"the model takes {inputs.modality}", rules)
+
+
+def _series_rule(text: str) -> SeriesRule:
+    name, sep, pattern = text.partition("=")
+    if not sep or not name.strip() or not pattern:
+        raise MedsegError(f"--series {text}: write NAME=REGEX (e.g. --series flair=FLAIR)")
+    try:
+        compiled = re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise MedsegError(f"--series {text}: {pattern!r} is not a valid regular expression ({exc})") from None
+    return SeriesRule(channel_name(name), compiled)
 
 
 def _attach_dicom_labels(
@@ -258,7 +371,7 @@ def _attach_dicom_labels(
         if len(found) > 1:
             log.warning("case %s: %d %s objects reference its series; using %s", case.case_id, len(found),
                         kind.upper(), found[0].name)
-        geometry = read_volume(case.images["image"]).geometry
+        geometry = read_volume(next(iter(case.images.values()))).geometry
         mask, used = read_label_object(found[0], kind, geometry, select)  # type: ignore[arg-type]
         out = write_volume(mask, geometry, label_file(label_dir, case.case_id), dtype=np.uint8)
         log.info("case %s: label from %s (%s), %d voxel(s)", case.case_id, found[0].name, ", ".join(used), int(mask.sum()))
@@ -266,46 +379,3 @@ def _attach_dicom_labels(
         labelled += 1
     if not labelled:
         raise MedsegError(f"{base}: no {kind.upper()} object references any of the {len(cases)} image series")
-
-
-def _import_dicom_folders(base: Path, skip_labels: bool = False) -> tuple[list[Case], list[str], list[str]]:
-    import logging
-
-    import SimpleITK as sitk
-
-    from medseg.pseudonyms import pseudonym, site_secret
-
-    log = logging.getLogger(__name__)
-    secret = site_secret()
-    cases: list[Case] = []
-    sources: list[str] = []
-    uids: list[str] = []
-    series_of: dict[str, int] = {}
-    folders = [base, *sorted(p for p in base.rglob("*") if p.is_dir())]
-    for folder in folders:
-        with itk_path(folder) as plain:  # a folder name ITK cannot take is read through a plain-named link
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(plain))
-            if not ids:
-                continue
-            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(plain), s) for s in ids), key=len)
-            if not itk_can_take(files[0]):
-                log.warning("skipping DICOM folder %s: its file names are not UTF-8", printable_path(folder))
-                continue
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(files[0])
-            reader.ReadImageInformation()
-        modality = _dicom_tag(reader, "0008|0060").upper()
-        rel = folder.relative_to(base).as_posix() if folder != base else base.name
-        if modality not in ("CT", "MR"):
-            if skip_labels and modality in ("SEG", "RTSTRUCT"):
-                continue  # the label objects are paired with their series afterwards
-            log.warning("skipping DICOM folder %s: modality %r is not CT or MR", rel, modality)
-            continue
-        patient = pseudonym(_dicom_tag(reader, "0010|0020") or _dicom_tag(reader, "0020|000d") or rel, secret)
-        series_of[patient] = series_of.get(patient, 0) + 1
-        cases.append(Case(f"{patient}_s{series_of[patient]}", patient, modality, {"image": folder.resolve()}, None, ""))
-        sources.append(printable_path(rel))
-        uids.append(_dicom_tag(reader, "0020|000e"))
-    if not cases:
-        raise MedsegError(f"{base}: no CT/MR DICOM series found")
-    return cases, sources, uids

@@ -83,23 +83,42 @@ def test_files_by_glob(tmp_path):
         import_files(str(tmp_path / "*_ct.nii.gz"), str(tmp_path / "*_mask.nii.gz"), modality="CT")
 
 
+def _set_series_uid(folder, series_uid: str) -> None:
+    """Give the series in ``folder`` its own SeriesInstanceUID (test_io writes one UID for all)."""
+    import pydicom
+
+    for n, path in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{n + 1}"
+        ds.save_as(path)
+
+
 def test_dicom_folders_pseudonymise_patient(tmp_path):
     arr = np.zeros((8, 8, 4), dtype=np.int16)
     image = sitk.GetImageFromArray(arr.transpose(2, 1, 0).copy())
     Geometry.from_affine(make_affine("lps", spacing=(1, 1, 2)), arr.shape).apply_to(image)
-    for name in ("study1", "study2"):
-        (tmp_path / name).mkdir()
-        write_dicom_series(image, tmp_path / name, modality="MR", patient_id="SECRET-123")
-    (tmp_path / "Doe^John_1970").mkdir()  # a folder named after the patient never becomes a case id
-    write_dicom_series(image, tmp_path / "Doe^John_1970", modality="MR", patient_id="OTHER-9")
-    cases = import_dicom(tmp_path, map_file=tmp_path / "map.csv")
-    pid = cases[1].patient_id
-    assert [c.case_id for c in cases] == [f"{cases[0].patient_id}_s1", f"{pid}_s1", f"{pid}_s2"]
-    assert cases[1].patient_id == cases[2].patient_id != cases[0].patient_id and "SECRET" not in pid
+    archive = tmp_path / "archive"
+    for n, name in enumerate(("study1", "study2")):
+        (archive / name).mkdir(parents=True)
+        write_dicom_series(image, archive / name, modality="MR", patient_id="SECRET-123")
+        _set_series_uid(archive / name, f"1.2.826.0.1.3680043.2.1125.9.{n + 1}")
+    (archive / "Doe^John_1970").mkdir()  # a folder named after the patient never becomes a case id
+    write_dicom_series(image, archive / "Doe^John_1970", modality="MR", patient_id="OTHER-9")
+    _set_series_uid(archive / "Doe^John_1970", "1.2.826.0.1.3680043.2.1125.9.3")
+    result = import_dicom(archive, map_file=tmp_path / "map.csv", series_dir=tmp_path / "dicom_series")
+    cases = result.cases
+    assert not result.refusals
+    pid = cases[0].patient_id
+    assert [c.case_id for c in cases] == [f"{pid}_s1", f"{pid}_s2", f"{cases[2].patient_id}_s1"]
+    assert cases[0].patient_id == cases[1].patient_id != cases[2].patient_id and "SECRET" not in pid
     assert cases[0].modality == "MR"
+    assert [c.images["image"] for c in cases] == [(tmp_path / "dicom_series" / c.case_id).resolve() for c in cases]
     written = pd.read_csv(write_manifest(cases, tmp_path / "m.csv"), dtype=str)
     ids = " ".join(written["case_id"]) + " ".join(written["patient_id"])  # what outputs and reports carry
     assert "SECRET" not in ids and "OTHER" not in ids and "Doe" not in ids and "1970" not in ids
+    assert "Doe" not in " ".join(written["image_image"])  # the rows point at the series folders of links
     mapping = pd.read_csv(tmp_path / "map.csv")
-    assert mapping["folder"].tolist() == ["Doe^John_1970", "study1", "study2"]
+    assert mapping["folder"].tolist() == ["study1", "study2", "Doe^John_1970"]
     assert mapping["case_id"].tolist() == [c.case_id for c in cases]
+    assert mapping["series_uid"].tolist() == [f"1.2.826.0.1.3680043.2.1125.9.{n}" for n in (1, 2, 3)]

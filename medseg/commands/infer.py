@@ -83,10 +83,14 @@ def _device(requested: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from medseg.logs import log_to_file
     from medseg.output_folder import claim_output_folder
+    from medseg.runtime import torchrun_rank
 
     # first, before any model is loaded or case read: an unwritable or busy --out fails now
-    with claim_output_folder(args.out, "medseg infer"), log_to_file(Path(args.out) / RUN_LOG):
-        return _run(args)
+    with claim_output_folder(args.out, "medseg infer"):
+        if torchrun_rank()[0] != 0:  # one run.log, rank 0's; the other ranks log to their console
+            return _run(args)
+        with log_to_file(Path(args.out) / RUN_LOG):
+            return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

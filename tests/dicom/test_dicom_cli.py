@@ -46,7 +46,10 @@ def test_import_dicom_with_seg_labels(tmp_path, rng, capsys):
         image = read_volume(case.images["image"])
         assert label.shape == image.shape
         np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
-        np.testing.assert_array_equal(label.array, masks[case.images["image"].resolve()])
+        # the row's image is a folder of links to exactly its series (import dicom: dicom_series/<case_id>)
+        assert case.images["image"].parent == (tmp_path / "import" / "dicom_series").resolve()
+        (source,) = {link.resolve().parent for link in case.images["image"].iterdir()}
+        np.testing.assert_array_equal(label.array, masks[source])
     text = out.read_text() + capsys.readouterr().out
     assert PATIENT_ID not in text and "Doe" not in text
 
