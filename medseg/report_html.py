@@ -2,10 +2,14 @@
 
 Sections: dataset overview; expected accuracy from cross-validation (out-of-fold headline,
 per-fold and per-case tables, Dice per case by fold, and the post-processing rule chosen on the
-out-of-fold predictions with its candidates); lesion-distribution curves (reference vs
-predicted); metrics per case (sortable) and summary (titled "Metrics (test split)" when the
-cross-validation section is there too); lesion sizes, precision-recall curve with AP,
-detection recall by size; slice overlays of the best / median / worst cases; provenance.
+out-of-fold predictions with its candidates); predicted cases (the cohort table of ``medseg
+infer``, one sortable row per predicted case, with a one-line cohort summary);
+lesion-distribution curves (reference, and predicted against the reference of the same cases;
+"Predicted lesion distribution" alone when no case has a reference); metrics per case
+(sortable) and summary (titled "Metrics (test split)" when the cross-validation section is
+there too); lesion sizes, precision-recall curve with AP, detection recall by size; slice
+overlays of the best / median / worst cases; provenance (the model's identity in one line, the
+configuration inference used and the rest of the run's record folded in a ``<details>``).
 Every section is built from files the earlier stages wrote (CSV/JSON/NIfTI), so the report can
 be rebuilt alone. A missing or unreadable cross-validation / post-processing file only drops
 its part of the page, never the report. Only manifest case ids appear; nothing is read from
@@ -29,7 +33,17 @@ from medseg import atomic, reporting
 from medseg.cross_validation import CV_SUMMARY, CV_TABLE
 from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
-from medseg.outputs import EVAL_LESION_MATCHES, EVAL_PER_CASE, EVAL_PR_CURVE, EVAL_SUMMARY, mask_file
+from medseg.outputs import (
+    CASES_COLUMNS,
+    CASES_TABLE,
+    EVAL_LESION_MATCHES,
+    EVAL_PER_CASE,
+    EVAL_PR_CURVE,
+    EVAL_SUMMARY,
+    LESIONS_CSV_SUFFIX,
+    lesion_table_file,
+    mask_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +337,100 @@ def _cv_section(inputs: ReportInputs, out: Path) -> str:
     return "".join(parts)
 
 
+def predicted_cases_table(inputs: ReportInputs) -> tuple[pd.DataFrame, str] | None:
+    """One row per predicted case (columns: those of :data:`CASES_COLUMNS` the source has) and
+    where the rows come from; None when there is nothing to show.
+
+    Sources, first found: ``medseg infer``'s cohort table (:data:`CASES_TABLE` in the prediction
+    folder); the per-case lesion tables of the manifest's cases (:func:`lesion_table_file`: one row
+    per lesion, ``volume_ml``; runs from before the cohort table); the prediction statistics'
+    ``case_stats.csv`` (3-D components of the masks). The last two have no ``dicom_seg`` and no
+    ``slices_with_lesion`` (the cohort table counts slices along the model's axis, the statistics
+    along ``stats.axis``). A case without lesions has a largest volume of 0.
+    """
+    if inputs.pred_dir is None:
+        return None
+    table = _read_csv_lenient(inputs.pred_dir / CASES_TABLE, ("case_id", "n_lesions", "total_volume_ml"))
+    if table is not None and len(table):
+        return table[[c for c in CASES_COLUMNS if c in table.columns]], f"predictions/{CASES_TABLE}"
+    rows = []
+    for case in inputs.cases:
+        lesions = _read_csv_lenient(lesion_table_file(inputs.pred_dir, case.case_id), ("volume_ml",))
+        if lesions is not None:  # header only: no lesion; missing or unreadable: the case is left out
+            volumes = pd.to_numeric(lesions["volume_ml"], errors="coerce").dropna()
+            rows.append({"case_id": case.case_id, "n_lesions": len(volumes), "total_volume_ml": float(volumes.sum()),
+                         "largest_volume_ml": float(volumes.max()) if len(volumes) else 0.0})
+    if rows:
+        return pd.DataFrame(rows), f"the per-case lesion tables (<case>{LESIONS_CSV_SUFFIX})"
+    stats = _read_csv_lenient(inputs.pred_stats_dir / "case_stats.csv", ("case_id", "n_lesions_3d", "lesion_volume_ml")) \
+        if inputs.pred_stats_dir else None  # fmt: skip
+    if stats is not None and len(stats):
+        frame = pd.DataFrame({"case_id": stats["case_id"], "n_lesions": stats["n_lesions_3d"],
+                              "total_volume_ml": stats["lesion_volume_ml"]})
+        if "largest_lesion_volume_ml" in stats.columns:
+            frame["largest_volume_ml"] = stats["largest_lesion_volume_ml"].fillna(0.0)
+        return frame, "the prediction statistics (3-D components of the masks)"
+    return None
+
+
+def _predicted_cases_section(inputs: ReportInputs) -> str:
+    """"Predicted cases": the cohort line (cases, cases with lesions, median total volume) and the
+    sortable per-case table (:func:`predicted_cases_table`); "" when there is none."""
+    found = predicted_cases_table(inputs)
+    if found is None:
+        return ""
+    table, source = found
+    n_lesions = pd.to_numeric(table["n_lesions"], errors="coerce")
+    volume = pd.to_numeric(table["total_volume_ml"], errors="coerce")
+    with_lesion = int((n_lesions > 0).sum())
+    line = (f"{len(table)} case(s) predicted, {with_lesion} with at least one lesion; median total lesion volume "
+            f"{_num(float(volume.median()) if volume.notna().any() else None, '{:.2f}')} mL per case")
+    if 0 < with_lesion < len(table):
+        line += f" ({_num(float(volume[n_lesions > 0].median()), '{:.2f}')} mL over the cases with lesions)"
+    return (f"<p class='headline'>{line}.</p><p>One row per predicted case (from {html.escape(source)}); "
+            "click a column header to sort.</p>" + _table(table, "predicted_cases", "{:.4g}"))
+
+
+def _identity_line(provenance: dict[str, Any]) -> str:
+    """The model in one line: architecture / encoder, checkpoint sha256 prefix(es), the
+    cross-validated Dice with its 95 % interval when the model folder holds it; "" when the run
+    names no checkpoint (no model ran: the config's network is only a default then)."""
+    identity = provenance.get("model_identity") if isinstance(provenance.get("model_identity"), dict) else {}
+    shas = [str(c.get("sha256")) for c in identity.get("checkpoints") or [] if isinstance(c, dict) and c.get("sha256")]
+    if not shas:  # a run recorded before model_identity
+        shas = [str(provenance["checkpoint_sha256"])] if provenance.get("checkpoint_sha256") else \
+            [str(v) for v in (provenance.get("model_checkpoints_sha256") or {}).values()]  # fmt: skip
+    if not shas:
+        return ""
+    parts = []
+    model = (provenance.get("config") or {}).get("model") if isinstance(provenance.get("config"), dict) else None
+    if isinstance(model, dict) and model.get("arch"):
+        parts.append(f"{model.get('arch')} / {model.get('encoder')}")
+    if len(shas) == 1:
+        parts.append(f"checkpoint sha256 {shas[0][:12]}")
+    else:
+        parts.append(f"{len(shas)} checkpoints, sha256 {', '.join(s[:12] for s in shas[:3])}" + (", ..." if len(shas) > 3 else ""))
+    cv = identity.get("cv_accuracy") if isinstance(identity.get("cv_accuracy"), dict) else {}
+    if isinstance(cv.get("dice_mean"), (int, float)):
+        ci = cv.get("dice_ci95")
+        interval = f" (95 % CI {_num(ci[0], '{:.3f}')}–{_num(ci[1], '{:.3f}')})" if isinstance(ci, list) and len(ci) == 2 else ""
+        parts.append(f"CV Dice {cv['dice_mean']:.3f}{interval}")
+    return " · ".join(parts)
+
+
+def _provenance_section(provenance: dict[str, Any]) -> str:
+    """The model's identity in one visible line; the run's whole record (configuration as run,
+    versions, checkpoints, timings) folded in a closed ``<details>``."""
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><pre>"
+                   f"{html.escape(v if isinstance(v, str) else json.dumps(v, indent=1, default=str))}</pre></td></tr>"
+                   for k, v in provenance.items())  # fmt: skip
+    identity = _identity_line(provenance)
+    note = ("<p>The configuration below is the one inference used: the model's preprocessing, network, training "
+            "and inference settings, with this run's overrides on top.</p>") if provenance.get("model_identity") else ""
+    summary = f"Model: {html.escape(identity)} — configuration and provenance" if identity else "Configuration and provenance"
+    return f"{note}<details class='prov'><summary>{summary}</summary><table class='prov'>{rows}</table></details>"
+
+
 def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -334,6 +442,10 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     cv_part = _cv_section(inputs, out) if has_cv else ""
     if cv_part:
         sections.append(("Expected accuracy (cross-validation)", cv_part))
+
+    cohort = _predicted_cases_section(inputs)
+    if cohort:
+        sections.append(("Predicted cases", cohort))
 
     # lesion-distribution curves
     curves = []
@@ -347,10 +459,15 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     if pred_curve is not None and len(pred_curve):
         per_case = _read_csv(inputs.pred_stats_dir / "lesion_curve_per_case.csv")  # type: ignore[operator]
         same_cases = _reference_curve_of(inputs, set(per_case["case_id"]) if per_case is not None else set(), len(pred_curve))
+        if same_cases is not None and len(same_cases):
+            title, caption = ("Predicted vs reference lesion distribution (same cases)",
+                              "Predicted lesions (red) against the reference mean (dashed)")
+        else:  # no reference for these cases: the predictions alone
+            same_cases = None
+            title, caption = "Predicted lesion distribution", "Predicted lesions: area per slice along the normalised axis"
         png = reporting.plot_lesion_curve(pred_curve, out / "lesion_curve_predicted.png", inputs.axis, inputs.extent, per_case,
-                                          title="Predicted vs reference lesion distribution (same cases)",
-                                          reference=same_cases, label="predicted lesion area")
-        curves.append(_img_tag(png, "Predicted lesions (red) against the reference mean (dashed)"))
+                                          title=title, reference=same_cases, label="predicted lesion area")
+        curves.append(_img_tag(png, caption))
     if curves:
         sections.append(("Lesion-distribution curves", "".join(curves)))
 
@@ -419,9 +536,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
         if overlays:
             sections.append(("Slice overlays", "".join(overlays)))
 
-    prov = "".join(f"<tr><th>{html.escape(str(k))}</th><td><pre>{html.escape(v if isinstance(v, str) else json.dumps(v, indent=1, default=str))}</pre></td></tr>"
-                   for k, v in inputs.provenance.items())
-    sections.append(("Provenance", f"<table class='prov'>{prov}</table>"))
+    sections.append(("Provenance", _provenance_section(inputs.provenance)))
     body = "".join(f"<section><h2>{html.escape(title)}</h2>{content}</section>" for title, content in sections)
     page = _PAGE.replace("{{title}}", html.escape(inputs.title)).replace("{{body}}", body)
     return atomic.write_text(out / "report.html", page)
@@ -438,6 +553,7 @@ th{background:#f3f3f3;cursor:pointer}td:first-child,th:first-child{text-align:le
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #eee}
 figcaption{font-size:.8em;color:#555;max-width:560px}pre{margin:0;text-align:left;white-space:pre-wrap;font-size:.8em}
 table.prov{width:100%}table.prov td{text-align:left}.scroll{overflow-x:auto;max-width:100%}
+details.prov summary{cursor:pointer;padding:.3em 0}
 </style>
 <script>
 function sortTable(id, col){

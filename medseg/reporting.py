@@ -30,7 +30,9 @@ def plot_lesion_curve(
     normalised slice position, individual cases faintly, and the share of cases with lesion.
 
     ``curve``: output of ``lesion_distribution_curve``; ``reference``: an optional second
-    aggregate (e.g. reference masks when ``curve`` holds predictions) drawn dashed.
+    aggregate (e.g. reference masks when ``curve`` holds predictions) drawn dashed (None: no
+    reference line and no legend entry for one). The PNG's ``Title`` and ``Description``
+    metadata hold the title and the legend's entries (``; ``-separated), for readers of the file.
     """
     fig, (ax, ax_share) = plt.subplots(
         2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
@@ -46,8 +48,10 @@ def plot_lesion_curve(
         ax.plot(reference["position"], reference["mean"], color="k", lw=1.5, ls="--", label="reference mean", zorder=3)
     n_cases = int(curve["n_cases"].iloc[0]) if len(curve) else 0
     ax.set_ylabel("lesion area per slice (mm²)")
-    ax.set_title(title or f"Lesion distribution along the {axis_name} axis ({n_cases} cases)")
+    shown_title = title or f"Lesion distribution along the {axis_name} axis ({n_cases} cases)"
+    ax.set_title(shown_title)
     ax.legend(loc="upper right", fontsize=8)
+    legend = "; ".join(ax.get_legend_handles_labels()[1])
     ax.grid(alpha=0.3)
     ax_share.fill_between(curve["position"], 0, curve["share_with_lesion"], color="tab:blue", alpha=0.4, step="mid")
     ax_share.set_ylim(0, 1)
@@ -58,7 +62,7 @@ def plot_lesion_curve(
     ax_share.grid(alpha=0.3)
     ax_share.set_xlim(0, 1)
     with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Title": shown_title, "Description": f"legend: {legend}"})
     plt.close(fig)
     return Path(out_path)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -67,6 +68,16 @@ def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
     assert "Expected accuracy (cross-validation)" in html and "Post-processing chosen on cross-validation" in html
     assert "Out-of-fold over 5 patients (3 folds)" in html
 
+    # the record names the model: fold checkpoints, the plan's dataset fingerprint, the CV accuracy
+    identity = json.loads((run_dir / "provenance.json").read_text())["model_identity"]
+    assert [c["file"].rsplit("/", 1)[-1] for c in identity["checkpoints"]] == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    fingerprint = (run_dir / "plan" / "fingerprint.json").read_bytes()
+    assert (run_dir / "model" / "fingerprint.json").read_bytes() == fingerprint
+    assert identity["dataset_fingerprint_sha256"] == hashlib.sha256(fingerprint).hexdigest()
+    assert identity["cv_accuracy"]["source"] == "cv_chosen/cv_summary.json" and identity["cv_accuracy"]["n_folds"] == 3
+    assert "CV Dice " in html.split("<summary>", 1)[1].split("</summary>", 1)[0]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["inference"]["threshold"] == model.postprocess["threshold"]
+
     capsys.readouterr()
     assert main(args) == 0  # resumed: nothing is redone
     assert capsys.readouterr().out.count("up to date") == 10
@@ -99,6 +110,8 @@ def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
                  "--set", f"pipeline.manifest={manifest}", "--out", str(other), "--no-progress"]) == 0  # fmt: skip
     record = json.loads((other / "predictions" / "inference.json").read_text())
     assert len(record["checkpoints"]) == 3 and record["inference"]["threshold"] == rule["threshold"]
+    assert yaml.safe_load((other / "config.yaml").read_text())["inference"] == record["inference"]  # what ran
+    assert json.loads((other / "provenance.json").read_text())["model_identity"]["model_folder"] == str(run_dir / "model")
     assert len(list((other / "predictions").glob("*_mask.nii.gz"))) == 6
 
 

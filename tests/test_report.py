@@ -44,7 +44,8 @@ def test_report_lists_every_case_and_figure(report_dir):
     text = html_path.read_text()
     for case in cases:
         assert case.case_id in text
-    for section in ("Dataset", "Lesion-distribution curves", "Metrics", "Detection", "Slice overlays", "Provenance"):
+    for section in ("Dataset", "Predicted cases", "Lesion-distribution curves", "Metrics", "Detection", "Slice overlays",
+                    "Provenance"):
         assert f"<h2>{section}" in text
     assert text.count("data:image/png;base64,") >= 8  # self-contained
     pngs = sorted(p.name for p in html_path.parent.glob("*.png"))

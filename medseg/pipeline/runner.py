@@ -4,7 +4,9 @@ the others (:data:`~.stages.STAGES`), record state, failures and provenance (lay
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import json
 import logging
 import time
@@ -17,6 +19,7 @@ import yaml
 from medseg import __version__, atomic
 from medseg.atomic import sha256_file
 from medseg.config import Config, ConfigError, dump_config
+from medseg.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
 from medseg.outputs import FAILURES_FILE
 from medseg.pipeline.spec import PipelineSpec
 from medseg.pipeline.stages import STAGES
@@ -123,6 +126,11 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
 
 
 def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
+    """``provenance.json``: versions, manifest, stage timings and the model the run uses:
+    ``model_identity`` (:func:`medseg.model_folder.model_identity`: checkpoint files with sha256,
+    for a model folder the dataset fingerprint's sha256 and the cross-validated accuracy), the
+    model folder's when there is one (inference prefers it), else the checkpoint's. The older
+    keys (``checkpoint_sha256``, ``model_checkpoints_sha256``, ``postprocess``) stay."""
     provenance: dict[str, Any] = {
         "pipeline": ctx.name,
         "versions": _versions(),
@@ -133,10 +141,30 @@ def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
     if ctx.checkpoint is not None and ctx.checkpoint.is_file():
         provenance["checkpoint"] = str(ctx.checkpoint)
         provenance["checkpoint_sha256"] = sha256_file(ctx.checkpoint)
+        provenance["model_identity"] = _model_identity((ctx.checkpoint,), None)
     record = ctx.model_dir / "model.json" if ctx.model_dir is not None else None
     if record is not None and record.is_file():
         model = json.loads(record.read_text(encoding="utf-8"))
         provenance["model"] = str(ctx.model_dir)
         provenance["model_checkpoints_sha256"] = {c["file"]: c["sha256"] for c in model.get("checkpoints", [])}
         provenance["postprocess"] = model.get("postprocess")
+        files = tuple(ctx.model_dir / c["file"] for c in model.get("checkpoints", []))
+        provenance["model_identity"] = _model_identity(files, ctx.model_dir)
     atomic.write_json(ctx.run_dir / "provenance.json", provenance)
+
+
+def _model_identity(checkpoints: tuple[Path, ...], folder: Path | None) -> dict[str, Any]:
+    """:func:`~medseg.model_folder.model_identity`, hashed once per version of the files (the
+    provenance is rewritten after every stage; an ensemble's checkpoints take seconds to hash)."""
+    def stamp(path: Path) -> tuple[str, int, int]:
+        info = path.stat() if path.exists() else None
+        return (str(path), info.st_size if info else -1, info.st_mtime_ns if info else -1)
+
+    folder_files = [folder / "model.json", folder / FINGERPRINT_FILE, *(folder / n for n in CV_SUMMARY_FILES)] if folder else []
+    key = (tuple(stamp(p) for p in checkpoints), str(folder), tuple(stamp(p) for p in folder_files))
+    return copy.deepcopy(_cached_identity(key, checkpoints, folder))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_identity(key: tuple, checkpoints: tuple[Path, ...], folder: Path | None) -> dict[str, Any]:
+    return model_identity(checkpoints, folder)

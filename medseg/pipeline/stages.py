@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from medseg import atomic
-from medseg.config import ConfigError, StrictModel, dump_config
+from medseg.config import Config, ConfigError, StrictModel, dump_config, format_validation_error
 from medseg.errors import MedsegError
 from medseg.manifest import read_manifest
 from medseg.outputs import EVAL_SUMMARY, FAILURES_FILE, predicted_case_ids, prob_file
@@ -139,8 +139,13 @@ def stage_import(ctx: RunContext, opts: ImportOptions) -> None:
     else:
         if opts.labels is not None and opts.labels not in ("seg", "rtstruct"):
             raise ConfigError("stage import, layout dicom: labels is seg, rtstruct or unset (not a glob)")
-        cases = importers.import_dicom(source, labels=opts.labels, label_dir=ctx.stage_dir("import") / "labels",
-                                       select=opts.select)
+        result = importers.import_dicom(source, labels=opts.labels, label_dir=ctx.stage_dir("import") / "labels",
+                                        select=opts.select, series_dir=ctx.stage_dir("import") / "dicom_series")
+        for refusal in result.refusals:
+            log.warning("import: refused %s: %s", refusal.what, refusal.error)
+        if not result.cases:
+            raise MedsegError(f"{source}: no usable CT/MR DICOM series ({len(result.refusals)} refused, listed above)")
+        cases = result.cases
     assign_patient_splits(cases, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=opts.seed)
     ctx.manifest = write_manifest(cases, ctx.stage_dir("import") / "manifest.csv")
     read_manifest(ctx.manifest)
@@ -195,7 +200,7 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
         fold_models,
     )
     from medseg.folds import FOLDS_FILE, cv_pool
-    from medseg.model_folder import write_model_folder
+    from medseg.model_folder import FINGERPRINT_FILE, write_model_folder
     from medseg.postprocess_selection import select_postprocessing, write_selection
 
     cv_dir = ctx.run_dir / "cv"
@@ -215,9 +220,10 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     dice = chosen.get("metrics", {}).get("dice", {})
     hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
     models = fold_models(cv_dir, n_folds, ctx.cfg.cv.repeats)
+    fingerprint = ctx.run_dir / "plan" / FINGERPRINT_FILE  # the plan's dataset fingerprint: part of the model's identity
     write_model_folder(
         model_dir, models, config_file, cv_dir / FOLDS_FILE, selection.chosen, names=[f"{p.parent.name}.pt" for p in models],
-        extra_files=[cv_dir / CV_TABLE, cv_dir / CV_SUMMARY],
+        extra_files=[cv_dir / CV_TABLE, cv_dir / CV_SUMMARY, *([fingerprint] if fingerprint.is_file() else [])],
         summary={"cv_mean_dice": dice.get("mean"), "cv_mean_hd95_mm": hd95.get("mean"), "n_cases": dice.get("n"),
                  "n_folds": n_folds, "repeats": ctx.cfg.cv.repeats, "postprocess_reason": selection.reason,
                  "evidence": sorted(p.name for p in written.values())},
@@ -257,6 +263,8 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
     Inference settings are the checkpoint's, overridden by the ``inference`` keys set in this
     pipeline's config and by the stage options. Finished cases are skipped on a re-run.
+    The config inference used (:func:`effective_config`) becomes the run's config from here on:
+    ``ctx.cfg``, the run's ``config.yaml`` and what the report shows.
     """
     from medseg.inference.cases import cases_from_manifest
     from medseg.inference.runner import inference_patch, load_bundle, run_inference
@@ -274,6 +282,7 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
     else:
         raise ConfigError("stage infer needs a model: add a train or cv + postprocess stage, or set 'checkpoint:' / "
                           "'model:' in the pipeline (--set pipeline.checkpoint=PATH or pipeline.model=DIR)")
+    use_config(ctx, effective_config(ctx.cfg, bundle.config))
     if opts.split is not None and not ctx.cases(opts.split):
         log.info("infer: no manifest row has split %r; nothing to predict", opts.split)
         ctx.stage_dir("predictions")
@@ -281,6 +290,41 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
     cases = cases_from_manifest(ctx.manifest, bundle.channels, bundle.modality, opts.split)
     summary = run_inference(cases, bundle, ctx.stage_dir("predictions"), show_progress=ctx.progress)
     ctx.failures += [{"case_id": case_id, "stage": "infer", "error": error} for case_id, error in summary.failures]
+
+
+MODEL_SECTIONS = ("preprocess", "model", "train", "inference")  # what a checkpoint fixes, as inference loads it
+
+
+def effective_config(user: Config, loaded: Config) -> Config:
+    """The config a prediction ran with: ``user`` (the pipeline's resolved config) with the
+    :data:`MODEL_SECTIONS` of ``loaded``, the inference bundle's config (the checkpoint's
+    preprocess/model/train sections, its inference settings under the model folder's rule, the
+    user's ``--set inference.*`` and the stage options). Data, statistics, evaluation and
+    cross-validation sections stay the user's."""
+    return user.model_copy(update={k: getattr(loaded, k).model_copy(deep=True) for k in MODEL_SECTIONS})
+
+
+def use_config(ctx: RunContext, cfg: Config) -> None:
+    """Make ``cfg`` the run's config: ``ctx.cfg`` (the stages after this one, and their
+    fingerprints) and the run's ``config.yaml``."""
+    ctx.cfg = cfg
+    dump_config(cfg, ctx.run_dir / "config.yaml")
+
+
+def remember_infer(ctx: RunContext) -> dict[str, Any]:
+    return {"config": ctx.cfg.model_dump(mode="json")}
+
+
+def restore_infer(ctx: RunContext, record: dict[str, Any]) -> None:
+    """The config the skipped infer stage ran with (its record's), so that the stages after it
+    see, and are fingerprinted with, the same config as when it ran."""
+    if not isinstance(record.get("config"), dict):  # a record of an older medseg: the run's config stays
+        return
+    try:
+        use_config(ctx, Config.model_validate(record["config"]))
+    except ValidationError as exc:
+        log.warning("infer: the recorded config no longer validates (%s); the run's config stays the pipeline's",
+                    format_validation_error("state.json (infer)", exc))
 
 
 def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
@@ -411,7 +455,7 @@ STAGES: dict[str, Stage] = {
     "train": Stage(stage_train, NoOptions, "train", restore_train, remember_train),
     "cv": Stage(stage_cv, NoOptions, "cv"),
     "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess),
-    "infer": Stage(stage_infer, InferOptions, "predictions"),
+    "infer": Stage(stage_infer, InferOptions, "predictions", restore_infer, remember_infer),
     "evaluate": Stage(stage_evaluate, SplitOptions, "evaluate"),
     "prediction_stats": Stage(stage_prediction_stats, NoOptions, "prediction_stats"),
     "report": Stage(stage_report, NoOptions, "report"),
