@@ -19,6 +19,7 @@ import yaml
 from medseg import __version__, atomic
 from medseg.atomic import sha256_file
 from medseg.config import Config, ConfigError, dump_config
+from medseg.logs import log_to_file
 from medseg.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
 from medseg.outputs import FAILURES_FILE
 from medseg.pipeline.spec import PipelineSpec
@@ -57,15 +58,8 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage of ``spec`` into ``run_dir`` (see :mod:`medseg.pipeline`). Returns the state."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("medseg").addHandler(handler)
-    logging.getLogger("medseg").setLevel(logging.INFO)
-    try:
+    with log_to_file(run_dir / "run.log"):  # every INFO line, the libraries' too (the console shows medseg's)
         return _run(spec, cfg, run_dir, force or [], progress)
-    finally:
-        logging.getLogger("medseg").removeHandler(handler)
-        handler.close()
 
 
 def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progress: bool) -> dict[str, Any]:

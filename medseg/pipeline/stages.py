@@ -49,13 +49,20 @@ class ImportOptions(StrictModel):
 
     Without ``pipeline.source`` the stage uses ``pipeline.manifest`` as it is. Splits are
     assigned per patient with ``val_fraction``/``test_fraction`` (default: every patient in the
-    cross-validation pool, none held out for test)."""
+    cross-validation pool, none held out for test). Layout ``dicom`` with ``pipeline.model`` or
+    ``pipeline.checkpoint`` set takes the channel names and modality from that model (as
+    ``medseg import dicom --model``); refused series are recorded in the run's failures."""
 
     layout: Literal["brats", "nnunet", "files", "dicom"] = "brats"
     modality: Literal["MR", "CT"] | None = None
     images: str | None = None
     labels: str | None = None  # files: glob of label files; dicom: seg | rtstruct (label objects paired by UIDs)
     select: str | None = None  # dicom with labels: regular expression on segment labels / ROI names
+    # dicom: channel name of one-series rows (default: the pipeline's model's, else "image"),
+    # NAME=REGEX rules for multi-channel study rows, and keying an empty PatientID on the study
+    channel: str | None = None
+    series: list[str] = Field(default_factory=list)
+    allow_missing_patient_id: bool = False
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
@@ -139,10 +146,15 @@ def stage_import(ctx: RunContext, opts: ImportOptions) -> None:
     else:
         if opts.labels is not None and opts.labels not in ("seg", "rtstruct"):
             raise ConfigError("stage import, layout dicom: labels is seg, rtstruct or unset (not a glob)")
+        model = ctx.model_dir or ctx.checkpoint
         result = importers.import_dicom(source, labels=opts.labels, label_dir=ctx.stage_dir("import") / "labels",
-                                        select=opts.select, series_dir=ctx.stage_dir("import") / "dicom_series")
+                                        select=opts.select, series_dir=ctx.stage_dir("import") / "dicom_series",
+                                        channel=opts.channel, model=model if opts.channel is None else None,
+                                        series=opts.series, modality=opts.modality,
+                                        allow_missing_patient_id=opts.allow_missing_patient_id)
         for refusal in result.refusals:
             log.warning("import: refused %s: %s", refusal.what, refusal.error)
+            ctx.failures.append({"case_id": refusal.what, "stage": "import", "error": refusal.error})
         if not result.cases:
             raise MedsegError(f"{source}: no usable CT/MR DICOM series ({len(result.refusals)} refused, listed above)")
         cases = result.cases
@@ -275,7 +287,8 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
         model = read_model_folder(ctx.model_dir)
         user = inference_patch([o for o in ctx.config_overrides if o.startswith("inference.")])
-        bundle = load_bundle(model.checkpoints, settings={**model.postprocess, **user, **stage_options})
+        bundle = load_bundle(model.checkpoints, settings={**model.postprocess, **user, **stage_options},
+                             model_dir=ctx.model_dir)
     elif ctx.checkpoint is not None:  # the inference keys this pipeline's config sets explicitly
         explicit = ctx.cfg.inference.model_dump(mode="json", include=ctx.cfg.inference.model_fields_set)
         bundle = load_bundle([ctx.checkpoint], settings={**explicit, **stage_options})

@@ -23,6 +23,7 @@ from typing import Any
 from medseg import atomic
 from medseg.config import Config
 from medseg.manifest import Case, read_manifest
+from medseg.model_folder import MODEL_FILE
 
 STATE_FILE = "state.json"
 FAILURES_BY_STAGE_FILE = "failures_by_stage.json"
@@ -83,10 +84,25 @@ def stage_fingerprint(
     upstream: str,
 ) -> str:
     """A stage's input fingerprint: its ``options`` and the ``config`` (both as JSON), the
-    pipeline's ``checkpoint``/``model``, ``source`` (``None`` for stages that do not read it), the
-    manifest's bytes (``b""`` for stages that do not read it) and ``upstream`` (the output
+    pipeline's ``checkpoint``/``model`` (their paths and file identities, :func:`file_identity`:
+    a model retrained in place is a new input), ``source`` (``None`` for stages that do not read
+    it), the manifest's bytes (``b""`` for stages that do not read it) and ``upstream`` (the output
     fingerprints of the stages before it, chained with :func:`hash_text`)."""
-    return hash_text(name, options, config, checkpoint, model, source, hashlib.sha256(manifest_bytes).hexdigest(), upstream)
+    model_files = [file_identity(Path(checkpoint))] if checkpoint else []
+    if model:
+        model_files.append(file_identity(Path(model) / MODEL_FILE))
+    return hash_text(name, options, config, checkpoint, model, model_files, source,
+                     hashlib.sha256(manifest_bytes).hexdigest(), upstream)
+
+
+def file_identity(path: Path) -> list[Any]:
+    """(size, mtime in ns) of ``path``; ``None`` values when it does not exist. A model folder is
+    named by its ``model.json``, which lists every checkpoint's sha256 and is rewritten with them."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return [None, None]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
