@@ -16,6 +16,7 @@ Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
     folds.json              the patient-level fold assignment (:mod:`medseg.folds`)
     postprocess.json        the rule chosen on the out-of-fold predictions and why
     postprocess_candidates.csv, cv_summary.json   the evidence behind it
+    fingerprint.json        the plan's dataset fingerprint (part of the model's identity)
 
 Nothing in it names a patient except by the manifest's ids (folds.json lists case and patient
 ids as the manifest gives them).
