@@ -1,6 +1,9 @@
 """Atomic output files: write to a temporary file in the target folder, then rename.
 
-A run killed mid-write leaves either the old file or none, never a truncated one. This is the
+A run killed mid-write leaves either the old file or none, never a truncated one; a write that
+fails (disk full) is an ``OutputError`` naming the target, the temporary file removed and an
+existing target untouched. A writer that may fail silently (ITK's NIfTI writer on a full disk)
+verifies its temporary file inside the ``with`` block before the rename (``medseg.io``). This is the
 one writer every medseg output goes through (volumes, tables, JSON, manifests, checkpoints,
 cached training volumes, copies into a model folder): :func:`atomic_path` names the temporary
 file ``.<stem>.partial-<pid><suffix>`` beside the target (so a reader globbing ``*.nii.gz``
@@ -9,6 +12,7 @@ never sees it, and a rerun can find and remove what a killed run left).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +32,8 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     file is either the old one or the complete new one).
 
     An ``OSError`` without a file name raised while writing (``write()`` on a full disk says only
-    "No space left on device") is raised again as ``OutputError`` naming ``path``.
+    "No space left on device") is raised again as ``OutputError`` naming ``path``. A block that
+    leaves no temporary file is an error too: nothing is renamed, the target stays as it was.
     """
     target = Path(path)
     try:
@@ -40,6 +45,8 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     tmp = target.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     try:
         yield tmp
+        if not tmp.is_file():
+            raise OutputError(target, "cannot write: the writer left no file" + _kept(target))
         if fsync:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -47,10 +54,23 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     except OSError as exc:
         if exc.filename is not None and Path(os.fsdecode(exc.filename)).name not in (tmp.name, target.name):
             raise  # about another file (an input read inside the block): its own message names it
-        raise OutputError(target, f"cannot write: {exc.strerror or exc}") from None
+        raise OutputError(target, f"cannot write: {os_error_reason(exc)}{_kept(target)}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def os_error_reason(exc: OSError) -> str:
+    """The reason of a failed file operation in words (``ENOSPC``: "no space left on the device")."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    return exc.strerror or str(exc)
+
+
+def _kept(target: Path) -> str:
+    return "; the existing file is unchanged" if target.exists() else ""
 
 
 def write_text(path: str | Path, text: str) -> Path:

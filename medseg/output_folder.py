@@ -12,12 +12,26 @@ of the two deleting each other's temporary files. A lock left by a killed run (s
 longer alive) is taken over with a warning; a lock from another host cannot be checked and is
 refused (remove it by hand once that run is known dead). Under ``torchrun`` only rank 0 takes
 the lock (every rank of one job shares the folder).
+
+Ownership: a command writes only into a folder that is its own. :func:`claim_output_folder`
+refuses, before any work, a folder holding anything but
+
+- nothing (a new or empty folder; the lock and temporary files of a killed run do not count),
+- an earlier run of the same command: the marker ``<out>/.medseg-output.json`` names the command
+  that writes into the folder (``medseg infer``; written when the run takes the folder, removed
+  again if the run leaves nothing else),
+- or anything, with ``overwrite`` (the commands' ``--overwrite``): the folder then becomes this
+  command's.
+
+So ``infer --out`` pointed at the labels' folder, ``stats --out`` at a training run or
+``evaluate --out`` at infer's predictions is one line naming the folder, not lost files.
+A pipeline run folder made before markers existed (it holds the pipeline's ``state.json``) is
+its own ``medseg run``'s.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import logging
 import os
@@ -26,9 +40,14 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
+from medseg.atomic import os_error_reason
 from medseg.errors import OutputError, printable_path
 
 LOCK_NAME = ".medseg.lock"
+OWNER_NAME = ".medseg-output.json"
+PROBE_PREFIX = ".medseg-write-probe-"
+# folders written before markers existed that are recognisably a command's own: a file it writes
+LEGACY_OWNER_FILES = {"medseg run": "state.json"}
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +65,7 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(folder, f"{option} folder cannot be created: {_reason(exc)}") from None
-    probe = folder / f".medseg-write-probe-{os.getpid()}"
+    probe = folder / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -72,12 +91,60 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
     return file
 
 
+def command_name(command: str) -> str:
+    """The command a run is an instance of: its first two words (``medseg run pipelines/a.yaml``
+    -> ``medseg run``); the marker names this."""
+    return " ".join(command.split()[:2])
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that count as content: all but the lock, the ownership marker, write
+    probes and atomic temporary files (``.<stem>.partial-<pid>...``) a killed run left."""
+    names = []
+    for entry in os.listdir(folder):
+        if entry in (LOCK_NAME, OWNER_NAME) or entry.startswith(PROBE_PREFIX) or (entry.startswith(".") and ".partial-" in entry):
+            continue
+        names.append(entry)
+    return sorted(names)
+
+
+def folder_owner(folder: str | Path) -> str | None:
+    """The command the marker of ``folder`` names (``medseg infer``), or None (no or unreadable marker)."""
+    try:
+        record = json.loads((Path(folder) / OWNER_NAME).read_text(encoding="utf-8"))
+        return str(record["command"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output_owner(path: str | Path, command: str, overwrite: bool = False, option: str = "--out") -> Path:
+    """Refuse ``path`` unless it is empty, holds an earlier run of ``command`` or ``overwrite``
+    (module docstring). Raises ``OutputError`` naming the folder, what it holds and the fix."""
+    folder = Path(path)
+    name = command_name(command)
+    if overwrite or not folder.is_dir():
+        return folder
+    content = _foreign_entries(folder)
+    if not content:
+        return folder
+    owner = folder_owner(folder)
+    if owner == name:
+        return folder
+    legacy = LEGACY_OWNER_FILES.get(name)
+    if owner is None and legacy is not None and (folder / legacy).is_file():
+        return folder
+    shown = ", ".join(printable_path(n) for n in content[:3]) + (f" and {len(content) - 3} more" if len(content) > 3 else "")
+    whose = f"the output of {owner}" if owner else f"files {name} did not write"
+    raise OutputError(
+        folder,
+        f"{option} folder holds {whose} ({shown}); {name} writes only into an empty folder or one it "
+        "wrote before: choose another (new or empty) folder, or pass --overwrite to write into this one "
+        "(files of the same names are replaced)",
+    )
+
+
 def _reason(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    if exc.errno in (errno.EROFS,):
-        return "read-only file system"
-    return exc.strerror or str(exc)
+    return os_error_reason(exc)
 
 
 def _rank() -> int:
@@ -97,11 +164,13 @@ def _pid_alive(pid: int) -> bool:
 class OutputLock:
     """Exclusive use of an output folder by one medseg run (module docstring). A context manager."""
 
-    def __init__(self, folder: str | Path, command: str, created: bool = False) -> None:
+    def __init__(self, folder: str | Path, command: str, created: bool = False, mark: bool = True) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command
         self.created = created  # made for this run: removed again when the run leaves it empty
+        self.mark = mark  # write the ownership marker (OWNER_NAME) once the lock is held
+        self.marked = False  # this run wrote the marker
         self.held = False
 
     def __enter__(self) -> OutputLock:
@@ -134,8 +203,25 @@ class OutputLock:
                 self.path.unlink(missing_ok=True)
                 raise OutputError(self.path, f"cannot write the run lock: {_reason(exc)}") from None
             self.held = True
+            if self.mark:
+                try:
+                    self._write_marker()
+                except BaseException:  # disk full: no lock stays behind either
+                    self.release()
+                    raise
             return
         raise OutputError(self.folder, "could not take the run lock (another run keeps taking it)")
+
+    def _write_marker(self) -> None:
+        """Name this command in the folder (module docstring, ownership) unless it already is."""
+        from medseg.atomic import write_json
+
+        name = command_name(self.command)
+        if folder_owner(self.folder) == name:
+            return
+        write_json(self.folder / OWNER_NAME, {"command": name, "run": self.command, **{
+            k: v for k, v in self._record().items() if k in ("host", "started")}})
+        self.marked = True
 
     def _check_existing(self) -> None:
         try:
@@ -163,6 +249,9 @@ class OutputLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        if self.marked and not _foreign_entries(self.folder):  # the run wrote nothing: no claim stays
+            (self.folder / OWNER_NAME).unlink(missing_ok=True)
+            self.marked = False
         if self.created:  # a refused run (bad manifest, bad config) leaves no empty folder behind
             try:
                 self.folder.rmdir()
@@ -170,8 +259,12 @@ class OutputLock:
                 pass
 
 
-def claim_output_folder(path: str | Path, command: str, option: str = "--out") -> OutputLock:
-    """:func:`check_output_folder` then an (unacquired) :class:`OutputLock`: ``with claim_output_folder(out, "infer"):``.
-    A folder created here is removed again when the run ends without writing into it."""
+def claim_output_folder(path: str | Path, command: str, option: str = "--out", overwrite: bool = False) -> OutputLock:
+    """:func:`check_output_folder` and :func:`check_output_owner` (an empty folder, this command's
+    own or ``overwrite``), then an (unacquired) :class:`OutputLock` that marks the folder as this
+    command's when taken: ``with claim_output_folder(out, "medseg infer"):``. A folder created here
+    is removed again when the run ends without writing into it."""
     created = not Path(path).exists()
-    return OutputLock(check_output_folder(path, option), command, created=created)
+    folder = check_output_folder(path, option)
+    check_output_owner(folder, command, overwrite=overwrite, option=option)
+    return OutputLock(folder, command, created=created)

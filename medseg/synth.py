@@ -27,6 +27,49 @@ from medseg.manifest import Case, assign_patient_splits, write_manifest
 
 ORIENTATIONS = ("ras", "lps", "oblique")
 
+# peak memory of :func:`make_phantom` per voxel (MR, the larger: float64 working arrays, two
+# channels; measured with tracemalloc at about 115 bytes), and the largest volume generated at all
+PHANTOM_BYTES_PER_VOXEL = 120
+MAX_PHANTOM_VOXELS = 1 << 27  # 512 x 512 x 512
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_request(n_cases: int, shape: tuple[int, ...], modality: str = "MR", touching_pairs: int = 0) -> None:
+    """Refuse a request :func:`generate_dataset` cannot fulfil, before anything is allocated or
+    written: ``n_cases`` < 1, a dimension < 2, negative ``touching_pairs``, or a volume larger than
+    :data:`MAX_PHANTOM_VOXELS` or than the available memory can hold while it is built."""
+    from medseg.errors import ConfigError
+
+    if n_cases < 1:
+        raise ConfigError(f"--n {n_cases}: the number of cases must be at least 1")
+    if len(shape) != 3 or min(shape) < 2:
+        raise ConfigError(f"--shape {' '.join(map(str, shape))}: three sizes (I J K), each at least 2")
+    if touching_pairs < 0:
+        raise ConfigError(f"--touching-pairs {touching_pairs}: must be 0 or more")
+    if modality.upper() not in ("CT", "MR"):
+        raise ConfigError(f"--modality {modality!r}: must be CT or MR")
+    voxels = int(np.prod([int(v) for v in shape], dtype=object))
+    need = voxels * PHANTOM_BYTES_PER_VOXEL
+    available = _available_memory()
+    if voxels > MAX_PHANTOM_VOXELS or (available is not None and need > available):
+        have = f", {available / 2**30:.1f} GiB are available" if available is not None else ""
+        raise ConfigError(
+            f"--shape {' '.join(map(str, shape))}: {voxels:,} voxels per volume need about {need / 2**30:.1f} GiB of "
+            f"memory to generate{have}; at most {MAX_PHANTOM_VOXELS:,} voxels (e.g. 512 512 512) and what memory "
+            "holds -- choose a smaller shape"
+        )
+
 
 @dataclass
 class Phantom:
@@ -207,15 +250,38 @@ def generate_dataset(
     (``data.labels.instances: values`` reads them as lesion instances).
 
     Deterministic for a given seed. Spacing varies per case (anisotropic, 2.5-4 mm slices).
+    A request :func:`check_request` refuses raises ``ConfigError`` before any work; a write that
+    fails (disk full) raises ``OutputError`` after removing the files this call had added (files
+    it replaced stay, complete: every write is verified and atomic).
     """
+    check_request(n_cases, shape, modality, touching_pairs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []  # files this call added (not replaced): removed again if it fails
+    try:
+        return _generate(out, n_cases, modality, shape, seed, manifest_path, val_fraction, test_fraction,
+                         touching_pairs, instance_labels, created)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _generate(out: Path, n_cases: int, modality: str, shape: tuple[int, int, int], seed: int,
+              manifest_path: str | Path | None, val_fraction: float, test_fraction: float, touching_pairs: int,
+              instance_labels: bool, created: list[Path]) -> Path:
+    """:func:`generate_dataset`'s work; each file it adds to ``out`` is listed in ``created``."""
     import pandas as pd
 
     from medseg import atomic
 
-    if modality.upper() not in ("CT", "MR"):
-        raise ValueError(f"modality must be CT or MR, got {modality!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    def write(array: np.ndarray, geometry: Geometry, path: Path, dtype: type) -> Path:
+        new = not path.exists()
+        write_volume(array, geometry, path, dtype=dtype)
+        if new:
+            created.append(path)
+        return path
+
     cases: list[Case] = []
     truth: list[dict] = []
     for i in range(n_cases):
@@ -229,13 +295,17 @@ def generate_dataset(
         geometry = Geometry.from_affine(phantom.affine, shape)
         images = {}
         for name, arr in phantom.images.items():
-            images[name] = write_volume(arr, geometry, out / f"{case_id}_{name}.nii.gz", dtype=np.int16)
+            images[name] = write(arr, geometry, out / f"{case_id}_{name}.nii.gz", np.int16)
         label = phantom.instances if instance_labels else phantom.label
-        label_path = write_volume(label, geometry, out / f"{case_id}_label.nii.gz", dtype=np.uint8)
+        label_path = write(label, geometry, out / f"{case_id}_label.nii.gz", np.uint8)
         cases.append(Case(case_id, f"patient_{i:03d}", mod, images, label_path, ""))
         truth.append({"case_id": case_id, "modality": mod, "orientation": orientation,
                       "spacing": "x".join(str(s) for s in spacing), "n_lesions": len(phantom.lesions),
                       "lesion_voxels": int(phantom.label.sum())})
     assign_patient_splits(cases, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    atomic.write_csv(out / "phantoms.csv", pd.DataFrame(truth))
+    truth_path = out / "phantoms.csv"
+    new = not truth_path.exists()
+    atomic.write_csv(truth_path, pd.DataFrame(truth))
+    if new:
+        created.append(truth_path)
     return write_manifest(cases, manifest_path or out / "data_manifest.csv")

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_option(parser, "config override, e.g. cv.folds=3 (repeatable)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>/cv)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).name.split(".")[0] / "cv"
-    with claim_output_folder(out, "medseg cv"):
+    with claim_output_folder(out, "medseg cv", overwrite=args.overwrite):
         result = run_cross_validation(cfg, cfg.data.manifest, out, progress=not args.no_progress)
     if not result.summary:  # a torchrun rank other than 0
         return 0

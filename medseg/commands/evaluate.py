@@ -46,12 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate only this split (same as --set evaluation.split=...)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
     from medseg.output_folder import claim_output_folder
 
-    with claim_output_folder(args.out, "medseg evaluate"):  # first: a second run on --out is refused at once
+    with claim_output_folder(args.out, "medseg evaluate", overwrite=args.overwrite):  # first: a second run on --out is refused at once
         return _run(args)
 
 

@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_option(parser, "override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)",
                    metavar="inference.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def _device(requested: str) -> str:
@@ -81,16 +83,22 @@ def _device(requested: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.errors import MedsegError
     from medseg.logs import log_to_file
     from medseg.output_folder import claim_output_folder
     from medseg.runtime import torchrun_rank
 
     # first, before any model is loaded or case read: an unwritable or busy --out fails now
-    with claim_output_folder(args.out, "medseg infer"):
+    with claim_output_folder(args.out, "medseg infer", overwrite=args.overwrite):
         if torchrun_rank()[0] != 0:  # one run.log, rank 0's; the other ranks log to their console
             return _run(args)
-        with log_to_file(Path(args.out) / RUN_LOG):
-            return _run(args)
+        log_file = Path(args.out) / RUN_LOG
+        try:
+            with log_to_file(log_file):
+                return _run(args)
+        except MedsegError:  # refused before any case ran (one line on stderr): leave nothing behind
+            log_file.unlink(missing_ok=True)
+            raise
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -27,12 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extent", choices=["foreground", "volume"], help="shortcut for --set stats.extent=...")
     parser.add_argument("--split", default=None, help="only cases of this split")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
     from medseg.output_folder import claim_output_folder
 
-    with claim_output_folder(args.out, "medseg stats"):  # first: a second run on --out is refused at once
+    with claim_output_folder(args.out, "medseg stats", overwrite=args.overwrite):  # first: a second run on --out is refused at once
         return _run(args)
 
 

@@ -18,18 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs of touching lesions per case (one connected component, two lesions)")
     parser.add_argument("--instance-labels", action="store_true",
                         help="label files hold one value per lesion (1..N); read with data.labels.instances: values")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.output_folder import check_output_file, check_output_folder
-    from medseg.synth import generate_dataset
+    from medseg.output_folder import check_output_file, claim_output_folder
+    from medseg.synth import check_request, generate_dataset
 
-    check_output_folder(args.out)
-    if args.manifest:
-        check_output_file(args.manifest, "--manifest")
-    manifest = generate_dataset(
-        args.out, n_cases=args.n, modality=args.modality, shape=tuple(args.shape), seed=args.seed,
-        manifest_path=args.manifest, touching_pairs=args.touching_pairs, instance_labels=args.instance_labels,
-    )
+    check_request(args.n, tuple(args.shape), args.modality, args.touching_pairs)  # before any folder or memory
+    with claim_output_folder(args.out, "medseg synth", overwrite=args.overwrite):
+        if args.manifest:
+            check_output_file(args.manifest, "--manifest")
+        manifest = generate_dataset(
+            args.out, n_cases=args.n, modality=args.modality, shape=tuple(args.shape), seed=args.seed,
+            manifest_path=args.manifest, touching_pairs=args.touching_pairs, instance_labels=args.instance_labels,
+        )
     print(f"wrote {args.n} {args.modality} phantoms to {args.out}; manifest: {manifest}")
     return 0

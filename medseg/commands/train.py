@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, metavar="N", help="number of folds (cv.folds)")
     parser.add_argument("--folds-dir", metavar="DIR", help="folder of folds.json (default: the folder above --out)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files this command did not write (same names replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out) if args.out else Path("runs") / name
         folds_dir = None
-    with claim_output_folder(out, "medseg train"):
+    # --resume of a run (its last.pt) is this command's own folder, marked or not (runs before markers)
+    own = args.overwrite or (args.resume and (out / "last.pt").is_file())
+    with claim_output_folder(out, "medseg train", overwrite=own):
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress, fold=args.fold, folds_dir=folds_dir)
     if args.fold is not None:
         print(f"fold {args.fold}/{cfg.cv.folds}: trained {result.epochs_done} epoch(s) (stopped: {result.stop_reason}); "

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
-from medseg.io import Geometry, dicom_series_files
+from medseg.io import Geometry, dicom_series_headers
 
 # a position may be off the grid by this many voxels (DS values are decimal strings of <= 16
 # characters: ~1e-5 mm rounding on a 0.5 mm grid is 2e-5 voxels)
@@ -63,16 +63,9 @@ def integer_index(continuous: np.ndarray) -> np.ndarray | None:
 
 def read_series_instances(folder: str | Path) -> list[tuple[Path, object]]:
     """(path, dataset without pixel data) for every file of the series medseg reads from
-    ``folder`` (:func:`medseg.io.dicom_series_files`)."""
-    import pydicom
-
-    out = []
-    for name in dicom_series_files(folder):
-        try:
-            out.append((Path(name), pydicom.dcmread(name, stop_before_pixels=True)))
-        except Exception as exc:  # pydicom raises several types for damaged files
-            raise InputFileError(name, f"cannot read DICOM header ({exc})") from None
-    return out
+    ``folder`` (:func:`medseg.io.dicom_series_files`; its slice geometry is checked when the
+    series is read as a volume, :func:`medseg.io.dicom_slice_spacing`)."""
+    return dicom_series_headers(folder)
 
 
 def place_instances(folder: str | Path, geometry: Geometry) -> list[PlacedInstance]:

@@ -63,7 +63,7 @@ def test_corrupt_case_is_recorded_and_the_batch_goes_on(tmp_path, checkpoint, ov
     out.mkdir()
     (out / "case1_mask.nii.gz").write_bytes(b"stale output of an earlier run")
     code = main(["infer", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out), "--no-progress",
-                 "--set", f"inference.prefetch={str(overlap).lower()}"])
+                 "--set", f"inference.prefetch={str(overlap).lower()}", "--overwrite"])  # the stale file: not infer's own
     assert code == 1
     assert sorted(p.name for p in out.glob("*_mask.nii.gz")) == ["case0_mask.nii.gz", "case2_mask.nii.gz"]
     failures = pd.read_csv(out / "failures.csv")

@@ -62,12 +62,15 @@ def assert_some_failed(proc: subprocess.CompletedProcess[str]) -> None:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary files (``*.partial*``, ``*.tmp``, hidden files) anywhere under ``folder``."""
+    """Temporary files (``*.partial*``, ``*.tmp``, hidden files but the output folder's ownership
+    marker) anywhere under ``folder``."""
+    from medseg.output_folder import OWNER_NAME
+
     if not folder.exists():
         return []
     return sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*")
-        if ".partial" in p.name or p.name.endswith(".tmp") or p.name.startswith(".")
+        if ".partial" in p.name or p.name.endswith(".tmp") or (p.name.startswith(".") and p.name != OWNER_NAME)
     )
 
 
