@@ -26,6 +26,7 @@ demo: setup
 
 test: setup
 	@bash scripts/ensure_browser.sh
+	@bash scripts/ensure_orthanc.sh
 	$(PY) -m pytest -q
 
 lint: setup

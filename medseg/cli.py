@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "cv": "medseg.commands.cv",
     "infer": "medseg.commands.infer",
     "run": "medseg.commands.run",
+    "pacs": "medseg.commands.pacs",
 }
 
 

@@ -13,6 +13,11 @@ class MedsegError(Exception):
     """Base class of every error caused by user input (files, manifests, configs)."""
 
 
+class NothingToDo(MedsegError):
+    """A pipeline stage found no work for the run (e.g. every PACS series is answered already):
+    the run stops there successfully, saying why, instead of failing in a later stage."""
+
+
 def printable_path(path: str | Path) -> str:
     """``path`` as text that can be printed and written to UTF-8 files: bytes of a file name that
     are not UTF-8 (surrogate escapes in Python) become ``\\xNN``."""

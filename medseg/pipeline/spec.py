@@ -70,7 +70,8 @@ class PipelineSpec(StrictModel):
     @model_validator(mode="after")
     def _data_given(self) -> PipelineSpec:
         imports = any(s.name == "import" for s in self.stages)
-        if self.manifest is None and not (imports and self.source):
+        pulls = any(s.name == "pacs_pull" for s in self.stages)  # writes the manifest from the PACS
+        if self.manifest is None and not (imports and self.source) and not pulls:
             raise ValueError("set 'manifest:' (or --set pipeline.manifest=CSV), or an import stage with "
                              "--set pipeline.source=DATASET_FOLDER")
         return self
