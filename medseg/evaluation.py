@@ -75,7 +75,7 @@ from medseg.errors import InputFileError, ManifestError, MedsegError
 from medseg.geometry import bounding_box, consecutive_labels, label_components, slice_axis
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import map_labels
-from medseg.manifest import Case, read_manifest
+from medseg.manifest import Case, case_id_problem, read_manifest
 from medseg.metrics.detection import (
     SliceCounts,
     average_precision,
@@ -178,9 +178,19 @@ class PredictionFiles:
     lesions_csv: Path | None
 
 
+# the longest name evaluation reads beyond a case id (a longer id cannot name its prediction)
+_READ_NAME_EXTRA = max(len(s.encode()) for s in (MASK_SUFFIX, PROB_SUFFIX, LESIONS_SUFFIX, LESIONS_CSV_SUFFIX))
+
+
 def prediction_files(pred_dir: Path, case_id: str) -> PredictionFiles:
-    """Locate a case's files per the contract; ``InputFileError`` when the mask is missing."""
+    """Locate a case's files per the contract; ``MedsegError`` when the id is too long to name
+    them, ``InputFileError`` when the mask is missing or a folder stands in its place."""
+    problem = case_id_problem(case_id, name_extra=_READ_NAME_EXTRA)
+    if problem is not None:
+        raise MedsegError(problem)
     mask = pred_dir / f"{case_id}{MASK_SUFFIX}"
+    if mask.is_dir():
+        raise InputFileError(mask, f"a folder is where case {case_id}'s predicted mask should be; remove or rename it")
     if not mask.is_file():
         raise InputFileError(
             mask, f"prediction for case {case_id!r} not found (expected <case_id>{MASK_SUFFIX} in {pred_dir})"

@@ -72,15 +72,30 @@ class Case:
         return f"{self.where}: {'; '.join(missing)}" if missing else None
 
 
-def case_id_problem(case_id: str) -> str | None:
+NAME_MAX = 255  # bytes in one file name (Linux, macOS; Windows: 255 UTF-16 units)
+
+
+def case_id_problem(case_id: str, name_extra: int | None = None) -> str | None:
     """Why ``case_id`` cannot name output files (:mod:`medseg.outputs`), or None when it can.
 
     Refused: empty, a path separator (``/``, ``\\``), a leading ``.`` (hidden files, ``.``, ``..``).
+    With ``name_extra`` (the bytes the caller's longest file name adds to the id: suffix and
+    temporary-name parts, e.g. :data:`medseg.inference.outputs.CASE_NAME_EXTRA_BYTES`), also an
+    id whose UTF-8 bytes plus ``name_extra`` exceed :data:`NAME_MAX`. The length is left to the
+    commands that make the names (each fails that case alone), not to reading the manifest:
+    ``stats`` makes no file from an id.
     """
     if not case_id:
         return "empty case id"
     if "/" in case_id or "\\" in case_id or case_id.startswith("."):
         return f"case id {case_id!r} cannot name a file (no '/', '\\' or leading '.')"
+    if name_extra is not None:
+        n_bytes = len(case_id.encode("utf-8", "surrogateescape"))
+        if n_bytes + name_extra > NAME_MAX:
+            shown = case_id if len(case_id) <= 40 else case_id[:40] + "..."
+            return (f"case id {shown!r} is too long to name its files: {n_bytes} bytes (UTF-8), at most "
+                    f"{NAME_MAX - name_extra} fit a file name ({NAME_MAX} bytes) with the suffixes medseg adds; "
+                    "shorten the case_id")
     return None
 
 

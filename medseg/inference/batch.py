@@ -25,13 +25,15 @@ from medseg.inference.case import CasePredictor, PreparedCase
 from medseg.inference.cases import InferenceCase
 from medseg.inference.outputs import (
     SEG_NOT_ASKED,
+    CaseWriter,
     PartialCaseError,
+    case_name_problem,
     discard_case,
     expected_outputs,
     is_complete,
 )
 from medseg.inference.preflight import preflight
-from medseg.manifest import case_id_problem
+from medseg.input_identity import inputs_identity
 from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD, marker_file
 from medseg.runtime import (
     barrier,
@@ -117,19 +119,29 @@ class BatchRun:
         self.finishing: tuple[str, Future[None]] | None = None
         self.bar: Any = None
         self.cases: list[InferenceCase] = []
+        # case_id -> its inputs' identity taken before they are read (the marker records it)
+        self.inputs: dict[str, dict[str, Any]] = {}
 
     def todo(self, cases: Sequence[InferenceCase]) -> list[InferenceCase]:
-        """This rank's share of ``cases`` less those refused by :func:`.preflight.preflight`
-        (recorded as failures now, before any inference) and those complete in the output
-        folder (recorded as skipped)."""
+        """This rank's share of ``cases`` less those refused by :func:`.preflight.preflight` or
+        with an id too long to name their files (:func:`.outputs.case_name_problem`), recorded
+        as failures now, before any inference, and those complete in the output folder for
+        their current input files (recorded as skipped; a case whose scan was replaced since
+        is predicted again)."""
         cfg = self.bundle.inference
-        mine = preflight(shard(cases, self.rank, self.world), self.bundle.channels, self.bundle.modality, cfg)
+        mine = shard(cases, self.rank, self.world)
+        for case in mine:
+            if case.problem is None:
+                case.problem = case_name_problem(case.case_id)
+        mine = preflight(mine, self.bundle.channels, self.bundle.modality, cfg)
         todo: list[InferenceCase] = []
         for case in mine:
-            expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions, cfg.output_format)
             if case.problem is not None:
                 self.record_failure(case.case_id, MedsegError(f"case {case.case_id}: {case.problem}"))
-            elif is_complete(self.out, case.case_id, expected, self.fingerprint):
+                continue
+            expected = expected_outputs(case.case_id, cfg.write_prob, cfg.write_lesions, cfg.output_format)
+            self.inputs[case.case_id] = inputs_identity(case.images)
+            if is_complete(self.out, case.case_id, expected, self.fingerprint, self.inputs[case.case_id]):
                 self.summary.skipped.append(case.case_id)
             else:
                 todo.append(case)
@@ -140,22 +152,38 @@ class BatchRun:
         return todo
 
     def prepare(self, case: InferenceCase) -> PreparedCase:
-        """Read and preprocess ``case`` after removing its outputs of earlier settings (e.g. a
-        ``_prob`` no longer asked for). Raises ``MedsegError`` for a case with a known problem."""
+        """Read and preprocess ``case`` after removing its outputs of earlier settings or inputs
+        (e.g. a ``_prob`` no longer asked for). Raises ``MedsegError`` for a case with a known
+        problem, or whose earlier outputs cannot be removed (``OutputError`` naming the path)."""
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
         discard_case(self.out, case.case_id)
         return self.predictor.prepare(case)
 
     def record_failure(self, case_id: str, exc: BaseException) -> None:
-        """Record ``case_id`` as failed with ``exc``'s text and remove whatever it left."""
-        self.summary.failures.append((case_id, _error_text(exc)))
-        log.warning("case %s failed: %s", case_id, self.summary.failures[-1][1])
-        if case_id_problem(case_id) is None:  # never touch files an unusable id could name
-            discard_case(self.out, case_id)
+        """Record ``case_id`` as failed with ``exc``'s text and remove whatever it left. Never
+        raises: a file that cannot be removed is added to the case's error (and logged), so one
+        case's clean-up cannot stop the batch."""
+        error = _error_text(exc)
+        if case_name_problem(case_id) is None:  # never touch files an unusable id could name
+            try:
+                discard_case(self.out, case_id)
+            except (OSError, MedsegError) as cleanup:  # OutputError naming the path that stays
+                if _error_text(cleanup) not in error:  # e.g. the folder prepare already named
+                    error = f"{error}; its outputs could not be removed: {_error_text(cleanup)}"
+        self.summary.failures.append((case_id, error))
+        log.warning("case %s failed: %s", case_id, error)
 
     def finish_and_write(self, prepared: PreparedCase, prob: torch.Tensor, seconds: float) -> None:
-        self.predictor.finish_and_write(prepared, prob, seconds, self.out, self.fingerprint)
+        """:meth:`.case.CasePredictor.finish` with every output written, the marker last with the
+        case's inputs' identity as :meth:`todo` took it (before the case was read: a scan
+        replaced while it was predicted makes the next run predict it again)."""
+        case_id = prepared.case.case_id
+        with CaseWriter(self.out, case_id, prepared.geometry, self.fingerprint, self.inputs.get(case_id)) as writer:
+            result = self.predictor.finish(prepared, prob, seconds, writer)
+            writer.close({"medseg_version": __version__,
+                          "n_lesions": None if result.table is None else len(result.table),
+                          "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}})
 
     def settle(self) -> None:
         """Wait for the previous case's outputs and record its result (keeps one case pending)."""

@@ -9,6 +9,16 @@ a case that is (re)computed first loses every output an earlier run wrote for it
 temporary ``.<case>_*.partial-*`` files, and e.g. a probability map the current settings no
 longer ask for), so no file of older settings stays beside the new ones.
 
+The marker also records the case's inputs (``inputs``: each channel file's identity,
+:func:`medseg.input_identity.inputs_identity`: size, mtime and a hash of its first 64 KiB), so a
+scan replaced in place is predicted again rather than passed off as done.
+
+Clean-up never hides a case's own error: removing its files raises ``OutputError`` naming the
+path that stays (e.g. a folder squatting on the case's mask path), which a batch records as
+that case's failure (:meth:`medseg.inference.batch.BatchRun.record_failure`) and goes on. A case
+id too long to name its files (:data:`CASE_NAME_EXTRA_BYTES`, :func:`case_name_problem`) is
+refused before any file is made from it.
+
 File names and types: :mod:`medseg.outputs` (the prediction-folder contract).
 """
 
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,12 +38,14 @@ import pandas as pd
 
 from medseg.atomic import atomic_path, write_json
 from medseg.config import DicomSegConfig
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, OutputError
 from medseg.io import Geometry, write_volume
+from medseg.manifest import case_id_problem
 from medseg.outputs import (
     CASE_SUFFIXES,
     LESIONS_CSV_SUFFIX,
     LESIONS_SUFFIX,
+    MARKER_SUFFIX,
     MASK_SUFFIX,
     PROB_SUFFIX,
     case_output_names,
@@ -44,31 +57,83 @@ expected_outputs = case_output_names  # the names the current settings produce (
 marker_path = marker_file
 
 
-def is_complete(out_dir: Path, case_id: str, expected: list[str], fingerprint: str) -> bool:
-    """True when ``case_id``'s marker vouches for every file in ``expected`` (module docstring)."""
+# The longest name a case's file takes beyond its id: atomic.atomic_path's temporary name
+# ".<case_id><suffix stem>.partial-<pid><extension>" of the longest suffix; a pid has at most 7
+# digits (Linux's largest pid_max, 4194304).
+_TEMP_NAME_EXTRA = len(".") + len(".partial-") + 7
+CASE_NAME_EXTRA_BYTES = _TEMP_NAME_EXTRA + max(len(s.encode()) for s in (*CASE_SUFFIXES, MARKER_SUFFIX))
+
+
+def case_name_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name this folder's files (:func:`medseg.manifest.case_id_problem`,
+    with the bytes of the longest name medseg makes from it), or None."""
+    return case_id_problem(case_id, name_extra=CASE_NAME_EXTRA_BYTES)
+
+
+def is_complete(
+    out_dir: Path, case_id: str, expected: list[str], fingerprint: str, inputs: dict[str, Any] | None = None
+) -> bool:
+    """True when ``case_id``'s marker vouches for every file in ``expected`` (module docstring),
+    and, with ``inputs`` (:func:`medseg.input_identity.inputs_identity` of the case's channel
+    files now), was written for inputs with that identity."""
     marker = marker_path(out_dir, case_id)
     try:
         record = json.loads(marker.read_text())
         files: dict[str, int] = record["files"]
         if record.get("fingerprint") != fingerprint:
             return False
+        if inputs is not None and record.get("inputs") != inputs:
+            return False
         return all(name in files and (out_dir / name).stat().st_size == files[name] for name in expected)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def _remove(path: Path) -> None:
+    """Remove the file ``path`` if there is one; ``OutputError`` naming it when it stays (a
+    folder in its place, no permission)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        if isinstance(exc, IsADirectoryError) or os.path.isdir(path):  # macOS says EPERM for a folder
+            raise OutputError(path, "a folder is in the place of this case's output file; remove or rename it") from None
+        raise OutputError(path, f"cannot remove this case's earlier output: {exc.strerror or exc}") from None
+
+
+def _leftovers(out_dir: Path, case_id: str) -> list[Path]:
+    """The temporary files a killed run left for ``case_id``."""
+    try:
+        return [Path(p) for p in glob.glob(str(out_dir / f".{glob.escape(case_id)}_*.partial-*"))]
+    except OSError:
+        return []
+
+
+def _remove_all(paths: list[Path]) -> None:
+    """Remove every file of ``paths`` that exists; then raise ``OutputError`` naming those that
+    stay (each path is tried, so one stuck file does not keep the others)."""
+    problems: list[OutputError] = []
+    for path in paths:
+        try:
+            _remove(path)
+        except OutputError as exc:
+            problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise OutputError(problems[0].path, "; ".join([problems[0].problem, *(str(p) for p in problems[1:])]))
+
+
 def start_case(out_dir: Path, case_id: str) -> None:
-    """Before (re)computing a case: drop its marker and any temporary files a killed run left."""
-    marker_path(out_dir, case_id).unlink(missing_ok=True)
-    for leftover in glob.glob(str(out_dir / f".{glob.escape(case_id)}_*.partial-*")):
-        Path(leftover).unlink(missing_ok=True)
+    """Before (re)computing a case: drop its marker and any temporary files a killed run left.
+    Raises ``OutputError`` naming a path that cannot be removed."""
+    _remove_all([marker_path(out_dir, case_id), *_leftovers(out_dir, case_id)])
 
 
 def discard_case(out_dir: Path, case_id: str) -> None:
-    """After a failure: remove every output of ``case_id`` (none may pass for this run's result)."""
-    start_case(out_dir, case_id)
-    for suffix in CASE_SUFFIXES:
-        (out_dir / (case_id + suffix)).unlink(missing_ok=True)
+    """Remove every output of ``case_id`` (before computing it again, and after a failure: none
+    may pass for this run's result). Raises ``OutputError`` naming the paths that stay."""
+    _remove_all([marker_path(out_dir, case_id), *_leftovers(out_dir, case_id),
+                 *(out_dir / (case_id + suffix) for suffix in CASE_SUFFIXES)])
 
 
 def write_table(path: Path, table: pd.DataFrame) -> Path:
@@ -127,11 +192,17 @@ class CaseWriter:
     axis-reordering copy and the gzip compression release the GIL), so writing the mask
     overlaps labelling the lesions and measuring their table. Use as a context manager:
     leaving it waits for every pending write, also after an error (so a caller removing the
-    case's files afterwards leaves none behind). :meth:`close` writes the marker, last.
+    case's files afterwards leaves none behind). :meth:`close` writes the marker, last, with
+    ``fingerprint`` (the settings) and ``inputs`` (the identity of the case's input files as
+    they were before they were read, :func:`medseg.input_identity.inputs_identity`; None: not
+    known, and :func:`is_complete` asked with inputs takes the case as not done).
     """
 
-    def __init__(self, out_dir: Path, case_id: str, geometry: Geometry, fingerprint: str) -> None:
+    def __init__(
+        self, out_dir: Path, case_id: str, geometry: Geometry, fingerprint: str, inputs: dict[str, Any] | None = None
+    ) -> None:
         self.out_dir, self.case_id, self.geometry, self.fingerprint = out_dir, case_id, geometry, fingerprint
+        self.inputs = inputs
         self.start = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="medseg-write")
@@ -192,7 +263,7 @@ class CaseWriter:
                 if not any(p.name.endswith(MASK_SUFFIX) for p in written):
                     written.append(write_volume(mask, self.geometry, self.out_dir / (self.case_id + MASK_SUFFIX),
                                                 dtype=np.uint8))
-        record = {"case_id": self.case_id, "fingerprint": self.fingerprint,
+        record = {"case_id": self.case_id, "fingerprint": self.fingerprint, "inputs": self.inputs,
                   "files": {p.name: p.stat().st_size for p in written}, "dicom_seg": seg_status,
                   **(info or {}), "write_seconds": round(time.perf_counter() - self.start, 4)}
         written.append(write_json(marker_path(self.out_dir, self.case_id), record))

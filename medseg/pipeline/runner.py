@@ -19,6 +19,7 @@ import yaml
 from medseg import __version__, atomic
 from medseg.atomic import sha256_file
 from medseg.config import Config, ConfigError, dump_config
+from medseg.errors import NothingToDo
 from medseg.logs import log_to_file
 from medseg.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
 from medseg.outputs import FAILURES_FILE
@@ -27,6 +28,7 @@ from medseg.pipeline.stages import STAGES
 from medseg.pipeline.state import (
     RunContext,
     hash_text,
+    manifest_files_identity,
     output_fingerprint,
     read_failures_by_stage,
     read_state,
@@ -77,12 +79,19 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
     previous = read_failures_by_stage(run_dir)
     upstream = ""
     timings: dict[str, float] = {}
+    files_identity: dict[bytes, list[Any]] = {}  # manifest bytes -> its files' identity, taken once a run
     for entry in spec.stages:
         name, stage, opts = entry.name, STAGES[entry.name], entry.parsed_options()
         manifest_bytes = ctx.manifest.read_bytes() if ctx.manifest.is_file() and stage.reads_manifest else b""
+        manifest_files = None
+        if manifest_bytes:
+            if manifest_bytes not in files_identity:
+                files_identity[manifest_bytes] = manifest_files_identity(ctx.manifest)
+            manifest_files = files_identity[manifest_bytes]
         config_json = ctx.cfg.model_dump(mode="json")  # a plan stage replaces the config for the stages after it
         fingerprint = stage_fingerprint(name, opts.model_dump(mode="json"), config_json, spec.checkpoint, spec.model,
-                                        spec.source if stage.reads_source else None, manifest_bytes, upstream)
+                                        spec.source if stage.reads_source else None, manifest_bytes, upstream,
+                                        manifest_files)
         out_dir = run_dir / stage.output if stage.output else None
         record = state.get(name, {})
         outputs_intact = out_dir is None or record.get("output") == output_fingerprint(out_dir)
@@ -99,7 +108,12 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
         log.info("stage %s: running", name)
         n_fail_before = len(ctx.failures)
         start = time.perf_counter()
-        stage.run(ctx, opts)
+        try:
+            stage.run(ctx, opts)
+        except NothingToDo as exc:  # the run ends here, successfully; the stage runs again next time
+            print(f"[{name}] nothing to do: {exc}")
+            log.info("stage %s: nothing to do (%s); the stages after it are not run", name, exc)
+            break
         seconds = time.perf_counter() - start
         output = output_fingerprint(out_dir) if out_dir else "none"
         state[name] = {"fingerprint": fingerprint, "status": "done", "output": output, "seconds": round(seconds, 2),

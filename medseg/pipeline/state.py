@@ -7,9 +7,11 @@ status, seconds, finish time, number of runs, and what :attr:`Stage.remember` ad
 failures still reach the run's ``failures.csv``).
 
 A stage's input fingerprint (:func:`stage_fingerprint`) covers its options, the resolved config,
-the pipeline's checkpoint/model, the manifest's bytes and the output fingerprints of the stages
-before it; its output fingerprint (:func:`output_fingerprint`) covers the names, sizes and
-modification times of the files in its output folder.
+the pipeline's checkpoint/model, the manifest's bytes, the identity of the files the manifest
+names (:func:`manifest_files_identity`: a scan or label replaced in place is a new input) and
+the output fingerprints of the stages before it; its output fingerprint
+(:func:`output_fingerprint`) covers the names, sizes and modification times of the files in its
+output folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 from medseg import atomic
 from medseg.config import Config
+from medseg.errors import MedsegError
+from medseg.input_identity import input_identity
 from medseg.manifest import Case, read_manifest
 from medseg.model_folder import MODEL_FILE
 
@@ -82,17 +86,34 @@ def stage_fingerprint(
     source: str | None,
     manifest_bytes: bytes,
     upstream: str,
+    manifest_files: list[Any] | None = None,
 ) -> str:
     """A stage's input fingerprint: its ``options`` and the ``config`` (both as JSON), the
     pipeline's ``checkpoint``/``model`` (their paths and file identities, :func:`file_identity`:
     a model retrained in place is a new input), ``source`` (``None`` for stages that do not read
-    it), the manifest's bytes (``b""`` for stages that do not read it) and ``upstream`` (the output
-    fingerprints of the stages before it, chained with :func:`hash_text`)."""
+    it), the manifest's bytes (``b""`` for stages that do not read it), the identity of the files
+    it names (``manifest_files``, :func:`manifest_files_identity`; ``None`` for stages that do not
+    read the manifest) and ``upstream`` (the output fingerprints of the stages before it,
+    chained with :func:`hash_text`)."""
     model_files = [file_identity(Path(checkpoint))] if checkpoint else []
     if model:
         model_files.append(file_identity(Path(model) / MODEL_FILE))
     return hash_text(name, options, config, checkpoint, model, model_files, source,
-                     hashlib.sha256(manifest_bytes).hexdigest(), upstream)
+                     hashlib.sha256(manifest_bytes).hexdigest(), upstream, manifest_files)
+
+
+def manifest_files_identity(manifest: Path) -> list[Any]:
+    """``[case_id, {channel: identity}, label identity]`` per row of ``manifest``: every image
+    and label file it names (:func:`medseg.input_identity.input_identity`: size, mtime, a hash of
+    the first 64 KiB; a DICOM series folder by its listing), so a stage reading them runs again
+    when one is replaced in place. A manifest that cannot be read gives ``["unreadable: ..."]``
+    (the stage then fails reading it itself)."""
+    try:
+        cases = read_manifest(manifest, check_files=False)
+    except (MedsegError, OSError) as exc:
+        return [f"unreadable: {exc}"]
+    return [[c.case_id, {ch: input_identity(p) for ch, p in c.images.items()},
+             input_identity(c.label) if c.label is not None else None] for c in cases]
 
 
 def file_identity(path: Path) -> list[Any]:
