@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.dicom.import_series import Refusal, SeriesRule
-from medseg.errors import MedsegError
+from medseg.dicom.import_series import Refusal, Row, SeriesRule
+from medseg.errors import InputFileError, MedsegError, printable_path
 from medseg.manifest import Case
 from medseg.text_input import NotTextError, read_user_text
 
@@ -232,8 +232,8 @@ def import_dicom(
     refused unless ``allow_missing_patient_id`` (then the StudyInstanceUID is keyed). case_id =
     the pseudonym plus the patient's series (``_s<n>``) or study (``_st<n>``) number, never a
     folder name. ``map_file``: also write a CSV (folder, series_uid, case_id, channel, status)
-    -- the only link back to the folders; medseg never reads it, keep it where identifiers may
-    be kept.
+    -- the only link back to the folders, so written owner-only (0600); medseg never reads it,
+    keep it where identifiers may be kept.
 
     ``labels`` = ``"seg"`` or ``"rtstruct"``: each row is paired with the DICOM SEG / RTSTRUCT
     objects under ``root`` that reference its (first channel's) series (by SeriesInstanceUID,
@@ -242,7 +242,10 @@ def import_dicom(
     written to ``label_dir`` (:func:`medseg.outputs.label_file`) (:mod:`medseg.dicom.seg_reader`,
     :mod:`medseg.dicom.rtstruct`: exact geometry, no resampling). A series without a label
     object stays an unlabelled row (split empty); a series with several takes the first by path,
-    with a warning.
+    with a warning. A label object that cannot be used (damaged, off the grid) refuses its row: a
+    :class:`Refusal` naming the object's file name and the problem, no label, its series folder
+    removed; the other rows go on. A ``select`` that is no regular expression is one error, raised
+    before anything is written.
 
     Refused series / studies are returned, not raised; raises ``MedsegError`` for bad options and
     when no DICOM series is found at all.
@@ -259,6 +262,11 @@ def import_dicom(
     if links.resolve() == base.resolve() or links.resolve() in base.resolve().parents:
         raise MedsegError(f"{links}: --series-dir holds the DICOM folder {base}; choose a folder outside it")
     inputs = _dicom_inputs(channel, model, series, modality)
+    if select is not None:
+        try:
+            re.compile(select, re.IGNORECASE)
+        except re.error as exc:
+            raise MedsegError(f"--select {select!r} is not a valid regular expression ({exc})") from None
     secret = site_secret()
     found = dicom_import.find_series(base, exclude=links)
     if not found:
@@ -270,20 +278,45 @@ def import_dicom(
         rows, refusals = dicom_import.plan_series_rows(found, secret, inputs.channels[0], inputs.modality,
                                                        inputs.modality_source, allow_missing_patient_id,
                                                        skip_labels=labels is not None)  # fmt: skip
+    if labels is not None and rows and label_dir is None:
+        raise MedsegError("import dicom --labels needs a folder for the converted labels")
     cases = dicom_import.write_series_folders(rows, links) if rows else []
     if labels is not None and cases:
-        if label_dir is None:
-            raise MedsegError("import dicom --labels needs a folder for the converted labels")
-        _attach_dicom_labels(base, cases, [next(iter(r.series.values())).uid for r in rows], labels, Path(label_dir),
-                             select)  # fmt: skip
+        refused = _attach_dicom_labels(base, cases, rows, labels, Path(label_dir), select)  # type: ignore[arg-type]
+        if refused:
+            # a bad label object refuses its row (listed with the others): its links go too
+            from medseg.outputs import label_file
+
+            gone = {r.what for r in refused}
+            for case in cases:
+                if case.case_id in gone:
+                    dicom_import.remove_series_folder(links, case.case_id)
+                    label_file(Path(label_dir), case.case_id).unlink(missing_ok=True)  # an earlier import's
+            rows = [r for r in rows if r.case_id not in gone]
+            cases = [c for c in cases if c.case_id not in gone]
+            refusals = [*refusals, *refused]
     if map_file is not None:
-        import pandas as pd
-
-        from medseg.atomic import write_csv
-
         records = dicom_import.map_records(rows, refusals)
-        write_csv(Path(map_file), pd.DataFrame(records, columns=["folder", "series_uid", "case_id", "channel", "status"]))
+        _write_private_csv(Path(map_file), records, ["folder", "series_uid", "case_id", "channel", "status"])
     return DicomImport(cases, refusals)
+
+
+def _write_private_csv(path: Path, records: list[dict[str, str]], columns: list[str]) -> Path:
+    """``records`` as a CSV readable by its owner only (mode 0600 from its creation, whatever the
+    umask), written atomically: the ``--map-file`` is the one link from pseudonyms back to the
+    source folders, so no other account on the machine may read it."""
+    import os
+
+    import pandas as pd
+
+    from medseg.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an earlier leftover of the same name keeps its mode through O_CREAT
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            pd.DataFrame(records, columns=columns).to_csv(fh, index=False)
+    return path
 
 
 @dataclass(frozen=True)
@@ -348,13 +381,17 @@ def _series_rule(text: str) -> SeriesRule:
 
 
 def _attach_dicom_labels(
-    base: Path, cases: list[Case], series_uids: list[str], kind: str, label_dir: Path, select: str | None
-) -> None:
+    base: Path, cases: list[Case], rows: list[Row], kind: str, label_dir: Path, select: str | None
+) -> list[Refusal]:
+    """Label each case from the ``kind`` object referencing its (first channel's) series; returns
+    a :class:`Refusal` for each case whose label object (or image) cannot be used -- naming the
+    object's file name and the problem -- so that series fails alone and the others go on."""
     import logging
 
     import numpy as np
 
     from medseg.dicom.pairing import find_label_objects, read_label_object
+    from medseg.errors import OutputError
     from medseg.io import read_volume, write_volume
     from medseg.outputs import label_file
 
@@ -363,19 +400,36 @@ def _attach_dicom_labels(
     if not objects:
         raise MedsegError(f"{base}: no DICOM {kind.upper()} object referencing an image series found")
     labelled = 0
-    for case, uid in zip(cases, series_uids, strict=True):
-        found = objects.get(uid, [])
+    refusals: list[Refusal] = []
+    name = kind.upper()
+    for case, row in zip(cases, rows, strict=True):
+        series = next(iter(row.series.values()))
+        found = objects.get(series.uid, [])
         if not found:
-            log.warning("case %s: no %s references its series; left unlabelled", case.case_id, kind.upper())
+            log.warning("case %s: no %s references its series; left unlabelled", case.case_id, name)
             continue
         if len(found) > 1:
             log.warning("case %s: %d %s objects reference its series; using %s", case.case_id, len(found),
-                        kind.upper(), found[0].name)
-        geometry = read_volume(next(iter(case.images.values()))).geometry
-        mask, used = read_label_object(found[0], kind, geometry, select)  # type: ignore[arg-type]
+                        name, found[0].name)
+        try:
+            geometry = read_volume(next(iter(case.images.values()))).geometry
+        except OutputError:
+            raise
+        except MedsegError as exc:
+            problem = exc.problem if isinstance(exc, InputFileError) else str(exc)
+            refusals.append(Refusal(case.case_id, f"its image series cannot be read ({problem})", tuple(row.series.values())))
+            continue
+        try:
+            mask, used = read_label_object(found[0], kind, geometry, select)  # type: ignore[arg-type]
+        except InputFileError as exc:
+            refusals.append(Refusal(case.case_id, f"{name} {printable_path(found[0].name)}: {exc.problem}; the series "
+                                                  "is left out (fix or remove that file and import again)",
+                                    tuple(row.series.values())))  # fmt: skip
+            continue
         out = write_volume(mask, geometry, label_file(label_dir, case.case_id), dtype=np.uint8)
         log.info("case %s: label from %s (%s), %d voxel(s)", case.case_id, found[0].name, ", ".join(used), int(mask.sum()))
         case.label, case.split = out.resolve(), "train"
         labelled += 1
-    if not labelled:
+    if not labelled and not refusals:
         raise MedsegError(f"{base}: no {kind.upper()} object references any of the {len(cases)} image series")
+    return refusals

@@ -109,8 +109,12 @@ def write_model_folder(
 def read_model_folder(path: str | Path) -> ModelFolder:
     """Read ``path/model.json`` and check that every checkpoint it lists exists with its sha256.
 
+    Each checkpoint entry must name a plain file inside the folder (not ``../x.pt``, not an
+    absolute path, not a link leading out of the folder) and carry its sha256: only the files
+    the folder holds and vouches for are loaded.
     Raises ``MedsegError`` naming the file for a missing/incomplete folder, an unknown format,
-    a missing or altered checkpoint, or a post-processing rule with keys ``infer`` does not know.
+    a missing or altered checkpoint, an entry that breaks those rules, or a post-processing rule
+    with keys ``infer`` does not know.
     """
     folder = Path(path)
     record_path = folder / MODEL_FILE
@@ -129,19 +133,42 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     entries = record.get("checkpoints") or []
     if not entries:
         raise MedsegError(f"{record_path}: lists no checkpoint")
-    checkpoints = []
-    for entry in entries:
-        file = folder / str(entry.get("file", ""))
-        if not file.is_file():
-            raise MedsegError(f"{file}: checkpoint listed in {record_path} not found")
-        if entry.get("sha256") and sha256_file(file) != entry["sha256"]:
-            raise MedsegError(f"{file}: sha256 differs from the one in {record_path} (file replaced or damaged)")
-        checkpoints.append(file)
+    if not isinstance(entries, list):
+        raise MedsegError(f"{record_path}: 'checkpoints' must be a list of {{file, sha256}} entries")
+    checkpoints = [_checkpoint_entry(folder, record_path, n, entry) for n, entry in enumerate(entries, start=1)]
     rule = record.get("postprocess") or {}
     unknown = sorted(set(rule) - set(POSTPROCESS_KEYS))
     if unknown:
         raise MedsegError(f"{record_path}: unknown post-processing key(s) {unknown}; known: {list(POSTPROCESS_KEYS)}")
     return ModelFolder(folder, checkpoints, dict(rule), record)
+
+
+def _checkpoint_entry(folder: Path, record_path: Path, number: int, entry: Any) -> Path:
+    """The checkpoint file of ``model.json``'s entry ``number``, checked: a plain file name inside
+    the folder (no ``..``, no absolute path, no link leading out of it: a model folder loads only
+    files it holds) with the sha256 it must have (required)."""
+    if not isinstance(entry, dict):
+        raise MedsegError(f"{record_path}: checkpoint entry {number} is not a {{file, sha256}} object")
+    name = entry.get("file")
+    what = f"{record_path}: checkpoint entry {number} ({name!r})"
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or Path(name).is_absolute() or Path(name).name != name:
+        raise MedsegError(f"{what}: 'file' must be a plain file name inside the model folder (no folders, no "
+                          "'..', no absolute path)")  # fmt: skip
+    file = folder / name
+    if not file.is_file():
+        raise MedsegError(f"{file}: checkpoint listed in {record_path} not found")
+    root = folder.resolve()
+    if file.resolve().parent != root:
+        raise MedsegError(f"{what}: the file is a link to {file.resolve()}, outside the model folder; copy the "
+                          "checkpoint into the folder")  # fmt: skip
+    expected = entry.get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected.lower()):
+        raise MedsegError(f"{what}: no sha256 (64 hex digits) for the checkpoint; every checkpoint of a model folder "
+                          "needs one (medseg writes it; add it with sha256sum only for a file you trust)")  # fmt: skip
+    if sha256_file(file) != expected.lower():
+        raise MedsegError(f"{file}: sha256 differs from the one in {record_path} (file replaced or damaged)")
+    return file
 
 
 CV_SUMMARY_FILES = ("cv_chosen/cv_summary.json", "cv_summary.json")  # the chosen rule's scores first

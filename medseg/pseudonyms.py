@@ -13,8 +13,10 @@ The site secret (32 random bytes, hex) comes from, in this order:
 3. ``~/.config/medseg/site_secret`` (``$XDG_CONFIG_HOME/medseg/site_secret``).
 
 When none exists, a new secret is written to the file of 2 (or 3) with owner-only permissions
-and a warning says where: keep it (and back it up) to get the same pseudonyms for the same
-patients in later imports; it is never written into any output of medseg.
+(0600, its folder 0700 when created) and a warning says where: keep it (and back it up) to get the same pseudonyms for the same
+patients in later imports; it is never written into any output of medseg. A secret file that
+the group or others may read (or write) is refused, as ssh refuses such a private key: run
+``chmod 600 FILE``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from medseg.errors import ConfigError
@@ -56,19 +59,34 @@ def _parse(text: str, source: str) -> bytes:
     return key
 
 
+def _check_private(path: Path) -> None:
+    """Refuse a secret file that the group or others may read or write, as ssh refuses such a
+    private key: whoever reads the secret can invert the pseudonyms by trying every ID."""
+    if os.name != "posix":
+        return  # no POSIX modes (Windows: ACLs)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the site secret ({exc})") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path}: the site secret file has mode {mode:04o}, so other accounts may read it and "
+                          f"invert the pseudonyms; make it owner-only: chmod 600 {path}")  # fmt: skip
+
+
 def site_secret(create: bool = True) -> bytes:
     """The site secret (module docstring); created on first use when ``create``."""
     if os.environ.get(ENV_SECRET):
         return _parse(os.environ[ENV_SECRET], f"${ENV_SECRET}")
     path = secret_file()
     if path.is_file():
+        _check_private(path)
         try:
             return _parse(path.read_text(encoding="ascii"), str(path))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the site secret ({exc})") from None
     if not create:
         raise ConfigError(f"no site secret: set ${ENV_SECRET} or create {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:

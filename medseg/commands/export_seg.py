@@ -12,7 +12,8 @@ EPILOG = """\
 The mask must be on the series' voxel grid: the same voxels, in any axis order or direction
 (a NIfTI saved in RAS order for an LPS series is re-indexed exactly); a mask on another grid
 (resampled, cropped, shifted) is refused -- resample it onto the series first. Voxels > 0 are the
-lesion (one segment); --multi-class writes one segment per label value 1..N instead.
+lesion (one segment); --multi-class writes one segment per distinct label value instead
+(at most 255).
 The SEG copies the series' patient and study attributes (it belongs to the same patient).
 examples:
   medseg export-seg preds/P1_s1_lesion.nii.gz --reference dicom/P1/CT --out P1_seg.dcm
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mask", help="mask file (NIfTI, NRRD, MHA) on the reference series' grid")
     parser.add_argument("--reference", required=True, metavar="DICOM_DIR", help="folder holding the DICOM series")
     parser.add_argument("--out", required=True, metavar="SEG.dcm", help="DICOM SEG file to write")
-    parser.add_argument("--multi-class", action="store_true", help="one segment per label value 1..N (default: > 0)")
+    parser.add_argument("--multi-class", action="store_true", help="one segment per distinct label value, at most 255 (default: > 0)")
     add_set_option(parser, "a SEG setting, e.g. dicom_seg.segment_label=metastasis or "
                            "dicom_seg.property_type.meaning=Neoplasm (inference.dicom_seg keys; repeatable)",
                    metavar="dicom_seg.KEY=VALUE")
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from medseg.dicom.seg_writer import write_dicom_seg
-    from medseg.errors import InputFileError, MedsegError
+    from medseg.dicom.seg_writer import check_segment_count, write_dicom_seg
+    from medseg.errors import InputFileError, MedsegError, printable_path
     from medseg.geometry import reindex_onto
     from medseg.io import read_volume
     from medseg.labels import present_values
@@ -83,16 +84,18 @@ def run(args: argparse.Namespace) -> int:
                        f"{np.round(series.spacing, 4).tolist()}, {reference}); resample the mask onto the series first")
     if (mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask))) or (mask.size and mask.min() < 0):
         raise InputFileError(args.mask, "mask values must be non-negative integers (a label map, not probabilities)")
-    values = present_values(mask)
-    n_classes = 1
+    classes = None
     if args.multi_class:
-        n_classes = max(int(max(values)), 1) if values else 1
-        mask = mask.astype(np.uint16)
+        # one segment per distinct value present (never per value up to the largest), bounded
+        # before anything of that size is allocated
+        classes = [v for v in present_values(mask) if v > 0] or None
+        check_segment_count(len(classes or ()), printable_path(args.mask))
     else:
         mask = (mask > 0).astype(np.uint8)
     if settings.fractional:
         raise MedsegError("dicom_seg.fractional needs a probability map; export-seg writes BINARY SEGs")
-    out = write_dicom_seg(mask, series.geometry, reference, args.out, settings, n_classes=n_classes)
+    out = write_dicom_seg(mask, series.geometry, reference, args.out, settings, classes=classes)
+    n_classes = len(classes) if classes else 1
     print(f"wrote {out}: {int((mask > 0).sum())} lesion voxel(s), {n_classes} segment(s), referencing "
           f"{series.shape[2]} instance(s)")
     return 0

@@ -23,7 +23,9 @@ Contract of the rows (what :func:`medseg.importers.import_dicom` builds on):
   links point at the archive: keep it where it is, or import again after moving it.
 
 Nothing here logs or returns a PatientID, PatientName or folder name; source folders go only to
-the ``--map-file`` records (:func:`map_records`), which the user keeps where identifiers may be kept.
+the ``--map-file`` records (:func:`map_records`, written owner-only), which the user keeps where
+identifiers may be kept. The manifest and the series folder names carry pseudonyms only; the
+links' targets name the source files, like the map file (docs/dicom.md).
 """
 
 from __future__ import annotations
@@ -370,6 +372,15 @@ def write_series_folders(rows: list[Row], series_dir: Path) -> list[Case]:
         staging.rename(target)
         cases.append(Case(row.case_id, row.patient_id, row.modality, images, None, ""))
     return cases
+
+
+def remove_series_folder(series_dir: Path, case_id: str) -> None:
+    """Remove the series folder of a row refused after its folder was written (a bad label
+    object): it holds only links (checked), the archive's files are not touched."""
+    target = series_dir / case_id
+    if target.exists() and not target.is_symlink():
+        _check_replaceable(target)
+        shutil.rmtree(target)
 
 
 def _link_instances(files: list[Path], folder: Path) -> None:

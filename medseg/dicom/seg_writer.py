@@ -22,6 +22,18 @@ from medseg.dicom.series import place_instances
 from medseg.errors import InputFileError, MedsegError, OutputError
 from medseg.io import Geometry
 
+# segments one SEG may hold: the SEG stores one binary plane per segment and frame, so the memory
+# is the mask's voxels x segments; more distinct values than this is an intensity image, not labels
+MAX_SEGMENTS = 255
+
+
+def check_segment_count(n_segments: int, what: str) -> None:
+    """Refuse (one line naming ``what``) a SEG of more than :data:`MAX_SEGMENTS` segments, before
+    anything of that size is allocated."""
+    if n_segments > MAX_SEGMENTS:
+        raise MedsegError(f"{what}: {n_segments} segments asked for; a DICOM SEG of medseg holds at most "
+                          f"{MAX_SEGMENTS} (one per distinct label value) -- is it a label map?")
+
 
 @dataclass
 class Algorithm:
@@ -90,6 +102,16 @@ def _segment_descriptions(settings: DicomSegConfig, classes: Sequence[int], algo
     return out
 
 
+def _segment_numbers(frames: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """uint8 label map: the segment number (1-based position in sorted ``classes``) of each voxel
+    whose value is one of ``classes``, 0 elsewhere (at most :data:`MAX_SEGMENTS` classes)."""
+    values = np.asarray(classes, dtype=np.int64)
+    flat = frames.astype(np.int64, copy=False)
+    index = np.searchsorted(values, flat)
+    hit = values[np.minimum(index, len(values) - 1)] == flat
+    return np.where(hit, index + 1, 0).astype(np.uint8)
+
+
 def write_dicom_seg(
     mask: np.ndarray,
     geometry: Geometry,
@@ -99,11 +121,15 @@ def write_dicom_seg(
     algorithm: Algorithm | None = None,
     probability: np.ndarray | None = None,
     n_classes: int = 1,
+    classes: Sequence[int] | None = None,
 ) -> Path:
     """Write ``mask`` (I, J, K) on ``geometry`` -- the grid medseg read the DICOM series folder
     ``source`` onto -- as a DICOM SEG at ``out_path``.
 
     ``mask``: 0 background, 1..``n_classes`` foreground classes (one segment each).
+    ``classes``: the label values to write instead, one segment each (``export-seg
+    --multi-class``: the distinct values present, never every value up to the largest); at most
+    :data:`MAX_SEGMENTS` segments, checked before the frames are allocated.
     ``probability``: (I, J, K) lesion probability in [0, 1]; required when
     ``settings.fractional`` (binary models only). Raises ``InputFileError`` naming the source
     when its instances are not the grid's slices, ``OutputError`` when writing fails.
@@ -116,11 +142,20 @@ def write_dicom_seg(
     source = Path(source)
     if tuple(mask.shape) != tuple(geometry.size):
         raise MedsegError(f"mask shape {mask.shape} is not the grid's {geometry.size}")
+    given = classes
+    if given is None:
+        check_segment_count(n_classes, f"mask for {source}")
+        classes = list(range(1, n_classes + 1))
+    else:
+        check_segment_count(len(given), f"mask for {source}")
+        classes = sorted({int(c) for c in given})
+        if not classes or classes[0] < 1:
+            raise MedsegError(f"segment values {classes[:10]} must be label values >= 1")
+    n_classes = len(classes)
     placed = place_instances(source, geometry)
     datasets = [p.dataset for p in placed]
     if len({str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}) != 1:
         raise InputFileError(source, "instances belong to more than one series")
-    classes = list(range(1, n_classes + 1))
     if settings.fractional:
         if n_classes != 1:
             raise MedsegError("dicom_seg.fractional needs a binary model (one lesion class)")
@@ -131,10 +166,10 @@ def write_dicom_seg(
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
         frames = np.transpose(mask, (2, 1, 0))
-        if n_classes == 1:
+        if given is None and n_classes == 1:
             pixels = (frames > 0).astype(np.uint8)
-        else:  # (K, rows, cols, segments): one binary plane per class
-            pixels = np.stack([(frames == c) for c in classes], axis=-1).astype(np.uint8)
+        else:  # a (K, rows, cols) label map of segment numbers: one byte per voxel, whatever the count
+            pixels = _segment_numbers(frames, classes)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     any_foreground = bool(np.any(pixels))
     description = settings.series_description
