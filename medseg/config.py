@@ -31,6 +31,7 @@ from medseg.model_names import (
     plugin_entry_points,
     unsupported_options,
 )
+from medseg.pacs.config import PacsConfig
 from medseg.text_input import NotTextError, read_user_text, yaml_problem
 
 
@@ -51,11 +52,20 @@ class LabelConfig(StrictModel):
     evaluation of their outputs: ``components`` (a connected component of the mask; touching
     lesions merge) or ``values`` (every distinct foreground value is one lesion: an
     instance-labelled reference, where touching lesions keep their own ids).
+
+    Plausibility (an image given as the label would otherwise become one huge "lesion"):
+    ``max_foreground_fraction``: a label whose lesion mask covers more than this share of its
+    volume is refused, naming the file (``None`` switches the check off).
+    ``max_distinct_values``: without ``allowed_values``, a label holding more distinct values
+    than this is refused as "an image, not a label" (``None`` switches it off; an
+    instance-labelled reference with many lesions raises it or lists ``allowed_values``).
     """
 
     foreground: Literal["nonzero"] | list[int] = "nonzero"
     allowed_values: list[int] | None = None
     instances: Literal["components", "values"] = "components"
+    max_foreground_fraction: Annotated[float, Field(gt=0, le=1)] | None = 0.5
+    max_distinct_values: Annotated[int, Field(ge=2)] | None = 32
 
     @field_validator("foreground")
     @classmethod
@@ -78,6 +88,8 @@ class StatsConfig(StrictModel):
     ``volume`` = every slice of the volume.
     ``n_bins``: points of the normalised curve. ``connectivity_2d``: 4 or 8 (in-plane
     components); ``connectivity_3d``: 6, 18 or 26 (3-D lesions).
+    ``include_patient_id``: also write the manifest's ``patient_id`` into ``case_stats.csv``
+    (default: outputs carry ``case_id`` only).
     """
 
     axis: AxisName = "axial"
@@ -86,6 +98,7 @@ class StatsConfig(StrictModel):
     n_bins: int = Field(default=101, ge=2, le=10001)
     connectivity_2d: Literal[4, 8] = 8
     connectivity_3d: Literal[6, 18, 26] = 26
+    include_patient_id: bool = False
 
 
 class DataConfig(StrictModel):
@@ -625,6 +638,7 @@ class Config(StrictModel):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CrossValidationConfig = Field(default_factory=CrossValidationConfig)
+    pacs: PacsConfig = Field(default_factory=PacsConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

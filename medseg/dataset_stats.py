@@ -24,6 +24,7 @@ from medseg.labels import read_label
 from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.outputs import FAILURES_FILE, mask_file
+from medseg.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict]:
     slices.insert(0, "case_id", case.case_id)
     row = {
         "case_id": case.case_id,
-        "patient_id": case.patient_id,
+        # outputs name the case only; the patient id is the manifest's to keep (stats.include_patient_id)
+        **({"patient_id": case.patient_id} if cfg.stats.include_patient_id else {}),
         "modality": case.modality,
         "split": case.split,
         "axis": cfg.stats.axis,
@@ -120,7 +122,8 @@ def compute_dataset_stats(cases: list[Case], cfg: Config, progress: bool = True,
     labelled = [c for c in cases if c.label is not None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda c: _stats_or_failure(c, cfg), labelled)
-        for result in tqdm(results, total=len(labelled), desc="lesion statistics", unit="case", disable=not progress):
+        for result in tqdm(results, total=len(labelled), desc="lesion statistics", unit="case",
+                           disable=not progress_enabled(progress)):
             if isinstance(result, dict):
                 failures.append(result)
                 continue
@@ -169,6 +172,11 @@ def prediction_cases(cases: list[Case], pred_dir: str | Path) -> list[Case]:
     out = []
     for case in cases:
         mask = mask_file(folder, case.case_id)
-        if mask.is_file():
+        try:
+            found = mask.is_file()
+        except OSError as exc:  # e.g. an id too long for a file name: it cannot have a prediction
+            log.warning("case %s: no prediction read (%s)", case.case_id, exc.strerror or exc)
+            continue
+        if found:
             out.append(replace(case, label=mask))
     return out

@@ -107,6 +107,7 @@ from medseg.outputs import (
     MASK_SUFFIX,
     PROB_SUFFIX,
 )
+from medseg.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +224,15 @@ def _integer_array(volume: Volume, what: str, hint: str = "") -> np.ndarray:
 
 
 def reference_masks(
-    raw: np.ndarray, path: Path, regions: Sequence[Region], labels: LabelConfig, zero_outside: bool = False
+    raw: np.ndarray, path: Path, regions: Sequence[Region], labels: LabelConfig, zero_outside: bool = False,
+    n_voxels: int | None = None,
 ) -> list[np.ndarray]:
     """Boolean reference mask ``(I, J, K)`` of each region from the raw label array.
 
-    Every raw value is validated against ``labels`` (integer, ``allowed_values``) once.
-    ``zero_outside``: ``raw`` is a crop and the volume around it holds value 0."""
-    mapped = map_labels(raw, labels, path)
+    Every raw value is validated against ``labels`` (integer, ``allowed_values``, plausibility)
+    once. ``zero_outside``: ``raw`` is a crop and the volume around it holds value 0;
+    ``n_voxels``: the whole volume's voxel count then (the foreground share is of the volume)."""
+    mapped = map_labels(raw, labels, path, n_voxels)
     if zero_outside and labels.allowed_values is not None and 0 not in labels.allowed_values:
         raise InputFileError(
             path,
@@ -566,7 +569,7 @@ def evaluate_case(case: Case, pred_dir: Path, cfg: Config, regions: Sequence[Reg
     axis = slice_axis(ref.affine, cfg.evaluation.slice_axis)
     box = case_box(raw, pred_arr, regions, cfg.data.labels)
     cropped = any(b.stop - b.start < n for b, n in zip(box, raw.shape, strict=True))
-    ref_masks = reference_masks(raw[box], ref.path, regions, cfg.data.labels, zero_outside=cropped)
+    ref_masks = reference_masks(raw[box], ref.path, regions, cfg.data.labels, zero_outside=cropped, n_voxels=raw.size)
     pred_masks = prediction_masks(pred_arr[box], regions)
     origin = [b.start for b in box]
     outside = raw.shape[axis] - (box[axis].stop - box[axis].start)
@@ -749,7 +752,7 @@ def evaluate(
     sources: list[str] = []
     cases: list[Case] = []
     failures: list[tuple[str, str]] = []
-    for case in tqdm(manifest_cases, desc="evaluate", unit="case", disable=not progress):
+    for case in tqdm(manifest_cases, desc="evaluate", unit="case", disable=not progress_enabled(progress)):
         try:
             results = evaluate_case(case, pred_dir, cfg, regions)
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others

@@ -51,6 +51,7 @@ from medseg.geometry import bounding_box, label_components, to_ras
 from medseg.io import check_same_grid, read_volume
 from medseg.labels import map_labels, present_values
 from medseg.manifest import Case
+from medseg.progress import progress_enabled
 
 FINGERPRINT_VERSION = 1
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -169,7 +170,7 @@ def compute_fingerprint(cases: list[Case], labels: LabelConfig, progress: bool =
     pooled = _Pooled()
     rows = [
         case_fingerprint(case, labels, pooled, seed=i)
-        for i, case in enumerate(tqdm(pool, desc="fingerprint", unit="case", disable=not progress))
+        for i, case in enumerate(tqdm(pool, desc="fingerprint", unit="case", disable=not progress_enabled(progress)))
     ]
     volumes = np.asarray([v for r in rows for v in r["lesion_volumes_mm3"]], dtype=np.float64)
     lesion_volume = (

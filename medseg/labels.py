@@ -15,18 +15,22 @@ from medseg.errors import InputFileError
 from medseg.io import Volume, read_volume
 
 
-def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> np.ndarray:
+def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path, n_voxels: int | None = None) -> np.ndarray:
     """Map a raw label array (I, J, K) to the uint8 binary lesion mask (0/1) per ``cfg``.
 
     Raises ``InputFileError`` for non-integer values, values outside ``cfg.allowed_values``, and
     negative values not listed in ``cfg.allowed_values`` or ``cfg.foreground`` (``nonzero`` would
-    silently make them background; a negative value usually means a signed/unsigned mix-up).
+    silently make them background; a negative value usually means a signed/unsigned mix-up);
+    and for a label that is implausible as a lesion mask (:func:`check_distinct_values`,
+    :func:`check_foreground_fraction`). ``n_voxels``: the whole volume's voxel count when
+    ``array`` is a crop of it holding every non-zero voxel (the foreground share is of the volume).
     """
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InputFileError(path, "label contains NaN/Inf values")
         if not np.array_equal(array, np.round(array)):
             raise InputFileError(path, "label has non-integer values (an interpolated mask?); labels must be integer-valued")
+    check_distinct_values(array, cfg, path)
     if array.dtype.kind in "if" and array.size and array.min() < 0:
         listed = set(cfg.allowed_values or ()) | set(cfg.foreground if cfg.foreground != "nonzero" else ())
         negative = [v for v in present_values(array) if v < 0 and v not in listed]
@@ -49,7 +53,48 @@ def map_labels(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> np.ndar
         mask = array > 0
     else:
         mask = np.isin(array, np.asarray(cfg.foreground, dtype=array.dtype if array.dtype.kind in "iu" else np.float64))
+    check_foreground_fraction(mask, cfg, path, n_voxels)
     return mask.view(np.uint8)  # bool -> uint8 0/1 without a copy
+
+
+def check_distinct_values(array: np.ndarray, cfg: LabelConfig, path: str | Path) -> None:
+    """Raise ``InputFileError`` when ``array`` (integer-valued) holds more distinct values than
+    ``cfg.max_distinct_values``: an image (an MR T1 holds hundreds) given as the label.
+
+    Skipped with ``cfg.allowed_values`` (which names every value itself) or
+    ``max_distinct_values`` None. Costs a min/max unless the value range is wider than the bound."""
+    bound = cfg.max_distinct_values
+    if bound is None or cfg.allowed_values is not None or not array.size:
+        return
+    if float(array.max()) - float(array.min()) < bound:  # at most ``bound`` integers fit in the range
+        return
+    n = len(present_values(array))
+    if n > bound:
+        raise InputFileError(
+            path,
+            f"label has {n} distinct values (more than data.labels.max_distinct_values = {bound}): it looks like an "
+            "image, not a label; give the lesion mask, or (if the values are meant) list them in "
+            "data.labels.allowed_values or raise data.labels.max_distinct_values (null to switch the check off)",
+        )
+
+
+def check_foreground_fraction(mask: np.ndarray, cfg: LabelConfig, path: str | Path, n_voxels: int | None = None) -> None:
+    """Raise ``InputFileError`` when the lesion ``mask`` (bool) covers more than
+    ``cfg.max_foreground_fraction`` of the volume (``n_voxels`` voxels, default ``mask.size``):
+    an image given as the label (an MR T1 becomes one "lesion" of almost the whole volume), or
+    an inverted mask. Skipped with ``max_foreground_fraction`` None."""
+    limit = cfg.max_foreground_fraction
+    total = mask.size if n_voxels is None else n_voxels
+    if limit is None or not total:
+        return
+    fraction = np.count_nonzero(mask) / total
+    if fraction > limit:
+        raise InputFileError(
+            path,
+            f"label foreground covers {fraction:.2%} of the volume (more than data.labels.max_foreground_fraction = "
+            f"{limit:g}): an image or an inverted mask given as the label? Give the lesion mask, or raise "
+            "data.labels.max_foreground_fraction (null to switch the check off) if it is meant",
+        )
 
 
 def present_values(array: np.ndarray) -> list[int]:

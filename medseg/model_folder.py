@@ -17,6 +17,7 @@ Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
     postprocess.json        the rule chosen on the out-of-fold predictions and why
     postprocess_candidates.csv, cv_summary.json   the evidence behind it
     fingerprint.json        the plan's dataset fingerprint (part of the model's identity)
+    qc.json                 the QC score's calibration on the out-of-fold predictions (medseg.review)
 
 Nothing in it names a patient except by the manifest's ids (folds.json lists case and patient
 ids as the manifest gives them).
@@ -171,6 +172,7 @@ def _checkpoint_entry(folder: Path, record_path: Path, number: int, entry: Any) 
     return file
 
 
+QC_FILE = "qc.json"
 CV_SUMMARY_FILES = ("cv_chosen/cv_summary.json", "cv_summary.json")  # the chosen rule's scores first
 FINGERPRINT_FILE = "fingerprint.json"
 

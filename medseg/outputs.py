@@ -30,8 +30,10 @@ Batch records: :data:`FAILURES_FILE` (``case_id, error``; header only when nothi
 every batch output folder, :data:`INFERENCE_RECORD` (settings, the model's identity, counts) and
 :data:`CASES_TABLE` (the cohort table of ``medseg infer``: one row per predicted case with
 :data:`CASES_COLUMNS`; volumes in mL, ``slices_with_lesion`` along the model's slice axis,
-``dicom_seg`` says what became of the case's SEG: ``written``, ``written (new frame of
-reference)``, ``not asked`` or the reason it failed).
+``qc_score`` the model's doubt about the case and ``qc_flag`` whether it is on the review
+list (:mod:`medseg.review`; empty without a calibration), ``dicom_seg`` what became of the
+case's SEG: ``written``, ``written (new frame of reference)``, ``not asked`` or the reason it
+failed).
 
 Evaluation folder (``medseg evaluate``): :data:`EVAL_PER_CASE`, :data:`EVAL_LESION_MATCHES`,
 :data:`EVAL_PR_CURVE`, :data:`EVAL_SUMMARY`, plus :data:`FAILURES_FILE`.
@@ -53,7 +55,8 @@ LABEL_SUFFIX = "_label.nii.gz"  # labels medseg converts (import dicom --labels)
 FAILURES_FILE = "failures.csv"
 INFERENCE_RECORD = "inference.json"
 CASES_TABLE = "cases.csv"
-CASES_COLUMNS = ("case_id", "n_lesions", "total_volume_ml", "largest_volume_ml", "slices_with_lesion", "dicom_seg")
+CASES_COLUMNS = ("case_id", "n_lesions", "total_volume_ml", "largest_volume_ml", "slices_with_lesion", "qc_score",
+                 "qc_flag", "dicom_seg")
 
 EVAL_PER_CASE = "metrics_per_case.csv"
 EVAL_LESION_MATCHES = "lesion_matches.csv"

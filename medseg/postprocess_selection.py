@@ -64,6 +64,7 @@ from medseg.manifest import Case
 from medseg.metrics.voxel import hd95_assd
 from medseg.outputs import prob_file
 from medseg.prediction.postprocess import HOPS, discretise
+from medseg.progress import progress_enabled
 
 SELECTION_JSON = "postprocess.json"
 CANDIDATES_CSV = "postprocess_candidates.csv"
@@ -271,7 +272,7 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
 
     # pass 1: Dice of every rule from component sizes and overlaps
     dice = np.zeros((len(cases), len(rules)))
-    for c, case in enumerate(tqdm(cases, desc="postprocess: Dice", unit="case", disable=not progress)):
+    for c, case in enumerate(tqdm(cases, desc="postprocess: Dice", unit="case", disable=not progress_enabled(progress))):
         prob, label = _load_case(case, prob_dir, cfg)
         voxel_mm3 = float(np.prod(label.spacing))
         n_ref = int(np.count_nonzero(label.array))
@@ -290,7 +291,7 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
     hd95 = np.full((len(cases), len(rules)), np.nan)
     undefined = np.zeros(len(rules), dtype=np.int64)
     hd_groups = _rule_groups([rules[i] for i in hd95_set])
-    for c, case in enumerate(tqdm(cases, desc="postprocess: HD95", unit="case", disable=not progress)):
+    for c, case in enumerate(tqdm(cases, desc="postprocess: HD95", unit="case", disable=not progress_enabled(progress))):
         prob, label = _load_case(case, prob_dir, cfg)
         voxel_mm3 = float(np.prod(label.spacing))
         ref = label.array.astype(bool)

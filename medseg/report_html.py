@@ -40,6 +40,7 @@ from medseg.outputs import (
     EVAL_PER_CASE,
     EVAL_PR_CURVE,
     EVAL_SUMMARY,
+    INFERENCE_RECORD,
     LESIONS_CSV_SUFFIX,
     lesion_table_file,
     mask_file,
@@ -391,6 +392,43 @@ def _predicted_cases_section(inputs: ReportInputs) -> str:
             "click a column header to sort.</p>" + _table(table, "predicted_cases", "{:.4g}"))
 
 
+def _review_section(inputs: ReportInputs) -> str:
+    """"Review first": the predicted cases the QC calibration flags (``qc_flag`` of ``cases.csv``),
+    most doubtful first, with what the cross-validation measured (``inference.json``'s ``qc``);
+    when the calibration found no useful relation (or there is none), it says so and flags
+    nothing. "" when the cases carry no QC score."""
+    if inputs.pred_dir is None:
+        return ""
+    table = _read_csv_lenient(inputs.pred_dir / CASES_TABLE, ("case_id", "qc_score"))
+    if table is None or not len(table):
+        return ""
+    record = (_read_json(inputs.pred_dir / INFERENCE_RECORD) or {}).get("qc")
+    record = record if isinstance(record, dict) else None
+    table = table.sort_values("qc_score", ascending=False, kind="stable")
+    columns = [c for c in ("case_id", "qc_score", "n_lesions", "total_volume_ml") if c in table.columns]
+    if record is None:
+        return ("<p>No calibration of the QC score: the model is not a model folder with a cross-validation "
+                "(<code>qc.json</code>), so no case is flagged. Cases by QC score (the model's doubt, higher = more):</p>"
+                + _table(table[columns], "qc_scores", "{:.4g}"))
+    measured = (f"on the cross-validation ({record.get('n_cases')} cases) the score ranked the out-of-fold Dice with "
+                f"Spearman &rho; = {_num(record.get('spearman'), '{:.2f}')}")
+    ci = record.get("ci95")
+    if isinstance(ci, list) and len(ci) == 2:
+        measured += f" (95 % CI {_num(ci[0], '{:.2f}')} to {_num(ci[1], '{:.2f}')})"
+    if not record.get("useful"):
+        return (f"<p class='headline'>No case is flagged: {measured}, which is no reliable relation between the "
+                "model's doubt and its accuracy.</p><p>Cases by QC score, for information:</p>"
+                + _table(table[columns], "qc_scores", "{:.4g}"))
+    flagged = table[table.get("qc_flag").astype(str).str.lower() == "true"] if "qc_flag" in table.columns else table.iloc[:0]
+    caught = record.get("worst_caught")
+    line = (f"{len(flagged)} of {len(table)} case(s) flagged for review (QC score &ge; "
+            f"{_num(record.get('threshold'), '{:.3g}')}): {measured}; flagging the top "
+            f"{_num(100 * float(record.get('flag_share', 0.1)), '{:.0f}')} % caught "
+            f"{_num(100 * float(caught) if caught is not None else None, '{:.0f}')} % of the worst cases there.")
+    body = _table(flagged[columns], "review_first", "{:.4g}") if len(flagged) else "<p>No case reaches the threshold.</p>"
+    return f"<p class='headline'>{line}</p>{body}"
+
+
 def _identity_line(provenance: dict[str, Any]) -> str:
     """The model in one line: architecture / encoder, checkpoint sha256 prefix(es), the
     cross-validated Dice with its 95 % interval when the model folder holds it; "" when the run
@@ -446,6 +484,9 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     cohort = _predicted_cases_section(inputs)
     if cohort:
         sections.append(("Predicted cases", cohort))
+    review = _review_section(inputs)
+    if review:
+        sections.append(("Review first", review))
 
     # lesion-distribution curves
     curves = []

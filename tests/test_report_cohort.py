@@ -184,8 +184,9 @@ def test_table_from_the_cohort_table_of_medseg_infer(phantoms, tmp_path):
     pred = tmp_path / "pred"
     pred.mkdir()
     _write_lesion_table(pred, cases[0].case_id, [9.0])  # the cohort table wins over the lesion tables
-    cohort = pd.DataFrame([[cases[0].case_id, 1, 0.5, 0.5, 3, "written"], [cases[1].case_id, 0, 0.0, 0.0, 0, "not asked"],
-                           [cases[2].case_id, 2, 1.25, 1.0, 5, "written (new frame of reference)"]],
+    cohort = pd.DataFrame([[cases[0].case_id, 1, 0.5, 0.5, 3, 0.2, None, "written"],
+                           [cases[1].case_id, 0, 0.0, 0.0, 0, 0.0, None, "not asked"],
+                           [cases[2].case_id, 2, 1.25, 1.0, 5, 0.4, None, "written (new frame of reference)"]],
                           columns=list(CASES_COLUMNS))  # fmt: skip
     cohort.to_csv(pred / CASES_TABLE, index=False)
     table, source = predicted_cases_table(ReportInputs("t", cases, pred_dir=pred))
@@ -300,3 +301,25 @@ def test_cohort_report_in_headless_chromium(hospital_run, tmp_path):
     assert images and all(complete and width > 0 for complete, width in images), images
     errors = [entry for entry in logs if entry.get("level") == "SEVERE"]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("useful", [True, False])
+def test_review_first_lists_the_flagged_cases_or_says_why_none(phantoms, tmp_path, useful):
+    import json
+
+    cases, _ = phantoms
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    rows = [[c.case_id, 1, 0.5, 0.5, 3, score, (score >= 0.3) if useful else None, "not asked"]
+            for c, score in zip(cases, (0.1, 0.35, 0.5), strict=True)]
+    pd.DataFrame(rows, columns=list(CASES_COLUMNS)).to_csv(pred / CASES_TABLE, index=False)
+    qc = {"useful": useful, "spearman": -0.62 if useful else -0.1, "ci95": [-0.85, -0.2] if useful else [-0.6, 0.45],
+          "threshold": 0.3, "flag_share": 0.1, "worst_caught": 1.0, "n_cases": 12}
+    (pred / "inference.json").write_text(json.dumps({"qc": qc}))
+    page = write_report(ReportInputs("t", cases, pred_dir=pred), tmp_path / "report").read_text()
+    assert "<h2>Review first</h2>" in page
+    if useful:
+        assert "2 of 3 case(s) flagged for review" in page
+        assert sorted(_html_table(page, "review_first")["case_id"]) == sorted(c.case_id for c in cases[1:])
+    else:
+        assert "No case is flagged" in page and "no reliable relation" in page and 'id="review_first"' not in page

@@ -9,9 +9,22 @@ HELP = "build a data_manifest.csv from a BraTS-like folder, an nnU-Net/MSD datas
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="MANIFEST", help="manifest to write (paths relative to its folder)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation (default 0.2)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="share of patients for test (default 0)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2,
+                   help="share of patients for validation, in [0, 1) (default 0.2)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.0,
+                   help="share of patients for test, in [0, 1) (default 0); val + test must stay below 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+
+
+def _fraction(text: str) -> float:
+    """argparse type of a share of patients: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a share of patients, e.g. 0.2)") from None
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1) (a share of patients, e.g. 0.2)")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     from medseg import importers
     from medseg.output_folder import check_output_file
 
+    if args.val_fraction + args.test_fraction >= 1.0:
+        from medseg.errors import MedsegError
+
+        raise MedsegError(f"--val-fraction {args.val_fraction:g} + --test-fraction {args.test_fraction:g} leave no "
+                          "patient for training: their sum must stay below 1")
     check_output_file(args.out)
     if getattr(args, "map_file", None):
         check_output_file(args.map_file, "--map-file")

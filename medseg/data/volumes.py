@@ -29,13 +29,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from medseg.atomic import atomic_path
 from medseg.config import LabelConfig, PreprocessConfig
-from medseg.errors import MedsegError
+from medseg.errors import InputFileError, MedsegError
+from medseg.progress import progress_enabled
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
 
@@ -110,12 +115,47 @@ def slice_instances(label: np.ndarray, values: bool, where: str) -> np.ndarray:
     return out
 
 
+def check_not_constant(image: torch.Tensor | np.ndarray, path: str | Path) -> None:
+    """Raise ``InputFileError`` naming ``path`` when every voxel of ``image`` (one channel as
+    read, before normalisation) holds one value: an empty or failed export, which normalisation
+    would turn into a plausible-looking input (a blank scan got 16 % of its voxels as lesion)."""
+    tensor = torch.as_tensor(image)
+    if tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor)
+    if lo == hi:
+        raise InputFileError(path, f"image is constant (all voxels {lo.item():g}): an empty or failed export?")
+
+
+def apply_checked_chain(chain: Compose, data: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
+    """``apply_chain(chain, data)`` with :func:`check_not_constant` on each of ``image_keys``
+    (file paths in ``data``) right after the chain's ``LoadVolumed`` has read them."""
+    from medseg.transforms import LoadVolumed, apply_chain
+
+    transforms = list(chain.transforms)
+    split = next((i + 1 for i, t in enumerate(transforms) if isinstance(t, LoadVolumed)), None)
+    if split is None:  # not a chain that reads files
+        return apply_chain(chain, data)
+    paths = {key: data[key] for key in image_keys}
+    loaded = apply_chain(_sub_chain(chain, transforms[:split]), data)
+    for key in image_keys:
+        check_not_constant(loaded[key], paths[key])
+    return apply_chain(_sub_chain(chain, transforms[split:]), loaded)
+
+
+def _sub_chain(chain: Compose, transforms: list[Any]) -> Compose:
+    """``transforms`` (a part of ``chain``) as a chain with ``chain``'s own settings; the
+    operations they record are the same, so ``Invertd`` with the whole chain still inverts them."""
+    from monai.transforms import Compose
+
+    return Compose(transforms, map_items=chain.map_items, unpack_items=chain.unpack_items, log_stats=chain.log_stats,
+                   lazy=chain.lazy, overrides=chain.overrides)
+
+
 def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False) -> TrainVolume:
     """Run the shared preprocessing chain on one labelled case; return it slice-major (with
     ``instances``: per-slice instance ids as the label, module docstring)."""
     from medseg.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
-    from medseg.transforms import apply_chain
-
     if case.label is None:
         raise MedsegError(f"case {case.case_id}: training needs a label file")
     values = instances and labels.instances == "values"
@@ -123,7 +163,7 @@ def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfi
                                   label_values=values)
     data = {channel_key(c): str(p) for c, p in case.images.items()}
     data[LABEL_KEY] = str(case.label)
-    out = apply_chain(chain, data)
+    out = apply_checked_chain(chain, data, [channel_key(c) for c in case.images])
     image, label = out[IMAGE_KEY], out[LABEL_KEY]
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing_ras = np.linalg.norm(affine[:3, :3], axis=0)
@@ -189,10 +229,10 @@ def load_volumes(
     progress: bool = False,
     instances: bool = False,
 ) -> list[TrainVolume]:
-    """``load_volume`` for each case, in order (with a tqdm bar when ``progress``)."""
+    """``load_volume`` for each case, in order (with a tqdm bar when ``progress``, on a terminal)."""
     from tqdm import tqdm
 
     return [
         load_volume(case, preprocess, labels, cache_dir, instances)
-        for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress, leave=False)
+        for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress_enabled(progress), leave=False)
     ]

@@ -75,6 +75,7 @@ from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
 from medseg.model_names import is_instance_arch
+from medseg.progress import progress_enabled
 from medseg.runtime import autocast, autocast_dtype, resolve_train_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ class Trainer:
             desc=f"epoch {epoch}/{self.cfg.train.epochs}",
             unit="step",
             leave=False,
-            disable=not (self.progress and info.is_main),
+            disable=not progress_enabled(self.progress and info.is_main),
         )
         for batch in self.loader:
             loss = self.step(model, batch, info.device)

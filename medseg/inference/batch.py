@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,6 @@ from medseg.inference.case import CasePredictor, PreparedCase
 from medseg.inference.cases import InferenceCase
 from medseg.inference.outputs import (
     SEG_NOT_ASKED,
-    CaseWriter,
     PartialCaseError,
     case_name_problem,
     discard_case,
@@ -35,6 +33,7 @@ from medseg.inference.outputs import (
 from medseg.inference.preflight import preflight
 from medseg.input_identity import inputs_identity
 from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD, marker_file
+from medseg.progress import progress_enabled
 from medseg.runtime import (
     barrier,
     join_process_group,
@@ -106,7 +105,7 @@ class BatchRun:
     ) -> None:
         self.bundle = bundle
         self.out = Path(out_dir)
-        self.show_progress = show_progress and sys.stderr.isatty()  # bars on a terminal; logs get lines
+        self.show_progress = progress_enabled(show_progress)  # bars on a terminal; logs get lines
         self.rank_sharding = rank_sharding
         self.failures_file = failures_file
         self.rank, self.world = torchrun_rank() if rank_sharding else (0, 1)
@@ -179,11 +178,7 @@ class BatchRun:
         case's inputs' identity as :meth:`todo` took it (before the case was read: a scan
         replaced while it was predicted makes the next run predict it again)."""
         case_id = prepared.case.case_id
-        with CaseWriter(self.out, case_id, prepared.geometry, self.fingerprint, self.inputs.get(case_id)) as writer:
-            result = self.predictor.finish(prepared, prob, seconds, writer)
-            writer.close({"medseg_version": __version__,
-                          "n_lesions": None if result.table is None else len(result.table),
-                          "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}})
+        self.predictor.finish_and_write(prepared, prob, seconds, self.out, self.fingerprint, self.inputs.get(case_id))
 
     def settle(self) -> None:
         """Wait for the previous case's outputs and record its result (keeps one case pending)."""
@@ -292,6 +287,7 @@ class BatchRun:
                 "medseg_version": __version__,
                 "checkpoints": [str(p) for p in bundle.checkpoints],
                 "model": bundle.identity,
+                "qc": {k: v for k, v in (self.predictor.qc or {}).items() if k != "cases"} or None,
                 "channels": bundle.channels,
                 "modality": bundle.modality,
                 "device": str(bundle.device),

@@ -37,7 +37,7 @@ from medseg.prediction.instances import (
 from medseg.prediction.postprocess import postprocess
 from medseg.prediction.predictor import predict_volume
 from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
-from medseg.transforms import apply_chain
+from medseg.review import qc_columns, read_qc
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class CasePredictor:
         cfg = bundle.config
         self.chain: Compose = preprocess_transforms(cfg.preprocess, bundle.modality, bundle.channels, with_label=False)
         self.ras_axis = AXIS_INDEX[cfg.preprocess.slice_axis]
+        self.qc = read_qc(bundle.model_dir)  # the model folder's QC calibration (review list), if any
         self.detector = is_instance_arch(cfg.model.arch)
         if self.detector and len(bundle.models) > 1:
             raise MedsegError(f"{cfg.model.arch} checkpoints predict lesion instances, which are not averaged across "
@@ -108,12 +109,16 @@ class CasePredictor:
                               "across flips); set inference.tta=false")
 
     def prepare(self, case: InferenceCase) -> PreparedCase:
-        """Read and preprocess ``case`` (raises ``MedsegError`` naming the file)."""
+        """Read and preprocess ``case`` (raises ``MedsegError`` naming the file; a channel whose
+        voxels are all one value, as read, is refused: an empty or failed export)."""
+        from medseg.data.volumes import apply_checked_chain
+
         if case.problem is not None:
             raise MedsegError(f"case {case.case_id}: {case.problem}")
         export = self.seg_export(case)  # a SEG without a DICOM source fails now (preflight refused it already)
         start = time.perf_counter()
-        data = apply_chain(self.chain, {channel_key(c): str(case.images[c]) for c in self.bundle.channels})
+        files = {channel_key(c): str(case.images[c]) for c in self.bundle.channels}
+        data = apply_checked_chain(self.chain, files, list(files))
         image = data[IMAGE_KEY]
         size = [int(s) for s in np.asarray(image.meta["spatial_shape"])]
         geometry = Geometry.from_affine(np.asarray(image.meta["original_affine"], dtype=np.float64), size)
@@ -224,6 +229,7 @@ class CasePredictor:
             learned = None
         affine = prepared.geometry.affine
         cohort = cohort_numbers(mask, lesions, n, spacing, index_axis(affine, self.ras_axis))
+        cohort.update(qc_columns(lesion_prob, self.qc))
         if not cfg.write_lesions:
             lesions = None
         else:
@@ -239,12 +245,14 @@ class CasePredictor:
         return CaseResult(mask, lesion_prob, lesions, table, timings, cohort)
 
     def finish_and_write(
-        self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float, out_dir: Path, fingerprint: str
+        self, prepared: PreparedCase, prob: torch.Tensor, predict_seconds: float, out_dir: Path, fingerprint: str,
+        inputs: dict[str, Any] | None = None,
     ) -> list[Path]:
         """:meth:`finish` with every output written on the source grid (:class:`.outputs.CaseWriter`),
         each file while the next output is computed (a BraTS case: 88 -> 74 ms against finishing
-        first and writing after), the marker last. Returns the written paths."""
-        with CaseWriter(out_dir, prepared.case.case_id, prepared.geometry, fingerprint) as writer:
+        first and writing after), the marker last, with the case's ``inputs`` identity
+        (:mod:`medseg.input_identity`). Returns the written paths."""
+        with CaseWriter(out_dir, prepared.case.case_id, prepared.geometry, fingerprint, inputs) as writer:
             result = self.finish(prepared, prob, predict_seconds, writer)
             info = {"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
                     "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}

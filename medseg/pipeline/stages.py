@@ -221,8 +221,9 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
         fold_models,
     )
     from medseg.folds import FOLDS_FILE, cv_pool
-    from medseg.model_folder import FINGERPRINT_FILE, write_model_folder
+    from medseg.model_folder import FINGERPRINT_FILE, QC_FILE, write_model_folder
     from medseg.postprocess_selection import select_postprocessing, write_selection
+    from medseg.review import calibrate_on_cv
 
     cv_dir = ctx.run_dir / "cv"
     if not (cv_dir / CV_SUMMARY).is_file():
@@ -241,6 +242,8 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     dice = chosen.get("metrics", {}).get("dice", {})
     hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
     models = fold_models(cv_dir, n_folds, ctx.cfg.cv.repeats)
+    # the QC score's calibration on the shipped rule's out-of-fold Dice: the review list at inference
+    atomic.write_json(model_dir / QC_FILE, calibrate_on_cv(cases, oof, model_dir / "cv_chosen" / CV_TABLE))
     fingerprint = ctx.run_dir / "plan" / FINGERPRINT_FILE  # the plan's dataset fingerprint: part of the model's identity
     write_model_folder(
         model_dir, models, config_file, cv_dir / FOLDS_FILE, selection.chosen, names=[f"{p.parent.name}.pt" for p in models],
@@ -392,7 +395,11 @@ def stage_prediction_stats(ctx: RunContext, opts: NoOptions) -> None:
     if not predicted:
         log.info("prediction_stats: no predicted mask in %s; nothing to measure", pred_dir)
         return
-    stats = compute_dataset_stats(predicted, ctx.cfg, progress=ctx.progress)
+    # the masks are the model's answers, measured as they are: the checks that a *reference* label
+    # is a lesion mask (not an image, not mostly foreground) do not apply to them
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.data.labels = cfg.data.labels.model_copy(update={"max_foreground_fraction": None, "max_distinct_values": None})
+    stats = compute_dataset_stats(predicted, cfg, progress=ctx.progress)
     write_dataset_stats(stats, ctx.cfg, out, title="Predicted lesion distribution")
     ctx.failures += [{**f, "stage": "prediction_stats"} for f in stats.failures.to_dict("records")]
 

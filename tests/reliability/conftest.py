@@ -31,11 +31,13 @@ HEADER = ["case_id", "patient_id", "modality", "image_flair", "image_t1", "label
 N_CASES = 3
 
 
-def run_cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m medseg.cli ARGS`` with one OpenMP thread; stdout and stderr captured as text."""
+def run_cli(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m medseg.cli ARGS`` with one OpenMP thread and the environment as it is now (the
+    test's site secret file, see tests/conftest.py), plus ``env``; stdout and stderr captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "medseg.cli", *map(str, args)],
-        capture_output=True, text=True, env=ENV, timeout=timeout, check=False,
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout,
+        check=False,
     )
 
 

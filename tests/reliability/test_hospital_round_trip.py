@@ -69,7 +69,8 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     tmp = tmp_path_factory.mktemp("hospital")
     archive, model = _archive(tmp / "archive"), _model_folder(tmp)
     manifest = tmp / "work" / "manifest.csv"
-    proc = run_cli("import", "dicom", archive, "--model", model, "--out", manifest)
+    proc = run_cli("import", "dicom", archive, "--model", model, "--out", manifest,
+                   env={"MEDSEG_SITE_SECRET": "ab" * 32})  # a module fixture: the test's secret file is not set yet
     assert proc.returncode == 0, proc.stderr
     assert "modality MR, the model takes CT" in proc.stderr
     return archive, model, manifest
@@ -134,6 +135,7 @@ def test_infer_command_round_trip(hospital, tmp_path):
     assert read_failures(out) == {}
     cohort = pd.read_csv(out / "cases.csv")
     assert list(cohort.columns) == ["case_id", "n_lesions", "total_volume_ml", "largest_volume_ml",
-                                    "slices_with_lesion", "dicom_seg"]
+                                    "slices_with_lesion", "qc_score", "qc_flag", "dicom_seg"]
+    assert cohort["qc_score"].notna().all() and cohort["qc_flag"].isna().all()  # no qc.json in this folder: no flags
     record = json.loads((out / "inference.json").read_text())
     assert record["inference"]["min_lesion_mm3"] == 90.0 and record["model"]["checkpoints"][0]["sha256"]
