@@ -148,6 +148,31 @@ def _nifti_gz_payload_size(path: Path) -> int | None:
         return None
 
 
+def _nifti_payload_size(path: Path) -> int | None:
+    """Size an uncompressed .nii file's header promises (vox_offset + voxel bytes), or None."""
+    import nibabel as nib
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(348)
+        header = nib.Nifti1Header(raw, check=False) if len(raw) == 348 else None
+        if header is None or header["sizeof_hdr"] != 348:
+            return None
+        return int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - not a NIfTI-1 header; let ITK judge the file
+        return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise InputFileError when an uncompressed .nii is shorter than its header promises (ITK
+    would fill the missing voxels with zeros and read a half-empty scan without a word)."""
+    expected = _nifti_payload_size(path)
+    size = path.stat().st_size
+    if expected is not None and size < expected:
+        raise InputFileError(path, f"file is truncated: {size} bytes, the header promises {expected}; re-copy or "
+                                   "re-export it")
+
+
 def _check_gzip_complete(path: Path) -> bool:
     """Raise InputFileError if a .gz file is truncated or corrupt; return True when ITK can
     read it directly, False when it must be decompressed first.
@@ -457,6 +482,8 @@ def _read_sitk(path: Path) -> sitk.Image:
     direct = True
     if path.name.lower().endswith(".gz"):
         direct = _check_gzip_complete(path)
+    elif path.name.lower().endswith(".nii"):
+        _check_nifti_complete(path)
     try:
         if path.name.lower().endswith((".nii", ".nii.gz")) and _is_float_nifti(path):
             return _read_float_nifti(path)

@@ -130,6 +130,9 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Case]:
         raise ManifestError(p, ["empty file: expected a CSV header (case_id, patient_id, modality, image_<channel>, label, split)"])
     header = [h.strip() for h in numbered[0][1]]
     problems: list[str] = []
+    doubled = sorted({h for h in header if header.count(h) > 1})
+    if doubled:  # a CSV reader would silently keep the last of them
+        raise ManifestError(p, [f"column(s) {doubled} appear more than once in the header; each column once"])
     rows: list[tuple[int, dict[str, str]]] = []
     for i, record in numbered[1:]:
         if len(record) != len(header):
@@ -190,9 +193,44 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Case]:
             problems += [f"{where}: {m}" for m in case.missing_files()]
         cases.append(case)
     problems += _split_problems(cases)
+    problems += _shared_image_problems(cases)
     if problems:
         raise ManifestError(p, problems)
     return cases
+
+
+def _shared_image_problems(cases: list[Case]) -> list[str]:
+    """One problem per image file (or identical file content: size and the hash of its first
+    64 KiB, :mod:`medseg.input_identity`, for the files that exist) that rows of different
+    patients in different splits share: the same scan would be trained on and tested on as two
+    patients. Rows without a split are not compared."""
+    from medseg.input_identity import input_identity
+
+    owners: dict[object, dict[str, tuple[str, int]]] = {}
+    for c in cases:
+        if not c.split:
+            continue
+        for path in c.images.values():
+            keys: list[object] = [("path", str(path))]
+            if path.is_file():
+                identity = input_identity(path)
+                if "head_sha256" in identity:
+                    keys.append(("content", identity["size"], identity["head_sha256"]))
+            for key in keys:
+                owners.setdefault(key, {}).setdefault(c.patient_id, (c.split, c.row or 0))
+    problems, reported = [], set()
+    for key, patients in sorted(owners.items(), key=lambda kv: kv[0][0] != "path"):  # the same file first
+        if len(patients) < 2 or len({split for split, _ in patients.values()}) < 2:
+            continue
+        pair = frozenset(patients)
+        if pair in reported:
+            continue
+        reported.add(pair)
+        how = "the same image file" if key[0] == "path" else "identical image files (same size and content start)"
+        listing = ", ".join(f"{pid!r} ({split}, row {row})" for pid, (split, row) in patients.items())
+        problems.append(f"{how} under patient_ids {listing}: one scan in two splits leaks the test patients into "
+                        "training; give the scan one patient_id, or remove the copy")
+    return problems
 
 
 def _split_problems(cases: list[Case]) -> list[str]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
 from medseg.errors import ConfigError, MedsegError
-from medseg.prediction.predictor import prepare_models
+from medseg.prediction.predictor import network_stride, prepare_models
 from medseg.runtime import (
     keep_freed_memory,
     resolve_device,
@@ -195,6 +195,12 @@ def load_bundle(
     config, channels, modality = first
     patch = merge_settings(inference_patch(overrides), settings or {})
     config = config.model_copy(update={"inference": patch_inference(config.inference, patch)})
+    stride = network_stride(models)
+    if min(config.inference.roi_size) < stride:
+        raise ConfigError(
+            f"inference.roi_size {list(config.inference.roi_size)} is smaller than the network's stride {stride} "
+            f"({config.model.arch}): give at least [{stride}, {stride}] (default [512, 512])"
+        )
     prepare_models(models, dev, config.inference.channels_last)
     if config.inference.keep_freed_memory:
         keep_freed_memory()

@@ -69,8 +69,19 @@ def save_checkpoint(
 
 def _write_payload(payload: dict[str, Any], path: Path) -> Path:
     """``torch.save`` through :func:`medseg.atomic.atomic_path` with fsync (never a half-written file)."""
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(payload, tmp)
+    except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+        import shutil
+
+        from medseg.errors import OutputError
+
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        full = free < (1 << 20) or "write" in str(exc).lower()
+        why = "no space left on the device" if full else (str(exc).splitlines() or [type(exc).__name__])[0]
+        kept = "; the existing file is unchanged" if path.exists() else ""
+        raise OutputError(path, f"cannot write the checkpoint: {why} ({free // 1024} KiB free){kept}") from None
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PASSWORD, USER
+from .conftest import PASSWORD, USER
 from dicom_helpers import PATIENT_ID, PATIENT_NAME, STUDY_UID, write_series
 from infer_helpers import ct_phantom, save_tiny_checkpoint
 
