@@ -49,7 +49,8 @@ VOLUME_MODALITIES = ("CT", "MR")
 LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 MISSING_PATIENT_ID = "PatientID is empty; give --allow-missing-patient-id to key it on the StudyInstanceUID"
 _HEADER_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SeriesNumber",
-                "SeriesDescription", "ProtocolName", "StudyDate", "StudyTime", "InstanceNumber"]  # fmt: skip
+                "SeriesDescription", "ProtocolName", "StudyDate", "StudyTime", "InstanceNumber",
+                "ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames"]  # fmt: skip
 
 
 @dataclass
@@ -68,6 +69,22 @@ class Series:
     instances: dict[str, tuple[int, Path]] = field(default_factory=dict)  # SOPInstanceUID -> (InstanceNumber, file)
     folders: list[str] = field(default_factory=list)  # relative to the root; for the map file only
     duplicates: int = 0
+    headers: list[tuple[Path, object]] = field(default_factory=list, repr=False)  # (file, header) per instance
+
+    def geometry_problem(self) -> str | None:
+        """Why the series' slices do not form a regular grid (a gap, duplicated or scattered
+        positions, no Image Position/Orientation: :func:`medseg.io.dicom_slice_spacing`), or None.
+        Multi-frame instances are left to the reader."""
+        from medseg.errors import InputFileError
+        from medseg.io import dicom_slice_spacing
+
+        if len(self.headers) < 2 or any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in self.headers):
+            return None
+        try:
+            dicom_slice_spacing(self.headers, Path(self.folders[0]) if self.folders else Path("."))
+        except InputFileError as exc:
+            return exc.problem
+        return None
 
     @property
     def files(self) -> list[Path]:
@@ -204,6 +221,7 @@ def _add_instance(found: dict[str, Series], ds: object, path: Path, folder: Path
     except ValueError:
         instance_number = 0
     series.instances[sop] = (instance_number, path)
+    series.headers.append((Path(path.name), ds))  # file names only: messages never name source folders
     rel = folder.relative_to(root).as_posix() if folder != root else "."
     if rel not in series.folders:
         series.folders.append(rel)
@@ -278,6 +296,10 @@ def plan_series_rows(
         if modality and series.modality != modality:
             log.info("skipped %s (%s): modality %s, %s", case_id, name, series.modality, modality_source)
             continue
+        problem = series.geometry_problem()
+        if problem is not None:
+            refusals.append(Refusal(case_id, f"{name}: {problem}; re-export the complete series", (series,)))
+            continue
         rows.append(Row(case_id, patient, series.modality, {channel: series}))
     return rows, refusals
 
@@ -332,6 +354,8 @@ def plan_study_rows(
             uses[series.uid].append(name)
         problems += [f"series {chosen[names[0]].number_text} matches channels {' and '.join(names)}"
                      for names in uses.values() if len(names) > 1]  # fmt: skip
+        problems += [f"channel {name} (series {series.number_text}): {problem}" for name, series in chosen.items()
+                     if (problem := series.geometry_problem()) is not None]
         modalities = sorted({s.modality for s in chosen.values()})
         if not problems and len(modalities) > 1:
             problems.append(f"the channels mix {' and '.join(modalities)}; give --modality CT or MR")

@@ -147,3 +147,25 @@ def test_cli_refuses_two_series_for_export_seg(tmp_path):
     proc = run_cli("export-seg", tmp_path / "mask.nii.gz", "--reference", folder, "--out", tmp_path / "seg.dcm")
     assert_refused(proc, str(folder), "2 image series", "medseg import dicom")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_import_dicom_refuses_a_series_with_a_gap_and_keeps_the_good_one(tmp_path):
+    """``import dicom`` checks each series' geometry from its headers: a series with missing slices
+    is refused (one line naming the gap by file names only), the complete series becomes a row."""
+    import csv
+
+    archive = tmp_path / "PATIENT_SECRET_FOLDER"
+    _series(archive / "good")
+    broken = _series(archive / "gap", series_uid="1.2.826.0.1.3680043.8.498.77")
+    for path in broken[3:6]:
+        path.unlink()
+    manifest = tmp_path / "work" / "m.csv"
+    proc = run_cli("import", "dicom", archive, "--out", manifest, env={"MEDSEG_SITE_SECRET": "cd" * 32})
+    assert proc.returncode == 1, proc.stderr
+    assert "3 slice(s) missing between" in proc.stderr and "(img0002.dcm) and" in proc.stderr
+    assert "PATIENT_SECRET_FOLDER" not in proc.stderr
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and read_volume(manifest.parent / rows[0]["image_image"]).shape == SHAPE
+    failures = (tmp_path / "work" / "m_failures.csv").read_text()
+    assert "missing slices" in failures and "PATIENT_SECRET_FOLDER" not in failures
