@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 
-def open_in_browser(html_path: Path, screenshot: Path) -> tuple[list, list]:
-    """Load ``html_path``; return ([complete, naturalWidth] per image, browser console entries).
+def open_in_browser(html_path: Path, screenshot: Path, script: str | None = None) -> tuple:
+    """Load ``html_path``; return ([complete, naturalWidth] per image, browser console entries),
+    plus the value of ``script`` (JavaScript with a ``return``, run after loading) when given.
 
     Skips the calling test with a reason when chromium/chromedriver/selenium are unavailable.
     """
@@ -32,8 +33,9 @@ def open_in_browser(html_path: Path, screenshot: Path) -> tuple[list, list]:
     try:
         driver.get(html_path.resolve().as_uri())
         images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        value = driver.execute_script(script) if script is not None else None
         logs = driver.get_log("browser")
         driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
-    return images, logs
+    return (images, logs) if script is None else (images, logs, value)

@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 import pandas as pd
 import pytest
 import yaml
+from browser import open_in_browser
 from conftest import REPO, artifact_path
 from inference.infer_helpers import save_tiny_checkpoint
 from PIL import Image
@@ -241,36 +242,6 @@ def test_identity_line_names_the_cross_validated_accuracy(phantoms, tmp_path):
 # --------------------------------------------------------------------------- in a browser
 
 
-def _inspect_in_browser(html_path, screenshot, script):
-    """Load ``html_path`` in headless Chromium (as tests/browser.py does); return the value of
-    ``script`` (JavaScript with a ``return``), the images' [complete, naturalWidth] and the
-    console entries. Skips with a reason when chromium/chromedriver/selenium are missing."""
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian chromium/chromedriver not installed (scripts/ensure_browser.sh installs them as root)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install -e .[dev])")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,2400"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    try:
-        driver.get(html_path.resolve().as_uri())
-        result = driver.execute_script(script)
-        images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-        logs = driver.get_log("browser")
-        driver.save_screenshot(str(screenshot))
-    finally:
-        driver.quit()
-    return result, images, logs
-
-
 PAGE_CHECK = """
 const table = document.getElementById('predicted_cases');
 const col = Array.from(table.tHead.rows[0].cells).findIndex(c => c.textContent.trim() === 'n_lesions');
@@ -291,7 +262,7 @@ return {
 def test_cohort_report_in_headless_chromium(hospital_run, tmp_path):
     run_dir, _, _, cases = hospital_run
     shot = artifact_path(tmp_path, "cohort_report.png")
-    page, images, logs = _inspect_in_browser(run_dir / "report" / "report.html", shot, PAGE_CHECK)
+    images, logs, page = open_in_browser(run_dir / "report" / "report.html", shot, PAGE_CHECK)
     assert page["rows"] == len(cases)
     assert page["sorted"] == sorted(page["sorted"], reverse=True)
     assert page["details"] == [False] and not page["configShown"]  # the record is folded away

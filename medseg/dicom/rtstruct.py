@@ -14,11 +14,11 @@ contours are drawn on the image they belong to, so one off the image means a wro
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom.seg_reader import compile_select
 from medseg.dicom.series import grid_index
 from medseg.errors import InputFileError
 from medseg.io import Geometry
@@ -74,7 +74,7 @@ def read_rtstruct(path: str | Path, geometry: Geometry, rois: str | None = None)
     import pydicom
 
     path = Path(path)
-    pattern = _compile(rois, path)
+    pattern = compile_select(rois, path)
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises several types for damaged files
@@ -127,16 +127,6 @@ def read_rtstruct(path: str | Path, geometry: Geometry, rois: str | None = None)
     if not used:
         log.warning("%s: the selected ROIs %s have no closed contour", path.name, sorted(chosen.values()))
     return mask, sorted(used)
-
-
-def _compile(pattern: str | None, path: Path) -> re.Pattern[str] | None:
-    """``pattern`` compiled case-insensitive (``None`` stays ``None``); a bad one names itself."""
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
-        raise InputFileError(path, f"--select {pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _contour_points(contour, path: Path, what: str) -> np.ndarray:

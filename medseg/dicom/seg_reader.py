@@ -53,7 +53,7 @@ def read_dicom_seg(path: str | Path, geometry: Geometry, segments: str | None = 
     import pydicom
 
     path = Path(path)
-    pattern = _compile(segments, path)
+    pattern = compile_select(segments, path)
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises several types for damaged files
@@ -131,8 +131,9 @@ def read_dicom_seg(path: str | Path, geometry: Geometry, segments: str | None = 
     return mask, sorted(chosen.values())
 
 
-def _compile(pattern: str | None, path: Path) -> re.Pattern[str] | None:
-    """``pattern`` compiled case-insensitive (``None`` stays ``None``); a bad one names itself."""
+def compile_select(pattern: str | None, path: Path) -> re.Pattern[str] | None:
+    """A ``--select`` pattern (segment labels / ROI names) compiled case-insensitive (``None``
+    stays ``None``); a bad one is refused naming itself and the label object ``path``."""
     if pattern is None:
         return None
     try:

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from .conftest import PASSWORD, USER
 from dicom_helpers import PATIENT_ID, PATIENT_NAME, STUDY_UID, write_series
 from infer_helpers import ct_phantom, save_tiny_checkpoint
 
 from medseg.io import Geometry, read_volume
+
+from .conftest import PASSWORD, USER
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "pipelines" / "pacs.yaml"
