@@ -114,6 +114,16 @@ def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
     assert json.loads((other / "provenance.json").read_text())["model_identity"]["model_folder"] == str(run_dir / "model")
     assert len(list((other / "predictions").glob("*_mask.nii.gz"))) == 6
 
+    # the review list: the QC score calibrated on the out-of-fold predictions, applied at inference
+    qc = json.loads((run_dir / "model" / "qc.json").read_text())
+    assert qc["score"] == "uncertain_fraction" and qc["n_cases"] == len(cv_ids) - 1  # every pool case, less "mean"
+    assert {c["case_id"] for c in qc["cases"]} == set(cv_ids) - {"mean"} and isinstance(qc["useful"], bool)
+    cases = pd.read_csv(other / "predictions" / "cases.csv")
+    assert cases["qc_score"].notna().all()
+    assert cases["qc_flag"].notna().all() if qc["useful"] else cases["qc_flag"].isna().all()
+    assert record["qc"]["threshold"] == qc["threshold"] and "cases" not in record["qc"]
+    assert "<h2>Review first</h2>" in (other / "report" / "report.html").read_text()
+
 
 def test_repeats_per_fold_are_averaged_out_of_fold_and_kept_in_the_model_folder(tmp_path):
     """cv.repeats=2: two seeds per fold; a held-out case's probabilities are their average
