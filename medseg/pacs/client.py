@@ -1,6 +1,7 @@
 """Talking to an archive: :class:`PacsClient` (the contract), :class:`DicomWebClient` (QIDO-RS,
-WADO-RS, STOW-RS through ``dicomweb-client``), :func:`connect` (the client ``pacs:`` names) and
-:func:`with_retries` (bounded retries with exponential backoff).
+WADO-RS, STOW-RS through ``dicomweb-client``; :mod:`medseg.pacs.dimse` has the DIMSE one),
+:func:`connect` (the client ``pacs:`` names) and :func:`with_retries` (bounded retries with
+exponential backoff).
 
 Contract of a client (one attempt per call; :func:`with_retries` repeats):
 
@@ -95,12 +96,16 @@ def with_retries(cfg: PacsConfig, action: str, call: Callable[[], T], sleep: Cal
 
 
 def connect(cfg: PacsConfig) -> PacsClient:
-    """The client the ``pacs:`` section names (``dicomweb_url``; ``dimse`` is refused for now)."""
+    """The client the ``pacs:`` section names: ``dicomweb_url`` (:class:`DicomWebClient`) or
+    ``dimse`` (:class:`medseg.pacs.dimse.DimseClient`); the config refuses both at once."""
+    if cfg.dicomweb_url is not None and cfg.dimse is not None:
+        raise ConfigError("pacs: set one of pacs.dicomweb_url and pacs.dimse, not both")
     if cfg.dicomweb_url is not None:
         return DicomWebClient(cfg)
     if cfg.dimse is not None:
-        raise ConfigError("pacs.dimse: the DIMSE client (C-FIND/C-GET/C-STORE) is not part of this version; set "
-                          "pacs.dicomweb_url to the archive's DICOMweb root instead")
+        from medseg.pacs.dimse import DimseClient
+
+        return DimseClient(cfg)
     raise ConfigError("pacs: set pacs.dicomweb_url (e.g. --set pacs.dicomweb_url=http://pacs:8042/dicom-web) "
                       "or pacs.dimse {host, port, called_ae}")
 

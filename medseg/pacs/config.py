@@ -130,7 +130,7 @@ class PacsConfig(_Strict):
     @model_validator(mode="after")
     def _one_transport(self) -> PacsConfig:
         if self.dicomweb_url is not None and self.dimse is not None:
-            raise ValueError("set one of dicomweb_url and dimse, not both")
+            raise ValueError("set one of pacs.dicomweb_url (DICOMweb) and pacs.dimse (DIMSE), not both")
         return self
 
     @property

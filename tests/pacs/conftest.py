@@ -1,6 +1,6 @@
-"""A real PACS for the tests: Debian's Orthanc with its DICOMweb plugin, started on free
-loopback ports with a throw-away storage folder and a test user, stopped after the module.
-Skipped, with the reason, where Orthanc or the plugin is not installed
+"""A real PACS for the tests: Debian's Orthanc with its DICOMweb plugin and its DICOM port
+(C-FIND / C-GET / C-STORE allowed for :data:`CALLING_AE`), started on free loopback ports with
+a throw-away storage folder and a test user, stopped after the module. Skipped, with the reason, where Orthanc or the plugin is not installed
 (``scripts/ensure_orthanc.sh`` installs them; ``make test`` runs it)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/dicom_help
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))  # infer_helpers.py
 
 USER, PASSWORD = "medseg-test", "not-a-real-password"
+AET, CALLING_AE = "ORTHANC", "MEDSEG_TEST"  # Orthanc's AE title, the one medseg calls from
 
 
 def free_port() -> int:
@@ -52,7 +53,12 @@ class Orthanc:
         self.log = root / "orthanc.log"
         self.config.write_text(json.dumps({
             "Name": "medseg-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": AET,
+            # DIMSE (tests/pacs/test_pacs_dimse.py): medseg's AE may C-FIND, C-GET and C-STORE;
+            # C-GET answers on medseg's association, so Orthanc needs no host or port for it
+            "DicomModalities": {CALLING_AE: [CALLING_AE, "127.0.0.1", 104]}, "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True,
+            "DicomScuTimeout": 10,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
             "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "SaveJobs": False, "StorageCompression": False, "OverwriteInstances": False,

@@ -33,7 +33,7 @@ def test_pacs_section_from_set_and_its_errors():
         with pytest.raises(ConfigError, match=message) as info:
             load_config(None, [override])
         assert "secret" not in str(info.value)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match=r"pacs.dicomweb_url \(DICOMweb\) and pacs.dimse \(DIMSE\), not both"):
         load_config(None, ["pacs.dicomweb_url=http://pacs/dicom-web", "pacs.dimse={host: pacs, port: 104, called_ae: PACS}"])
     assert PacsConfig(study_date="20260101-").study_date == "20260101-"
 
@@ -108,5 +108,8 @@ def test_without_a_pacs_the_error_says_what_to_set():
 
     with pytest.raises(ConfigError, match="set pacs.dicomweb_url"):
         connect(PacsConfig())
-    with pytest.raises(ConfigError, match="DIMSE client .* is not part of this version"):
-        connect(PacsConfig(dimse={"host": "pacs", "port": 104, "called_ae": "PACS"}))
+    dimse = {"host": "pacs", "port": 104, "called_ae": "PACS"}
+    assert connect(PacsConfig(dimse=dimse)).description == "DIMSE PACS@pacs:104 (as MEDSEG)"  # nothing sent yet
+    both = PacsConfig.model_construct(dicomweb_url="http://pacs/dicom-web", dimse=PacsConfig(dimse=dimse).dimse)
+    with pytest.raises(ConfigError, match="pacs.dicomweb_url and pacs.dimse, not both"):
+        connect(both)
