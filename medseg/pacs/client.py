@@ -1,9 +1,9 @@
 """Talking to an archive: :class:`PacsClient` (the contract), :class:`DicomWebClient` (QIDO-RS,
 WADO-RS, STOW-RS through ``dicomweb-client``; :mod:`medseg.pacs.dimse` has the DIMSE one),
-:func:`connect` (the client ``pacs:`` names) and :func:`with_retries` (bounded retries with
+:func:`connect` (the client ``pacs:`` names) and :func:`.contract.with_retries` (bounded retries with
 exponential backoff).
 
-Contract of a client (one attempt per call; :func:`with_retries` repeats):
+Contract of a client (one attempt per call; :func:`.contract.with_retries` repeats):
 
 =====================================  ==========================================================
 ``find_series(query, modalities)``     the series of the studies matching ``query`` whose
@@ -24,75 +24,22 @@ only; they are never logged or written.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError
 from medseg.pacs.config import PacsConfig
+from medseg.pacs.contract import SEG_MANUFACTURER, PacsClient, PacsError, SeriesInfo, T
 from medseg.pacs.credentials import pacs_credentials
+from medseg.pacs.dimse import DimseClient
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-SEG_MANUFACTURER = "medseg"  # what medseg's SEG writer puts in Manufacturer (medseg.dicom.seg_writer)
 
 # DICOM JSON tags (PS3.18 F.2)
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 MODALITY, SERIES_NUMBER, STUDY_DATE, N_INSTANCES = "00080060", "00200011", "00080020", "00201209"
 MANUFACTURER, REFERENCED_SERIES = "00080070", "00081115"
-
-
-class PacsError(MedsegError):
-    """The PACS did not do ``action``; ``status``: what it answered, or why it did not."""
-
-    def __init__(self, action: str, status: str) -> None:
-        self.action = action
-        self.status = status
-        super().__init__(f"{action}: {status}")
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """One series of the archive, as the query answered it (UIDs, no patient attributes)."""
-
-    study_uid: str
-    series_uid: str
-    modality: str
-    series_number: str = ""
-    n_instances: int | None = None
-    study_date: str = ""
-
-
-class PacsClient(Protocol):
-    description: str
-
-    def find_series(self, query: PacsConfig, modalities: Iterable[str]) -> list[SeriesInfo]: ...
-
-    def retrieve_series(self, series: SeriesInfo, folder: Path) -> int: ...
-
-    def store(self, path: Path) -> str: ...
-
-    def answered_series(self, study_uid: str) -> set[str]: ...
-
-
-def with_retries(cfg: PacsConfig, action: str, call: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
-    """``call()``, tried ``1 + cfg.retries`` times while it raises :class:`PacsError`, waiting
-    ``cfg.backoff_s * 2**attempt`` seconds between tries (e.g. backoff 2 s, 2 retries: waits 2 s
-    then 4 s). The last error is raised with the number of attempts."""
-    attempts = 1 + cfg.retries
-    for attempt in range(attempts):
-        try:
-            return call()
-        except PacsError as exc:
-            if attempt + 1 == attempts:
-                raise PacsError(action, f"{exc.status} (after {attempts} attempt(s))") from None
-            wait = cfg.backoff_s * 2**attempt
-            log.warning("%s: %s; trying again in %.1f s (%d of %d)", action, exc.status, wait, attempt + 2, attempts)
-            sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def connect(cfg: PacsConfig) -> PacsClient:
@@ -103,8 +50,6 @@ def connect(cfg: PacsConfig) -> PacsClient:
     if cfg.dicomweb_url is not None:
         return DicomWebClient(cfg)
     if cfg.dimse is not None:
-        from medseg.pacs.dimse import DimseClient
-
         return DimseClient(cfg)
     raise ConfigError("pacs: set pacs.dicomweb_url (e.g. --set pacs.dicomweb_url=http://pacs:8042/dicom-web) "
                       "or pacs.dimse {host, port, called_ae}")
@@ -132,7 +77,7 @@ def _http_status(exc: Exception, url: str, timeout_s: float) -> str:
 
 class DicomWebClient:
     """QIDO-RS / WADO-RS / STOW-RS under ``cfg.dicomweb_url`` (``dicomweb-client``; its own
-    retries are off: :func:`with_retries` decides)."""
+    retries are off: :func:`.contract.with_retries` decides)."""
 
     def __init__(self, cfg: PacsConfig) -> None:
         import requests

@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medseg.pacs.client import SEG_MANUFACTURER, PacsError, SeriesInfo
 from medseg.pacs.config import PacsConfig
+from medseg.pacs.contract import SEG_MANUFACTURER, PacsError, SeriesInfo
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from medseg.errors import MedsegError, NothingToDo
 from medseg.manifest import Case
 from medseg.outputs import DICOM_SEG_SUFFIX
-from medseg.pacs.client import PacsClient, PacsError, SeriesInfo, with_retries
 from medseg.pacs.config import PacsConfig
+from medseg.pacs.contract import PacsClient, PacsError, SeriesInfo, with_retries
 from medseg.pacs.ledger import FAILED, IN_PACS, STORED, Ledger
 
 log = logging.getLogger(__name__)

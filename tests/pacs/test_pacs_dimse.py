@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from dicom_helpers import STUDY_UID
 
-from medseg.pacs.client import PacsError
 from medseg.pacs.config import PacsConfig
+from medseg.pacs.contract import PacsError
 
 from .conftest import AET, CALLING_AE
 from .test_pacs_loop import PIPELINE, check_segs_in_orthanc, ledger, upload_series
@@ -132,7 +132,8 @@ def test_dimse_rejections_and_refusals_read_as_statuses(tmp_path):
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import SegmentationStorage, Verification
 
-    from medseg.pacs.client import connect, with_retries
+    from medseg.pacs.client import connect
+    from medseg.pacs.contract import with_retries
 
     from .conftest import free_port
 

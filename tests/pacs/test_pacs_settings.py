@@ -8,8 +8,8 @@ import pytest
 
 from medseg.config import load_config
 from medseg.errors import ConfigError
-from medseg.pacs.client import PacsError, with_retries
 from medseg.pacs.config import PacsConfig
+from medseg.pacs.contract import PacsError, with_retries
 from medseg.pacs.credentials import pacs_credentials
 from medseg.pacs.ledger import FAILED, STORED, Ledger
 
