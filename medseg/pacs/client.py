@@ -30,7 +30,7 @@ from typing import Any
 
 from medseg.errors import ConfigError
 from medseg.pacs.config import PacsConfig
-from medseg.pacs.contract import SEG_MANUFACTURER, PacsClient, PacsError, SeriesInfo, T
+from medseg.pacs.contract import SEG_MANUFACTURER, PacsClient, PacsError, SeriesInfo, T, study_searches
 from medseg.pacs.credentials import pacs_credentials
 from medseg.pacs.dimse import DimseClient
 
@@ -124,12 +124,7 @@ class DicomWebClient:
         base: dict[str, Any] = {"StudyDate": query.study_date} if query.study_date else {}
         if query.modality:
             base["ModalitiesInStudy"] = query.modality
-        if query.accession_numbers:
-            searches = [{**base, "AccessionNumber": a} for a in query.accession_numbers]
-        elif query.study_uids:
-            searches = [{**base, "StudyInstanceUID": u} for u in query.study_uids]
-        else:
-            searches = [base]
+        searches = study_searches(query, base)
         studies: dict[str, dict[str, Any]] = {}
         for filters in searches:
             rows = self._call("QIDO-RS study query", lambda f=filters: self._client.search_for_studies(

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from medseg.errors import MedsegError
 from medseg.pacs.config import PacsConfig
@@ -68,3 +68,13 @@ def with_retries(cfg: PacsConfig, action: str, call: Callable[[], T], sleep: Cal
             log.warning("%s: %s; trying again in %.1f s (%d of %d)", action, exc.status, wait, attempt + 2, attempts)
             sleep(wait)
     raise AssertionError("unreachable")
+
+
+def study_searches(query: PacsConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study queries a ``pacs:`` section asks for: ``base`` (the transport's keys for date,
+    modality...) once per accession number, else once per study UID, else once as it is."""
+    if query.accession_numbers:
+        return [{**base, "AccessionNumber": a} for a in query.accession_numbers]
+    if query.study_uids:
+        return [{**base, "StudyInstanceUID": u} for u in query.study_uids]
+    return [base]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.pacs.config import PacsConfig
-from medseg.pacs.contract import SEG_MANUFACTURER, PacsError, SeriesInfo
+from medseg.pacs.contract import SEG_MANUFACTURER, PacsError, SeriesInfo, study_searches
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +202,7 @@ class DimseClient:
         UID), AND of the other settings; both lists given: a study must match both."""
         base: dict[str, Any] = {"StudyInstanceUID": "", "StudyDate": query.study_date or "",
                                 "ModalitiesInStudy": query.modality or "", "AccessionNumber": ""}  # fmt: skip
-        if query.accession_numbers:
-            searches = [{**base, "AccessionNumber": a} for a in query.accession_numbers]
-        elif query.study_uids:
-            searches = [{**base, "StudyInstanceUID": u} for u in query.study_uids]
-        else:
-            searches = [base]
+        searches = study_searches(query, base)
         studies: dict[str, Any] = {}
         for keys in searches:
             for row in self._find(assoc, "C-FIND study", "STUDY", keys):
