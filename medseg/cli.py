@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "export": "medseg.commands.export",
     "export-seg": "medseg.commands.export_seg",
     "evaluate": "medseg.commands.evaluate",
+    "compare": "medseg.commands.compare",
     "train": "medseg.commands.train",
     "cv": "medseg.commands.cv",
     "infer": "medseg.commands.infer",
