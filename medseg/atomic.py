@@ -73,6 +73,27 @@ def _kept(target: Path) -> str:
     return "; the existing file is unchanged" if target.exists() else ""
 
 
+FREE_SPACE_FULL = 1 << 20  # a write that failed with less than this free on its device: "disk full"
+
+
+def failed_write_reason(folder: Path, problem: str, target: Path) -> str:
+    """``problem`` of a write that failed without an ``OSError`` to read (a library's own error,
+    or a file found incomplete afterwards), as "no space left on the device" when that is the
+    cause (it says so, or ``folder``'s device has less than :data:`FREE_SPACE_FULL` free), and
+    whether an existing ``target`` was kept."""
+    kept = _kept(target)
+    if "no space left" in problem.lower():
+        return f"no space left on the device{kept}"
+    try:
+        stats = os.statvfs(folder)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < FREE_SPACE_FULL:
+        return f"no space left on the device ({free // 1024} KiB free){kept}"
+    return f"{problem}{kept}"
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -38,7 +38,7 @@ import torch
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, failed_write_reason
 from medseg.errors import GeometryMismatchError, InputFileError, OutputError, is_utf8_text
 from medseg.geometry import LPS_TO_RAS, grid_mismatch
 
@@ -129,12 +129,13 @@ def is_volume_path(path: str | Path) -> bool:
     return p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def _nifti_gz_payload_size(path: Path) -> int | None:
-    """Uncompressed size promised by a .nii.gz header (vox_offset + voxel bytes), or None."""
+def _nifti_payload_size(path: Path) -> int | None:
+    """Size the NIfTI-1 header of ``path`` promises (vox_offset + voxel bytes; for a ``.gz`` file
+    the uncompressed size), or None when ``path`` does not start with a readable NIfTI-1 header."""
     import nibabel as nib
 
     try:
-        with gzip.open(path, "rb") as fh:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
             raw = fh.read(348)
     except (OSError, EOFError, zlib.error):
         return None
@@ -142,21 +143,7 @@ def _nifti_gz_payload_size(path: Path) -> int | None:
         return None
     try:
         header = nib.Nifti1Header(raw, check=False)
-        nvox = int(np.prod(header.get_data_shape()))
-        return int(header["vox_offset"]) + nvox * header.get_data_dtype().itemsize
-    except Exception:  # noqa: BLE001 - not a NIfTI-1 header; let ITK judge the file
-        return None
-
-
-def _nifti_payload_size(path: Path) -> int | None:
-    """Size an uncompressed .nii file's header promises (vox_offset + voxel bytes), or None."""
-    import nibabel as nib
-
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(348)
-        header = nib.Nifti1Header(raw, check=False) if len(raw) == 348 else None
-        if header is None or header["sizeof_hdr"] != 348:
+        if header["sizeof_hdr"] != 348:
             return None
         return int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception:  # noqa: BLE001 - not a NIfTI-1 header; let ITK judge the file
@@ -182,7 +169,7 @@ def _check_gzip_complete(path: Path) -> bool:
     CRC errors. Multi-member gzip files (bgzip output) pass this check but ITK misreads them,
     so they are flagged for decompression.
     """
-    expected = _nifti_gz_payload_size(path)
+    expected = _nifti_payload_size(path)
     if expected is not None:
         with open(path, "rb") as fh:
             fh.seek(-4, os.SEEK_END)
@@ -627,7 +614,7 @@ def _itk_write(image: sitk.Image, path: Path, target: Path, compress: bool) -> N
     try:
         sitk.WriteImage(image, str(path), useCompression=compress)
     except RuntimeError as exc:
-        raise OutputError(target, f"cannot write: {_write_failure(path, _itk_reason(str(exc)), target)}") from None
+        raise OutputError(target, f"cannot write: {failed_write_reason(path.parent, _itk_reason(str(exc)), target)}") from None
     _verify_written(image, path, target, compress)
 
 
@@ -638,7 +625,6 @@ def _itk_write(image: sitk.Image, path: Path, target: Path, compress: bool) -> N
 # length must hold the voxel data (.nii) or its gzip trailer must state the uncompressed size the
 # header promises (.nii.gz; a stream cut short ends in compressed bytes, not that size). Formats
 # without such a cheap test (compressed NRRD/MHA) are read back in full.
-_FREE_SPACE_FULL = 1 << 20  # a write that failed with less than this free on its device: "disk full"
 
 
 def _verify_written(image: sitk.Image, path: Path, target: Path, compress: bool) -> None:
@@ -649,7 +635,7 @@ def _verify_written(image: sitk.Image, path: Path, target: Path, compress: bool)
         size = -1
     if size <= 0:
         problem = "the writer left no file" if size < 0 else "the written file is empty"
-        raise OutputError(target, f"cannot write: {_write_failure(path, problem, target)}")
+        raise OutputError(target, f"cannot write: {failed_write_reason(path.parent, problem, target)}")
     n_voxels = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
     payload = n_voxels * image.GetSizeOfPixelComponent()
     reader = sitk.ImageFileReader()
@@ -660,7 +646,7 @@ def _verify_written(image: sitk.Image, path: Path, target: Path, compress: bool)
     except RuntimeError:
         header_ok = False
     if not header_ok:
-        raise OutputError(target, f"cannot write: {_write_failure(path, 'the written header does not read back', target)}")
+        raise OutputError(target, f"cannot write: {failed_write_reason(path.parent, 'the written header does not read back', target)}")
     name = path.name.lower()
     problem = None
     if name.endswith(".nii.gz"):
@@ -674,42 +660,19 @@ def _verify_written(image: sitk.Image, path: Path, target: Path, compress: bool)
         except RuntimeError as exc:
             problem = f"the written file does not read back ({_first_line(exc)})"
     if problem:
-        raise OutputError(target, f"cannot write: {_write_failure(path, problem, target)}")
+        raise OutputError(target, f"cannot write: {failed_write_reason(path.parent, problem, target)}")
 
 
 def _gzip_incomplete(path: Path) -> str | None:
     """Why the written ``.nii.gz`` ``path`` is incomplete, or None: its gzip trailer (ISIZE) must
     equal the size its header promises; otherwise the stream is decompressed to be sure."""
-    expected = _nifti_gz_payload_size(path)
-    if expected is None:
+    if _nifti_payload_size(path) is None:
         return "the written header does not read back"
-    with open(path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        (isize,) = struct.unpack("<I", fh.read(4))
-    if isize == expected % (1 << 32):
-        return None
     try:
         _check_gzip_complete(path)
     except InputFileError:
         return "the written file is incomplete (its gzip stream ends early or is damaged)"
     return None
-
-
-def _write_failure(path: Path, problem: str, target: Path) -> str:
-    """``problem`` of a failed write, as "no space left on the device" when that is the cause
-    (the device of ``path`` has less than ``_FREE_SPACE_FULL`` free), and whether an existing
-    ``target`` was kept."""
-    kept = "; the existing file is unchanged" if target.exists() else ""
-    if "no space left" in problem.lower():
-        return f"no space left on the device{kept}"
-    try:
-        stats = os.statvfs(path.parent)
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
-        free = None
-    if free is not None and free < _FREE_SPACE_FULL:
-        return f"no space left on the device ({free // 1024} KiB free){kept}"
-    return f"{problem}{kept}"
 
 
 def _itk_reason(message: str) -> str:

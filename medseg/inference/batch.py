@@ -3,7 +3,6 @@ recorded per case, torchrun sharding and the run record (module docstring of :mo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,10 +28,11 @@ from medseg.inference.outputs import (
     discard_case,
     expected_outputs,
     is_complete,
+    read_marker,
 )
 from medseg.inference.preflight import preflight
 from medseg.input_identity import inputs_identity
-from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD, marker_file
+from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD
 from medseg.progress import progress_enabled
 from medseg.runtime import (
     barrier,
@@ -199,9 +199,8 @@ class BatchRun:
 
     def say_done(self, case_id: str) -> None:
         """One line per finished case (the plain-log progress; a TTY shows the bars instead)."""
-        try:
-            record = json.loads(marker_file(self.out, case_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        record = read_marker(self.out, case_id)
+        if record is None:
             return
         cohort = record.get("cohort") or {}
         seconds = sum(v for v in (record.get("timings_s") or {}).values() if isinstance(v, (int, float)))
@@ -259,9 +258,8 @@ class BatchRun:
         SEG), from the numbers the marker holds."""
         rows = []
         for case in cases:
-            try:
-                record = json.loads(marker_file(self.out, case.case_id).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            record = read_marker(self.out, case.case_id)
+            if record is None:
                 continue
             cohort = record.get("cohort") or {}
             rows.append({"case_id": case.case_id, **{c: cohort.get(c) for c in CASES_COLUMNS[1:-1]},

@@ -70,15 +70,26 @@ def case_name_problem(case_id: str) -> str | None:
     return case_id_problem(case_id, name_extra=CASE_NAME_EXTRA_BYTES)
 
 
+def read_marker(out_dir: Path, case_id: str) -> dict[str, Any] | None:
+    """``case_id``'s completion marker as written (files, fingerprint, inputs, cohort numbers,
+    timings), or None when there is none or it cannot be read."""
+    try:
+        record = json.loads(marker_path(out_dir, case_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def is_complete(
     out_dir: Path, case_id: str, expected: list[str], fingerprint: str, inputs: dict[str, Any] | None = None
 ) -> bool:
     """True when ``case_id``'s marker vouches for every file in ``expected`` (module docstring),
     and, with ``inputs`` (:func:`medseg.input_identity.inputs_identity` of the case's channel
     files now), was written for inputs with that identity."""
-    marker = marker_path(out_dir, case_id)
+    record = read_marker(out_dir, case_id)
+    if record is None:
+        return False
     try:
-        record = json.loads(marker.read_text())
         files: dict[str, int] = record["files"]
         if record.get("fingerprint") != fingerprint:
             return False

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from medseg import __version__
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, failed_write_reason
 from medseg.config import ModelConfig, format_validation_error
 from medseg.errors import MedsegError
 
@@ -73,15 +73,10 @@ def _write_payload(payload: dict[str, Any], path: Path) -> Path:
         with atomic_path(path, fsync=True) as tmp:
             torch.save(payload, tmp)
     except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
-        import shutil
-
         from medseg.errors import OutputError
 
-        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-        full = free < (1 << 20) or "write" in str(exc).lower()
-        why = "no space left on the device" if full else (str(exc).splitlines() or [type(exc).__name__])[0]
-        kept = "; the existing file is unchanged" if path.exists() else ""
-        raise OutputError(path, f"cannot write the checkpoint: {why} ({free // 1024} KiB free){kept}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise OutputError(path, f"cannot write the checkpoint: {failed_write_reason(path.parent, first, path)}") from None
     return path
 
 
