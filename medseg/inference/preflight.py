@@ -24,26 +24,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from medseg.config import InferenceConfig
 from medseg.errors import MedsegError, printable_path
+from medseg.geometry import grid_mismatch
 from medseg.inference.cases import InferenceCase
+from medseg.io import Geometry
 
 log = logging.getLogger(__name__)
 
-GRID_TOLERANCE_MM = 1e-3  # origin / spacing agreement between channels
-DIRECTION_TOLERANCE = 1e-4
-
-
 @dataclass(frozen=True)
 class Header:
-    """What preflight knows of one channel without reading its voxels. ``grid``: (size, spacing,
-    origin, direction) or None when unknown; ``modality`` and ``frame_of_reference`` for DICOM."""
+    """What preflight knows of one channel without reading its voxels. ``grid``: its voxel grid
+    from the header, or None when unknown; ``modality`` and ``frame_of_reference`` for DICOM."""
 
     path: Path
     dicom: bool
-    grid: tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
+    grid: Geometry | None = None
     modality: str | None = None
     frame_of_reference: str | None = None
 
@@ -79,7 +75,7 @@ def read_header(path: Path) -> Header:
     size = tuple(int(v) for v in reader.GetSize())
     if len(size) != 3:
         return Header(path, dicom=False)
-    grid = (size, tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    grid = Geometry(size, tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))  # type: ignore[arg-type]
     return Header(path, dicom=False, grid=grid)
 
 
@@ -103,19 +99,16 @@ def _dicom_folder_header(folder: Path) -> Header:
 
 
 def _grid_problem(headers: Sequence[Header]) -> str | None:
-    known = [h for h in headers if h.grid is not None]
-    if len(known) < 2:
-        return None
-    first = known[0]
-    size, spacing, origin, direction = first.grid  # type: ignore[misc]
-    for other in known[1:]:
-        o_size, o_spacing, o_origin, o_direction = other.grid  # type: ignore[misc]
-        if (o_size != size or np.abs(np.subtract(o_spacing, spacing)).max() > GRID_TOLERANCE_MM
-                or np.abs(np.subtract(o_origin, origin)).max() > GRID_TOLERANCE_MM
-                or np.abs(np.subtract(o_direction, direction)).max() > DIRECTION_TOLERANCE):
-            return (f"channels are on different grids: {printable_path(first.path)} is {size} voxels of "
-                    f"{_mm(spacing)} mm at {_mm(origin)}, {printable_path(other.path)} is {o_size} of "
-                    f"{_mm(o_spacing)} mm at {_mm(o_origin)}; resample them onto one grid first")
+    """Why the channels' header grids differ (the reader's rule, :func:`medseg.geometry.grid_mismatch`),
+    or None."""
+    known = [(h.path, h.grid) for h in headers if h.grid is not None]
+    for path, grid in known[1:]:
+        first_path, first = known[0]
+        problem = grid_mismatch(first.size, first.affine, grid.size, grid.affine)
+        if problem is not None:
+            return (f"channels are on different grids ({problem}): {printable_path(first_path)} is {first.size} "
+                    f"voxels of {_mm(first.spacing)} mm at {_mm(first.origin)}, {printable_path(path)} is {grid.size} "
+                    f"of {_mm(grid.spacing)} mm at {_mm(grid.origin)}; resample them onto one grid first")
     return None
 
 
