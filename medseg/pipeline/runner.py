@@ -116,10 +116,11 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
             break
         seconds = time.perf_counter() - start
         output = output_fingerprint(out_dir) if out_dir else "none"
-        state[name] = {"fingerprint": fingerprint, "status": "done", "output": output, "seconds": round(seconds, 2),
+        remembered = stage.remember(ctx) if stage.remember is not None else {}
+        status = remembered.pop("status", "done")  # "incomplete": the stage runs again next time (e.g. a PACS down)
+        state[name] = {"fingerprint": fingerprint, "status": status, "output": output, "seconds": round(seconds, 2),
                        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                       "runs": record.get("runs", 0) + 1,
-                       **(stage.remember(ctx) if stage.remember is not None else {})}  # fmt: skip
+                       "runs": record.get("runs", 0) + 1, **remembered}  # fmt: skip
         previous[name] = ctx.failures[n_fail_before:]
         write_failures_by_stage(run_dir, previous)
         write_state(run_dir, state)

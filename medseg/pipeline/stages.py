@@ -516,7 +516,8 @@ class Stage:
     ``output``: the folder it writes under the run folder (fingerprinted; ``None``: none there).
     ``restore(ctx, record)``: when the stage is up to date and skipped, hand on to ``ctx`` what
     its ``state.json`` record holds; ``remember(ctx)``: the fields it adds to that record after
-    running. ``reads_manifest``/``reads_source``: whether the manifest's bytes /
+    running (a ``status`` of ``incomplete`` there makes the stage run again next time, e.g. a
+    PACS that was down). ``reads_manifest``/``reads_source``: whether the manifest's bytes /
     ``pipeline.source`` are part of its input fingerprint.
     """
 
