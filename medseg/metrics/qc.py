@@ -34,14 +34,23 @@ N_RESAMPLES = 2_000
 MIN_CASES = 5
 
 
+CHUNK_VOXELS = 1 << 22  # voxels per block: a 512 x 512 x 200 CT map is scored in 4 M-voxel pieces
+
+
 def uncertain_fraction(prob: np.ndarray) -> float:
     """The QC score of one case (module docstring) from its lesion probability map (any shape,
-    values in [0, 1]). Higher = more doubt."""
-    p = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -(p * np.log2(p, where=p > 0, out=np.zeros_like(p))
-                    + (1 - p) * np.log2(1 - p, where=p < 1, out=np.zeros_like(p)))
-    return float(entropy.sum() / max(float(p.sum()), 1.0))
+    values in [0, 1]). Higher = more doubt. Computed in float32 blocks of :data:`CHUNK_VOXELS`
+    (sums in float64), so a whole-CT map costs tens of MB beside itself, not several copies."""
+    flat = np.asarray(prob).reshape(-1)
+    entropy_sum = mass = 0.0
+    for start in range(0, flat.size, CHUNK_VOXELS):
+        p = np.clip(flat[start:start + CHUNK_VOXELS].astype(np.float32, copy=False), 0.0, 1.0)
+        q = 1.0 - p
+        entropy = p * np.log2(p, where=p > 0, out=np.zeros_like(p))
+        entropy += q * np.log2(q, where=q > 0, out=np.zeros_like(q))
+        entropy_sum -= float(entropy.sum(dtype=np.float64))
+        mass += float(p.sum(dtype=np.float64))
+    return float(entropy_sum / max(mass, 1.0))
 
 
 def _spearman(scores: np.ndarray, dice: np.ndarray) -> float:
