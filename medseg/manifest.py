@@ -206,18 +206,30 @@ def _shared_image_problems(cases: list[Case]) -> list[str]:
     patients. Rows without a split are not compared."""
     from medseg.input_identity import input_identity
 
-    owners: dict[object, dict[str, tuple[str, int]]] = {}
-    for c in cases:
-        if not c.split:
-            continue
-        for path in c.images.values():
-            keys: list[object] = [("path", str(path))]
+    entries = [(c, path) for c in cases if c.split for path in c.images.values()]
+    sizes: dict[Path, int] = {}
+    for _, path in entries:
+        try:
             if path.is_file():
-                identity = input_identity(path)
-                if "head_sha256" in identity:
-                    keys.append(("content", identity["size"], identity["head_sha256"]))
-            for key in keys:
-                owners.setdefault(key, {}).setdefault(c.patient_id, (c.split, c.row or 0))
+                sizes[path] = path.stat().st_size
+        except OSError:
+            continue
+    # only files whose size another patient's file in another split shares can be copies: only
+    # those are hashed (a manifest of a thousand scans is not read 64 KiB by 64 KiB for nothing)
+    holders: dict[int, set[tuple[str, str]]] = {}
+    for c, path in entries:
+        if path in sizes:
+            holders.setdefault(sizes[path], set()).add((c.patient_id, c.split))
+    owners: dict[object, dict[str, tuple[str, int]]] = {}
+    for c, path in entries:
+        keys: list[object] = [("path", str(path))]
+        same_size = holders.get(sizes.get(path, -1), set())
+        if len({pid for pid, _ in same_size}) > 1 and len({split for _, split in same_size}) > 1:
+            identity = input_identity(path)
+            if "head_sha256" in identity:
+                keys.append(("content", identity["size"], identity["head_sha256"]))
+        for key in keys:
+            owners.setdefault(key, {}).setdefault(c.patient_id, (c.split, c.row or 0))
     problems, reported = [], set()
     for key, patients in sorted(owners.items(), key=lambda kv: kv[0][0] != "path"):  # the same file first
         if len(patients) < 2 or len({split for split, _ in patients.values()}) < 2:
