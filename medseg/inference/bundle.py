@@ -45,7 +45,6 @@ class InferenceBundle:
     checkpoints: list[Path]
     device: torch.device
     model_dir: Path | None = None  # the model folder the checkpoints came from, if any
-    _sha256: list[str] | None = field(default=None, repr=False)
     _identity: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -53,12 +52,9 @@ class InferenceBundle:
         return self.config.inference
 
     def checkpoint_sha256(self) -> list[str]:
-        """sha256 of each checkpoint file (recorded in DICOM SEG algorithm identification)."""
-        if self._sha256 is None:
-            from medseg.atomic import sha256_file
-
-            self._sha256 = [sha256_file(p) for p in self.checkpoints]
-        return self._sha256
+        """sha256 of each checkpoint file (recorded in DICOM SEG algorithm identification): the
+        ones :attr:`identity` took, so each file is hashed once per bundle."""
+        return [entry["sha256"] for entry in self.identity["checkpoints"]]
 
     @property
     def identity(self) -> dict[str, Any]:
