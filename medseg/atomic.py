@@ -114,9 +114,13 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def write_csv(path: str | Path, frame: Any) -> Path:
-    """``frame`` (a pandas DataFrame) as CSV without its index."""
+    """``frame`` (a pandas DataFrame) as CSV without its index, its float columns rounded to
+    what they measure (:func:`medseg.rounding.round_table`: mm to 0.01, mL to 0.0001, Dice to 4
+    digits, ...)."""
+    from medseg.rounding import round_table
+
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        round_table(frame).to_csv(tmp, index=False)
     return Path(path)
 
 

@@ -148,8 +148,11 @@ def discard_case(out_dir: Path, case_id: str) -> None:
 
 
 def write_table(path: Path, table: pd.DataFrame) -> Path:
+    """A case's lesion table, its numbers rounded as every medseg table (:mod:`medseg.rounding`)."""
+    from medseg.rounding import round_table
+
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+        round_table(table).to_csv(tmp, index=False)
     return path
 
 

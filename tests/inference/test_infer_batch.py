@@ -108,6 +108,7 @@ def test_written_files_are_what_finish_computes(tmp_path, checkpoint):
     """``run_case`` hands each output to the writer as it is made (``finish_and_write``); the
     files must hold exactly what ``finish`` computes in memory, in their documented types."""
     from medseg.inference.runner import CasePredictor
+    from medseg.rounding import round_table
 
     bundle = load_bundle([checkpoint], ["inference.write_prob=true", "inference.min_lesion_mm3=0"])
     predictor = CasePredictor(bundle)
@@ -125,7 +126,8 @@ def test_written_files_are_what_finish_computes(tmp_path, checkpoint):
     table = pd.read_csv(out / "case0_lesions.csv")
     assert len(table) == len(result.table) > 0  # a random tiny network marks some voxels: the lesion files are not empty
     numbers = [c for c in table.columns if c != "score_source"]
-    np.testing.assert_allclose(table[numbers].to_numpy(float), result.table[numbers].to_numpy(float), rtol=1e-5)  # csv: 6 digits
+    written = round_table(result.table)  # csv: each column to its measurement's digits (medseg.rounding)
+    np.testing.assert_allclose(table[numbers].to_numpy(float), written[numbers].to_numpy(float), rtol=1e-12)
     assert (table["score_source"] == result.table["score_source"]).all() and set(table["score_source"]) == {"probability"}
     assert is_complete(out, "case0", expected_outputs("case0", True, True), bundle.fingerprint())
 

@@ -87,7 +87,7 @@ def test_every_pool_case_predicted_once_by_the_model_that_did_not_see_it(data, c
     fold_of = folds.fold_of_patient()
     by_id = {c.case_id: c for c in cases}
     assert all(row.fold == fold_of[by_id[row.case_id].patient_id] for row in rows.itertuples())
-    assert table.iloc[-1]["dice"] == pytest.approx(rows["dice"].mean())
+    assert table.iloc[-1]["dice"] == pytest.approx(rows["dice"].mean(), abs=5e-5)  # the mean row, to 4 digits
     summary = json.loads((out / CV_SUMMARY).read_text())
     assert summary["n_cases"] == 5 and summary["metrics"]["dice"]["mean"] == pytest.approx(rows["dice"].mean())
     assert summary["metrics"]["dice"]["ci95"] == pytest.approx(list(bootstrap_mean_ci(rows["dice"], rows["patient_id"])))
