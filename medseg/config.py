@@ -6,6 +6,8 @@ Config files name registry keys (``model: {arch: unet_inception}``), never impor
 
 from __future__ import annotations
 
+import difflib
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,14 +27,18 @@ from medseg.model_names import (
     ARCHITECTURE_OPTIONS,
     ENCODER_OPTIONS,
     OPTION_FIELDS,
+    builtin_only_settings,
     is_monai_arch,
     known_names,
     monai_network_name,
     plugin_entry_points,
+    unset_fix,
     unsupported_options,
 )
 from medseg.pacs.config import PacsConfig
 from medseg.text_input import NotTextError, read_user_text, yaml_problem
+
+log = logging.getLogger(__name__)
 
 
 class StrictModel(BaseModel):
@@ -182,7 +188,10 @@ class ModelConfig(StrictModel):
     ``resnet18`` | ``resnet34`` | ``resnet50`` | ``xception`` (see ``medseg models``).
     ``in_channels``: modalities x context slices (2.5D: e.g. 3 modalities x 3 slices = 9).
     Settings left at None take the architecture's default; a setting the chosen architecture
-    and encoder cannot honour is an error. ``width``: multiplier of every channel count (1.0).
+    and encoder cannot honour is an error (naming the ``--set`` that unsets it), except that with
+    ``arch: monai:<Name>`` or a plug-in architecture the built-in architectures' settings below
+    are dropped with one log line naming them (so swapping the architecture is one ``--set
+    model.arch=...`` on any config). ``width``: multiplier of every channel count (1.0).
     ``decoder_channels``: U-Net up-block widths, deepest first (default: halve from the
     bottleneck). ``residual``: MONAI residual units in the U-Net conv blocks (false).
     ``inception_branches``: 1x1 / 3x3 / 5x5 / pool branch widths as fractions of the skip's
@@ -246,6 +255,23 @@ class ModelConfig(StrictModel):
             raise ValueError("pretrained must be a local file path (weights are never downloaded)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_builtin_settings(cls, data: Any) -> Any:
+        """With ``arch`` a MONAI network or a plug-in, drop the built-in architectures' settings
+        (:func:`medseg.model_names.builtin_only_settings`) and log one line naming them."""
+        if not isinstance(data, dict):
+            return data
+        arch = data.get("arch")
+        if not isinstance(arch, str) or not (is_monai_arch(arch) or arch in plugin_entry_points()["arch"]):
+            return data  # a built-in architecture (checked after), or an unknown name (the arch field says so)
+        dropped = builtin_only_settings(arch, data)
+        if dropped:
+            log.warning("model.arch %s: dropped model.%s (settings of the built-in architectures; %s takes its own "
+                        "in model.options)", arch, ", model.".join(dropped), arch)
+            data = {**data, **dict.fromkeys(dropped)}  # None: the model's default (keys kept for assignment)
+        return data
+
     @model_validator(mode="after")
     def _settings_supported(self) -> ModelConfig:
         options = {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
@@ -255,7 +281,8 @@ class ModelConfig(StrictModel):
         builtin = self.arch in ARCHITECTURE_OPTIONS and self.encoder in ENCODER_OPTIONS
         if self.options and builtin:
             raise ValueError(f"model.options is for monai:<Name> and plug-in models; {self.arch!r} on "
-                             f"{self.encoder!r} takes the model.* settings ({', '.join(OPTION_FIELDS)})")
+                             f"{self.encoder!r} takes the model.* settings ({', '.join(OPTION_FIELDS)}); to drop "
+                             f"them: {unset_fix(['options'])}")
         return self
 
 
@@ -583,6 +610,14 @@ class PostprocessSearchConfig(StrictModel):
     mean HD95. The config's own rule is kept unless the winner beats its mean Dice by more than
     ``min_gain`` or its HD95 by more than ``min_hd95_gain_mm`` at no loss of Dice (a gain
     smaller than that is noise on a few patients, not a rule worth shipping).
+
+    ``objective`` (lesions, not only voxels): ``dice`` ranks as above. ``lesion_f1`` and ``both``
+    first restrict the candidates to those whose mean out-of-fold lesion F1 (lesions matched as
+    ``evaluation.matching`` does) lies within a margin of the best one -- 0 for ``lesion_f1``,
+    ``lesion_f1_margin`` for ``both`` -- and then apply the Dice rule above among them; the
+    config's own rule is replaced when it falls outside that set. For metastases or MS plaques,
+    where a rule that drops small components wins Dice by deleting whole lesions, ``both`` keeps
+    the lesions; the plan chooses ``both`` for pools with several lesions per case.
     """
 
     thresholds: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
@@ -598,6 +633,27 @@ class PostprocessSearchConfig(StrictModel):
     dice_tolerance: float = Field(default=0.005, ge=0.0)
     min_gain: float = Field(default=0.002, ge=0.0)
     min_hd95_gain_mm: float = Field(default=1.0, ge=0.0)
+    objective: Literal["dice", "lesion_f1", "both"] = "dice"
+    lesion_f1_margin: float = Field(default=0.02, ge=0.0, le=1.0)
+
+
+class CandidateConfig(StrictModel):
+    """One configuration of ``cv.candidates``: a ``name`` (its folder ``cv/candidates/<name>``)
+    and the dotted ``model.*`` / ``train.*`` settings it changes over the run's config, e.g.
+    ``{name: unet, set: {model.arch: unet_inception}}``. Data, preprocessing and inference are
+    the run's: the candidates of one ensemble must read the same inputs."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("set")
+    @classmethod
+    def _model_or_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in value if not (k.startswith("model.") or k.startswith("train."))]
+        if bad:
+            raise ValueError(f"candidate settings must be model.* or train.* keys (the candidates share data, "
+                             f"preprocessing and inference), got {bad}")
+        return value
 
 
 class CrossValidationConfig(StrictModel):
@@ -619,12 +675,33 @@ class CrossValidationConfig(StrictModel):
     and the inference. Two models averaged on BraTS: +0.005 to +0.010 mean Dice out-of-fold
     over the two models' mean, 9-11 of 12 patients better, in two pairs of runs
     (docs/benchmarks.md, "A second training seed ... averaging seeds").
+
+    ``candidates`` (nnU-Net's "find best configuration"; :mod:`medseg.candidates`): two or more
+    configurations, each cross-validated on the same folds at the same budget; the best single
+    one, or the best pair averaged (``ensemble_pairs``) when it gains more than
+    ``selection_min_gain`` mean out-of-fold Dice, is shipped. ``try_tta``: also predict the
+    chosen one's out-of-fold cases with in-plane mirroring (``inference.tta``) and keep it
+    under the same rule. Empty (default): the run's config is the one model.
     """
 
     folds: int = Field(default=5, ge=2, le=50)
     seed: int = 0
     repeats: int = Field(default=1, ge=1, le=10)
     postprocess: PostprocessSearchConfig = Field(default_factory=PostprocessSearchConfig)
+    candidates: list[CandidateConfig] = Field(default_factory=list)
+    ensemble_pairs: bool = True
+    try_tta: bool = False
+    selection_min_gain: float = Field(default=0.002, ge=0.0)
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct_names(cls, value: list[CandidateConfig]) -> list[CandidateConfig]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate names must be distinct, got {names}")
+        if len(value) == 1:
+            raise ValueError("give two or more candidates (one candidate is the run's own config: leave the list empty)")
+        return value
 
 
 class Config(StrictModel):
@@ -664,16 +741,74 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    """One line per problem: ``source: field.path: message``."""
+def format_validation_error(source: str, exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: ``source: field.path: message``. An unknown key lists the valid
+    keys of its section, closest first: ``model.widht: unknown key; valid keys of model: width,
+    ...``. ``model``: the class that was validated (default: the :class:`StrictModel` subclass
+    named by the error's title)."""
+    root = model or _model_named(exc.title)
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the documented sections in medseg/config.py)"
+            msg = unknown_key_message(root, err["loc"])
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
+
+
+def unknown_key_message(root: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
+    """``unknown key; valid keys of <section>: ...`` (closest to the key first, by difflib), for
+    the unknown key at ``loc`` of a ``root`` config; a plain "unknown key" when the section
+    cannot be found."""
+    section = _section_model(root, loc[:-1]) if root is not None else None
+    if section is None:
+        return "unknown key (check the spelling)"
+    key = str(loc[-1])
+    valid = list(section.model_fields)
+    closest = difflib.get_close_matches(key, valid, n=len(valid), cutoff=0.0)
+    where = f" of {'.'.join(str(p) for p in loc[:-1])}" if len(loc) > 1 else ""
+    return f"unknown key; valid keys{where}: {', '.join(closest)}"
+
+
+def _model_named(title: str) -> type[BaseModel] | None:
+    """The :class:`StrictModel` subclass called ``title`` (a ``ValidationError``'s title), if one."""
+    pending: list[type] = [StrictModel]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == title:
+            return cls  # type: ignore[return-value]
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def _section_model(root: type[BaseModel], path: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model of the section at ``path`` below ``root`` (through optional fields,
+    dict values and list items), or None."""
+    from typing import Union, get_args, get_origin
+
+    def unwrap(annotation: Any) -> Any:
+        while get_origin(annotation) in (Union, Annotated) or type(annotation).__name__ == "UnionType":
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)] or [
+                a for a in args if get_origin(a) in (dict, list)]
+            annotation = (models or args)[0]
+        return annotation
+
+    current: Any = root
+    for key in path:
+        current = unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(key))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) in (dict, list):
+            current = get_args(current)[-1]
+        else:
+            return None
+    current = unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 def load_config(
@@ -709,7 +844,7 @@ def load_config(
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc, model)) from None
 
 
 def dump_config(config: BaseModel, path: str | Path) -> None:

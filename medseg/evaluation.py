@@ -46,7 +46,9 @@ Outputs (in ``out_dir``)
 - ``failures.csv``: one row (case_id, error) per case that could not be evaluated (missing or
   unreadable prediction or reference, grid mismatch, non-integer predicted mask...); header only
   when none failed. The tables and the summary cover the other cases; ``summary.json`` counts
-  the failed ones (``n_failed``, ``failures``).
+  the failed ones (``n_failed``, ``failures``). ``medseg evaluate`` without a split scores the
+  cases that have a predicted mask: a labelled case without one is not a failure but listed in
+  ``summary.json`` (``n_not_predicted``, ``not_predicted``).
 
 Lesion tables, AP rankings and slice counts are pooled over all evaluated cases; per-case means
 are reported alongside. AP at IoU threshold ``t`` always uses the one-to-one ``iou`` matching at
@@ -709,6 +711,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _has_prediction(pred_dir: Path, case_id: str) -> bool:
+    """Whether ``pred_dir`` holds something under ``case_id``'s mask name (a file, or a folder
+    that then fails the case); an id that cannot name a file counts, so its case fails saying why."""
+    try:
+        return (pred_dir / f"{case_id}{MASK_SUFFIX}").exists()
+    except (OSError, ValueError):
+        return True
+
+
 def select_cases(cases: Sequence[Case], split: str | None, manifest_path: Path) -> list[Case]:
     """Manifest rows that have a label (and belong to ``split`` when given)."""
     chosen = [c for c in cases if c.label is not None and (split is None or c.split == split)]
@@ -725,11 +736,15 @@ def evaluate(
     cfg: Config | None = None,
     progress: bool = True,
     cases: list[Case] | None = None,
+    skip_unpredicted: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``pred_dir`` against the labels of ``manifest_path``; write the four tables to
     ``out_dir`` (see the module docstring) and return the summary dict (also ``summary.json``).
     ``cases``: evaluate these rows of the manifest instead of all of them (e.g. only those
     that have a prediction); the label and split rules apply to them the same way.
+    ``skip_unpredicted``: a labelled case without a predicted mask in ``pred_dir`` is left out
+    rather than failed (``medseg evaluate`` without a split: a folder of predictions for some
+    of the manifest's cases); the summary lists them (``n_not_predicted``, ``not_predicted``).
 
     A case that cannot be evaluated (prediction or reference missing or unreadable, a grid
     mismatch, a predicted mask with non-integer values...) is recorded in ``failures.csv``
@@ -747,6 +762,14 @@ def evaluate(
     # files are checked per case: a missing one fails its case, not the manifest (images are not read)
     rows = read_manifest(manifest_path, check_files=False) if cases is None else cases
     manifest_cases = select_cases(rows, cfg.evaluation.split, manifest_path)
+    not_predicted: list[str] = []
+    predicted = [c for c in manifest_cases if _has_prediction(pred_dir, c.case_id)] if skip_unpredicted else []
+    if predicted:  # (none at all: every case fails below, naming the file it expected)
+        not_predicted = [c.case_id for c in manifest_cases if c not in predicted]
+        if not_predicted:
+            log.info("%d labelled case(s) have no prediction in %s and are not scored: %s", len(not_predicted),
+                     pred_dir, ", ".join(not_predicted[:5]) + (", ..." if len(not_predicted) > 5 else ""))
+        manifest_cases = predicted
 
     per_region: dict[str, list[RegionResult]] = {r.name: [] for r in regions}
     sources: list[str] = []
@@ -806,6 +829,8 @@ def evaluate(
         "case_ids": case_ids,
         "n_failed": len(failures),
         "failures": [{"case_id": c, "error": e} for c, e in failures],
+        "n_not_predicted": len(not_predicted),
+        "not_predicted": not_predicted,
         "regions": [r.name for r in regions],
         "score_source": score_source,
         "score_source_counts": {s: sources.count(s) for s in sorted(set(sources))},

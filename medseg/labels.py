@@ -6,12 +6,14 @@ kept out of :mod:`medseg.io` so reading volumes does not depend on the config.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medseg.config import LabelConfig
-from medseg.errors import InputFileError
+from medseg.errors import ConfigError, InputFileError, MedsegError
 from medseg.io import Volume, read_volume
 
 
@@ -111,3 +113,55 @@ def read_label(path: str | Path, cfg: LabelConfig | None = None) -> Volume:
     volume = read_volume(path)
     mask = map_labels(volume.array, cfg or LabelConfig(), volume.path)
     return Volume(array=mask, geometry=volume.geometry, path=volume.path, meta={"raw_values": None})
+
+
+def require_foreground(label_paths: Sequence[str | Path], n_lesion_voxels: int, cfg: LabelConfig, what: str) -> None:
+    """Refuse a set of labels in which ``cfg.foreground`` marks no voxel at all.
+
+    ``n_lesion_voxels``: lesion voxels the caller found in the mapped masks of ``label_paths``
+    (its statistics or training volumes); nothing is read when it is positive. Otherwise the
+    raw values of every label are read and, when none of them is a foreground value (a value
+    list such as ``[3]`` on BraTS, whose labels hold 0, 1, 2, 4; or only zeros with
+    ``nonzero``), a ``ConfigError`` names the values that do occur: every mask would be empty
+    and the statistics, the curve and any training all-zero. ``what`` names the set in the
+    message ("training", "manifest"). Unreadable labels are skipped (their cases fail on their
+    own); when the foreground values occur, nothing is raised (the lesions were lost later, e.g.
+    outside the foreground crop, which is not a label-value problem).
+    """
+    if n_lesion_voxels > 0 or not label_paths:
+        return
+    present: set[int] = set()
+    for path in label_paths:
+        try:
+            present.update(present_values(read_volume(path).array))
+        except MedsegError:
+            continue
+    positive = sorted(v for v in present if v > 0)
+    found = positive if cfg.foreground == "nonzero" else [v for v in cfg.foreground if v in present]
+    if found or not present:
+        return
+    values = ", ".join(str(v) for v in sorted(present))
+    n = f"{len(label_paths)} {what} label(s)"
+    if not positive:
+        raise ConfigError(f"data.labels.foreground {_shown(cfg.foreground)}: none of the {n} holds a lesion voxel; "
+                          f"the values they hold: {values} (no lesion anywhere: check the label files)")
+    fix = f"--set data.labels.foreground=[{','.join(str(v) for v in positive)}] or nonzero"
+    raise ConfigError(f"data.labels.foreground {_shown(cfg.foreground)} occurs in none of the {n}; the values they "
+                      f"hold: {values}; set data.labels.foreground to some of these ({fix})")
+
+
+def _shown(foreground: str | list[int]) -> str:
+    return foreground if isinstance(foreground, str) else "[" + ", ".join(str(v) for v in foreground) + "]"
+
+
+def require_listed_foreground(stats_cases: Any, cases: Sequence[Any], cfg: LabelConfig, what: str) -> None:
+    """:func:`require_foreground` for lesion statistics (``stats_cases``: the per-case table,
+    ``case_id`` and ``lesion_voxels``, of the ``cases`` measured): only for a listed foreground
+    (``[3]``), since labels holding only zeros under ``nonzero`` are a lesion-free cohort, not
+    a wrong setting."""
+    if cfg.foreground == "nonzero" or not len(stats_cases):
+        return
+    done = set(stats_cases["case_id"])
+    require_foreground([c.label for c in cases if c.case_id in done and c.label is not None],
+                       int(stats_cases["lesion_voxels"].sum()), cfg, what)
+

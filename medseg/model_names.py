@@ -8,6 +8,8 @@ it, so the two cannot drift apart. Adding a model: register its builder in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # ModelConfig fields handed to the builders (the others are structural: names, channels, weights)
 OPTION_FIELDS: tuple[str, ...] = (
     "width",
@@ -69,9 +71,26 @@ def unsupported_options(arch: str, encoder: str, options: dict[str, object]) -> 
     supported = sorted(k for k in OPTION_FIELDS if k in accepted)
     if not supported:
         return (f"model.{', model.'.join(unsupported)} not supported by arch {arch!r}: MONAI networks and plug-in "
-                "architectures take their settings in model.options")
+                f"architectures take their settings in model.options; to drop them: {unset_fix(unsupported)}")
     return (f"model.{', model.'.join(unsupported)} not supported by arch {arch!r} with encoder {encoder!r}; "
-            f"its settings are: {', '.join(supported)} (leave the others unset)")  # fmt: skip
+            f"its settings are: {', '.join(supported)}; to drop the others: {unset_fix(unsupported)}")  # fmt: skip
+
+
+def unset_fix(keys: list[str]) -> str:
+    """The ``--set`` arguments that unset ``model.<key>`` for each of ``keys`` (the fix a message prints)."""
+    return " ".join(f"--set model.{k}=null" for k in keys)
+
+
+def builtin_only_settings(arch: str, settings: Mapping[str, object]) -> list[str]:
+    """The OPTION_FIELDS set (not None) in ``settings`` that ``arch`` ignores because it is a
+    MONAI network or a plug-in architecture (those take ``model.options``), sorted; empty for a
+    built-in architecture, whose settings are checked by :func:`unsupported_options` instead.
+
+    With these dropped, swapping a built-in model for ``monai:<Name>`` or a plug-in is one
+    ``--set model.arch=...`` on any config (``medseg.config.ModelConfig`` drops them, saying which)."""
+    if arch in ARCHITECTURE_OPTIONS:
+        return []
+    return sorted(k for k in OPTION_FIELDS if settings.get(k) is not None)
 
 
 # --------------------------------------------------------------------------- MONAI networks by name
@@ -147,3 +166,33 @@ def accepted_options(arch: str, encoder: str) -> frozenset[str]:
     (their settings go in ``model.options``)."""
     return ARCHITECTURE_OPTIONS.get(arch, frozenset()) | (
         ENCODER_OPTIONS.get(encoder, frozenset()) if arch in ARCHITECTURE_OPTIONS else frozenset())
+
+
+# --------------------------------------------------------------------------- display names
+
+
+def uses_encoder(arch: str) -> bool:
+    """Whether ``arch`` builds on ``model.encoder``: every built-in architecture does; a MONAI
+    network never does (``monai:FlexibleUNet`` has its own ``options.backbone``); a plug-in
+    architecture does when its builder names an ``encoder`` argument (its module is imported)."""
+    if arch in ARCHITECTURE_OPTIONS:
+        return True
+    entry = None if is_monai_arch(arch) else plugin_entry_points()["arch"].get(arch)
+    if entry is None:
+        return False
+    import inspect
+
+    try:
+        return "encoder" in inspect.signature(entry.load()).parameters  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a plug-in that cannot be loaded: its build error says why
+        return False
+
+
+def model_name(arch: str, encoder: str, options: Mapping[str, object] | None = None) -> str:
+    """How messages and tables name a model: ``arch / encoder`` where the encoder is used
+    (:func:`uses_encoder`), ``monai:FlexibleUNet / <backbone>``, else the architecture alone
+    (``monai:SegResNet``, not ``monai:SegResNet / resnet34``)."""
+    if arch == MONAI_PREFIX + "FlexibleUNet":
+        backbone = (options or {}).get("backbone") or MONAI_NETWORKS["FlexibleUNet"]["defaults"]["backbone"]  # type: ignore[index]
+        return f"{arch} / {backbone}"
+    return f"{arch} / {encoder}" if uses_encoder(arch) else arch

@@ -10,6 +10,9 @@ from medseg.commands import add_set_option
 HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
 
 EPILOG = """\
+Without --split (and evaluation.split) the cases of the manifest that have a predicted mask in
+--pred are scored; labelled cases without one are counted (summary.json: not_predicted), not
+failed. With --split every labelled case of that split must have a prediction.
 A case that cannot be evaluated (missing or unreadable prediction or reference, grid mismatch,
 a predicted mask with non-integer values) is recorded in OUT/failures.csv (case_id, error)
 and the others are evaluated; summary.json counts the failed cases (n_failed).
@@ -65,12 +68,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.split:
         overrides.append(f"evaluation.split={args.split}")
     cfg = load_config(args.config, overrides)
-    summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress)
+    summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress,
+                       skip_unpredicted=cfg.evaluation.split is None)
     dump_config(cfg, f"{args.out}/config_used.yaml")
     t = f"{cfg.evaluation.iou_threshold:g}"
     n_failed = summary["n_failed"]
+    n_missing = summary["n_not_predicted"]
     print(f"evaluated {summary['n_cases']} case(s) -> {args.out}"
-          + (f"; {n_failed} failed (see {args.out}/failures.csv)" if n_failed else ""))
+          + (f"; {n_failed} failed (see {args.out}/failures.csv)" if n_failed else "")
+          + (f"; {n_missing} labelled case(s) of the manifest have no prediction in {args.pred} (not scored; "
+             "--split S to require every case of split S)" if n_missing else ""))
     for name, region in summary["per_region"].items():
         print(
             f"  {name}: mean Dice {_fmt(region['voxel']['dice']['mean'])}, "

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from medseg.errors import ConfigError, MedsegError
+    from medseg.model_names import model_name
     from medseg.models.checkpoint import model_from_checkpoint, write_inference_checkpoint
     from medseg.models.export import SUFFIXES, export_model, onnxruntime_available, verify_export
     from medseg.output_folder import check_output_file
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if not same:
             raise MedsegError(f"{out}: weights differ from {checkpoint}")
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {checkpoint.stat().st_size / 1e6:.1f} MB before; "
-              f"{cfg.arch}/{cfg.encoder}, weights identical)")  # fmt: skip
+              f"{model_name(cfg.arch, cfg.encoder, cfg.options)}, weights identical)")  # fmt: skip
         return 0
     from medseg.model_names import is_instance_arch
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     example = torch.randn(1, cfg.in_channels, args.height, args.width)
     export_model(model, out, args.format, example)
-    print(f"wrote {out} ({args.format}, {cfg.arch}/{cfg.encoder}, input (B, {cfg.in_channels}, H, W))")
+    print(f"wrote {out} ({args.format}, {model_name(cfg.arch, cfg.encoder, cfg.options)}, input (B, {cfg.in_channels}, H, W))")
     if args.format == "onnx" and not onnxruntime_available():
         print("not checked: onnxruntime is not installed (pip install 'medseg[export]')")
         return 0

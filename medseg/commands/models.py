@@ -53,21 +53,35 @@ def _catalogue(args: argparse.Namespace) -> list[tuple[str, str]]:
             if (not args.arch or a in args.arch) and (not args.encoder or e in args.encoder or e == "-")]  # fmt: skip
 
 
-def _rows(args: argparse.Namespace) -> list[list[str]]:
+def _rows(args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
+    """The table rows, and one line per model that could not be built or measured at these
+    settings (e.g. a plug-in that ignores ``in_channels``): the others are still listed."""
     from medseg.config import ModelConfig
     from medseg.models.complexity import count_gflops, count_parameters, receptive_field
     from medseg.models.registry import build_model
 
-    rows = []
+    rows, problems = [], []
     for arch, encoder in _catalogue(args):
         # "-": monai:<Name> / plug-in architectures, which take neither an encoder nor model.width
         own_encoder = {"encoder": encoder, "width": args.channel_width} if encoder != "-" else {}
-        cfg = ModelConfig(arch=arch, in_channels=args.in_channels, **own_encoder)
-        model = build_model(cfg)
-        rows.append([arch, encoder, f"{count_parameters(model) / 1e6:.2f}",
-                     f"{count_gflops(model, args.in_channels, args.height, args.width):.2f}",
-                     str(receptive_field(model, args.in_channels))])  # fmt: skip
-    return rows
+        try:
+            cfg = ModelConfig(arch=arch, in_channels=args.in_channels, **own_encoder)
+            model = build_model(cfg)
+            rows.append([arch, encoder, f"{count_parameters(model) / 1e6:.2f}",
+                         f"{count_gflops(model, args.in_channels, args.height, args.width):.2f}",
+                         str(receptive_field(model, args.in_channels))])  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - one model that fails is named, the others listed
+            name = arch if encoder == "-" else f"{arch} / {encoder}"
+            problems.append(f"{name} at --in-channels {args.in_channels}, {args.height}x{args.width}: "
+                            f"{_first_line(exc)}")
+    return rows, problems
+
+
+def _first_line(exc: Exception) -> str:
+    from medseg.errors import MedsegError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {text}"
 
 
 def slices_per_second(model, in_channels: int, height: int, width: int, batch: int, rounds: int = 3) -> float:
@@ -92,6 +106,7 @@ def _compare_rows(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]
     from pathlib import Path
 
     from medseg.config import load_config
+    from medseg.model_names import model_name
     from medseg.models.complexity import count_gflops, count_parameters, receptive_field
     from medseg.models.registry import build_model
 
@@ -100,8 +115,7 @@ def _compare_rows(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]
         cfg = load_config(path)
         model = build_model(cfg.model)
         h, w = cfg.train.patch_size
-        backbone = (cfg.model.options or {}).get("backbone")
-        name = cfg.model.arch + (f" / {backbone}" if backbone else "" if ":" in cfg.model.arch else f" / {cfg.model.encoder}")
+        name = model_name(cfg.model.arch, cfg.model.encoder, cfg.model.options)
         rows.append([Path(path).name, name, f"{count_parameters(model) / 1e6:.2f}",
                      f"{count_gflops(model, cfg.model.in_channels, h, w):.2f}",
                      f"{slices_per_second(model, cfg.model.in_channels, h, w, args.batch):.1f}",
@@ -124,6 +138,8 @@ def _print(header: list[str], rows: list[list[str]], fmt: str, text_columns: int
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
     from medseg.errors import ConfigError
@@ -136,10 +152,13 @@ def run(args: argparse.Namespace) -> int:
         _print(header, rows, args.format, 2)
         return 0
     header = ["arch", "encoder", "params (M)", f"GFLOPs / {args.height}x{args.width} slice", "RF (px)"]
-    rows = _rows(args)
-    _print(header, rows, args.format, 2)
+    rows, problems = _rows(args)
+    if rows:
+        _print(header, rows, args.format, 2)
     if any(r[0] == "monai:FlexibleUNet" for r in rows):
         from medseg.model_names import FLEXIBLE_UNET_BACKBONES
 
         print(f"\nmonai:FlexibleUNet (row: resnet34) takes model.options.backbone: {', '.join(FLEXIBLE_UNET_BACKBONES)}")
-    return 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0

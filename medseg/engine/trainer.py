@@ -169,6 +169,10 @@ class Trainer:
                 load_volumes(cases.train + cases.val, cfg.preprocess, cfg.data.labels, cache, show, inst)
             barrier(info)
         self.train_volumes = load_volumes(cases.train, cfg.preprocess, cfg.data.labels, cache, show, inst)
+        if not any(bool(v.label.any()) for v in self.train_volumes):  # every mask empty: a foreground value never seen?
+            from medseg.labels import require_foreground
+
+            require_foreground([c.label for c in cases.train if c.label is not None], 0, cfg.data.labels, "training")
         self.val_volumes = load_volumes(shard(cases.val, info), cfg.preprocess, cfg.data.labels, cache, show, inst)
         if self.detector and cfg.model.anchor_sizes is None:
             self._size_anchors(info)

@@ -1,7 +1,9 @@
 """Model registry: plain dicts of architectures and encoders, ``build_model(cfg)``, ``list_models()``.
 
-An architecture builder is ``build(encoder, out_channels, **options) -> nn.Module``; an encoder
-builder is ``build(in_channels, **options) -> Encoder``. ``build_model`` passes each optional
+A built-in architecture builder is ``build(encoder, out_channels, **options) -> nn.Module``; an
+encoder builder is ``build(in_channels, **options) -> Encoder``; a plug-in architecture builder
+gets keywords: ``in_channels``, ``out_channels``, the built ``encoder`` only when its signature
+names one, and ``model.options`` (:func:`build_plugin_arch`). ``build_model`` passes each optional
 ``ModelConfig`` setting that is not None to every builder whose signature names it (timm's
 habit: None means "the model's default"). A setting that neither the architecture nor the
 encoder accepts is an error, never silently ignored.
@@ -22,6 +24,7 @@ from medseg.model_names import (
     ENCODER_OPTIONS,
     OPTION_FIELDS,
     is_monai_arch,
+    model_name,
     monai_network_name,
     plugin_entry_points,
     unsupported_options,
@@ -108,8 +111,9 @@ def list_monai_networks() -> list[str]:
 
 
 def split_options(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``cfg``'s non-None options split into ``(encoder_kwargs, arch_kwargs)``; a plug-in
-    architecture (else a plug-in encoder) takes ``model.options``.
+    """``cfg``'s non-None options split into ``(encoder_kwargs, arch_kwargs)`` for a built-in
+    architecture; a plug-in encoder under it takes ``model.options`` (a plug-in architecture
+    takes them itself: :func:`build_plugin_arch`).
 
     Raises ``ConfigError`` for an unknown name or a setting that neither builder accepts.
     """
@@ -119,9 +123,7 @@ def split_options(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(problem)
     enc_kwargs = {k: v for k, v in options.items() if k in ENCODER_OPTIONS.get(cfg.encoder, ())}
     arch_kwargs = {k: v for k, v in options.items() if k in ARCHITECTURE_OPTIONS.get(cfg.arch, ())}
-    if cfg.arch not in ARCHITECTURES:
-        arch_kwargs.update(cfg.options or {})
-    elif cfg.encoder not in ENCODERS:
+    if cfg.arch in ARCHITECTURES and cfg.encoder not in ENCODERS:
         enc_kwargs.update(cfg.options or {})
     return enc_kwargs, arch_kwargs
 
@@ -136,17 +138,53 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if is_monai_arch(cfg.arch):
         return _build_monai(cfg)
     arch_builder = _lookup(ARCHITECTURES, "arch", cfg.arch)
-    encoder_builder = _lookup(ENCODERS, "encoder", cfg.encoder)
+    if cfg.arch not in ARCHITECTURES:
+        return build_plugin_arch(arch_builder, cfg)
     enc_kwargs, arch_kwargs = split_options(cfg)
     try:
-        encoder = encoder_builder(in_channels=cfg.in_channels, **enc_kwargs)
-        if cfg.pretrained is not None:
-            from medseg.models.pretrained import load_pretrained
-
-            load_pretrained(encoder, cfg.pretrained, cfg.pretrained_map, cfg.pretrained_strict)
-        return arch_builder(encoder, out_channels=cfg.out_channels, **arch_kwargs)
+        return arch_builder(_build_encoder(cfg, enc_kwargs), out_channels=cfg.out_channels, **arch_kwargs)
     except (ValueError, TypeError) as exc:  # a value a builder rejects (e.g. decoder_channels of the wrong length)
-        raise ConfigError(f"model ({cfg.arch} / {cfg.encoder}): {exc}") from exc
+        raise ConfigError(f"model ({model_name(cfg.arch, cfg.encoder)}): {exc}") from exc
+
+
+def _build_encoder(cfg: ModelConfig, kwargs: dict[str, Any]) -> Encoder:
+    """``cfg.encoder`` on ``cfg.in_channels`` inputs, with ``cfg.pretrained`` loaded into it."""
+    encoder = _lookup(ENCODERS, "encoder", cfg.encoder)(in_channels=cfg.in_channels, **kwargs)
+    if cfg.pretrained is not None:
+        from medseg.models.pretrained import load_pretrained
+
+        load_pretrained(encoder, cfg.pretrained, cfg.pretrained_map, cfg.pretrained_strict)
+    return encoder
+
+
+# keywords medseg passes to a plug-in architecture builder itself (never from model.options)
+PLUGIN_ARCH_ARGUMENTS = ("in_channels", "out_channels", "encoder")
+
+
+def build_plugin_arch(builder: Callable[..., Any], cfg: ModelConfig) -> nn.Module:
+    """A plug-in architecture: ``builder(in_channels=..., out_channels=..., [encoder=...],
+    **model.options)``, all keywords. ``in_channels`` (modalities x context slices) is passed
+    when the signature names it or takes ``**kwargs``; the ``model.encoder`` module (built on
+    ``in_channels``, ``model.pretrained`` loaded) only when it names ``encoder``, so a builder
+    that makes its own network costs no unused encoder (and its name shows none). Raises
+    ``ConfigError`` for ``model.options`` that repeat these keywords or that the builder rejects."""
+    options = dict(cfg.options or {})
+    clash = sorted(k for k in options if k in PLUGIN_ARCH_ARGUMENTS)
+    if clash:
+        raise ConfigError(f"model.options.{', model.options.'.join(clash)}: set by medseg for plug-in arch {cfg.arch!r} "
+                          "(use model.in_channels / model.out_channels / model.encoder)")
+    params = inspect.signature(builder).parameters
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, Any] = {"out_channels": cfg.out_channels, **options}
+    if "in_channels" in params or any_keyword:
+        kwargs["in_channels"] = cfg.in_channels
+    name = model_name(cfg.arch, cfg.encoder)
+    try:
+        if "encoder" in params:
+            kwargs["encoder"] = _build_encoder(cfg, {})
+        return builder(**kwargs)
+    except (ValueError, TypeError) as exc:  # an option the builder does not take, a value it rejects
+        raise ConfigError(f"model ({name}): {exc}") from exc
 
 
 def _build_monai(cfg: ModelConfig) -> nn.Module:

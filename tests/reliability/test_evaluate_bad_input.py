@@ -23,6 +23,11 @@ def _evaluate(pred, manifest, out):
     return run_cli("evaluate", "--pred", pred, "--manifest", manifest, "--out", out, "--no-progress")
 
 
+def _split_of(manifest, case_id: str) -> str:
+    with manifest.open(newline="") as fh:
+        return next(row["split"] for row in csv.DictReader(fh) if row["case_id"] == case_id)
+
+
 def _evaluated(out) -> list[str]:
     with (out / "metrics_per_case.csv").open(newline="") as fh:
         return [row["case_id"] for row in csv.DictReader(fh)]
@@ -37,15 +42,21 @@ def test_probability_map_missing_file_and_grid_mismatch_are_recorded(tmp_path, d
     out = tmp_path / "out"
     proc = _evaluate(predictions, manifest, out)
     assert_some_failed(proc)
-    assert "evaluated 1 case(s)" in proc.stdout and "2 failed" in proc.stdout
+    assert "evaluated 1 case(s)" in proc.stdout and "1 failed" in proc.stdout
+    assert "1 labelled case(s) of the manifest have no prediction" in proc.stdout  # no --split: counted, not failed
     failures = read_failures(out)
-    assert sorted(failures) == ["phantom_000", "phantom_001"]
+    assert sorted(failures) == ["phantom_000"]
     assert failures["phantom_000"].startswith(str(predictions / "phantom_000_mask.nii.gz"))
     assert "predicted mask has non-integer values (a probability map?)" in failures["phantom_000"]
-    assert "phantom_001_mask.nii.gz" in failures["phantom_001"] and "not found" in failures["phantom_001"]
     assert _evaluated(out) == ["phantom_002"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases"] == 1 and summary["n_failed"] == 2 and summary["case_ids"] == ["phantom_002"]
+    assert summary["n_cases"] == 1 and summary["n_failed"] == 1 and summary["case_ids"] == ["phantom_002"]
+    assert summary["not_predicted"] == ["phantom_001"]
+    # with --split the case must have a prediction: its absence is a failure naming the file
+    proc = run_cli("evaluate", "--pred", predictions, "--manifest", manifest, "--out", out, "--no-progress",
+                   "--split", _split_of(manifest, "phantom_001"))
+    assert_refused(proc, "phantom_001_mask.nii.gz", "not found")  # the split's only case: nothing evaluated
+    assert list(read_failures(out)) == ["phantom_001"]
     assert summary["per_region"]["lesion"]["voxel"]["dice"]["mean"] == 1.0
     assert not leftovers(out)
 
