@@ -1,14 +1,15 @@
 """``medseg stats``: per-slice lesion statistics of every case of a manifest, and the curve.
 
 Outputs (in ``out_dir``): ``slice_stats.csv``, ``case_stats.csv``, ``lesion_curve.csv``
-(aggregate), ``lesion_curve_per_case.csv``, ``lesion_curve.png``, ``failures.csv`` (cases that
-could not be read, with the reason; the others are still processed) and the resolved config.
+(aggregate), ``lesion_curve_per_case.csv``, ``lesion_volumes.csv`` (one row per 3-D lesion:
+case_id, lesion, volume_ml), ``lesion_curve.png``, ``failures.csv`` (cases that could not be
+read, with the reason; the others are still processed) and the resolved config.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from medseg.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
+LESION_VOLUMES = "lesion_volumes.csv"  # one row per 3-D lesion: case_id, lesion (1..N), volume_ml
+LESION_VOLUME_COLUMNS = ["case_id", "lesion", "volume_ml"]
+
 
 @dataclass
 class DatasetStats:
@@ -36,6 +40,7 @@ class DatasetStats:
     curve: pd.DataFrame
     curve_per_case: pd.DataFrame
     failures: pd.DataFrame
+    lesions: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LESION_VOLUME_COLUMNS))
 
 
 def slice_positions_mm(affine: np.ndarray, shape: tuple[int, int, int], axis: int) -> np.ndarray:
@@ -48,9 +53,10 @@ def slice_positions_mm(affine: np.ndarray, shape: tuple[int, int, int], axis: in
     return world[:, axis]
 
 
-def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict]:
+def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """Load one case (label, plus its first channel when the extent is the foreground) and
-    compute its statistics on the RAS-oriented grid."""
+    compute its statistics on the RAS-oriented grid: (per-slice rows, the case's row, one row
+    per 3-D lesion with its volume)."""
     if case.label is None:
         raise MedsegError(f"case {case.case_id}: no label file, statistics need one")
     problem = case.check_files()  # a manifest read with check_files=False: a missing file fails this case only
@@ -93,10 +99,13 @@ def stats_for_case(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict]:
         "foreground_threshold": threshold,
         **result.case,
     }
-    return slices, row
+    volumes = result.lesion_volumes_ml
+    lesions = pd.DataFrame({"case_id": case.case_id, "lesion": np.arange(1, len(volumes) + 1), "volume_ml": volumes},
+                           columns=LESION_VOLUME_COLUMNS)
+    return slices, row, lesions
 
 
-def _stats_or_failure(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict] | dict:
+def _stats_or_failure(case: Case, cfg: Config) -> tuple[pd.DataFrame, dict, pd.DataFrame] | dict:
     try:
         return stats_for_case(case, cfg)
     except MedsegError as exc:
@@ -118,6 +127,7 @@ def compute_dataset_stats(cases: list[Case], cfg: Config, progress: bool = True,
 
     slice_frames: list[pd.DataFrame] = []
     rows: list[dict] = []
+    lesion_frames: list[pd.DataFrame] = []
     failures: list[dict] = []
     labelled = [c for c in cases if c.label is not None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -127,16 +137,20 @@ def compute_dataset_stats(cases: list[Case], cfg: Config, progress: bool = True,
             if isinstance(result, dict):
                 failures.append(result)
                 continue
-            slices, row = result
+            slices, row, lesions = result
             slice_frames.append(slices)
             rows.append(row)
+            lesion_frames.append(lesions)
     slices_df = pd.concat(slice_frames, ignore_index=True) if slice_frames else pd.DataFrame()
     cases_df = pd.DataFrame(rows)
     if len(slices_df):
         curve, per_case = lesion_distribution_curve(slices_df, cfg.stats.n_bins)
     else:
         curve, per_case = lesion_distribution_curve(pd.DataFrame(columns=["case_id"]), cfg.stats.n_bins)
-    return DatasetStats(slices_df, cases_df, curve, per_case, pd.DataFrame(failures, columns=["case_id", "stage", "error"]))
+    lesions_df = pd.concat([f for f in lesion_frames if len(f)] or [pd.DataFrame(columns=LESION_VOLUME_COLUMNS)],
+                           ignore_index=True)
+    return DatasetStats(slices_df, cases_df, curve, per_case, pd.DataFrame(failures, columns=["case_id", "stage", "error"]),
+                        lesions_df)
 
 
 def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, title: str = "") -> dict[str, Path]:
@@ -150,6 +164,7 @@ def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, t
         "case_stats": atomic.write_csv(out / "case_stats.csv", stats.cases),
         "lesion_curve": atomic.write_csv(out / "lesion_curve.csv", stats.curve),
         "lesion_curve_per_case": atomic.write_csv(out / "lesion_curve_per_case.csv", stats.curve_per_case),
+        "lesion_volumes": atomic.write_csv(out / LESION_VOLUMES, stats.lesions),
         "failures": atomic.write_csv(out / FAILURES_FILE, stats.failures),
     }
     if len(stats.curve):

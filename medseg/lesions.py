@@ -17,7 +17,7 @@ Definitions
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
@@ -30,10 +30,12 @@ CT_FOREGROUND_HU = -500.0
 
 @dataclass
 class CaseLesionStats:
-    """Statistics of one case: ``slices`` has one row per slice, ``case`` one dict."""
+    """Statistics of one case: ``slices`` has one row per slice, ``case`` one dict,
+    ``lesion_volumes_ml`` the volume of each 3-D lesion (mL, in label order)."""
 
     slices: pd.DataFrame
     case: dict
+    lesion_volumes_ml: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def foreground_extent(
@@ -93,6 +95,7 @@ def case_lesion_stats(
     n_lesions = 0
     largest_diam = 0.0
     largest_ml = 0.0
+    volumes_ml = np.zeros(0)
     box = bounding_box(mask)
     if box is not None:
         crop = np.ascontiguousarray(mask[box])  # labelling a strided view is ~2x slower
@@ -101,7 +104,8 @@ def case_lesion_stats(
         labels_3d, n_lesions = label_components(crop, connectivity_3d)
         if n_lesions:
             info = cc3d.statistics(labels_3d, no_slice_conversion=False)
-            largest_ml = float(info["voxel_counts"][1:].max()) * voxel_ml
+            volumes_ml = info["voxel_counts"][1:].astype(np.float64) * voxel_ml
+            largest_ml = float(volumes_ml.max())
             # a lesion's diameter is at most its bounding-box diagonal: visit lesions by that
             # bound, largest first, and stop once no remaining lesion can beat the maximum
             boxes = info["bounding_boxes"][1:]
@@ -150,7 +154,7 @@ def case_lesion_stats(
         "spacing_a": float(spacing[1]),
         "spacing_s": float(spacing[2]),
     }
-    return CaseLesionStats(slices=slices, case=case)
+    return CaseLesionStats(slices=slices, case=case, lesion_volumes_ml=volumes_ml)
 
 
 def case_curve(slices: pd.DataFrame, grid: np.ndarray, value: str = "lesion_area_mm2") -> tuple[np.ndarray, np.ndarray]:

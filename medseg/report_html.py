@@ -264,9 +264,10 @@ def _per_fold_table(summary: dict[str, Any], plan: dict[str, Any] | None) -> str
     return "<h3>Per fold</h3>" + _table(frame, "cv_folds", "{:.3f}")
 
 
-def _postprocess_part(model_dir: Path) -> str:
-    """The rule chosen on the out-of-fold predictions, the plan's rule, the reason and the
-    candidates (the best :data:`N_TOP_CANDIDATES` by mean Dice, plus the current and chosen)."""
+def _postprocess_part(model_dir: Path, out: Path) -> str:
+    """The rule chosen on the out-of-fold predictions, the plan's rule, the reason, the
+    candidates (the best :data:`N_TOP_CANDIDATES` by mean Dice, plus the current and chosen) and
+    their Dice vs lesion F1 figure (written into ``out``)."""
     selection = _read_json(model_dir / POSTPROCESS_JSON)
     if selection is None:
         return ""
@@ -289,11 +290,32 @@ def _postprocess_part(model_dir: Path) -> str:
         keep = np.arange(len(ranked)) < N_TOP_CANDIDATES
         shown = ranked[keep | marked]
         cols = [c for c in ("threshold", "min_lesion_mm3", "component_fraction", "fill_holes", "mean_dice", "mean_hd95_mm",
-                            "n_hd95_undefined", "is_current", "chosen") if c in shown.columns]
+                            "n_hd95_undefined", "mean_lesion_f1", "is_current", "chosen") if c in shown.columns]
         extra = int((~keep & marked).sum())
         parts.append(f"<p>Candidates: the {min(N_TOP_CANDIDATES, len(ranked))} best of {len(ranked)} by mean Dice"
                      + (f", plus the current / chosen rule ({extra} row(s) below them)" if extra else "") + ".</p>")
         parts.append(_table(shown[cols], "cv_candidates"))
+        if "mean_lesion_f1" in candidates.columns and np.isfinite(candidates["mean_lesion_f1"].to_numpy(float)).any():
+            png = reporting.plot_postprocess_tradeoff(candidates, out / "postprocess_tradeoff.png")
+            objective = selection.get("objective", "dice")
+            parts.append(_img_tag(png, f"Dice against lesion F1 of the {len(candidates)} candidate rules "
+                                       f"(chosen with objective {objective})"))
+    return "".join(parts)
+
+
+def _candidates_part(cv_dir: Path) -> str:
+    """``cv.candidates``: the configuration chosen on the out-of-fold predictions, each step's
+    reason (paired intervals) and every combination's scores (:mod:`medseg.candidates`'
+    ``candidates.json`` / ``candidates_table.csv``, spelled here as the files above are)."""
+    choice = _read_json(cv_dir / "candidates.json")
+    if choice is None:
+        return ""
+    parts = [f"<h3>Configuration chosen on cross-validation: {html.escape(str(choice.get('name', '')))}</h3><ul>"]
+    parts += [f"<li>{html.escape(str(r))}</li>" for r in choice.get("reasons", [])]
+    parts.append("</ul>")
+    table = _read_csv_lenient(cv_dir / "candidates_table.csv", ("combination", "mean_dice"))
+    if table is not None and len(table):
+        parts.append(_table(table, "cv_configurations"))
     return "".join(parts)
 
 
@@ -330,9 +352,14 @@ def _cv_section(inputs: ReportInputs, out: Path) -> str:
                          + _table(cases, "cv_cases", footer=table[is_mean]))
         except guarded as exc:
             log.warning("report: skipping %s (%s)", table_dir, exc)
+    if inputs.cv_dir is not None:
+        try:
+            parts.append(_candidates_part(inputs.cv_dir))
+        except guarded as exc:
+            log.warning("report: skipping the candidates in %s (%s)", inputs.cv_dir, exc)
     if inputs.model_dir is not None:
         try:
-            parts.append(_postprocess_part(inputs.model_dir))
+            parts.append(_postprocess_part(inputs.model_dir, out))
         except guarded as exc:
             log.warning("report: skipping the post-processing selection in %s (%s)", inputs.model_dir, exc)
     return "".join(parts)
@@ -443,7 +470,9 @@ def _identity_line(provenance: dict[str, Any]) -> str:
     parts = []
     model = (provenance.get("config") or {}).get("model") if isinstance(provenance.get("config"), dict) else None
     if isinstance(model, dict) and model.get("arch"):
-        parts.append(f"{model.get('arch')} / {model.get('encoder')}")
+        from medseg.model_names import model_name
+
+        parts.append(model_name(str(model["arch"]), str(model.get("encoder")), model.get("options")))
     if len(shas) == 1:
         parts.append(f"checkpoint sha256 {shas[0][:12]}")
     else:
@@ -578,9 +607,14 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
             sections.append(("Slice overlays", "".join(overlays)))
 
     sections.append(("Provenance", _provenance_section(inputs.provenance)))
-    body = "".join(f"<section><h2>{html.escape(title)}</h2>{content}</section>" for title, content in sections)
-    page = _PAGE.replace("{{title}}", html.escape(inputs.title)).replace("{{body}}", body)
-    return atomic.write_text(out / "report.html", page)
+    return write_page(out / "report.html", inputs.title, sections)
+
+
+def write_page(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """Write one report page: ``title`` and one ``<section>`` per (heading, HTML) pair, with the
+    page's style and its table-sorting script (shared by every medseg report)."""
+    body = "".join(f"<section><h2>{html.escape(heading)}</h2>{content}</section>" for heading, content in sections)
+    return atomic.write_text(path, _PAGE.replace("{{title}}", html.escape(title)).replace("{{body}}", body))
 
 
 _PAGE = """<!DOCTYPE html>

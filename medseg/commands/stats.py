@@ -9,6 +9,9 @@ from medseg.commands import add_set_option
 HELP = "per-slice lesion statistics, case statistics and the lesion-distribution curve"
 
 EPILOG = """\
+--report: also OUT/report/report.html, the lesion statistics report (curve, per-case table,
+lesion sizes, slices with lesion). --group-by COLUMN (implies --report): a manifest column such
+as site, scanner or timepoint; its groups' curves share one figure (legend "site A (n=6)").
 A case whose files are missing or unusable is recorded in OUT/failures.csv (case_id, stage,
 error) and the others go on.
 exit status: 0 every labelled case done; 1 some case(s) failed (failures.csv, the others
@@ -26,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="shortcut for --set stats.axis=...")
     parser.add_argument("--extent", choices=["foreground", "volume"], help="shortcut for --set stats.extent=...")
     parser.add_argument("--split", default=None, help="only cases of this split")
+    parser.add_argument("--report", action="store_true", help="also write OUT/report/report.html (no model needed)")
+    parser.add_argument("--group-by", default=None, metavar="COLUMN",
+                        help="manifest column (e.g. site, scanner, timepoint): overlay its groups' curves (implies --report)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds files this command did not write (same names replaced)")
@@ -51,15 +57,31 @@ def _run(args: argparse.Namespace) -> int:
     cases = read_manifest(args.manifest, check_files=False)  # a missing file fails its case (failures.csv)
     if args.split is not None:
         cases = [c for c in cases if c.split == args.split]
+    groups = None
+    if args.group_by is not None:  # a missing column is refused before any case is read
+        from medseg.manifest_groups import case_groups
+
+        groups = case_groups(cases, args.group_by, args.manifest)
     from medseg.dataset_stats import (  # torch, MONAI: after the cheap checks
         compute_dataset_stats,
         write_dataset_stats,
     )
+    from medseg.labels import require_listed_foreground
 
     stats = compute_dataset_stats(cases, cfg, progress=not args.no_progress)
+    require_listed_foreground(stats.cases, cases, cfg.data.labels, "manifest")  # else an all-zero curve
     paths = write_dataset_stats(stats, cfg, args.out)
     n_ok, n_fail = len(stats.cases), len(stats.failures)
     print(f"statistics of {n_ok} case(s) written to {args.out}" + (f"; {n_fail} failed (see {paths['failures']})" if n_fail else ""))
     if "lesion_curve_png" in paths:
         print(f"lesion-distribution curve: {paths['lesion_curve_png']}")
+    if args.report or groups is not None:
+        from pathlib import Path
+
+        from medseg.stats_report import StatsReportInputs, write_stats_report
+
+        inputs = StatsReportInputs(Path(args.out), cases, title=f"Lesion statistics — {Path(args.manifest).name}",
+                                   group_by=args.group_by, groups=groups, axis=cfg.stats.axis, extent=cfg.stats.extent,
+                                   provenance={"manifest": str(Path(args.manifest).resolve())})
+        print(f"report: {write_stats_report(inputs, Path(args.out) / 'report')}")
     return 1 if n_fail else 0

@@ -31,12 +31,14 @@ finished cases themselves (inference).
 
 Stages, in this order (each optional): ``synth`` (demo phantoms), ``import`` (manifest from
 ``source``), ``validate``, ``plan`` (the config derived from the data replaces ``config``;
-``--set`` config overrides still apply on top), ``stats``, ``train`` (one model on the
+``--set`` config overrides still apply on top), ``stats``, ``stats_report`` (the statistics'
+HTML report without a model, :mod:`medseg.stats_report`), ``train`` (one model on the
 train/val split), ``cv`` (k-fold cross-validation, :mod:`medseg.cross_validation`),
 ``postprocess`` (rule chosen on the out-of-fold predictions + the model folder ``model/``),
 ``infer`` (the model folder if there is one, else the trained/given checkpoint), ``evaluate``,
 ``prediction_stats`` (lesion statistics and curve of the predicted masks), ``report``. Overrides: ``section.key=value`` (config), ``pipeline.<field>=value``,
-``stage.<stage>.<option>=value``.
+``stage.<stage>.<option>=value``. ``medseg run --list-stages`` prints them with one line each
+(``Stage.description``); docs/pipelines.md lists them with their options.
 
 Package layout: :mod:`.spec` (the pipeline file: :class:`PipelineSpec`, :func:`load_pipeline`,
 overrides, :func:`choose_run_dir`), :mod:`.state` (``state.json``, fingerprints,
@@ -57,6 +59,7 @@ from medseg.pipeline.stages import (
     PlanOptions,
     SplitOptions,
     Stage,
+    StatsReportOptions,
     SynthOptions,
 )
 from medseg.pipeline.state import RunContext, output_fingerprint
@@ -72,6 +75,7 @@ __all__ = [
     "SplitOptions",
     "Stage",
     "StageSpec",
+    "StatsReportOptions",
     "SynthOptions",
     "choose_run_dir",
     "load_pipeline",

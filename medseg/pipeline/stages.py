@@ -95,6 +95,13 @@ class NoOptions(StrictModel):
     pass
 
 
+class StatsReportOptions(StrictModel):
+    """``group_by``: a manifest column (e.g. ``site``, ``scanner``, ``timepoint``) whose groups'
+    lesion-distribution curves share one figure (``--set stage.stats_report.group_by=site``)."""
+
+    group_by: str | None = None
+
+
 class PacsPullOptions(StrictModel):
     """``pacs_pull``: the query, the archive and the retries are the config's ``pacs:`` section
     (``--set pacs.dicomweb_url=URL``, ``pacs.study_date``, ...; :class:`medseg.pacs.config.PacsConfig`)."""
@@ -202,9 +209,11 @@ def restore_plan(ctx: RunContext, record: dict[str, Any]) -> None:
 def stage_cv(ctx: RunContext, opts: NoOptions) -> None:
     """k-fold cross-validation over the pool (:mod:`medseg.cross_validation`): fold models,
     out-of-fold predictions, ``cv/cv_table.csv`` and ``cv/cv_summary.json``."""
+    from medseg.candidate_runs import run_candidates
     from medseg.cross_validation import run_cross_validation
 
-    result = run_cross_validation(ctx.cfg, ctx.manifest, ctx.stage_dir("cv"), progress=ctx.progress)
+    run = run_candidates if ctx.cfg.cv.candidates else run_cross_validation
+    result = run(ctx.cfg, ctx.manifest, ctx.stage_dir("cv"), progress=ctx.progress)
     ctx.failures += result.failures
     dice = result.summary.get("metrics", {}).get("dice", {})
     log.info("cv: out-of-fold mean Dice %.4f over %s case(s)", dice.get("mean", float("nan")), dice.get("n"))
@@ -213,13 +222,9 @@ def stage_cv(ctx: RunContext, opts: NoOptions) -> None:
 def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     """Choose the post-processing on the out-of-fold predictions and assemble the model folder
     ``model/`` (:mod:`medseg.model_folder`): fold checkpoints, plan, folds, rule, evidence."""
-    from medseg.cross_validation import (
-        CV_SUMMARY,
-        CV_TABLE,
-        OOF_DIR,
-        evaluate_postprocessed,
-        fold_models,
-    )
+    from medseg.candidate_runs import chosen_models
+    from medseg.candidates import candidate_dir, read_choice
+    from medseg.cross_validation import CV_SUMMARY, CV_TABLE, OOF_DIR, evaluate_postprocessed
     from medseg.folds import FOLDS_FILE, cv_pool
     from medseg.model_folder import FINGERPRINT_FILE, QC_FILE, write_model_folder
     from medseg.postprocess_selection import select_postprocessing, write_selection
@@ -241,15 +246,23 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     n_folds = json.loads((cv_dir / FOLDS_FILE).read_text(encoding="utf-8"))["n_folds"]
     dice = chosen.get("metrics", {}).get("dice", {})
     hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
-    models = fold_models(cv_dir, n_folds, ctx.cfg.cv.repeats)
+    models, names = chosen_models(cv_dir, n_folds, ctx.cfg.cv.repeats)
+    shipped = dict(selection.chosen)
+    candidates = read_choice(cv_dir)
+    if candidates is not None:  # the chosen candidate's config is the model's record, with its mirroring
+        config_file = candidate_dir(cv_dir, candidates["chosen"][0]) / "config.yaml"
+        shipped["tta"] = bool(candidates["tta"])
     # the QC score's calibration on the shipped rule's out-of-fold Dice: the review list at inference
     atomic.write_json(model_dir / QC_FILE, calibrate_on_cv(cases, oof, model_dir / "cv_chosen" / CV_TABLE))
     fingerprint = ctx.run_dir / "plan" / FINGERPRINT_FILE  # the plan's dataset fingerprint: part of the model's identity
+    evidence = [cv_dir / CV_TABLE, cv_dir / CV_SUMMARY, *([fingerprint] if fingerprint.is_file() else [])]
+    if candidates is not None:
+        evidence += [cv_dir / "candidates.json", cv_dir / "candidates_table.csv"]
     write_model_folder(
-        model_dir, models, config_file, cv_dir / FOLDS_FILE, selection.chosen, names=[f"{p.parent.name}.pt" for p in models],
-        extra_files=[cv_dir / CV_TABLE, cv_dir / CV_SUMMARY, *([fingerprint] if fingerprint.is_file() else [])],
+        model_dir, models, config_file, cv_dir / FOLDS_FILE, shipped, names=names, extra_files=evidence,
         summary={"cv_mean_dice": dice.get("mean"), "cv_mean_hd95_mm": hd95.get("mean"), "n_cases": dice.get("n"),
                  "n_folds": n_folds, "repeats": ctx.cfg.cv.repeats, "postprocess_reason": selection.reason,
+                 "candidates": None if candidates is None else {k: candidates[k] for k in ("chosen", "tta", "reasons")},
                  "evidence": sorted(p.name for p in written.values())},
     )  # fmt: skip
     ctx.model_dir = model_dir
@@ -262,10 +275,32 @@ def restore_postprocess(ctx: RunContext, record: dict[str, Any]) -> None:
 
 def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
     from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
+    from medseg.labels import require_listed_foreground
 
-    stats = compute_dataset_stats(ctx.cases(opts.split), ctx.cfg, progress=ctx.progress)
+    cases = ctx.cases(opts.split)
+    stats = compute_dataset_stats(cases, ctx.cfg, progress=ctx.progress)
+    require_listed_foreground(stats.cases, cases, ctx.cfg.data.labels, "manifest")
     write_dataset_stats(stats, ctx.cfg, ctx.stage_dir("stats"), title="Reference lesion distribution")
     ctx.failures += stats.failures.to_dict("records")
+
+
+def stage_stats_report(ctx: RunContext, opts: StatsReportOptions) -> None:
+    """The lesion statistics report without a model (:mod:`medseg.stats_report`), from the stats
+    stage's files; with ``group_by``, the groups' curves overlaid in one figure."""
+    from medseg.manifest_groups import case_groups
+    from medseg.stats_report import StatsReportInputs, write_stats_report
+
+    stats_dir = ctx.run_dir / "stats"
+    if not (stats_dir / "case_stats.csv").is_file():
+        raise ConfigError("stage stats_report needs the stats stage's results (stats/case_stats.csv); add a stats stage before it")
+    cases = ctx.cases()
+    groups = None
+    if opts.group_by:
+        groups = case_groups(cases, opts.group_by, ctx.manifest, option=f"stage.stats_report.group_by={opts.group_by}")
+    inputs = StatsReportInputs(stats_dir, cases, title=f"Lesion statistics — {ctx.name}", group_by=opts.group_by,
+                               groups=groups, axis=ctx.cfg.stats.axis, extent=ctx.cfg.stats.extent,
+                               provenance={"manifest": str(ctx.manifest), "config": ctx.cfg.model_dump(mode="json")})
+    write_stats_report(inputs, ctx.stage_dir("stats_report"))
 
 
 def stage_train(ctx: RunContext, opts: NoOptions) -> None:
@@ -518,7 +553,8 @@ class Stage:
     its ``state.json`` record holds; ``remember(ctx)``: the fields it adds to that record after
     running (a ``status`` of ``incomplete`` there makes the stage run again next time, e.g. a
     PACS that was down). ``reads_manifest``/``reads_source``: whether the manifest's bytes /
-    ``pipeline.source`` are part of its input fingerprint.
+    ``pipeline.source`` are part of its input fingerprint. ``description``: one line for
+    ``medseg run --list-stages`` and docs/pipelines.md.
     """
 
     run: Callable[[RunContext, Any], None]
@@ -528,24 +564,41 @@ class Stage:
     remember: Callable[[RunContext], dict[str, Any]] | None = None
     reads_manifest: bool = True
     reads_source: bool = False
+    description: str = ""
 
 
 # pipeline order: a pipeline file lists its stages in this order (each optional)
 STAGES: dict[str, Stage] = {
-    "synth": Stage(stage_synth, SynthOptions, None, reads_manifest=False),  # creates the manifest
+    "synth": Stage(stage_synth, SynthOptions, None, reads_manifest=False,  # creates the manifest
+                   description="generate the demo's synthetic phantoms and manifest (skipped when its files exist)"),
     "import": Stage(stage_import, ImportOptions, None, restore_import, remember_import, reads_manifest=False,
-                    reads_source=True),
+                    reads_source=True,
+                    description="write the manifest from the dataset folder pipeline.source (brats, nnunet, files, dicom)"),
     "pacs_pull": Stage(stage_pacs_pull, PacsPullOptions, "pacs_pull", restore_import, remember_pacs_pull,
-                       reads_manifest=False),  # creates the manifest
-    "validate": Stage(stage_validate, NoOptions, "validate"),
-    "plan": Stage(stage_plan, PlanOptions, "plan", restore_plan),
-    "stats": Stage(stage_stats, SplitOptions, "stats"),
-    "train": Stage(stage_train, NoOptions, "train", restore_train, remember_train),
-    "cv": Stage(stage_cv, NoOptions, "cv"),
-    "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess),
-    "infer": Stage(stage_infer, InferOptions, "predictions", restore_infer, remember_infer),
-    "pacs_push": Stage(stage_pacs_push, PacsPushOptions, None, remember=remember_pacs_push),
-    "evaluate": Stage(stage_evaluate, SplitOptions, "evaluate"),
-    "prediction_stats": Stage(stage_prediction_stats, NoOptions, "prediction_stats"),
-    "report": Stage(stage_report, NoOptions, "report"),
+                       reads_manifest=False,  # creates the manifest
+                       description="query the PACS (config pacs:), retrieve new series, import them as the manifest"),
+    "validate": Stage(stage_validate, NoOptions, "validate",
+                      description="check the manifest and its files; manifest_summary.json (cases, channels, splits)"),
+    "plan": Stage(stage_plan, PlanOptions, "plan", restore_plan,
+                  description="derive the config from the data (plan.yaml, fingerprint.json); --set applies on top"),
+    "stats": Stage(stage_stats, SplitOptions, "stats",
+                   description="per-slice / per-case lesion statistics and the lesion-distribution curve of the labels"),
+    "stats_report": Stage(stage_stats_report, StatsReportOptions, "stats_report",
+                          description="HTML report of the lesion statistics, no model (group_by: groups' curves overlaid)"),
+    "train": Stage(stage_train, NoOptions, "train", restore_train, remember_train,
+                   description="train one model on the train split, validated on val (resumes exactly)"),
+    "cv": Stage(stage_cv, NoOptions, "cv",
+                description="k-fold cross-validation: fold models, out-of-fold predictions, cv_table.csv, cv_summary.json"),
+    "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess,
+                         description="choose the post-processing on the out-of-fold predictions; the model folder model/"),
+    "infer": Stage(stage_infer, InferOptions, "predictions", restore_infer, remember_infer,
+                   description="predict the manifest's cases (of split) with the model folder or the checkpoint"),
+    "pacs_push": Stage(stage_pacs_push, PacsPushOptions, None, remember=remember_pacs_push,
+                       description="store each predicted DICOM SEG in the PACS, never twice (pacs_ledger.csv)"),
+    "evaluate": Stage(stage_evaluate, SplitOptions, "evaluate",
+                      description="voxel and lesion-wise metrics of the predicted cases against their labels"),
+    "prediction_stats": Stage(stage_prediction_stats, NoOptions, "prediction_stats",
+                              description="lesion statistics and lesion-distribution curve of the predicted masks"),
+    "report": Stage(stage_report, NoOptions, "report",
+                    description="the HTML report: data, curves, CV accuracy, metrics, overlays, provenance"),
 }
