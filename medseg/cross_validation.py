@@ -159,9 +159,9 @@ def train_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, fold: int, pro
 
 
 def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], fold: int,
-                 device: str | None = None, progress: bool = True) -> list[dict[str, str]]:  # fmt: skip
-    """Predict fold ``fold``'s held-out cases into ``out_dir/oof`` with its model, or the average
-    of its ``cv.repeats`` models; returns failures."""
+                 device: str | None = None, progress: bool = True, oof_name: str = OOF_DIR) -> list[dict[str, str]]:  # fmt: skip
+    """Predict fold ``fold``'s held-out cases into ``out_dir/<oof_name>`` (default ``oof``) with
+    its model, or the average of its ``cv.repeats`` models; returns failures."""
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import load_bundle, run_inference
 
@@ -170,7 +170,7 @@ def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
                          settings={**explicit, "write_prob": True, "write_lesions": True})  # fmt: skip
     _, held_out = folds.split(cases, fold)
     todo = [InferenceCase(c.case_id, {ch: c.images[ch] for ch in bundle.channels}, c.modality) for c in held_out]
-    summary = run_inference(todo, bundle, out_dir / OOF_DIR, show_progress=progress, rank_sharding=False,
+    summary = run_inference(todo, bundle, out_dir / oof_name, show_progress=progress, rank_sharding=False,
                             failures_file=f"failures_fold_{fold}.csv")  # fmt: skip
     return [{"case_id": cid, "stage": "cv", "error": f"fold {fold}: {err}"} for cid, err in summary.failures]
 

@@ -38,7 +38,8 @@ from medseg.errors import MedsegError
 MODEL_FILE = "model.json"
 FORMAT = "medseg-model-folder"
 FORMAT_VERSION = 1
-POSTPROCESS_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
+POSTPROCESS_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component",
+                    "tta")  # the rule chosen on CV, and test-time mirroring when cv.try_tta kept it
 
 
 @dataclass(frozen=True)

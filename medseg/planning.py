@@ -77,6 +77,13 @@ cv.repeats                        models (seeds) per fold, averaged: the epochs 
                                   buys a seed ensemble instead of idle time (two averaged
                                   models: +0.005 to +0.010 Dice out-of-fold on BraTS,
                                   docs/benchmarks.md)
+cv.candidates, cv.try_tta         ``PLAN_CANDIDATES`` (the recipe's DeepLabv3+ and the U-Net
+                                  with inception skips) and mirroring tried, when the budget
+                                  holds one full model of each per fold (a GPU); else none
+cv.postprocess.objective          ``both`` (lesion F1 within a margin of the best, then Dice)
+                                  when the median pool case holds ``MULTI_LESION_CASES`` (2) or
+                                  more lesions of at least ``inference.min_lesion_mm3``; else
+                                  ``dice``
 ================================  ===========================================================
 """
 
@@ -119,6 +126,7 @@ THROUGHPUT_CUDA = 600.0
 EPOCH_RANGE = (3, 100)
 DEFAULT_MINUTES = {"cpu": 20.0, "cuda": 10.0}
 MAX_MINUTES_FACTOR = 1.25
+MULTI_LESION_CASES = 2  # median lesions per case from which post-processing is chosen on lesion F1 too
 MEASURE_CASES = 3
 ALL_CORES_GAIN = 1.1
 STRONG_AUGMENT_BELOW = 50
@@ -126,6 +134,11 @@ MIN_LESION_RANGE = (10.0, 500.0)
 THRESHOLD = 0.5
 FOLDS = 5
 MAX_REPEATS = 3
+# cv.candidates proposed when the budget holds one full model (EPOCH_RANGE[1] epochs) of each
+PLAN_CANDIDATES: list[dict[str, Any]] = [
+    {"name": "deeplabv3plus", "set": {}},
+    {"name": "unet_inception", "set": {"model.arch": "unet_inception"}},
+]
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # RAS index -> slice axis name
 AXIS_LETTERS = "RAS"
@@ -395,7 +408,9 @@ def plan_from_fingerprint(
         throughput, kind = THROUGHPUT_CUDA * area_ratio, "assumed, cuda"
     budget_epochs = math.floor(minutes * 60 * throughput / SAMPLES_PER_EPOCH)
     epochs = min(max(budget_epochs, EPOCH_RANGE[0]), EPOCH_RANGE[1])
-    repeats = min(max(budget_epochs // EPOCH_RANGE[1], 1), MAX_REPEATS)
+    candidates = PLAN_CANDIDATES if budget_epochs >= len(PLAN_CANDIDATES) * EPOCH_RANGE[1] else []
+    models_per_fold = max(len(candidates), 1)
+    repeats = min(max(budget_epochs // (EPOCH_RANGE[1] * models_per_fold), 1), MAX_REPEATS)
     max_minutes = MAX_MINUTES_FACTOR * minutes
     rules.append(f"train.epochs = {epochs}: {_fmt(minutes)} min/fold x {_fmt(throughput)} slices/s ({kind}) / "
                  f"{SAMPLES_PER_EPOCH} slices per epoch, clamped to {list(EPOCH_RANGE)}; "
@@ -433,12 +448,21 @@ def plan_from_fingerprint(
                      f"{fingerprint['n_lesions']} lesion volumes, 1 significant digit, clamped to "
                      f"[{_fmt(lo_mm3)}, {_fmt(hi_mm3)}] (the CV stage refines it)")
     rules.append(f"inference.threshold = {THRESHOLD}")
+    objective, why_objective = postprocess_objective(fingerprint, min_lesion)
+    rules.append(f"cv.postprocess.objective = {objective}: {why_objective}")
 
     folds = min(FOLDS, n_patients)
     rules.append(f"cv.folds = {folds}: {n_patients} patients in the pool (at most {FOLDS})")
+    if candidates:
+        rules.append(f"cv.candidates = {[c['name'] for c in candidates]}, try_tta: the budget holds {budget_epochs} epochs "
+                     f"per fold, >= {len(candidates)} x {EPOCH_RANGE[1]}: each cross-validated, the best single one or "
+                     "pair and mirroring chosen on the out-of-fold predictions")
+    else:
+        rules.append(f"cv.candidates = none: the budget holds {budget_epochs} epochs per fold, under "
+                     f"{len(PLAN_CANDIDATES)} x {EPOCH_RANGE[1]} (one full model per candidate): the recipe's network only")
     rules.append(f"cv.repeats = {repeats}: the budget holds {budget_epochs} epochs per fold, one model trains at most "
-                 f"{EPOCH_RANGE[1]}; {budget_epochs} // {EPOCH_RANGE[1]} models (seeds) per fold, averaged, clamped to "
-                 f"[1, {MAX_REPEATS}]")
+                 f"{EPOCH_RANGE[1]}; {budget_epochs} // ({EPOCH_RANGE[1]} x {models_per_fold} candidate(s)) models "
+                 f"(seeds) per fold, averaged, clamped to [1, {MAX_REPEATS}]")
 
     tree = {
         "data": {"manifest": str(manifest), "labels": {"foreground": foreground, "allowed_values": allowed}},
@@ -448,13 +472,31 @@ def plan_from_fingerprint(
         "evaluation": {"slice_axis": axis_name},
         "inference": {"threshold": THRESHOLD, "min_lesion_mm3": min_lesion},
         "train": train,
-        "cv": {"folds": folds, "repeats": repeats},
+        "cv": {"folds": folds, "repeats": repeats, "postprocess": {"objective": objective},
+               "candidates": [dict(c) for c in candidates], "try_tta": bool(candidates)},
     }
     try:
         config = Config.model_validate(tree)
     except ValidationError as exc:  # a rule produced an invalid value: a bug, reported in full
         raise ConfigError(format_validation_error(f"plan for {manifest}", exc)) from None
     return Plan(config=config, rules=rules, fingerprint=fingerprint)
+
+
+def postprocess_objective(fingerprint: dict[str, Any], min_lesion_mm3: float) -> tuple[str, str]:
+    """``cv.postprocess.objective`` from the pool's lesions per case: ``both`` (lesion F1 first,
+    then Dice) when the median case holds :data:`MULTI_LESION_CASES` or more lesions of at least
+    ``min_lesion_mm3`` (metastases, MS plaques: a rule that wins Dice by dropping small components
+    deletes lesions), else ``dice`` (one lesion per case, e.g. a glioma and its 1-voxel specks).
+    Returns (objective, reason)."""
+    counts = [sum(v >= min_lesion_mm3 for v in case.get("lesion_volumes_mm3", ())) for case in fingerprint.get("cases", ())]
+    if not counts:
+        return "dice", "no labelled case in the pool"
+    median = float(statistics.median(counts))
+    how = f"median {_fmt(median)} lesion(s) >= {_fmt(min_lesion_mm3)} mm3 per case over {len(counts)} case(s)"
+    if median >= MULTI_LESION_CASES:
+        return "both", (f"{how} (>= {MULTI_LESION_CASES}: several lesions per case): the best Dice among the rules "
+                        "within cv.postprocess.lesion_f1_margin of the best lesion F1")
+    return "dice", f"{how} (< {MULTI_LESION_CASES}): one lesion per case, rules ranked by Dice"
 
 
 def plan_yaml(plan: Plan, header: str = "") -> str:

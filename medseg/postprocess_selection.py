@@ -32,6 +32,14 @@ it by more than ``min_gain``, or the winner's mean HD95 is lower by more than
 ``min_hd95_gain_mm`` with no more undefined cases and a mean Dice no lower than the current
 one's minus ``dice_tolerance``.
 
+Lesions (``cv.postprocess.objective``): every rule's per-case lesion F1 is counted as :mod:`medseg.evaluation` does (reference lesions = 3-D components at
+``evaluation.connectivity``, matched with ``evaluation.matching`` / ``iou_threshold``), from the
+same component tables: a rule's predicted lesions are its kept components (relabelled at the
+evaluation's connectivity when it differs from ``inference.connectivity``). With objective
+``lesion_f1`` or ``both``, only rules whose mean
+lesion F1 is within the margin of the best (0 for ``lesion_f1``, ``lesion_f1_margin`` for
+``both``) compete on Dice as above; the current rule is replaced when it is not among them.
+
 ``inference.largest_component`` is expressed as ``min_component_fraction`` 1.0 (every
 component tied with the largest is kept, where MONAI's ``KeepLargestConnectedComponent`` keeps
 one of them: the two differ only on exact ties), so ``chosen`` always sets
@@ -57,10 +65,11 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import InputFileError, MedsegError
-from medseg.geometry import bounding_box
+from medseg.geometry import bounding_box, label_components
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import read_label
 from medseg.manifest import Case
+from medseg.metrics.lesion import OverlapTable, lesion_counts, match_lesions, overlap_table
 from medseg.metrics.voxel import hd95_assd
 from medseg.outputs import prob_file
 from medseg.prediction.postprocess import HOPS, discretise
@@ -80,9 +89,10 @@ class PostprocessSelection:
     ``table``: one row per candidate (``candidate`` index, ``threshold``, ``min_lesion_mm3``,
     ``component_fraction``, ``fill_holes``, ``mean_dice``, ``mean_hd95_mm`` (NaN where not
     computed or undefined in every case), ``n_hd95_undefined`` (NA where not computed),
-    ``in_grid``, ``is_current``, ``chosen``), sorted by mean Dice, best first.
+    ``mean_lesion_f1``, ``in_grid``, ``is_current``, ``chosen``),
+    sorted by mean Dice, best first.
     ``per_case``: ``case_id``, ``candidate``, ``dice``, ``hd95_mm`` (NaN where not computed or
-    undefined). ``chosen`` / ``current``: rules in :data:`RULE_KEYS` (InferenceConfig keys).
+    undefined), ``lesion_f1``. ``chosen`` / ``current``: rules in :data:`RULE_KEYS` (InferenceConfig keys).
     ``reason``: one line. ``search``: the search config used; ``connectivity``: of the
     components; ``n_cases``: cases scored.
     """
@@ -95,6 +105,7 @@ class PostprocessSelection:
     search: dict[str, Any] = field(default_factory=dict)
     connectivity: int = 26
     n_cases: int = 0
+    objective: str = "dice"
 
 
 def _rule(threshold: float, min_mm3: float, fraction: float, fill: bool) -> dict[str, Any]:
@@ -157,14 +168,19 @@ class Components:
     ``prob``: (I, J, K) probability; ``ref``: (I, J, K) 0/1 reference (or None). Index 0 of
     ``sizes`` / ``overlap`` is the background (count 0); component ids are 1..n.
     ``keep_labels``: keep the labelled box so that :meth:`mask` can rebuild a rule's mask.
+    ``ref_lesions``: the reference's lesion label map (I, J, K) (ids 1..n); when given, every
+    (component, reference lesion) pair sharing voxels is counted once (``pair_comp``,
+    ``pair_ref``, ``pair_inter``) for :meth:`lesion_table`.
     """
 
     def __init__(self, prob: np.ndarray, ref: np.ndarray | None, threshold: float, fill_holes: bool,
-                 connectivity: int, keep_labels: bool = False) -> None:
+                 connectivity: int, keep_labels: bool = False, ref_lesions: np.ndarray | None = None) -> None:
         self.shape = prob.shape
         mask = discretise(prob, threshold)
         self.box = bounding_box(mask)
         self.labels: np.ndarray | None = None
+        empty = np.zeros(0, dtype=np.int64)
+        self.pair_comp, self.pair_ref, self.pair_inter = empty, empty, empty
         if self.box is None:
             self.sizes = np.zeros(1, dtype=np.int64)
             self.overlap = np.zeros(1, dtype=np.int64)
@@ -182,6 +198,12 @@ class Components:
             self.overlap = np.bincount(ids[hit], minlength=n + 1).astype(np.int64, copy=False)
         else:
             self.overlap = np.zeros(n + 1, dtype=np.int64)
+        if ref_lesions is not None:
+            ref_ids = np.ascontiguousarray(ref_lesions[self.box]).ravel()[where].astype(np.int64)
+            hit = ref_ids > 0
+            n_ref = int(ref_ids.max(initial=0))
+            codes, inter = np.unique(ids[hit].astype(np.int64) * (n_ref + 1) + ref_ids[hit], return_counts=True)
+            self.pair_comp, self.pair_ref, self.pair_inter = codes // (n_ref + 1), codes % (n_ref + 1), inter.astype(np.int64)
         if keep_labels:
             self.labels = labels
 
@@ -193,6 +215,19 @@ class Components:
         if fraction > 0 and np.count_nonzero(keep) > 1:
             keep &= ~(self.sizes < fraction * self.sizes[keep].max())
         return keep
+
+    def lesion_table(self, keep: np.ndarray, ref_sizes: np.ndarray) -> OverlapTable:
+        """The :class:`OverlapTable` of the reference lesions (sizes ``ref_sizes``, (n_ref,))
+        against the kept components, renumbered 1..n_kept in id order (needs ``ref_lesions``)."""
+        new_id = np.cumsum(keep)  # kept component id -> 1..n_kept
+        pairs = keep[self.pair_comp]
+        return OverlapTable(
+            ref_sizes=ref_sizes,
+            pred_sizes=self.sizes[keep],
+            pair_ref=self.pair_ref[pairs],
+            pair_pred=new_id[self.pair_comp[pairs]],
+            pair_inter=self.pair_inter[pairs],
+        )
 
     def mask(self, keep: np.ndarray) -> np.ndarray:
         """Boolean (I, J, K) mask of the kept components (needs ``keep_labels``)."""
@@ -269,24 +304,46 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
         rules.append(current)
         current_idx = len(rules) - 1
     groups = _rule_groups(rules)
+    lesions = search.objective != "dice"  # lesion F1 takes part in the choice (always scored and shown)
+    ev = cfg.evaluation
+    relabel = ev.connectivity != connectivity  # predicted lesions differ from the components
 
-    # pass 1: Dice of every rule from component sizes and overlaps
+    # pass 1: Dice (and lesion F1) of every rule from component sizes and overlaps
     dice = np.zeros((len(cases), len(rules)))
+    f1 = np.zeros((len(cases), len(rules)))
     for c, case in enumerate(tqdm(cases, desc="postprocess: Dice", unit="case", disable=not progress_enabled(progress))):
         prob, label = _load_case(case, prob_dir, cfg)
         voxel_mm3 = float(np.prod(label.spacing))
         n_ref = int(np.count_nonzero(label.array))
+        ref_lesions, n_ref_lesions = label_components(label.array, ev.connectivity)
+        ref_sizes = np.bincount(ref_lesions.ravel(), minlength=n_ref_lesions + 1)[1:].astype(np.int64)
         for (threshold, fill), members in groups.items():
-            comps = Components(prob, label.array, threshold, fill, connectivity)
+            comps = Components(prob, label.array, threshold, fill, connectivity, keep_labels=relabel,
+                               ref_lesions=None if relabel else ref_lesions)
             for i in members:
                 keep = comps.kept(_min_voxels(rules[i]["min_lesion_mm3"], voxel_mm3), rules[i]["min_component_fraction"])
                 dice[c, i] = _dice(int(comps.overlap[keep].sum()), int(comps.sizes[keep].sum()), n_ref)
+                if relabel:
+                    pred, n_pred = label_components(comps.mask(keep), ev.connectivity)
+                    table = overlap_table(ref_lesions, pred, n_ref_lesions, n_pred)
+                else:
+                    table = comps.lesion_table(keep, ref_sizes)
+                f1[c, i] = lesion_counts(match_lesions(table, ev.matching, ev.iou_threshold)).f1
     mean_dice = dice.mean(axis=0)
+    mean_f1 = f1.mean(axis=0)
 
-    # pass 2: HD95 of the rules near the best Dice and of the current rule
+    # the rules that compete on Dice: all, or those within the margin of the best lesion F1
+    if lesions:
+        margin = 0.0 if search.objective == "lesion_f1" else search.lesion_f1_margin
+        competing = [i for i in range(len(rules)) if mean_f1[i] >= mean_f1.max() - margin - 1e-12]
+    else:
+        competing = list(range(len(rules)))
+
+    # pass 2: HD95 of the competing rules near the best Dice and of the current rule
     order = sorted(range(len(rules)), key=lambda i: (-mean_dice[i], i))
-    best = mean_dice[order[0]]
-    within = [i for i in order if mean_dice[i] >= best - search.dice_tolerance - 1e-12]
+    best = max(mean_dice[i] for i in competing)
+    competing_set = set(competing)
+    within = [i for i in order if i in competing_set and mean_dice[i] >= best - search.dice_tolerance - 1e-12]
     hd95_set = sorted(set(within[:HD95_MAX_CANDIDATES]) | {current_idx})
     hd95 = np.full((len(cases), len(rules)), np.nan)
     undefined = np.zeros(len(rules), dtype=np.int64)
@@ -316,7 +373,17 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
     within_set = set(within)
     eligible = [i for i in hd95_set if i in within_set]
     winner = min(eligible, key=lambda i: (undefined[i], np.inf if np.isnan(mean_hd95[i]) else mean_hd95[i], i))
-    chosen_idx, reason = _decide(winner, current_idx, rules, mean_dice, mean_hd95, undefined, search)
+    if lesions and current_idx not in competing_set:
+        chosen_idx = winner
+        reason = (f"{describe_rule(rules[winner])}: mean lesion F1 {mean_f1[winner]:.3f}, Dice {mean_dice[winner]:.3f}; "
+                  f"the current rule {describe_rule(rules[current_idx])} has lesion F1 {mean_f1[current_idx]:.3f} "
+                  f"(Dice {mean_dice[current_idx]:.3f}), more than {margin:g} below the best {mean_f1.max():.3f} "
+                  f"(objective {search.objective})")
+    else:
+        chosen_idx, reason = _decide(winner, current_idx, rules, mean_dice, mean_hd95, undefined, search)
+        if lesions:
+            reason += (f"; among the rules within {margin:g} of the best mean lesion F1 {mean_f1.max():.3f} "
+                       f"(objective {search.objective}; chosen {mean_f1[chosen_idx]:.3f})")
 
     table = pd.DataFrame({
         "candidate": np.arange(len(rules)),
@@ -327,6 +394,7 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
         "mean_dice": mean_dice,
         "mean_hd95_mm": mean_hd95,
         "n_hd95_undefined": pd.array([int(undefined[i]) if i in hd95_set else None for i in range(len(rules))], dtype="Int64"),
+        "mean_lesion_f1": mean_f1,
         "in_grid": np.arange(len(rules)) < n_grid,
         "is_current": np.arange(len(rules)) == current_idx,
         "chosen": np.arange(len(rules)) == chosen_idx,
@@ -337,6 +405,7 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
         "candidate": np.tile(np.arange(len(rules)), len(cases)),
         "dice": dice.ravel(),
         "hd95_mm": hd95.ravel(),
+        "lesion_f1": f1.ravel(),
     })
     return PostprocessSelection(
         table=table,
@@ -347,6 +416,7 @@ def select_postprocessing(cases: Sequence[Case], prob_dir: str | Path, cfg: Conf
         search=search.model_dump(mode="json"),
         connectivity=connectivity,
         n_cases=len(cases),
+        objective=search.objective,
     )
 
 
@@ -396,6 +466,7 @@ def write_selection(selection: PostprocessSelection, out_dir: str | Path) -> dic
         "search": selection.search,
         "connectivity": selection.connectivity,
         "n_cases": selection.n_cases,
+        "objective": selection.objective,
     }
     return {
         "selection": write_json(out / SELECTION_JSON, summary),

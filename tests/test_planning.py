@@ -149,16 +149,21 @@ def test_ct_thick_slices_plan(ct_manifest):
     assert cfg.cv.repeats == fp32.cv.repeats == cuda.config.cv.repeats == 1
 
 
-@pytest.mark.parametrize(("minutes", "repeats"), [(1, 1), (5, 1), (8, 2), (20, 3)])
-def test_a_budget_beyond_one_models_epochs_buys_repeats(ct_manifest, minutes, repeats):
-    """At 900 slices/s a fold's budget holds 33.75 epochs a minute; one model trains at most 100."""
+@pytest.mark.parametrize(("minutes", "n_candidates", "repeats"), [(1, 0, 1), (5, 0, 1), (8, 2, 1), (20, 2, 3)])
+def test_a_budget_beyond_one_models_epochs_buys_candidates_then_repeats(ct_manifest, minutes, n_candidates, repeats):
+    """At 900 slices/s a fold's budget holds 33.75 epochs a minute; one model trains at most 100.
+    Two full models per fold buy the candidates (and mirroring tried); more buys seeds of each."""
     manifest, _ = ct_manifest
     fingerprint = compute_fingerprint(read_manifest(manifest), LabelConfig(), progress=False)
     plan = plan_from_fingerprint(fingerprint, str(manifest), "cuda", minutes_per_fold=minutes, throughput=900.0)
     budget = math.floor(minutes * 60 * 900 / 1600)
     assert plan.config.train.epochs == min(max(budget, 3), 100)
-    assert plan.config.cv.repeats == repeats == min(max(budget // 100, 1), 3)
+    assert len(plan.config.cv.candidates) == n_candidates and plan.config.cv.try_tta == bool(n_candidates)
+    per_fold = 100 * max(n_candidates, 1)
+    assert plan.config.cv.repeats == repeats == min(max(budget // per_fold, 1), 3)
     assert any(r.startswith(f"cv.repeats = {repeats}: the budget holds {budget} epochs per fold") for r in plan.rules)
+    assert any(r.startswith("cv.candidates = " + ("['deeplabv3plus', 'unet_inception']" if n_candidates else "none"))
+               for r in plan.rules)
 
 
 def test_thick_r_axis_gives_sagittal_slices(tmp_path):
@@ -383,3 +388,16 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     assert cfg.train.epochs == 18  # 20 min at 25 slices/s (assumed, bf16 CPU)
     fp32 = plan_from_fingerprint(plan.fingerprint, str(manifest), "cpu", cpu_bf16=False).config  # same fingerprint
     assert fp32.train.epochs == 6 and fp32.preprocess == hand.preprocess  # an AVX2-only CPU: fewer epochs, same grid
+
+
+@pytest.mark.parametrize("volumes,objective", [
+    ([[50000.0, 2.0, 1.0]] * 3, "dice"),                       # a glioma and its 1-voxel specks
+    ([[800.0, 40.0, 30.0, 12.0]] * 2 + [[900.0]], "both"),      # metastases: median 4 lesions >= 10 mm3
+    ([], "dice"),
+])
+def test_postprocess_objective_from_lesions_per_case(volumes, objective):
+    from medseg.planning import postprocess_objective
+
+    fingerprint = {"cases": [{"lesion_volumes_mm3": v} for v in volumes]}
+    chosen, reason = postprocess_objective(fingerprint, 10.0)
+    assert chosen == objective and "per case" in reason or not volumes

@@ -275,3 +275,96 @@ def test_undefined_hd95_ranks_last(tmp_path):
     assert rows.loc[0.7].n_hd95_undefined == 1 and rows.loc[0.7].mean_hd95_mm == 0.0
     assert rows.loc[0.5].n_hd95_undefined == 0 and rows.loc[0.5].mean_hd95_mm > 10.0
     assert sel.chosen["threshold"] == 0.5 and sel.reason.startswith("current rule")
+
+
+# --- lesion-aware objective (cv.postprocess.objective) ---------------------------------------
+
+
+def _lesion_f1(mask: np.ndarray, label: np.ndarray, cfg: Config) -> float:
+    """Lesion F1 of one mask the plain way: label both, overlap table, match (as evaluation)."""
+    from medseg.geometry import label_components
+    from medseg.metrics.lesion import lesion_counts, match_lesions, overlap_table
+
+    ev = cfg.evaluation
+    ref, n_ref = label_components(label, ev.connectivity)
+    pred, n_pred = label_components(mask, ev.connectivity)
+    return lesion_counts(match_lesions(overlap_table(ref, pred, n_ref, n_pred), ev.matching, ev.iou_threshold)).f1
+
+
+@pytest.mark.parametrize("matching,eval_connectivity", [("iou", 26), ("overlap", 26), ("iou", 6)])
+def test_lesion_f1_of_every_rule_equals_evaluation(tmp_path, rng, matching, eval_connectivity):
+    """The per-rule lesion F1 from the component tables equals the F1 of postprocess's own mask
+    labelled and matched as the evaluation does (connectivity 6: the relabelling path)."""
+    prob, label = _blobs_case(rng)
+    label = label | _ball((50, 12, 14), 2.0) | _ball((8, 48, 4), 1.5)  # small true lesions too
+    cases = [_write_case(tmp_path, "c0", prob, label)]
+    cfg = _search(objective="both", min_lesion_mm3=[0.0, 3.0, 100.0], component_fractions=[0.0, 0.3, 1.0])
+    cfg.evaluation.matching = matching
+    cfg.evaluation.connectivity = eval_connectivity
+    sel = select_postprocessing(cases, tmp_path, cfg, progress=False)
+    rules = sel.table.set_index("candidate").sort_index()
+    assert sel.per_case.lesion_f1.notna().all() and sel.objective == "both"
+    seen = set()
+    for row in sel.per_case.itertuples():
+        r = rules.loc[row.candidate]
+        mask = postprocess(prob.astype(np.float32), SPACING, InferenceConfig(
+            threshold=r.threshold, min_lesion_mm3=r.min_lesion_mm3, min_component_fraction=r.component_fraction,
+            fill_holes=bool(r.fill_holes))).astype(bool)
+        expected = _lesion_f1(mask, label, cfg)
+        assert row.lesion_f1 == pytest.approx(expected, abs=1e-12)
+        seen.add(round(expected, 6))
+    assert len(seen) > 2  # the rules differ in lesion F1: the comparison is not vacuous
+
+
+def _many_small_lesions_cases(tmp: Path) -> list[Case]:
+    """3 cases: one large lesion predicted exactly, 10 small true lesions (2x2x1 voxels, 6.4 mm3)
+    predicted exactly, and 10 small false positives (3x2x1 voxels, 9.6 mm3) at the same
+    probability. No rule separates the small true lesions from the false ones; dropping them all
+    (lesions >= 10 mm3, or components >= 0.25 x largest) wins Dice (60 false voxels gone for 40
+    true ones lost) but finds 1 of 11 lesions (F1 0.17); keeping them all finds 11 (F1 0.69)."""
+    cases = []
+    for k in range(3):
+        label = _ball((16 + k, 16, 10), 8.0)
+        prob = np.where(label, 0.9, 0.01)
+        for n in range(10):
+            i, j, kk = 36 + 5 * (n % 5), 4 + 10 * (n // 5) + k, 2 + 3 * (n % 3)
+            label[i:i + 2, j:j + 2, kk] = True
+            prob[i:i + 2, j:j + 2, kk] = 0.9
+            prob[i:i + 3, j + 26:j + 28, kk] = 0.9  # a false positive beside it
+        cases.append(_write_case(tmp, f"small{k}", prob, label))
+    return cases
+
+
+def test_lesion_objective_keeps_small_lesions_the_dice_objective_drops(tmp_path):
+    cases = _many_small_lesions_cases(tmp_path)
+    grid = {"min_lesion_mm3": [0.0, 10.0], "component_fractions": [0.0, 0.25]}
+    by_dice = select_postprocessing(cases, tmp_path, _search(objective="dice", **grid), progress=False)
+    by_lesions = select_postprocessing(cases, tmp_path, _search(objective="both", **grid), progress=False)
+    # Dice keeps the plan's rule, which drops every small lesion (lesions >= 10 mm3)
+    assert by_dice.chosen["min_lesion_mm3"] == 10.0 or by_dice.chosen["min_component_fraction"] == 0.25
+    per_case = by_dice.per_case.merge(by_dice.table[["candidate", "chosen"]])
+    big = [int(_ball((16 + k, 16, 10), 8.0).sum()) for k in range(3)]
+    expected = [2 * b / (2 * b + 40) for b in big]  # the 40 small true voxels are missed
+    assert per_case[per_case.chosen].dice.tolist() == pytest.approx(expected)
+    assert per_case[per_case.chosen].lesion_f1.tolist() == pytest.approx([2 / 12] * 3)  # scored, not used
+    # both: the rule that keeps all 11 lesions per case (lesion F1 1.0) at a small Dice cost
+    assert by_lesions.chosen["min_lesion_mm3"] == 0.0 and by_lesions.chosen["min_component_fraction"] == 0.0
+    chosen = by_lesions.table[by_lesions.table.chosen].iloc[0]
+    assert chosen.mean_lesion_f1 == pytest.approx(22 / 32)  # 11 found, 10 false: 2 x 11 / (2 x 11 + 10)
+    assert chosen.mean_dice < by_dice.table[by_dice.table.chosen].iloc[0].mean_dice
+    current = by_lesions.table[by_lesions.table.is_current].iloc[0]
+    assert current.mean_lesion_f1 == pytest.approx(2 / 12)  # 1 of 11 found: F1 = 2 / (2 + 10)
+    assert "lesion F1" in by_lesions.reason and "objective both" in by_lesions.reason
+    summary = json.loads(write_selection(by_lesions, tmp_path / "out")["selection"].read_text())
+    assert summary["objective"] == "both"
+
+
+def test_lesion_f1_margin_lets_dice_decide_among_near_best(tmp_path):
+    """With a margin wide enough to admit the rule that drops the small lesions, 'both' is Dice."""
+    cases = _many_small_lesions_cases(tmp_path)
+    wide = select_postprocessing(cases, tmp_path, _search(objective="both", lesion_f1_margin=0.9,
+                                                          min_lesion_mm3=[0.0, 10.0]), progress=False)
+    assert wide.chosen["min_lesion_mm3"] == 10.0  # the plan's rule, Dice 1.0, F1 0.17 admitted
+    strict = select_postprocessing(cases, tmp_path, _search(objective="lesion_f1", min_lesion_mm3=[0.0, 10.0]),
+                                   progress=False)
+    assert strict.chosen["min_lesion_mm3"] == 0.0
