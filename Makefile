@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEDSEG := $(VENV)/bin/medseg
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow test-all lint clean
 
 setup: $(VENV)/.medseg-installed
 
@@ -24,10 +24,19 @@ $(VENV)/.medseg-installed: pyproject.toml
 demo: setup
 	$(MEDSEG) run pipelines/demo.yaml
 
+# The suite without the tests marked slow (subprocess pipelines, kill-and-resume, real-data
+# training: each over ~20 s); `make test-slow` runs those, `make test-all` both. CI runs both.
 test: setup
 	@bash scripts/ensure_browser.sh
 	@bash scripts/ensure_orthanc.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	@bash scripts/ensure_browser.sh
+	@bash scripts/ensure_orthanc.sh
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint: setup
 	$(VENV)/bin/ruff check medseg tests benchmarks

@@ -71,6 +71,7 @@ def assert_no_identifiers(text: str) -> None:
         assert word not in text, word
 
 
+@pytest.mark.slow  # several `medseg import dicom` subprocesses: 28-34 s on a loaded 2-core machine
 def test_two_series_in_one_folder_become_two_rows_with_their_own_folders(tmp_path):
     archive = tmp_path / "archive"
     t1 = add_series(archive / "Doe_Jane" / "exam", UID + "11", slices=5, description="T1 SE", number=3)
@@ -135,6 +136,7 @@ def tiny_checkpoint(path: Path, channels: list[str], modality: str) -> Path:
     return save_checkpoint(path, build_model(cfg), cfg, {"channels": channels, "modality": modality})
 
 
+@pytest.mark.slow  # several `medseg import dicom` subprocesses: 28-34 s on a loaded 2-core machine
 def test_model_names_the_channel_and_drops_other_modalities(tmp_path):
     archive = tmp_path / "archive"
     add_series(archive / "ct", UID + "31", modality="CT", description="chest", number=2)

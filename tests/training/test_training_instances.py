@@ -27,7 +27,10 @@ from medseg.io import read_volume
 from medseg.manifest import read_manifest
 from medseg.synth import generate_dataset
 
-STEPS = 180  # per epoch, 2 epochs: about 100 s on 2 CPU cores
+STEPS = 180  # per epoch, 2 epochs: about 100 s on 2 idle CPU cores, 490 s on a loaded machine
+
+# every test shares the Mask R-CNN training fixture above: `make test-slow`
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
