@@ -16,6 +16,10 @@
 # (PYTHONPATH); torch and medseg's dependencies must be installed. OUT_DIR receives auto.log,
 # plan.yaml, cv_table.csv, cv_summary.json (the plan's post-processing), cv_chosen_summary.json
 # (the rule chosen on CV), postprocess.json, the fold histories and the run's state.json.
+# PEER=1 (environment): once the run is complete, nnU-Net v2 on the same folds and minutes per
+# fold (benchmarks/peer_nnunet.py, 2d and 3d_fullres where the budget holds >= 300 iterations;
+# NNUNET_PYTHON: a python with nnunetv2 installed, default PYTHON), its table into
+# OUT_DIR/peer_nnunet.md (+ .csv): docs/benchmarks.md, "Peers at the same budget".
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: gpu_auto_brats.sh OUT_DIR [BRATS_DIR] [MINUTES_PER_FOLD] [DEVICE]}")
 BRATS=$(realpath "${2:-../shared/data/brats18}")
@@ -55,4 +59,14 @@ grep -a "plan: train\.\|stopped (\|time budget\|cv:" "$OUT/auto.log" | tail -n 3
 for summary in cv_summary.json cv_chosen_summary.json; do
     [ -f "$OUT/$summary" ] && echo "$summary:" && head -c 600 "$OUT/$summary" && echo
 done
+if [ "${PEER:-0}" = 1 ] && [ "$rc" -eq 0 ]; then
+    NNPY=${NNUNET_PYTHON:-$PY}
+    if "$NNPY" -c "import nnunetv2" 2>/dev/null; then
+        $PY benchmarks/peer_nnunet.py --run "$RUN" --work "$RUN/peer" --nnunet-python "$NNPY" --device "$DEVICE" \
+            --configurations 2d 3d_fullres --out "$OUT/peer_nnunet.md" >>"$OUT/peer.log" 2>&1
+        echo "peer (nnU-Net): rc $?"; [ -f "$OUT/peer_nnunet.md" ] && head -n 40 "$OUT/peer_nnunet.md"
+    else
+        echo "peer (nnU-Net): skipped, nnunetv2 is not importable by $NNPY"
+    fi
+fi
 exit "$rc"

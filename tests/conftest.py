@@ -87,3 +87,19 @@ def make_case_files(tmp: Path, case_id: str, affine: np.ndarray, shape=(40, 36, 
     label[20:24, 20:25, 8:10] = 1
     out["label"] = write_nifti(tmp / f"{case_id}_seg.nii.gz", label, affine)
     return out
+
+
+def install_plugin(site: Path, package: str, source: str, entry_points: list[str]) -> Path:
+    """A medseg model plug-in installed the way pip leaves it under ``site``: the package
+    ``package`` (``__init__.py`` = ``source``) and a dist-info whose ``entry_points.txt`` lists
+    ``entry_points`` (``arch.name = module:builder`` lines) in the ``medseg.models`` group.
+    Returns ``site``, to put on ``sys.path`` (``monkeypatch.syspath_prepend``) or PYTHONPATH."""
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(source)
+    info = site / f"{package}-0.1.dist-info"
+    info.mkdir()
+    dist = package.replace("_", "-")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[medseg.models]\n" + "".join(f"{line}\n" for line in entry_points))
+    return site
+

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import install_plugin
 
 from medseg.config import ModelConfig, load_config
 from medseg.model_names import model_name
@@ -118,17 +118,8 @@ def build_three_channels(out_channels):
 @pytest.fixture
 def plugin_site(tmp_path, monkeypatch) -> Path:
     """``medseg_swap_plugin`` installed as pip leaves it (package + dist-info), on sys.path."""
-    site = tmp_path / "site"
-    (site / "medseg_swap_plugin").mkdir(parents=True)
-    (site / "medseg_swap_plugin" / "__init__.py").write_text(PLUGIN)
-    info = site / "medseg_swap_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: medseg-swap-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
-        [medseg.models]
-        arch.io_fcn = medseg_swap_plugin:build_io_fcn
-        arch.three_channels = medseg_swap_plugin:build_three_channels
-        """))
+    site = install_plugin(tmp_path / "site", "medseg_swap_plugin", PLUGIN, [
+        "arch.io_fcn = medseg_swap_plugin:build_io_fcn", "arch.three_channels = medseg_swap_plugin:build_three_channels"])
     monkeypatch.syspath_prepend(str(site))
     return site
 

@@ -3,10 +3,9 @@ by config validation, ``build_model`` and ``medseg models`` without editing meds
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
+from conftest import install_plugin
 
 from medseg.cli import main
 from medseg.config import ModelConfig
@@ -47,17 +46,8 @@ def build_two_stage_encoder(in_channels, base=4):
 def plugin_package(tmp_path, monkeypatch):
     """``medseg_test_plugin`` installed the way pip leaves it: the package and a dist-info with
     entry_points.txt, on sys.path."""
-    site = tmp_path / "site"
-    (site / "medseg_test_plugin").mkdir(parents=True)
-    (site / "medseg_test_plugin" / "__init__.py").write_text(PLUGIN)
-    info = site / "medseg_test_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: medseg-test-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
-        [medseg.models]
-        arch.tiny_fcn = medseg_test_plugin:build_tiny_fcn
-        encoder.two_stage = medseg_test_plugin:build_two_stage_encoder
-        """))
+    site = install_plugin(tmp_path / "site", "medseg_test_plugin", PLUGIN, [
+        "arch.tiny_fcn = medseg_test_plugin:build_tiny_fcn", "encoder.two_stage = medseg_test_plugin:build_two_stage_encoder"])
     monkeypatch.syspath_prepend(str(site))
     return site
 
