@@ -190,16 +190,43 @@ def test_out_folder_of_another_command_is_refused(cv_runs, tmp_path, capsys):
     assert sorted(p.name for p in foreign.iterdir()) == ["keep.nii.gz"]
 
 
-def test_cv_table_name_matches_its_owner():
-    from medseg.comparison import CV_TABLE
-    from medseg.cross_validation import CV_TABLE as OWNER
-
-    assert CV_TABLE == OWNER
-
-
 def test_help_lists_the_command():
     proc = subprocess.run([sys.executable, "-m", "medseg", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "compare" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "medseg", "compare", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "paired_differences.csv" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow  # two 2-fold CVs, two inferences and evaluations of phantoms: ~60 s on 2 cores
+def test_compare_real_cv_and_evaluation_runs_of_phantoms(tmp_path):
+    """`medseg compare` as a user runs it: on two `medseg cv` folders (seeds 0 and 1) and on two
+    `medseg evaluate` folders of their fold-0 models' predictions, through the CLI subprocess."""
+    import yaml
+
+    from medseg.synth import generate_dataset
+
+    manifest = generate_dataset(tmp_path / "data", 5, shape=(48, 44, 16), seed=3, val_fraction=0.0, test_fraction=0.0)
+    runs = []
+    for seed in (0, 1):
+        config = tmp_path / f"cv_{seed}.yaml"
+        config.write_text(yaml.safe_dump({
+            "data": {"manifest": str(manifest)},
+            "model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125},
+            "train": {"epochs": 1, "samples_per_epoch": 16, "batch_size": 4, "patch_size": [48, 48], "num_workers": 0,
+                      "threads": 1, "amp": "off", "seed": seed},
+            "inference": {"min_lesion_mm3": 0.0}, "cv": {"folds": 2}}))  # fmt: skip
+        assert main(["cv", str(config), "--out", str(tmp_path / f"cv_{seed}"), "--no-progress"]) == 0
+        pred, ev = tmp_path / f"pred_{seed}", tmp_path / f"eval_{seed}"
+        assert main(["infer", "--checkpoint", str(tmp_path / f"cv_{seed}" / "fold_0" / "last.pt"), "--manifest",
+                     str(manifest), "--out", str(pred), "--no-progress"]) == 0  # fmt: skip
+        assert main(["evaluate", "--pred", str(pred), "--manifest", str(manifest), "--out", str(ev), "--no-progress"]) == 0
+        runs.append((tmp_path / f"cv_{seed}", ev))
+    for a, b, what in ((runs[0][0], runs[1][0], "cv"), (runs[0][1], runs[1][1], "evaluate")):
+        out = tmp_path / f"cmp_{what}"
+        proc = subprocess.run([sys.executable, "-m", "medseg", "compare", str(a), str(b), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        table = pd.read_csv(out / "paired_differences.csv")
+        assert len(table) >= 5 and {"compare.md", "compare.html"} <= {p.name for p in out.iterdir()}
+        assert "95 %" in (out / "compare.md").read_text() and "patients" in proc.stdout
