@@ -2,12 +2,15 @@
 
 A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules import heavy libraries inside ``run`` so that
-``medseg --help`` stays fast.
+``medseg --help`` stays fast. A command module that cannot be imported (a missing optional
+dependency, a broken install) is still listed, marked as unavailable with the import error, and
+running it prints that error and exits 1; the other commands work as usual.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -45,19 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_path in COMMANDS.items():
         try:
             module = importlib.import_module(module_path)
-        except ModuleNotFoundError as exc:  # a command whose module is not part of this build
-            if exc.name == module_path:
-                continue
-            raise
+        except Exception as exc:  # noqa: BLE001 - any import failure: listed and explained, never a silent absence
+            problem = f"cannot be loaded: {module_path} failed to import ({type(exc).__name__}: {exc})"
+            cmd = sub.add_parser(name, help=f"(unavailable) {problem}", description=problem)
+            cmd.set_defaults(_run=functools.partial(_unavailable, name, problem), _any_arguments=True)
+            continue
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
 
 
+def _unavailable(name: str, problem: str, args: argparse.Namespace) -> int:
+    """The ``run`` of a command whose module failed to import: the error, exit 1."""
+    print(f"error: medseg {name} {problem}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_any_arguments", False):  # an unavailable command takes any arguments
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_console(args.verbose)
     try:
         return int(args._run(args) or 0)

@@ -13,6 +13,15 @@ longer alive) is taken over with a warning; a lock from another host cannot be c
 refused (remove it by hand once that run is known dead). Under ``torchrun`` only rank 0 takes
 the lock (every rank of one job shares the folder).
 
+Taking the lock -- read an existing record, remove it when stale, create and write our own -- is
+one step for the runs of this host: they take it in turn under a short :class:`filelock.FileLock`
+(the guard, a file of this user's temporary folder named after the output folder's device and
+inode, so nothing is written into the output folder). Without it run B could read run A's lock
+between A creating it and writing the record, call the empty file stale, delete it and take the
+lock too; or two runs could both take over one dead run's lock. A record that cannot be read is
+stale only once it is older than :data:`UNREADABLE_STALE_S` (a run of another host, which the
+guard does not reach, may be writing it).
+
 Ownership: a command writes only into a folder that is its own. :func:`claim_output_folder`
 refuses, before any work, a folder holding anything but
 
@@ -31,12 +40,16 @@ its own ``medseg run``'s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import socket
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -48,6 +61,8 @@ OWNER_NAME = ".medseg-output.json"
 PROBE_PREFIX = ".medseg-write-probe-"
 # folders written before markers existed that are recognisably a command's own: a file it writes
 LEGACY_OWNER_FILES = {"medseg run": "state.json"}
+GUARD_TIMEOUT_S = 60.0  # waiting for another run of this host to finish taking the lock (milliseconds, usually)
+UNREADABLE_STALE_S = 5.0  # an unreadable lock record younger than this may still be being written
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +203,41 @@ class OutputLock:
     def acquire(self) -> None:
         if _rank() != 0:
             return
+        with self._guard():
+            self._take()
+        if self.mark:
+            try:
+                self._write_marker()
+            except BaseException:  # disk full: no lock stays behind either
+                self.release()
+                raise
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the FileLock that makes taking the lock one step for this host's runs (module
+        docstring); without a usable temporary folder, go on unguarded (the age rule still holds)."""
+        from filelock import FileLock, Timeout
+
+        try:
+            stat = self.folder.stat()
+            guards = Path(tempfile.gettempdir()) / f"medseg-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
+            guards.mkdir(mode=0o700, exist_ok=True)
+            guard = FileLock(guards / f"{stat.st_dev}-{stat.st_ino}.lock")
+            guard.acquire(timeout=GUARD_TIMEOUT_S)
+        except Timeout:
+            raise OutputError(self.folder, f"another medseg run of this host has been taking this output folder for "
+                                           f"{GUARD_TIMEOUT_S:.0f} s; try again, or use another --out") from None  # fmt: skip
+        except OSError as exc:
+            log.debug("no guard for the run lock of %s: %s", printable_path(self.folder), exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            guard.release()
+
+    def _take(self) -> None:
+        """Create and write the lock record (under the guard), removing a stale one first."""
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -203,12 +253,6 @@ class OutputLock:
                 self.path.unlink(missing_ok=True)
                 raise OutputError(self.path, f"cannot write the run lock: {_reason(exc)}") from None
             self.held = True
-            if self.mark:
-                try:
-                    self._write_marker()
-                except BaseException:  # disk full: no lock stays behind either
-                    self.release()
-                    raise
             return
         raise OutputError(self.folder, "could not take the run lock (another run keeps taking it)")
 
@@ -229,7 +273,15 @@ class OutputLock:
             pid, host = int(record["pid"]), str(record["host"])
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError):  # half-written or foreign: older than a second -> stale
+        except (OSError, ValueError, KeyError, TypeError):  # foreign, or half-written by a killed run
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < UNREADABLE_STALE_S:  # or a run of another host is writing it right now
+                raise OutputError(self.folder, f"another medseg run is taking this output folder ({LOCK_NAME} is "
+                                               f"{max(age, 0):.1f} s old and not written yet); try again in a few "
+                                               "seconds, or use another --out") from None  # fmt: skip
             record, pid, host = {}, -1, socket.gethostname()
         here = host == socket.gethostname()
         if here and (pid == -1 or not _pid_alive(pid)):

@@ -150,3 +150,63 @@ def test_mask_off_the_grid_or_wrong_shape_is_refused(tmp_path, rng):
         read_dicom_seg(out, shifted)
     with pytest.raises(InputFileError, match="no segment label matches"):
         read_dicom_seg(out, volume.geometry, segments="liver")
+
+
+def _labelmap_seg(folder, geometry, labels: np.ndarray, out) -> None:
+    """A LABELMAP SEG (DICOM 2024) of the (I, J, K) ``labels`` (values 1 and 2) written by highdicom:
+    one frame per slice with a label, each frame holding both segments' numbers as pixel values."""
+    from pydicom.sr.codedict import codes
+
+    placed = place_instances(folder, geometry)
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    ) for number, label in ((1, "liver lesion"), (2, "kidney lesion"))]  # fmt: skip
+    seg = hd.seg.Segmentation(
+        source_images=[p.dataset for p in placed], pixel_array=np.ascontiguousarray(np.transpose(labels, (2, 1, 0))),
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+    )  # fmt: skip
+    seg.save_as(out)
+
+
+@pytest.mark.parametrize("spacing_between_slices", [True, False])
+def test_labelmap_seg_reads_each_segment_and_both(tmp_path, rng, spacing_between_slices):
+    """LABELMAP: the pixel values of a frame are segment numbers (the old reader read any
+    non-FRACTIONAL frame as one binary segment and refused it: no Referenced Segment Number).
+    Frames only on slices 1, 3, 6 (gaps of 2 and 3 slices), with or without Spacing Between
+    Slices (optional in a SEG): placed by their positions all the same."""
+    folder, volume = make_series(tmp_path, "oblique", "shuffled", rng)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[2:6, 3:7, 1] = 1
+    labels[10:13, 8:12, 1] = 2  # both segments on one frame
+    labels[4:9, 2:5, 3] = 2
+    labels[15:18, 1:3, 6] = 1
+    out = tmp_path / "labelmap.dcm"
+    _labelmap_seg(folder, volume.geometry, labels, out)
+    if not spacing_between_slices:
+        ds = pydicom.dcmread(out)
+        del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+        ds.save_as(out)
+    ds = pydicom.dcmread(out)
+    assert ds.SegmentationType == "LABELMAP" and int(ds.NumberOfFrames) == 3
+    assert "SegmentIdentificationSequence" not in ds.SharedFunctionalGroupsSequence[0]
+    for select, values, names in (("liver", [1], ["liver lesion"]), ("kidney", [2], ["kidney lesion"]),
+                                  (None, [1, 2], ["kidney lesion", "liver lesion"])):  # fmt: skip
+        back, used = read_dicom_seg(out, volume.geometry, segments=select)
+        assert back.dtype == np.uint8 and back.shape == volume.shape
+        np.testing.assert_array_equal(back, np.isin(labels, values).astype(np.uint8))
+        assert used == names
+
+
+def test_seg_with_another_pixel_spacing_is_refused(tmp_path, rng):
+    """Frames at grid positions but with half the grid's pixel spacing: another grid, not placed."""
+    folder, volume = make_series(tmp_path, "axial", "ascending", rng)
+    out = write_dicom_seg(lesion_mask(volume.shape), volume.geometry, folder, tmp_path / "s.dcm")
+    ds = pydicom.dcmread(out)
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.PixelSpacing = [float(v) / 2 for v in measures.PixelSpacing]
+    ds.save_as(out)
+    with pytest.raises(InputFileError, match="pixel spacing .* is not the image grid's"):
+        read_dicom_seg(out, volume.geometry)

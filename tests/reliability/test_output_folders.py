@@ -194,3 +194,80 @@ def test_rerun_with_other_settings_removes_the_old_probability_maps(tmp_path, ma
     assert second.returncode == 0, second.stderr
     assert not list(out.glob("*_prob.nii.gz"))  # no probability map of the old settings beside the new masks
     assert len(list(out.glob("*_mask.nii.gz"))) == 3
+
+
+# one contender: wait until every contender is ready, try to take the lock with the window
+# between creating and writing the record widened to 1 s, hold it until every contender answered
+_CONTENDER = """
+import sys, time
+from pathlib import Path
+from medseg.errors import OutputError
+from medseg.output_folder import OutputLock
+
+folder, sync, me, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+record = OutputLock._record
+def slow_record(self):
+    time.sleep(1.0)  # a slow disk: the lock file exists, its record is not written yet
+    return record(self)
+OutputLock._record = slow_record
+(sync / f"ready-{me}").touch()
+while len(list(sync.glob("ready-*"))) < n:
+    time.sleep(0.001)
+lock = OutputLock(folder, "medseg race", mark=False)
+try:
+    lock.acquire()
+except OutputError as exc:
+    (sync / f"result-{me}").write_text("refused " + str(exc))
+    sys.exit(0)
+(sync / f"result-{me}").write_text("acquired")
+deadline = time.monotonic() + 120
+while len(list(sync.glob("result-*"))) < n and time.monotonic() < deadline:
+    time.sleep(0.01)
+lock.release()
+"""
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_runs_racing_for_the_lock_one_wins(tmp_path, round_):
+    """Four processes take the lock of one folder at the same moment, the record written 1 s after
+    the lock file is created: exactly one holds it, the others are refused naming the holder
+    (before the guard, a contender read the empty lock file, called it stale, deleted it and took
+    the lock too: two or more held it)."""
+    out, sync = tmp_path / "out", tmp_path / "sync"
+    out.mkdir()
+    sync.mkdir()
+    n = 4
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(out), str(sync), str(i), str(n)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    results = sorted((sync / f"result-{i}").read_text() for i in range(n))
+    assert sum(r == "acquired" for r in results) == 1, results
+    refused = [r for r in results if r != "acquired"]
+    assert len(refused) == n - 1 and all("another medseg run" in r and "medseg race" in r for r in refused), refused
+    assert list(out.iterdir()) == []  # the lock released, nothing else written
+
+
+def test_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_path, caplog):
+    """An empty lock file: a run (of another host, out of the guard's reach) between creating it
+    and writing its record -- refused -- or, seconds later, one killed there -- taken over."""
+    import time
+
+    from medseg.errors import OutputError
+    from medseg.output_folder import UNREADABLE_STALE_S, OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")
+    with pytest.raises(OutputError, match="another medseg run is taking this output folder .* not written yet"):
+        OutputLock(out, "medseg stats", mark=False).acquire()
+    assert (out / LOCK_NAME).read_text() == ""  # not touched
+    then = time.time() - UNREADABLE_STALE_S - 1
+    os.utime(out / LOCK_NAME, (then, then))
+    lock = OutputLock(out, "medseg stats", mark=False)
+    lock.acquire()
+    assert lock.held and "taking over the lock" in caplog.text
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert list(out.iterdir()) == []
