@@ -396,7 +396,7 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     ([], "dice"),
 ])
 def test_postprocess_objective_from_lesions_per_case(volumes, objective):
-    from medseg.planning import postprocess_objective
+    from medseg.plan_rules import determine_postprocess_objective as postprocess_objective
 
     fingerprint = {"cases": [{"lesion_volumes_mm3": v} for v in volumes]}
     chosen, reason = postprocess_objective(fingerprint, 10.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "fingerprint a manifest's cross-validation pool and plan a full config from it (rules in medseg/planning.py)"
+HELP = "fingerprint a manifest's cross-validation pool and plan a full config from it (rules in medseg/plan_rules.py)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@
 lesion-wise P/R/F1 and BraTS lesion-wise Dice.
 ``detection``: AP / mAP over ranked lesions, PR curves, per-slice detection.
 ``uncertainty``: patient-level bootstrap interval of a mean over cases.
-File handling lives in :mod:`medseg.evaluation`.
+``case_scores``: one case's masks -> its per-region table rows (``lesion_scores``: the
+predicted lesions' detection scores); ``summary``: those rows pooled over the cases.
+File handling lives in :mod:`medseg.evaluation_files`, the case loop in :mod:`medseg.evaluation`.
 """
 
 from __future__ import annotations
