@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("medseg").setLevel(logging.WARNING)
     folder = read_model_folder(args.run / "model")
     manifest = args.manifest or args.run / "import" / "manifest.csv"
-    rule = folder.inference_overrides()
-    single = load_bundle(folder.checkpoints[:1], rule)
-    ensemble = load_bundle(folder.checkpoints, rule)
+    rule = folder.postprocess
+    single = load_bundle(folder.checkpoints[:1], settings=rule)
+    ensemble = load_bundle(folder.checkpoints, settings=rule)
     cases = cases_from_manifest(manifest, ensemble.channels, ensemble.modality)[: args.cases]
     from medseg.manifest import read_manifest
 
     labels = {c.case_id: c.label for c in read_manifest(manifest)}
-    fold_bundles = [load_bundle([p], rule) for p in folder.checkpoints]
+    fold_bundles = [load_bundle([p], settings=rule) for p in folder.checkpoints]
     print(f"{len(cases)} case(s), {len(folder.checkpoints)} fold models, rule {folder.postprocess}, "
           f"{args.rounds} round(s), device {ensemble.device}")  # fmt: skip
     ratios, agreement, ref_single, ref_ensemble = [], [], [], []

@@ -39,7 +39,6 @@ from medseg.candidates import (
 )
 from medseg.config import Config, dump_config
 from medseg.cross_validation import (
-    CV_SUMMARY,
     OOF_DIR,
     CVResult,
     evaluate_postprocessed,
@@ -50,7 +49,7 @@ from medseg.cross_validation import (
 from medseg.errors import MedsegError
 from medseg.folds import FOLDS_FILE, cv_pool, read_folds
 from medseg.manifest import Case, read_manifest
-from medseg.outputs import prob_file
+from medseg.outputs import CV_SUMMARY, RUN_CONFIG, prob_file
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def run_candidates(cfg: Config, manifest: str | Path, cv_dir: str | Path, progre
         log.info("cv: candidate %s (%s)", name, ", ".join(f"{k}={v}" for k, v in ccfg_set(cfg, name).items()) or "the run's config")
         folder = candidate_dir(out, name)
         results[name] = run_cross_validation(ccfg, manifest, folder, progress)
-        dump_config(ccfg, folder / "config.yaml")
+        dump_config(ccfg, folder / RUN_CONFIG)
     folds_text = {name: (candidate_dir(out, name) / FOLDS_FILE).read_text(encoding="utf-8") for name in configs}
     if len(set(folds_text.values())) != 1:
         raise MedsegError(f"{out}: the candidates' folds differ ({sorted(folds_text)}); they must share cv.folds and cv.seed")

@@ -44,10 +44,9 @@ from medseg.config import CandidateConfig, Config
 from medseg.errors import ConfigError, MedsegError
 from medseg.manifest import Case
 from medseg.metrics.uncertainty import bootstrap_mean_ci
+from medseg.outputs import CANDIDATES_CHOICE, CANDIDATES_TABLE
 
 CANDIDATES_DIR = "candidates"
-SELECTION_FILE = "candidates.json"
-TABLE_FILE = "candidates_table.csv"
 TTA_SUFFIX = "+tta"
 
 
@@ -56,11 +55,11 @@ def candidate_config(cfg: Config, candidate: CandidateConfig) -> Config:
     candidates of one ensemble share data, preprocessing and inference), validated again."""
     from pydantic import ValidationError
 
-    from medseg.config import _set_dotted, format_validation_error
+    from medseg.config import format_validation_error, set_dotted
 
     tree = cfg.model_dump(mode="json")
     for key, value in candidate.set.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -200,8 +199,8 @@ def write_choice(choice: CandidateChoice, cv_dir: str | Path, candidates: Sequen
     from medseg.atomic import write_csv, write_json
 
     out = Path(cv_dir)
-    write_csv(out / TABLE_FILE, choice.table)
-    return write_json(out / SELECTION_FILE, {
+    write_csv(out / CANDIDATES_TABLE, choice.table)
+    return write_json(out / CANDIDATES_CHOICE, {
         "chosen": list(choice.names), "tta": choice.tta, "name": choice.name, "reasons": choice.reasons,
         "steps": choice.steps, "candidates": [c.model_dump(mode="json") for c in candidates],
     })
@@ -209,7 +208,7 @@ def write_choice(choice: CandidateChoice, cv_dir: str | Path, candidates: Sequen
 
 def read_choice(cv_dir: str | Path) -> dict[str, Any] | None:
     """The ``candidates.json`` of a cv folder, or None when the run had no candidates."""
-    path = Path(cv_dir) / SELECTION_FILE
+    path = Path(cv_dir) / CANDIDATES_CHOICE
     if not path.is_file():
         return None
     try:

@@ -39,11 +39,8 @@ import pandas as pd
 
 from medseg.errors import InputFileError, MedsegError, printable_path
 from medseg.metrics.uncertainty import MIN_PATIENTS, bootstrap_mean_ci
-from medseg.outputs import EVAL_PER_CASE
+from medseg.outputs import CV_TABLE, EVAL_PER_CASE
 
-#: the CV table's name (owner: ``medseg.cross_validation.CV_TABLE``; spelled here so that reading
-#: a table does not import the training stack; tests/test_compare.py checks they agree)
-CV_TABLE = "cv_table.csv"
 #: pipeline stage folders holding the tables (``medseg.pipeline.stages``)
 CV_STAGE = "cv"
 EVALUATE_STAGE = "evaluate"
@@ -138,12 +135,12 @@ def read_run(folder: str | Path, label: str | None = None) -> RunTable:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise InputFileError(path, f"cannot be read as a CSV table: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     if "case_id" not in frame.columns:
-        raise InputFileError(path, "has no case_id column; not a cv_table.csv or metrics_per_case.csv")
+        raise InputFileError(path, f"has no case_id column; not a {CV_TABLE} or {EVAL_PER_CASE}")
     frame = frame[frame["case_id"].notna()].copy()
     if kind == "cv":
         frame = frame[frame["case_id"] != "mean"]  # the table's last row: means over cases
         if "fold" not in frame.columns:
-            raise InputFileError(path, "has no fold column; not a cv_table.csv")
+            raise InputFileError(path, f"has no fold column; not a {CV_TABLE}")
     region = None
     if "region" in frame.columns and len(frame):
         region = str(frame["region"].iloc[0])

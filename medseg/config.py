@@ -36,7 +36,7 @@ from medseg.model_names import (
     unsupported_options,
 )
 from medseg.pacs.config import PacsConfig
-from medseg.text_input import NotTextError, read_user_text, yaml_problem
+from medseg.text_input import read_user_yaml
 
 log = logging.getLogger(__name__)
 
@@ -718,7 +718,11 @@ class Config(StrictModel):
     pacs: PacsConfig = Field(default_factory=PacsConfig)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted`` ``a.b.c`` (in place), creating the sections on
+    the way: how every ``--set`` override reaches a settings tree (:func:`load_config`,
+    ``medseg.inference.bundle.inference_patch``, candidates' ``set``). Raises ``ConfigError`` when
+    a key on the way holds a value, not a section."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -824,15 +828,7 @@ def load_config(
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(read_user_text(p))
-        except NotTextError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
+        loaded = read_user_yaml(path, ConfigError, missing="config file not found")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -840,7 +836,7 @@ def load_config(
         tree = loaded
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return model.model_validate(tree)
     except ValidationError as exc:

@@ -55,19 +55,24 @@ from medseg.evaluation import describe
 from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.manifest import Case, read_manifest
 from medseg.metrics.uncertainty import CI_METHOD, bootstrap_mean_ci
-from medseg.outputs import EVAL_PER_CASE, mask_file, prob_file
+from medseg.outputs import (
+    CV_SUMMARY,
+    CV_TABLE,
+    EVAL_PER_CASE,
+    LAST_CHECKPOINT,
+    POSTPROCESS_RULE_KEYS,
+    mask_file,
+    prob_file,
+)
 
 log = logging.getLogger(__name__)
 
 OOF_DIR = "oof"
 EVALUATION_DIR = "evaluation"
-CV_TABLE = "cv_table.csv"
-CV_SUMMARY = "cv_summary.json"
 FOLD_KEY = "fold_key.json"
 FOLD_DONE = "fold_done.json"
-FOLD_MODEL = "last.pt"
-POSTPROCESS_SETTINGS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component",
-                        "connectivity")  # fmt: skip
+FOLD_MODEL = LAST_CHECKPOINT  # a fold's model: its weights after the last epoch (nothing chosen on held-out patients)
+POSTPROCESS_SETTINGS = (*POSTPROCESS_RULE_KEYS, "connectivity")  # the rule recorded in the CV summary
 TABLE_METRICS = ("dice", "hd95_mm", "assd_mm", "lesion_precision", "lesion_recall", "lesion_f1",
                  "ref_volume_ml", "pred_volume_ml")  # fmt: skip
 

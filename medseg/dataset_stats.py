@@ -24,12 +24,21 @@ from medseg.io import check_same_grid, read_volume
 from medseg.labels import read_label
 from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 from medseg.manifest import Case
-from medseg.outputs import FAILURES_FILE, mask_file
+from medseg.outputs import (
+    CASE_STATS,
+    FAILURES_FILE,
+    LESION_CURVE,
+    LESION_CURVE_PER_CASE,
+    LESION_CURVE_PNG,
+    LESION_VOLUMES,
+    RUN_CONFIG,
+    SLICE_STATS,
+    mask_file,
+)
 from medseg.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
-LESION_VOLUMES = "lesion_volumes.csv"  # one row per 3-D lesion: case_id, lesion (1..N), volume_ml
 LESION_VOLUME_COLUMNS = ["case_id", "lesion", "volume_ml"]
 
 
@@ -160,21 +169,21 @@ def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, t
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "slice_stats": atomic.write_csv(out / "slice_stats.csv", stats.slices),
-        "case_stats": atomic.write_csv(out / "case_stats.csv", stats.cases),
-        "lesion_curve": atomic.write_csv(out / "lesion_curve.csv", stats.curve),
-        "lesion_curve_per_case": atomic.write_csv(out / "lesion_curve_per_case.csv", stats.curve_per_case),
+        "slice_stats": atomic.write_csv(out / SLICE_STATS, stats.slices),
+        "case_stats": atomic.write_csv(out / CASE_STATS, stats.cases),
+        "lesion_curve": atomic.write_csv(out / LESION_CURVE, stats.curve),
+        "lesion_curve_per_case": atomic.write_csv(out / LESION_CURVE_PER_CASE, stats.curve_per_case),
         "lesion_volumes": atomic.write_csv(out / LESION_VOLUMES, stats.lesions),
         "failures": atomic.write_csv(out / FAILURES_FILE, stats.failures),
     }
     if len(stats.curve):
         paths["lesion_curve_png"] = plot_lesion_curve(
-            stats.curve, out / "lesion_curve.png", axis_name=cfg.stats.axis, extent=cfg.stats.extent,
+            stats.curve, out / LESION_CURVE_PNG, axis_name=cfg.stats.axis, extent=cfg.stats.extent,
             per_case=stats.curve_per_case, title=title,
         )
-    with atomic.atomic_path(out / "config.yaml") as tmp:
+    with atomic.atomic_path(out / RUN_CONFIG) as tmp:
         dump_config(cfg, tmp)
-    paths["config"] = out / "config.yaml"
+    paths["config"] = out / RUN_CONFIG
     return paths
 
 

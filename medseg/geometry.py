@@ -168,17 +168,20 @@ def consecutive_labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lookup[np.asarray(ids)], old.astype(np.int64)
 
 
+CONNECTIVITIES = {3: (6, 18, 26), 2: (4, 8)}  # by array dimension: faces (+ edges (+ corners))
+
+
 def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """3-D connected components of ``mask > 0``: (labels, N), lesions 1..N in raster order.
 
     ``mask``: a 3-D array in any fixed axis order; ``connectivity``: 6 (faces), 18 (+ edges) or
     26 (+ corners). Labels are uint16 (uint32 above 65535 components), the shape of ``mask``.
     Only the mask's bounding box is labelled (same components, same order, several times
-    faster on lesion-sized boxes), with connected-components-3d (3-4x faster than
-    ``scipy.ndimage.label`` on CT-sized masks). The one labelling function of medseg: statistics,
-    evaluation and the inference lesion tables all call it.
+    faster on lesion-sized boxes), by :func:`label_foreground`. The one labelling function of
+    medseg: statistics, evaluation and the inference lesion tables all call it; code that
+    already holds the bounding box (post-processing) calls :func:`label_foreground`.
     """
-    if connectivity not in (6, 18, 26):
+    if connectivity not in CONNECTIVITIES[3]:
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     mask = np.asarray(mask)
     if mask.ndim != 3:
@@ -186,9 +189,24 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     box = bounding_box(mask)
     if box is None:
         return np.zeros(mask.shape, np.uint16), 0
-    crop, n = cc3d.connected_components(np.ascontiguousarray(mask[box] > 0), connectivity=connectivity, return_N=True)
+    crop, n = label_foreground(np.ascontiguousarray(mask[box] > 0), connectivity)
     labels = np.zeros(mask.shape, np.uint16 if n < 1 << 16 else np.uint32)
     labels[box] = crop
+    return labels, n
+
+
+def label_foreground(foreground: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean array as it is (no bounding box taken: the caller's
+    array is already cropped to it): (labels, N), components 1..N in raster order, labels the
+    shape of ``foreground`` in cc3d's unsigned type.
+
+    ``foreground``: C-contiguous bool, 3-D (``connectivity`` 6, 18 or 26) or 2-D (4 or 8). Uses
+    connected-components-3d (3-4x faster than ``scipy.ndimage.label`` on CT-sized masks).
+    """
+    allowed = CONNECTIVITIES.get(foreground.ndim, ())
+    if connectivity not in allowed:
+        raise ValueError(f"connectivity of a {foreground.ndim}-D array must be one of {allowed}, got {connectivity}")
+    labels, n = cc3d.connected_components(foreground, connectivity=connectivity, return_N=True)
     return labels, int(n)
 
 

@@ -18,7 +18,6 @@ refused series); ``write_manifest`` stores them with relative paths.
 from __future__ import annotations
 
 import glob
-import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from pathlib import Path
 from medseg.dicom.import_series import Refusal, Row, SeriesRule
 from medseg.errors import InputFileError, MedsegError, printable_path
 from medseg.manifest import Case
-from medseg.text_input import NotTextError, read_user_text
+from medseg.text_input import read_user_json
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha)$", re.IGNORECASE)
 LABEL_CHANNELS = ("seg", "label", "labels", "mask", "gt")
@@ -89,14 +88,7 @@ def import_nnunet(root: str | Path, modality: str | None = None) -> list[Case]:
     """nnU-Net v2 raw dataset (or MSD ``dataset.json`` with 3-D images)."""
     base = Path(root)
     spec_path = base / "dataset.json"
-    if not spec_path.is_file():
-        raise MedsegError(f"{spec_path}: dataset.json not found (is {base} an nnU-Net raw dataset folder?)")
-    try:
-        spec = json.loads(read_user_text(spec_path))
-    except NotTextError as exc:
-        raise MedsegError(f"{spec_path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise MedsegError(f"{spec_path}: not valid JSON ({exc})") from None
+    spec = read_user_json(spec_path, MedsegError, missing=f"dataset.json not found (is {base} an nnU-Net raw dataset folder?)")
     names = spec.get("channel_names") or spec.get("modality")
     if not isinstance(names, dict) or not names:
         raise MedsegError(f"{spec_path}: needs 'channel_names' (nnU-Net v2) or 'modality' (MSD)")

@@ -34,12 +34,12 @@ from typing import Any
 from medseg import __version__
 from medseg.atomic import copy_file, sha256_file, write_json
 from medseg.errors import MedsegError
+from medseg.outputs import CV_CHOSEN_DIR, CV_SUMMARY, MODEL_RECORD, POSTPROCESS_RULE_KEYS
+from medseg.text_input import read_user_json
 
-MODEL_FILE = "model.json"
 FORMAT = "medseg-model-folder"
 FORMAT_VERSION = 1
-POSTPROCESS_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component",
-                    "tta")  # the rule chosen on CV, and test-time mirroring when cv.try_tta kept it
+POSTPROCESS_KEYS = (*POSTPROCESS_RULE_KEYS, "tta")  # the rule chosen on CV, and test-time mirroring when cv.try_tta kept it
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,6 @@ class ModelFolder:
     checkpoints: list[Path]
     postprocess: dict[str, Any]
     record: dict[str, Any]
-
-    def inference_overrides(self) -> list[str]:
-        """The rule as ``inference.KEY=VALUE`` overrides (for :func:`load_bundle`)."""
-        return [f"inference.{k}={json.dumps(v)}" for k, v in self.postprocess.items()]
 
 
 def write_model_folder(
@@ -78,7 +74,7 @@ def write_model_folder(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).unlink(missing_ok=True)
+    (out / MODEL_RECORD).unlink(missing_ok=True)
     checkpoints = []
     channels = modality = None
     names = list(names) if names is not None else [f"fold_{k}.pt" for k in range(len(fold_checkpoints))]
@@ -105,7 +101,7 @@ def write_model_folder(
         "postprocess": dict(postprocess or {}),
         "summary": summary or {},
     }
-    return write_json(out / MODEL_FILE, record)
+    return write_json(out / MODEL_RECORD, record)
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:
@@ -119,15 +115,12 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     with keys ``infer`` does not know.
     """
     folder = Path(path)
-    record_path = folder / MODEL_FILE
+    record_path = folder / MODEL_RECORD
     if not folder.is_dir():
         raise MedsegError(f"{folder}: model folder not found")
     if not record_path.is_file():
-        raise MedsegError(f"{folder}: no {MODEL_FILE} (not a medseg model folder, or its writing was interrupted)")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MedsegError(f"{record_path}: not readable JSON ({exc})") from None
+        raise MedsegError(f"{folder}: no {MODEL_RECORD} (not a medseg model folder, or its writing was interrupted)")
+    record = read_user_json(record_path, MedsegError)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise MedsegError(f"{record_path}: not a medseg model folder record (format {FORMAT!r} expected)")
     if record.get("format_version") != FORMAT_VERSION:
@@ -173,8 +166,7 @@ def _checkpoint_entry(folder: Path, record_path: Path, number: int, entry: Any) 
     return file
 
 
-QC_FILE = "qc.json"
-CV_SUMMARY_FILES = ("cv_chosen/cv_summary.json", "cv_summary.json")  # the chosen rule's scores first
+CV_SUMMARY_FILES = (f"{CV_CHOSEN_DIR}/{CV_SUMMARY}", CV_SUMMARY)  # the chosen rule's scores first
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -228,7 +220,7 @@ def read_model_inputs(path: str | Path) -> ModelInputs:
     source = Path(path)
     if source.is_dir():
         record = read_model_folder(source).record
-        channels, modality, named = record.get("channels"), record.get("modality"), source / MODEL_FILE
+        channels, modality, named = record.get("channels"), record.get("modality"), source / MODEL_RECORD
     else:
         from medseg.models.checkpoint import load_checkpoint
 

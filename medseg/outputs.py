@@ -37,6 +37,29 @@ failed).
 
 Evaluation folder (``medseg evaluate``): :data:`EVAL_PER_CASE`, :data:`EVAL_LESION_MATCHES`,
 :data:`EVAL_PR_CURVE`, :data:`EVAL_SUMMARY`, plus :data:`FAILURES_FILE`.
+
+Statistics folder (``medseg stats``, the ``stats`` stage; :mod:`medseg.dataset_stats`):
+:data:`SLICE_STATS`, :data:`CASE_STATS`, :data:`LESION_CURVE`, :data:`LESION_CURVE_PER_CASE`,
+:data:`LESION_CURVE_PNG`, :data:`LESION_VOLUMES`, :data:`RUN_CONFIG`, plus :data:`FAILURES_FILE`.
+A report folder holds :data:`REPORT_PAGE` and its PNGs.
+
+Run files (training runs, cross-validation, pipeline runs, model folders)
+------------------------------------------------------------------------
+:data:`RUN_CONFIG` the resolved config saved with a run (``medseg train``, a CV candidate, a
+pipeline run, ``medseg stats``); :data:`LAST_CHECKPOINT` a training run's weights after its last
+epoch (where ``--resume`` continues; a CV fold's model) and :data:`BEST_CHECKPOINT` those of its
+best validation epoch; :data:`MODEL_RECORD` a model folder's record (:mod:`medseg.model_folder`,
+written last); :data:`CV_TABLE` / :data:`CV_SUMMARY` the out-of-fold table and its summary
+(:mod:`medseg.cross_validation`), also in a model folder's :data:`CV_CHOSEN_DIR` (the
+out-of-fold predictions under the chosen post-processing); :data:`POSTPROCESS_SELECTION` the
+post-processing rule chosen on them (``chosen`` / ``current``: rules with exactly the keys
+:data:`POSTPROCESS_RULE_KEYS`, :class:`medseg.config.InferenceConfig` fields) and
+:data:`POSTPROCESS_CANDIDATES` every rule tried (:mod:`medseg.postprocess_selection`);
+:data:`CANDIDATES_CHOICE` / :data:`CANDIDATES_TABLE` the configuration chosen among
+``cv.candidates`` and every combination's scores (:mod:`medseg.candidates`); :data:`QC_RECORD`
+the QC score's calibration a model folder ships (:mod:`medseg.review`).
+:data:`RUN_LOG` every log line of a run (``medseg infer``, ``medseg run``); :data:`PROVENANCE` a
+pipeline run's record (versions, the model that ran).
 """
 
 from __future__ import annotations
@@ -62,6 +85,30 @@ EVAL_PER_CASE = "metrics_per_case.csv"
 EVAL_LESION_MATCHES = "lesion_matches.csv"
 EVAL_PR_CURVE = "pr_curve.csv"
 EVAL_SUMMARY = "summary.json"
+
+SLICE_STATS = "slice_stats.csv"
+CASE_STATS = "case_stats.csv"
+LESION_CURVE = "lesion_curve.csv"
+LESION_CURVE_PER_CASE = "lesion_curve_per_case.csv"
+LESION_CURVE_PNG = "lesion_curve.png"
+LESION_VOLUMES = "lesion_volumes.csv"  # one row per 3-D lesion: case_id, lesion (1..N), volume_ml
+REPORT_PAGE = "report.html"
+
+RUN_CONFIG = "config.yaml"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+MODEL_RECORD = "model.json"
+CV_TABLE = "cv_table.csv"
+CV_SUMMARY = "cv_summary.json"
+CV_CHOSEN_DIR = "cv_chosen"
+POSTPROCESS_SELECTION = "postprocess.json"
+POSTPROCESS_CANDIDATES = "postprocess_candidates.csv"
+RUN_LOG = "run.log"
+PROVENANCE = "provenance.json"
+CANDIDATES_CHOICE = "candidates.json"
+CANDIDATES_TABLE = "candidates_table.csv"
+QC_RECORD = "qc.json"
+POSTPROCESS_RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
 
 
 def mask_file(folder: str | Path, case_id: str) -> Path:

@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import numpy as np
 import pandas as pd
 from pydantic import ValidationError
@@ -65,21 +64,18 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_csv, write_json
 from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import InputFileError, MedsegError
-from medseg.geometry import bounding_box, label_components
+from medseg.geometry import bounding_box, label_components, label_foreground
 from medseg.io import Volume, check_same_grid, read_volume
 from medseg.labels import read_label
 from medseg.manifest import Case
 from medseg.metrics.lesion import OverlapTable, lesion_counts, match_lesions, overlap_table
 from medseg.metrics.voxel import hd95_assd
-from medseg.outputs import prob_file
+from medseg.outputs import POSTPROCESS_CANDIDATES, POSTPROCESS_RULE_KEYS, POSTPROCESS_SELECTION, prob_file
 from medseg.prediction.postprocess import HOPS, discretise
 from medseg.progress import progress_enabled
 
-SELECTION_JSON = "postprocess.json"
-CANDIDATES_CSV = "postprocess_candidates.csv"
 PER_CASE_CSV = "postprocess_per_case.csv"
 HD95_MAX_CANDIDATES = 10  # rules within the Dice tolerance whose HD95 is computed (cost bound)
-RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
 
 
 @dataclass
@@ -92,7 +88,8 @@ class PostprocessSelection:
     ``mean_lesion_f1``, ``in_grid``, ``is_current``, ``chosen``),
     sorted by mean Dice, best first.
     ``per_case``: ``case_id``, ``candidate``, ``dice``, ``hd95_mm`` (NaN where not computed or
-    undefined), ``lesion_f1``. ``chosen`` / ``current``: rules in :data:`RULE_KEYS` (InferenceConfig keys).
+    undefined), ``lesion_f1``. ``chosen`` / ``current``: rules in
+    :data:`~medseg.outputs.POSTPROCESS_RULE_KEYS` (InferenceConfig keys).
     ``reason``: one line. ``search``: the search config used; ``connectivity``: of the
     components; ``n_cases``: cases scored.
     """
@@ -125,7 +122,7 @@ def _key(rule: dict[str, Any]) -> tuple[float, float, float, bool]:
 def candidate_rules(search: PostprocessSearchConfig) -> list[dict[str, Any]]:
     """The grid ``thresholds x min_lesion_mm3 x component_fractions x fill_holes`` (in that
     nesting order, ``fill_holes`` innermost; repeated values dropped), as InferenceConfig keys
-    (:data:`RULE_KEYS`, ``largest_component`` always False)."""
+    (:data:`~medseg.outputs.POSTPROCESS_RULE_KEYS`, ``largest_component`` always False)."""
     rules: dict[tuple[float, float, float, bool], dict[str, Any]] = {}
     for t, m, f, h in itertools.product(search.thresholds, search.min_lesion_mm3, search.component_fractions, search.fill_holes):
         rule = _rule(t, m, f, h)
@@ -134,7 +131,7 @@ def candidate_rules(search: PostprocessSearchConfig) -> list[dict[str, Any]]:
 
 
 def current_rule(inference: InferenceConfig) -> dict[str, Any]:
-    """The config's own rule in :data:`RULE_KEYS`; ``largest_component`` -> fraction 1.0."""
+    """The config's own rule in :data:`~medseg.outputs.POSTPROCESS_RULE_KEYS`; ``largest_component`` -> fraction 1.0."""
     fraction = 1.0 if inference.largest_component else inference.min_component_fraction
     return _rule(inference.threshold, inference.min_lesion_mm3, fraction, inference.fill_holes)
 
@@ -189,7 +186,7 @@ class Components:
         if fill_holes:
             crop = _fill_holes_crop(crop, connectivity)
         foreground = np.ascontiguousarray(crop, dtype=bool)
-        labels, n = cc3d.connected_components(foreground, connectivity=connectivity, return_N=True)
+        labels, n = label_foreground(foreground, connectivity)
         where = np.flatnonzero(foreground)
         ids = labels.ravel()[where]
         self.sizes = np.bincount(ids, minlength=n + 1).astype(np.int64, copy=False)
@@ -469,19 +466,20 @@ def write_selection(selection: PostprocessSelection, out_dir: str | Path) -> dic
         "objective": selection.objective,
     }
     return {
-        "selection": write_json(out / SELECTION_JSON, summary),
-        "candidates": write_csv(out / CANDIDATES_CSV, selection.table),
+        "selection": write_json(out / POSTPROCESS_SELECTION, summary),
+        "candidates": write_csv(out / POSTPROCESS_CANDIDATES, selection.table),
         "per_case": write_csv(out / PER_CASE_CSV, selection.per_case),
     }
 
 
 def read_selection(path: str | Path) -> dict[str, Any]:
     """The ``chosen`` rule of a ``postprocess.json`` (a file, or the folder holding it), checked
-    against :class:`InferenceConfig`: a dict of :data:`RULE_KEYS` to set on ``inference``.
+    against :class:`InferenceConfig`: a dict of :data:`~medseg.outputs.POSTPROCESS_RULE_KEYS` to set
+    on ``inference``.
     Raises ``MedsegError`` naming the file when it is missing, not JSON or the rule is invalid."""
     p = Path(path)
     if p.is_dir():
-        p = p / SELECTION_JSON
+        p = p / POSTPROCESS_SELECTION
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -491,13 +489,13 @@ def read_selection(path: str | Path) -> dict[str, Any]:
     chosen = data.get("chosen") if isinstance(data, dict) else None
     if not isinstance(chosen, dict):
         raise MedsegError(f"{p}: has no 'chosen' rule object")
-    missing = [k for k in RULE_KEYS if k not in chosen]
-    extra = sorted(set(chosen) - set(RULE_KEYS))
+    missing = [k for k in POSTPROCESS_RULE_KEYS if k not in chosen]
+    extra = sorted(set(chosen) - set(POSTPROCESS_RULE_KEYS))
     if missing or extra:
-        raise MedsegError(f"{p}: 'chosen' must have exactly the keys {list(RULE_KEYS)} (missing {missing}, unexpected {extra})")
+        raise MedsegError(f"{p}: 'chosen' must have exactly the keys {list(POSTPROCESS_RULE_KEYS)} (missing {missing}, unexpected {extra})")
     try:
         checked = InferenceConfig.model_validate(chosen)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise MedsegError(f"{p}: invalid post-processing rule in 'chosen': {problems}") from exc
-    return {k: getattr(checked, k) for k in RULE_KEYS}
+    return {k: getattr(checked, k) for k in POSTPROCESS_RULE_KEYS}

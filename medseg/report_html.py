@@ -30,30 +30,37 @@ import numpy as np
 import pandas as pd
 
 from medseg import atomic, reporting
-from medseg.cross_validation import CV_SUMMARY, CV_TABLE
 from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
 from medseg.outputs import (
+    CANDIDATES_CHOICE,
+    CANDIDATES_TABLE,
+    CASE_STATS,
     CASES_COLUMNS,
     CASES_TABLE,
+    CV_CHOSEN_DIR,
+    CV_SUMMARY,
+    CV_TABLE,
     EVAL_LESION_MATCHES,
     EVAL_PER_CASE,
     EVAL_PR_CURVE,
     EVAL_SUMMARY,
     INFERENCE_RECORD,
+    LESION_CURVE,
+    LESION_CURVE_PER_CASE,
     LESIONS_CSV_SUFFIX,
+    POSTPROCESS_CANDIDATES,
+    POSTPROCESS_RULE_KEYS,
+    POSTPROCESS_SELECTION,
+    QC_RECORD,
+    REPORT_PAGE,
+    SLICE_STATS,
     lesion_table_file,
     mask_file,
 )
 
 log = logging.getLogger(__name__)
 
-CV_CHOSEN_DIR = "cv_chosen"  # in the model folder: the out-of-fold predictions with the chosen rule
-# medseg.postprocess_selection's SELECTION_JSON / CANDIDATES_CSV / RULE_KEYS, spelled here because
-# importing that module pulls in torch (seconds) for three names
-POSTPROCESS_JSON = "postprocess.json"
-POSTPROCESS_CANDIDATES = "postprocess_candidates.csv"
-RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
 N_TOP_CANDIDATES = 10  # candidate rules listed (plus the current and chosen ones)
 
 
@@ -154,7 +161,7 @@ def _reference_curve_of(inputs: ReportInputs, case_ids: set[str], n_bins: int) -
     """The reference lesion-distribution curve over ``case_ids`` only (the predicted cases)."""
     from medseg.lesions import lesion_distribution_curve
 
-    slices = _read_csv(inputs.ref_stats_dir / "slice_stats.csv") if inputs.ref_stats_dir else None
+    slices = _read_csv(inputs.ref_stats_dir / SLICE_STATS) if inputs.ref_stats_dir else None
     if slices is None or not case_ids:
         return None
     subset = slices[slices["case_id"].isin(case_ids)]
@@ -268,11 +275,11 @@ def _postprocess_part(model_dir: Path, out: Path) -> str:
     """The rule chosen on the out-of-fold predictions, the plan's rule, the reason, the
     candidates (the best :data:`N_TOP_CANDIDATES` by mean Dice, plus the current and chosen) and
     their Dice vs lesion F1 figure (written into ``out``)."""
-    selection = _read_json(model_dir / POSTPROCESS_JSON)
+    selection = _read_json(model_dir / POSTPROCESS_SELECTION)
     if selection is None:
         return ""
     parts = ["<h3>Post-processing chosen on cross-validation</h3>"]
-    rules = [{"rule": name, **{k: selection[name].get(k, "n/a") for k in RULE_KEYS}}
+    rules = [{"rule": name, **{k: selection[name].get(k, "n/a") for k in POSTPROCESS_RULE_KEYS}}
              for name in ("chosen", "current") if isinstance(selection.get(name), dict)]
     if rules:
         parts.append(_table(pd.DataFrame(rules), "cv_rules", "{:g}"))
@@ -306,14 +313,14 @@ def _postprocess_part(model_dir: Path, out: Path) -> str:
 def _candidates_part(cv_dir: Path) -> str:
     """``cv.candidates``: the configuration chosen on the out-of-fold predictions, each step's
     reason (paired intervals) and every combination's scores (:mod:`medseg.candidates`'
-    ``candidates.json`` / ``candidates_table.csv``, spelled here as the files above are)."""
-    choice = _read_json(cv_dir / "candidates.json")
+    ``candidates.json`` / ``candidates_table.csv``)."""
+    choice = _read_json(cv_dir / CANDIDATES_CHOICE)
     if choice is None:
         return ""
     parts = [f"<h3>Configuration chosen on cross-validation: {html.escape(str(choice.get('name', '')))}</h3><ul>"]
     parts += [f"<li>{html.escape(str(r))}</li>" for r in choice.get("reasons", [])]
     parts.append("</ul>")
-    table = _read_csv_lenient(cv_dir / "candidates_table.csv", ("combination", "mean_dice"))
+    table = _read_csv_lenient(cv_dir / CANDIDATES_TABLE, ("combination", "mean_dice"))
     if table is not None and len(table):
         parts.append(_table(table, "cv_configurations"))
     return "".join(parts)
@@ -390,7 +397,7 @@ def predicted_cases_table(inputs: ReportInputs) -> tuple[pd.DataFrame, str] | No
                          "largest_volume_ml": float(volumes.max()) if len(volumes) else 0.0})
     if rows:
         return pd.DataFrame(rows), f"the per-case lesion tables (<case>{LESIONS_CSV_SUFFIX})"
-    stats = _read_csv_lenient(inputs.pred_stats_dir / "case_stats.csv", ("case_id", "n_lesions_3d", "lesion_volume_ml")) \
+    stats = _read_csv_lenient(inputs.pred_stats_dir / CASE_STATS, ("case_id", "n_lesions_3d", "lesion_volume_ml")) \
         if inputs.pred_stats_dir else None  # fmt: skip
     if stats is not None and len(stats):
         frame = pd.DataFrame({"case_id": stats["case_id"], "n_lesions": stats["n_lesions_3d"],
@@ -435,7 +442,7 @@ def _review_section(inputs: ReportInputs) -> str:
     columns = [c for c in ("case_id", "qc_score", "n_lesions", "total_volume_ml") if c in table.columns]
     if record is None:
         return ("<p>No calibration of the QC score: the model is not a model folder with a cross-validation "
-                "(<code>qc.json</code>), so no case is flagged. Cases by QC score (the model's doubt, higher = more):</p>"
+                f"(<code>{QC_RECORD}</code>), so no case is flagged. Cases by QC score (the model's doubt, higher = more):</p>"
                 + _table(table[columns], "qc_scores", "{:.4g}"))
     measured = (f"on the cross-validation ({record.get('n_cases')} cases) the score ranked the out-of-fold Dice with "
                 f"Spearman &rho; = {_num(record.get('spearman'), '{:.2f}')}")
@@ -503,7 +510,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, str]] = []
-    ref_cases = _read_csv(inputs.ref_stats_dir / "case_stats.csv") if inputs.ref_stats_dir else None
+    ref_cases = _read_csv(inputs.ref_stats_dir / CASE_STATS) if inputs.ref_stats_dir else None
     sections.append(("Dataset", _overview(inputs, ref_cases)))
     has_cv = inputs.cv_dir is not None or inputs.model_dir is not None
     cv_part = _cv_section(inputs, out) if has_cv else ""
@@ -519,15 +526,15 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
 
     # lesion-distribution curves
     curves = []
-    ref_curve = _read_csv(inputs.ref_stats_dir / "lesion_curve.csv") if inputs.ref_stats_dir else None
-    pred_curve = _read_csv(inputs.pred_stats_dir / "lesion_curve.csv") if inputs.pred_stats_dir else None
+    ref_curve = _read_csv(inputs.ref_stats_dir / LESION_CURVE) if inputs.ref_stats_dir else None
+    pred_curve = _read_csv(inputs.pred_stats_dir / LESION_CURVE) if inputs.pred_stats_dir else None
     if ref_curve is not None and len(ref_curve):
-        per_case = _read_csv(inputs.ref_stats_dir / "lesion_curve_per_case.csv")  # type: ignore[operator]
+        per_case = _read_csv(inputs.ref_stats_dir / LESION_CURVE_PER_CASE)  # type: ignore[operator]
         png = reporting.plot_lesion_curve(ref_curve, out / "lesion_curve_reference.png", inputs.axis, inputs.extent, per_case,
                                           title="Reference lesion distribution")
         curves.append(_img_tag(png, "Reference lesions: area per slice along the normalised axis"))
     if pred_curve is not None and len(pred_curve):
-        per_case = _read_csv(inputs.pred_stats_dir / "lesion_curve_per_case.csv")  # type: ignore[operator]
+        per_case = _read_csv(inputs.pred_stats_dir / LESION_CURVE_PER_CASE)  # type: ignore[operator]
         same_cases = _reference_curve_of(inputs, set(per_case["case_id"]) if per_case is not None else set(), len(pred_curve))
         if same_cases is not None and len(same_cases):
             title, caption = ("Predicted vs reference lesion distribution (same cases)",
@@ -607,7 +614,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
             sections.append(("Slice overlays", "".join(overlays)))
 
     sections.append(("Provenance", _provenance_section(inputs.provenance)))
-    return write_page(out / "report.html", inputs.title, sections)
+    return write_page(out / REPORT_PAGE, inputs.title, sections)
 
 
 def write_page(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:

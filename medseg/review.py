@@ -3,7 +3,7 @@
 The QC score (:func:`medseg.metrics.qc.uncertain_fraction`, the model's doubt about a case) is
 calibrated on the cross-validation: :func:`calibrate_on_cv` scores every out-of-fold
 probability map and measures how well the score ranks the out-of-fold Dice of the rule the model
-folder ships; the record (``qc.json``, :data:`medseg.model_folder.QC_FILE`) goes into the model
+folder ships; the record (``qc.json``, :data:`medseg.outputs.QC_RECORD`) goes into the model
 folder. At inference (:func:`qc_columns`) each case gets ``qc_score`` and, when the calibration
 found a useful relation, ``qc_flag`` (score at or above the threshold); the report lists the
 flagged cases under "Review first", or says that the cross-validation showed no useful relation.
@@ -57,12 +57,12 @@ def calibrate_on_cv(cases: Sequence[Case], oof_dir: Path, cv_table: Path) -> dic
 
 def read_qc(model_dir: Path | None) -> dict[str, Any] | None:
     """The model folder's QC record, or None (no folder, an older folder, unreadable)."""
-    from medseg.model_folder import QC_FILE
+    from medseg.outputs import QC_RECORD
 
     if model_dir is None:
         return None
     try:
-        record = json.loads((Path(model_dir) / QC_FILE).read_text(encoding="utf-8"))
+        record = json.loads((Path(model_dir) / QC_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

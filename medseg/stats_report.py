@@ -36,13 +36,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medseg import atomic, reporting
-from medseg.dataset_stats import LESION_VOLUMES
+from medseg import atomic, outputs, reporting
 from medseg.errors import ConfigError
 from medseg.lesions import lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.manifest_groups import EMPTY_GROUP, group_label
-from medseg.outputs import FAILURES_FILE
 from medseg.report_html import (  # the main report's page helpers, shared rather than copied
     ReportInputs,
     _img_tag,
@@ -53,7 +51,6 @@ from medseg.report_html import (  # the main report's page helpers, shared rathe
     write_page,
 )
 
-REPORT_PAGE = "report.html"
 GROUP_CURVES = "group_curves.csv"  # per group: the lesion-distribution curve's rows, with group and label columns
 CASE_COLUMNS = ("case_id", "modality", "split", "n_slices", "slices_with_lesion", "n_lesions_3d", "lesion_volume_ml",
                 "largest_lesion_volume_ml", "largest_lesion_diameter_mm", "spacing_r", "spacing_a", "spacing_s")
@@ -87,9 +84,9 @@ def write_stats_report(inputs: StatsReportInputs, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = inputs.stats_dir
-    if not (stats / "case_stats.csv").is_file():
-        raise ConfigError(f"{stats}: no case_stats.csv; the report is made from the files of medseg stats (or a stats stage)")
-    cases = _read_csv(stats / "case_stats.csv")
+    if not (stats / outputs.CASE_STATS).is_file():
+        raise ConfigError(f"{stats}: no {outputs.CASE_STATS}; the report is made from the files of medseg stats (or a stats stage)")
+    cases = _read_csv(stats / outputs.CASE_STATS)
     cases = cases if cases is not None and "case_id" in cases.columns else pd.DataFrame(columns=list(CASE_COLUMNS))
     grouped = inputs.group_by is not None and inputs.groups is not None
     if grouped:
@@ -109,11 +106,11 @@ def write_stats_report(inputs: StatsReportInputs, out_dir: str | Path) -> Path:
                  if c in cases.columns]
         sections.append(("Cases", "<p>One row per case with statistics; click a column header to sort.</p>"
                          + _table(cases[list(dict.fromkeys(shown))], "stats_cases")))
-    failures = _read_csv(stats / FAILURES_FILE)
+    failures = _read_csv(stats / outputs.FAILURES_FILE)
     if failures is not None and len(failures):
         sections.append(("Failures", f"<p>{len(failures)} case(s) could not be measured:</p>" + _table(failures, "failures")))
     sections.append(("Provenance", _provenance_section(_provenance(inputs))))
-    return write_page(out / REPORT_PAGE, inputs.title, sections)
+    return write_page(out / outputs.REPORT_PAGE, inputs.title, sections)
 
 
 def _labels(cases: pd.DataFrame, inputs: StatsReportInputs) -> dict[str, str]:
@@ -160,16 +157,16 @@ def _curves_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[st
     """The curve of all cases (the stats' own files) and, with groups, the groups' curves
     recomputed from ``slice_stats.csv`` over each group's cases (also written as ``group_curves.csv``)."""
     stats = inputs.stats_dir
-    curve = _read_csv(stats / "lesion_curve.csv")
+    curve = _read_csv(stats / outputs.LESION_CURVE)
     if curve is None or not len(curve):
         return "<p>No lesion-distribution curve in the statistics.</p>"
     figures = []
-    per_case = _read_csv(stats / "lesion_curve_per_case.csv")
-    png = reporting.plot_lesion_curve(curve, out / "lesion_curve.png", inputs.axis, inputs.extent, per_case,
+    per_case = _read_csv(stats / outputs.LESION_CURVE_PER_CASE)
+    png = reporting.plot_lesion_curve(curve, out / outputs.LESION_CURVE_PNG, inputs.axis, inputs.extent, per_case,
                                       title=f"Lesion distribution, all cases (n={len(cases)})")
     figures.append(_img_tag(png, "All cases: lesion area per slice along the normalised axis (grey: single cases)"))
     if labels:
-        slices = _read_csv(stats / "slice_stats.csv")
+        slices = _read_csv(stats / outputs.SLICE_STATS)
         curves = {}
         for value, label in labels.items():
             ids = set(cases.loc[cases[inputs.group_by] == value, "case_id"])
@@ -186,9 +183,9 @@ def _curves_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[st
 
 def _sizes_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[str, str], out: Path) -> str:
     """Histogram of every 3-D lesion's volume (``lesion_volumes.csv``), one per group."""
-    lesions = _read_csv(inputs.stats_dir / LESION_VOLUMES)
+    lesions = _read_csv(inputs.stats_dir / outputs.LESION_VOLUMES)
     if lesions is None or "volume_ml" not in lesions.columns:
-        return (f"<p>No {LESION_VOLUMES} in {html.escape(str(inputs.stats_dir))} (statistics of an older medseg): "
+        return (f"<p>No {outputs.LESION_VOLUMES} in {html.escape(str(inputs.stats_dir))} (statistics of an older medseg): "
                 "run the statistics again for the lesion sizes.</p>")
     volumes = lesions.set_index("case_id")["volume_ml"]
     series = _series_by_group(cases, volumes, inputs, labels)
@@ -200,7 +197,7 @@ def _sizes_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[str
 def _provenance(inputs: StatsReportInputs) -> dict[str, Any]:
     """The caller's record, plus the statistics' folder, the grouping and their configuration."""
     record: dict[str, Any] = {"statistics": str(inputs.stats_dir), "group_by": inputs.group_by, **inputs.provenance}
-    config = inputs.stats_dir / "config.yaml"
+    config = inputs.stats_dir / outputs.RUN_CONFIG
     if "config" not in record and config.is_file():
         record["config"] = yaml.safe_load(config.read_text(encoding="utf-8"))
     return record

@@ -24,6 +24,7 @@ from scipy.spatial.transform import Rotation
 
 from medseg.io import Geometry, write_volume
 from medseg.manifest import Case, assign_patient_splits, write_manifest
+from medseg.outputs import label_file
 
 ORIENTATIONS = ("ras", "lps", "oblique")
 
@@ -297,7 +298,7 @@ def _generate(out: Path, n_cases: int, modality: str, shape: tuple[int, int, int
         for name, arr in phantom.images.items():
             images[name] = write(arr, geometry, out / f"{case_id}_{name}.nii.gz", np.int16)
         label = phantom.instances if instance_labels else phantom.label
-        label_path = write(label, geometry, out / f"{case_id}_label.nii.gz", np.uint8)
+        label_path = write(label, geometry, label_file(out, case_id), np.uint8)
         cases.append(Case(case_id, f"patient_{i:03d}", mod, images, label_path, ""))
         truth.append({"case_id": case_id, "modality": mod, "orientation": orientation,
                       "spacing": "x".join(str(s) for s in spacing), "n_lesions": len(phantom.lesions),

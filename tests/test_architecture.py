@@ -4,6 +4,7 @@ contract, imports that flow one way, no import circle."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -42,10 +43,46 @@ def import_graph() -> dict[str, set[str]]:
     return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
 
 
+def code_strings(path: Path) -> list[str]:
+    """The string constants of ``path``'s code (f-string parts included), docstrings left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}  # fmt: skip
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]  # fmt: skip
+
+
+def owned_file_names() -> list[str]:
+    """Every whole file name medseg.outputs defines (``last.pt``, ``config.yaml``, ...; the
+    per-case suffixes are :data:`OUTPUT_SUFFIXES`)."""
+    from medseg import outputs
+
+    return sorted(value for key, value in vars(outputs).items()
+                  if key.isupper() and isinstance(value, str) and "." in value and not value.startswith("_"))  # fmt: skip
+
+
 def test_output_file_names_have_one_owner():
     offenders = [f"{name}: {suffix}" for name, path in module_files().items() if name != "medseg.outputs"
                  for suffix in OUTPUT_SUFFIXES if suffix in path.read_text(encoding="utf-8")]  # fmt: skip
+    files = owned_file_names()
+    assert {"last.pt", "best.pt", "config.yaml", "model.json", "postprocess.json"} <= set(files)
+    # whole names: spelled in code (f-strings and messages included) only by medseg.outputs;
+    # docstrings and comments may name them
+    patterns = {file: re.compile(rf"(?<![\w.-]){re.escape(file)}(?![\w-])") for file in files}
+    offenders += [f"{name}: {file}" for name, path in module_files().items() if name != "medseg.outputs"
+                  for file, pattern in patterns.items() if any(pattern.search(text) for text in code_strings(path))]  # fmt: skip
     assert not offenders, "spell output names through medseg.outputs: " + ", ".join(offenders)
+
+
+def test_postprocessing_keys_have_one_owner():
+    from medseg.outputs import POSTPROCESS_RULE_KEYS
+
+    offenders = [f"{name}:{node.lineno}" for name, path in module_files().items() if name != "medseg.outputs"
+                 for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+                 and set(POSTPROCESS_RULE_KEYS) <= {e.value for e in node.elts if isinstance(e, ast.Constant)}]  # fmt: skip
+    assert not offenders, "take the post-processing keys from medseg.outputs.POSTPROCESS_RULE_KEYS: " + ", ".join(offenders)
 
 
 def test_one_atomic_writer():
@@ -92,3 +129,23 @@ def test_loading_a_config_does_not_import_torch():
             "ModelConfig(arch='deeplabv3plus', encoder='resnet18', width=0.5); print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_cli_lists_every_command_module_even_one_that_fails_to_import(monkeypatch, capsys):
+    """Every module of medseg/commands/ is a command of ``medseg --help``; one that cannot be
+    imported stays listed with its import error, and running it prints that error, exit 1 (it
+    used to vanish from the CLI without a word)."""
+    from medseg import cli
+
+    modules = {path.stem for path in (PACKAGE / "commands").glob("*.py") if path.stem != "__init__"}
+    assert {path.removeprefix("medseg.commands.") for path in cli.COMMANDS.values()} == modules
+    monkeypatch.setitem(sys.modules, "medseg.commands.synth", None)  # importing it now fails
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert re.search(rf"^\s+{re.escape(name)}\s", listed, re.MULTILINE), (name, listed)
+    assert re.search(r"^\s+synth\s+\(unavailable\) cannot be loaded", listed, re.MULTILINE), listed
+    assert cli.main(["synth", "--out", "anywhere"]) == 1
+    err = capsys.readouterr().err
+    assert "error: medseg synth cannot be loaded: medseg.commands.synth failed to import" in err, err

@@ -13,8 +13,8 @@ from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
 from medseg.errors import GeometryMismatchError, InputFileError, MedsegError
 from medseg.manifest import Case
 from medseg.metrics.voxel import hd95_assd
+from medseg.outputs import POSTPROCESS_RULE_KEYS
 from medseg.postprocess_selection import (
-    RULE_KEYS,
     Components,
     candidate_rules,
     read_selection,
@@ -70,7 +70,7 @@ def test_candidate_rules_grid():
     search = PostprocessSearchConfig()
     rules = candidate_rules(search)
     assert len(rules) == 5 * 5 * 4 * 2
-    assert all(tuple(r) == RULE_KEYS for r in rules)
+    assert all(tuple(r) == POSTPROCESS_RULE_KEYS for r in rules)
     assert all(r["largest_component"] is False for r in rules)
     assert rules[0] == {"threshold": 0.3, "min_lesion_mm3": 0.0, "min_component_fraction": 0.0,
                         "fill_holes": False, "largest_component": False}

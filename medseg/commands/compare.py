@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_overwrite_option, run_claimed
+from medseg.outputs import CV_TABLE, EVAL_PER_CASE
+
 HELP = "compare runs' accuracy on the same patients: paired differences, patient-bootstrap intervals, wins / losses"
 
-EPILOG = """\
+EPILOG = f"""\
 A run is a pipeline run folder or a medseg cv / medseg evaluate output folder: its
-cv/cv_table.csv, cv_table.csv, evaluate/metrics_per_case.csv or metrics_per_case.csv (first
+cv/{CV_TABLE}, {CV_TABLE}, evaluate/{EVAL_PER_CASE} or {EVAL_PER_CASE} (first
 found). Only the cases every run scored are compared; the first run is the baseline.
 Printed: a markdown table; with --out also compare.md, compare.html (tables + figure) and
 paired_differences.csv (one row per run, metric and patient).
@@ -29,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metric to compare (repeatable; default: dice, hd95_mm, lesion_f1 where every run has them)")
     parser.add_argument("--out", metavar="DIR",
                         help=f"also write {COMPARE_MD}, {COMPARE_HTML} and {DIFFERENCES_CSV} into this folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.runs) < 2:
         raise ComparisonError("give at least two run folders to compare (the first is the baseline)")
-    if args.out is None:
-        return _run(args)
-    from medseg.output_folder import claim_output_folder
-
-    with claim_output_folder(args.out, "medseg compare", overwrite=args.overwrite):  # first: a busy or foreign --out is refused at once
-        return _run(args)
+    return _run(args) if args.out is None else run_claimed(args, "medseg compare", _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from medseg.commands import add_set_option
+from medseg.commands import add_overwrite_option, add_set_option
+from medseg.outputs import CV_SUMMARY, CV_TABLE
 
 HELP = "cross-validate a config: train every patient-level fold, predict each held-out patient, score them"
 
-EPILOG = """\
+EPILOG = f"""\
 Trains cv.folds models (each on the other folds), predicts every labelled non-test patient once with
-the model that did not see it, and writes DIR/cv_table.csv and DIR/cv_summary.json (out-of-fold
+the model that did not see it, and writes DIR/{CV_TABLE} and DIR/{CV_SUMMARY} (out-of-fold
 Dice, HD95, lesion F1). Re-running resumes: finished folds and predicted cases are skipped.
 Under torchrun each rank trains its own folds (rank r: folds r, r+W, ...) on its own GPU:
   torchrun --nproc-per-node 4 -m medseg.cli cv CONFIG --out DIR
@@ -26,15 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_option(parser, "config override, e.g. cv.folds=3 (repeatable)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>/cv)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medseg.config import load_config
-    from medseg.cross_validation import CV_SUMMARY, run_cross_validation
+    from medseg.cross_validation import run_cross_validation
     from medseg.output_folder import claim_output_folder
 
     cfg = load_config(args.config, args.overrides)

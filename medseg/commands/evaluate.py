@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 
 from medseg import outputs
-from medseg.commands import add_set_option
+from medseg.commands import add_overwrite_option, add_set_option, run_claimed, with_shortcuts
 
 HELP = "evaluate predicted masks against reference labels (voxel, lesion, AP/mAP, per-slice metrics)"
 
-EPILOG = """\
+EPILOG = f"""\
 Without --split (and evaluation.split) the cases of the manifest that have a predicted mask in
---pred are scored; labelled cases without one are counted (summary.json: not_predicted), not
+--pred are scored; labelled cases without one are counted ({outputs.EVAL_SUMMARY}: not_predicted), not
 failed. With --split every labelled case of that split must have a prediction.
 A case that cannot be evaluated (missing or unreadable prediction or reference, grid mismatch,
-a predicted mask with non-integer values) is recorded in OUT/failures.csv (case_id, error)
-and the others are evaluated; summary.json counts the failed cases (n_failed).
-exit status: 0 every case evaluated; 1 some case(s) failed (failures.csv, the others
+a predicted mask with non-integer values) is recorded in OUT/{outputs.FAILURES_FILE} (case_id, error)
+and the others are evaluated; {outputs.EVAL_SUMMARY} counts the failed cases (n_failed).
+exit status: 0 every case evaluated; 1 some case(s) failed ({outputs.FAILURES_FILE}, the others
 evaluated); 2 nothing evaluated (bad arguments, config or manifest, or every case failed: one
 line on stderr).
 """
@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         metavar="DIR",
-        help="output folder: metrics_per_case.csv, lesion_matches.csv, pr_curve.csv, summary.json, failures.csv",
+        help=f"output folder: {outputs.EVAL_PER_CASE}, {outputs.EVAL_LESION_MATCHES}, {outputs.EVAL_PR_CURVE}, "
+             f"{outputs.EVAL_SUMMARY}, {outputs.FAILURES_FILE}",
     )
     parser.add_argument("--config", metavar="YAML", help="config file (evaluation and data.labels sections)")
     add_set_option(parser, "config override, e.g. evaluation.matching=overlap (repeatable)")
@@ -49,25 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate only this split (same as --set evaluation.split=...)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.output_folder import claim_output_folder
-
-    with claim_output_folder(args.out, "medseg evaluate", overwrite=args.overwrite):  # first: a second run on --out is refused at once
-        return _run(args)
+    return run_claimed(args, "medseg evaluate", _run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.config import dump_config, load_config
     from medseg.evaluation import evaluate
 
-    overrides = list(args.overrides)
-    if args.split:
-        overrides.append(f"evaluation.split={args.split}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, with_shortcuts(args, {"split": "evaluation.split"}))
     summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress,
                        skip_unpredicted=cfg.evaluation.split is None)
     dump_config(cfg, f"{args.out}/config_used.yaml")
@@ -75,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     n_failed = summary["n_failed"]
     n_missing = summary["n_not_predicted"]
     print(f"evaluated {summary['n_cases']} case(s) -> {args.out}"
-          + (f"; {n_failed} failed (see {args.out}/failures.csv)" if n_failed else "")
+          + (f"; {n_failed} failed (see {args.out}/{outputs.FAILURES_FILE})" if n_failed else "")
           + (f"; {n_missing} labelled case(s) of the manifest have no prediction in {args.pred} (not scored; "
              "--split S to require every case of split S)" if n_missing else ""))
     for name, region in summary["per_region"].items():

@@ -38,11 +38,10 @@ def seg_settings(overrides: list[str]):
     """``dicom_seg.key=value`` texts -> validated :class:`medseg.config.DicomSegConfig`."""
     from pydantic import ValidationError
 
-    from medseg.config import DicomSegConfig, format_validation_error, parse_override
+    from medseg.config import DicomSegConfig, format_validation_error, parse_override, set_dotted
     from medseg.errors import ConfigError
-    from medseg.inference.bundle import merge_settings, nested_setting
 
-    patch: dict = {}
+    tree: dict = {}
     for text in overrides:
         key, value = parse_override(text)
         parts = key.split(".")
@@ -50,9 +49,9 @@ def seg_settings(overrides: list[str]):
             parts = parts[1:]
         if len(parts) < 2 or parts[0] != "dicom_seg" or "" in parts:
             raise ConfigError(f"--set {text!r}: only dicom_seg.<key> can be set here")
-        patch = merge_settings(patch, nested_setting(parts[1:], value))
+        set_dotted(tree, ".".join(parts), value)
     try:
-        return DicomSegConfig.model_validate(patch)
+        return DicomSegConfig.model_validate(tree.get("dicom_seg", {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error("--set (dicom_seg)", exc)) from None
 

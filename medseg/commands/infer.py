@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from medseg import outputs
-from medseg.commands import add_set_option
+from medseg.commands import add_overwrite_option, add_set_option
 
 HELP = "predict lesion masks (+ lesion tables) on the source grid of each input image"
-RUN_LOG = "run.log"  # every log line of the run, the libraries' included
 
 EPILOG = """\
 inputs:
@@ -21,8 +20,8 @@ inputs:
                         Single-channel checkpoints: every path is its own case.
                         Paths: NIfTI, NRRD, MHA/MHD files or DICOM series folders.
 examples:
-  medseg infer --checkpoint run/best.pt --manifest data_manifest.csv --split test --out preds/
-  medseg infer --checkpoint run/best.pt --input flair=a_flair.nii.gz t1ce=a_t1ce.nii.gz t2=a_t2.nii.gz --out preds/
+  medseg infer --checkpoint run/{BEST_CHECKPOINT} --manifest data_manifest.csv --split test --out preds/
+  medseg infer --checkpoint run/{BEST_CHECKPOINT} --input flair=a_flair.nii.gz t1ce=a_t1ce.nii.gz t2=a_t2.nii.gz --out preds/
   medseg infer --checkpoint ct.pt --input scan1.nrrd scan2/ scan3.nii.gz --out preds/ --tta
   medseg infer --model runs/auto/RUN/model --manifest hospital.csv --out preds/   (fold ensemble + chosen rule)
 outputs (in --out): <case>{MASK_SUFFIX}, <case>{LESIONS_SUFFIX}, <case>{LESIONS_CSV_SUFFIX}, optional
@@ -30,19 +29,19 @@ outputs (in --out): <case>{MASK_SUFFIX}, <case>{LESIONS_SUFFIX}, <case>{LESIONS_
   source series; dicom-seg alone writes no NIfTI mask), <case>{MARKER_SUFFIX} (marker), {FAILURES_FILE},
   {CASES_TABLE} (one row per predicted case: lesion count, total and largest lesion volume in mL,
   slices with lesion, what became of its DICOM SEG), {INFERENCE_RECORD} (settings and the model's
-  identity), run.log. A re-run skips complete cases. Under torchrun each rank takes its share.
+  identity), {RUN_LOG}. A re-run skips complete cases. Under torchrun each rank takes its share.
 Before any inference every case is checked (preflight): files, modality of DICOM series against
   the model's, channels on one grid, a DICOM series with a Frame of Reference UID when a SEG is
   asked for (or inference.dicom_seg.missing_frame_of_reference=new). A one-channel model takes a
   manifest's one image column whatever its name.
 A case that fails (refused by the preflight, unreadable image, non-finite probabilities from the
-  model...) is recorded in failures.csv (case_id, error), none of its files is left, and the
+  model...) is recorded in {FAILURES_FILE} (case_id, error), none of its files is left, and the
   others go on; a case whose DICOM SEG alone cannot be written keeps its NIfTI mask and tables.
-exit status: 0 every case predicted or already complete; 1 some case(s) failed (failures.csv,
+exit status: 0 every case predicted or already complete; 1 some case(s) failed ({FAILURES_FILE},
   the others done); 2 nothing ran (bad arguments, checkpoint or manifest: one line on stderr).
 """.format(**{k: getattr(outputs, k) for k in ("MASK_SUFFIX", "LESIONS_SUFFIX", "LESIONS_CSV_SUFFIX", "PROB_SUFFIX",
                                          "MARKER_SUFFIX", "FAILURES_FILE", "INFERENCE_RECORD", "DICOM_SEG_SUFFIX",
-                                         "CASES_TABLE")})
+                                         "CASES_TABLE", "RUN_LOG", "BEST_CHECKPOINT")})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,13 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average over in-plane flips (inference.tta)")
     parser.add_argument("--write-prob", action="store_true", help=f"also write <case>{outputs.PROB_SUFFIX} (inference.write_prob)")
     parser.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default=None,
-                        help="nifti masks (default), DICOM SEG <case>_seg.dcm referencing each DICOM source series "
+                        help=f"nifti masks (default), DICOM SEG <case>{outputs.DICOM_SEG_SUFFIX} referencing each DICOM source series "
                              "(cases that are not DICOM series fail), or both (inference.output_format)")
     add_set_option(parser, "override an inference setting, e.g. inference.min_lesion_mm3=50 (repeatable)",
                    metavar="inference.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def _device(requested: str) -> str:
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     with claim_output_folder(args.out, "medseg infer", overwrite=args.overwrite):
         if torchrun_rank()[0] != 0:  # one run.log, rank 0's; the other ranks log to their console
             return _run(args)
-        log_file = Path(args.out) / RUN_LOG
+        log_file = Path(args.out) / outputs.RUN_LOG  # every log line of the run, the libraries' included
         try:
             with log_to_file(log_file):
                 return _run(args)
@@ -132,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         checkpoints = args.checkpoint
     # the folder's rule, under the user's --set inference.*, under the options above
-    settings = merge_settings(merge_settings(rule, inference_patch(args.overrides)), options)
+    settings = merge_settings(rule, inference_patch(args.overrides), options)
     bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings, model_dir=args.model)
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)

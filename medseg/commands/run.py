@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.errors import ConfigError
     from medseg.output_folder import claim_output_folder
-    from medseg.outputs import FAILURES_FILE
+    from medseg.outputs import FAILURES_FILE, REPORT_PAGE
     from medseg.pipeline import choose_run_dir, load_pipeline, run_pipeline
 
     if args.list_stages:
@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         run_pipeline(spec, cfg, run_dir, force=args.force, progress=not args.no_progress)
     failures = pd.read_csv(run_dir / FAILURES_FILE)
     if len(failures):
-        print(f"{len(failures)} case failure(s) recorded in {run_dir / 'failures.csv'}")
+        print(f"{len(failures)} case failure(s) recorded in {run_dir / FAILURES_FILE}")
     for folder in REPORT_FOLDERS:
-        if (run_dir / folder / "report.html").is_file():
-            print(f"report: {run_dir / folder / 'report.html'}")
+        if (run_dir / folder / REPORT_PAGE).is_file():
+            print(f"report: {run_dir / folder / REPORT_PAGE}")
     return 0

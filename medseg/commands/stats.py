@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from medseg.commands import add_set_option
+from medseg.commands import add_overwrite_option, add_set_option, run_claimed, with_shortcuts
+from medseg.outputs import FAILURES_FILE, REPORT_PAGE
 
 HELP = "per-slice lesion statistics, case statistics and the lesion-distribution curve"
 
-EPILOG = """\
---report: also OUT/report/report.html, the lesion statistics report (curve, per-case table,
+EPILOG = f"""\
+--report: also OUT/report/{REPORT_PAGE}, the lesion statistics report (curve, per-case table,
 lesion sizes, slices with lesion). --group-by COLUMN (implies --report): a manifest column such
 as site, scanner or timepoint; its groups' curves share one figure (legend "site A (n=6)").
-A case whose files are missing or unusable is recorded in OUT/failures.csv (case_id, stage,
+A case whose files are missing or unusable is recorded in OUT/{FAILURES_FILE} (case_id, stage,
 error) and the others go on.
-exit status: 0 every labelled case done; 1 some case(s) failed (failures.csv, the others
+exit status: 0 every labelled case done; 1 some case(s) failed ({FAILURES_FILE}, the others
 done); 2 nothing ran (bad arguments, config or manifest: one line on stderr).
 """
 
@@ -29,31 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="shortcut for --set stats.axis=...")
     parser.add_argument("--extent", choices=["foreground", "volume"], help="shortcut for --set stats.extent=...")
     parser.add_argument("--split", default=None, help="only cases of this split")
-    parser.add_argument("--report", action="store_true", help="also write OUT/report/report.html (no model needed)")
+    parser.add_argument("--report", action="store_true", help=f"also write OUT/report/{REPORT_PAGE} (no model needed)")
     parser.add_argument("--group-by", default=None, metavar="COLUMN",
                         help="manifest column (e.g. site, scanner, timepoint): overlay its groups' curves (implies --report)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.output_folder import claim_output_folder
-
-    with claim_output_folder(args.out, "medseg stats", overwrite=args.overwrite):  # first: a second run on --out is refused at once
-        return _run(args)
+    return run_claimed(args, "medseg stats", _run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.manifest import read_manifest
 
-    overrides = list(args.overrides)
-    if args.axis:
-        overrides.append(f"stats.axis={args.axis}")
-    if args.extent:
-        overrides.append(f"stats.extent={args.extent}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, with_shortcuts(args, {"axis": "stats.axis", "extent": "stats.extent"}))
     cases = read_manifest(args.manifest, check_files=False)  # a missing file fails its case (failures.csv)
     if args.split is not None:
         cases = [c for c in cases if c.split == args.split]

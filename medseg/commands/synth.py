@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import add_overwrite_option
+
 HELP = "generate synthetic CT/MR phantoms with known lesions (NIfTI + manifest)"
 
 
@@ -18,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs of touching lesions per case (one connected component, two lesions)")
     parser.add_argument("--instance-labels", action="store_true",
                         help="label files hold one value per lesion (1..N); read with data.labels.instances: values")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

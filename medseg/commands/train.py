@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from medseg.commands import add_set_option
+from medseg.commands import add_overwrite_option, add_set_option, with_shortcuts
+from medseg.folds import FOLDS_FILE
+from medseg.outputs import LAST_CHECKPOINT
 
 HELP = "train a 2D/2.5D segmentation model on the manifest's train split (torchrun for several processes)"
 
-EPILOG = """\
+EPILOG = f"""\
 cross-validation:
   --fold K [--folds N]  train fold K of N patient-level folds (cv.folds, default 5) of the pool:
                         every labelled row not in the test split. Fold K's patients are held out
                         (validated every epoch for the record, never used to pick an epoch); the
-                        fold's model is last.pt. The assignment is written once to
-                        FOLDS_DIR/folds.json (default: the folder above --out) and reused by every
+                        fold's model is {LAST_CHECKPOINT}. The assignment is written once to
+                        FOLDS_DIR/{FOLDS_FILE} (default: the folder above --out) and reused by every
                         fold, so all folds of one study share it. Default --out:
                         runs/<config name>/cv/fold_K.
   medseg run pipelines/auto.yaml trains every fold, predicts each held-out patient and reports
@@ -28,13 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config (sections data, preprocess, model, train, ...)")
     add_set_option(parser, "config override, e.g. train.epochs=50 (repeatable)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {LAST_CHECKPOINT}")
     parser.add_argument("--fold", type=int, metavar="K", help="train cross-validation fold K (0-based; see below)")
     parser.add_argument("--folds", type=int, metavar="N", help="number of folds (cv.folds)")
-    parser.add_argument("--folds-dir", metavar="DIR", help="folder of folds.json (default: the folder above --out)")
+    parser.add_argument("--folds-dir", metavar="DIR", help=f"folder of {FOLDS_FILE} (default: the folder above --out)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --out even if it holds files this command did not write (same names replaced)")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError
     from medseg.output_folder import claim_output_folder
 
-    overrides = list(args.overrides)
-    if args.folds is not None:
-        overrides.append(f"cv.folds={args.folds}")
+    overrides = with_shortcuts(args, {"folds": "cv.folds"})
     if args.fold is None and (args.folds is not None or args.folds_dir is not None):
         raise ConfigError("--folds/--folds-dir need --fold K")
     cfg = load_config(args.config, overrides)
@@ -60,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out) if args.out else Path("runs") / name
         folds_dir = None
-    # --resume of a run (its last.pt) is this command's own folder, marked or not (runs before markers)
-    own = args.overwrite or (args.resume and (out / "last.pt").is_file())
+    # --resume of a run (its last checkpoint) is this command's own folder, marked or not (runs before markers)
+    own = args.overwrite or (args.resume and (out / LAST_CHECKPOINT).is_file())
     with claim_output_folder(out, "medseg train", overwrite=own):
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress, fold=args.fold, folds_dir=folds_dir)
     if args.fold is not None:
         print(f"fold {args.fold}/{cfg.cv.folds}: trained {result.epochs_done} epoch(s) (stopped: {result.stop_reason}); "
-              f"fold model {result.out_dir / 'last.pt'}; folds in {folds_dir / 'folds.json'}")
+              f"fold model {result.out_dir / LAST_CHECKPOINT}; folds in {folds_dir / FOLDS_FILE}")
         return 0
     best = f"{result.best_metric:.4f} at epoch {result.best_epoch}" if result.best_epoch else "n/a"
     print(

@@ -41,7 +41,7 @@ from medseg.progress import progress_enabled
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
-from medseg.geometry import AXIS_INDEX
+from medseg.geometry import AXIS_INDEX, label_foreground
 from medseg.manifest import Case
 
 CACHE_VERSION = 1
@@ -99,8 +99,6 @@ def slice_instances(label: np.ndarray, values: bool, where: str) -> np.ndarray:
     """(S, H, W) label (0/1 mask, or raw instance values with ``values``) -> uint8 instance ids
     1..n per slice: 8-connected components of each slice's mask, or one id per distinct value.
     Raises ``MedsegError`` naming ``where`` when a slice holds more than 255 lesions."""
-    import cc3d
-
     out = np.zeros(label.shape, dtype=np.uint8)
     for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
         plane = label[z]
@@ -108,7 +106,7 @@ def slice_instances(label: np.ndarray, values: bool, where: str) -> np.ndarray:
             ids = np.unique(plane, return_inverse=True)[1].reshape(plane.shape)  # 0 stays 0 (the smallest value)
             n = int(ids.max())
         else:
-            ids, n = cc3d.connected_components(np.ascontiguousarray(plane > 0), connectivity=8, return_N=True)
+            ids, n = label_foreground(np.ascontiguousarray(plane > 0), connectivity=8)
         if n > 255:
             raise MedsegError(f"{where}: slice {z} holds {n} lesions; instance training handles at most 255 per slice")
         out[z] = ids

@@ -49,10 +49,10 @@ def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | 
     manifest = Path(cfg.data.manifest)
     cases = read_manifest(manifest)
     if fold is not None:
-        from medseg.folds import load_or_create_folds
+        from medseg.folds import FOLDS_FILE, load_or_create_folds
 
         if folds_dir is None:
-            raise ConfigError("a fold needs the folder that holds (or will hold) its folds.json")
+            raise ConfigError(f"a fold needs the folder that holds (or will hold) its {FOLDS_FILE}")
         folds = load_or_create_folds(folds_dir, cases, cfg.cv.folds, cfg.cv.seed, manifest)
         train, val = folds.split(cases, fold)
     else:

@@ -75,6 +75,7 @@ from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
 from medseg.model_names import is_instance_arch
+from medseg.outputs import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from medseg.progress import progress_enabled
 from medseg.runtime import autocast, autocast_dtype, resolve_train_device, set_threads
 
@@ -247,7 +248,7 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _restore(self, info: DistInfo) -> None:
-        path = self.out_dir / "last.pt"
+        path = self.out_dir / LAST_CHECKPOINT
         if not path.is_file():
             raise MedsegError(f"--resume: {path} not found (no run to resume in {self.out_dir})")
         saved = read_resume_state(path)
@@ -260,7 +261,7 @@ class Trainer:
             if saved_sections.get(section) != current[section]:
                 raise ConfigError(
                     f"--resume: config section '{section}' differs from the one {path} was trained with; "
-                    f"resume with the same {', '.join(RESUME_CHECKED_SECTIONS)} sections (see {self.out_dir / 'config.yaml'})"
+                    f"resume with the same {', '.join(RESUME_CHECKED_SECTIONS)} sections (see {self.out_dir / RUN_CONFIG})"
                 )
         if saved["config"].get("train") != current["train"]:
             log.warning("resuming with a changed train section (allowed, but the run is no longer a pure continuation)")
@@ -378,9 +379,9 @@ class Trainer:
             return
         extra = self._extra(cases, row, rng)
         model, epoch = self.eval_model, self.state.epoch
-        save_checkpoint(self.out_dir / "last.pt", model, self.cfg.model, extra)
+        save_checkpoint(self.out_dir / LAST_CHECKPOINT, model, self.cfg.model, extra)
         if improved and self.fold is None:  # a fold keeps its last weights (module docstring)
-            save_checkpoint(self.out_dir / "best.pt", model, self.cfg.model, extra)
+            save_checkpoint(self.out_dir / BEST_CHECKPOINT, model, self.cfg.model, extra)
         every = self.cfg.train.save_every
         if every is not None and epoch % every == 0:
             save_checkpoint(self.out_dir / f"epoch_{epoch:03d}.pt", model, self.cfg.model, extra)
@@ -438,8 +439,8 @@ class Trainer:
         seed_everything(t.seed)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume and (self.out_dir / "last.pt").exists():
-                raise MedsegError(f"{self.out_dir} already holds a run (last.pt); use --resume or another --out")
+            if not self.resume and (self.out_dir / LAST_CHECKPOINT).exists():
+                raise MedsegError(f"{self.out_dir} already holds a run ({LAST_CHECKPOINT}); use --resume or another --out")
         barrier(info)
         self.setup(cases, info)
         model = self.model
@@ -449,7 +450,7 @@ class Trainer:
             model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=self.detector)
         history = MetricsHistory(self.out_dir, self.state.epoch) if info.is_main else None
         if info.is_main:
-            dump_config(self.cfg, self.out_dir / "config.yaml")  # with what setup filled in (maskrcnn anchors)
+            dump_config(self.cfg, self.out_dir / RUN_CONFIG)  # with what setup filled in (maskrcnn anchors)
             log.info("device %s, amp %s, %d rank(s); writing to %s", info.device, self.amp, info.world_size, self.out_dir)
         epoch_seconds: list[float] = []
         stop_reason = "epochs"

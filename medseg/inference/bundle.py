@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from medseg.config import Config, InferenceConfig, format_validation_error, parse_override
+from medseg.config import Config, InferenceConfig, format_validation_error, parse_override, set_dotted
 from medseg.errors import ConfigError, MedsegError
 from medseg.prediction.predictor import network_stride, prepare_models
 from medseg.runtime import (
@@ -74,13 +74,14 @@ class InferenceBundle:
 
 
 def inference_patch(overrides: Sequence[str]) -> dict[str, Any]:
-    """``inference.key=value`` texts (``--set``) -> ``{key: value}``, values read as YAML; other
-    sections are refused (:class:`ConfigError`).
+    """``inference.key=value`` texts (``--set``) -> ``{key: value}``, values read as YAML, nested
+    keys (``inference.dicom_seg.segment_label``) as sections (:func:`medseg.config.set_dotted`);
+    other sections are refused (:class:`ConfigError`).
 
     Preprocessing and model settings come from the checkpoint and cannot be changed at
     inference (the model was trained with them).
     """
-    patch: dict[str, Any] = {}
+    tree: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
@@ -89,22 +90,21 @@ def inference_patch(overrides: Sequence[str]) -> dict[str, Any]:
                 f"--set {text!r}: only inference.<key> can be set at inference time "
                 "(preprocessing and model settings are the checkpoint's)"
             )
-        patch = merge_settings(patch, nested_setting(name.split("."), value))
-    return patch
+        set_dotted(tree, key, value)
+    return tree.get("inference", {})
 
 
-def nested_setting(keys: list[str], value: Any) -> dict[str, Any]:
-    return {keys[0]: value} if len(keys) == 1 else {keys[0]: nested_setting(keys[1:], value)}
-
-
-def merge_settings(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``patch`` on top; nested sections (``dicom_seg``) are merged key by key."""
-    out = dict(base)
-    for key, value in patch.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_settings(out[key], value)
-        else:
-            out[key] = value
+def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings ``layers``, each on top of the ones before; nested sections (``dicom_seg``)
+    are merged key by key. The one way inference settings are layered: a model folder's rule,
+    under the user's ``--set`` (:func:`inference_patch`), under a command's or stage's options."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_settings(out[key], value)
+            else:
+                out[key] = value
     return out
 
 

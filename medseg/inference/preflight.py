@@ -29,6 +29,7 @@ from medseg.errors import MedsegError, printable_path
 from medseg.geometry import grid_mismatch
 from medseg.inference.cases import InferenceCase
 from medseg.io import Geometry
+from medseg.outputs import FAILURES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -168,5 +169,5 @@ def preflight(
     if unnamed:
         log.info("%d case(s) given as files name no modality (not DICOM); taken as the model's %s", unnamed, modality)
     if refused:
-        log.warning("preflight: %d of %d case(s) refused before inference (failures.csv says why)", refused, len(cases))
+        log.warning("preflight: %d of %d case(s) refused before inference (%s says why)", refused, len(cases), FAILURES_FILE)
     return list(cases)

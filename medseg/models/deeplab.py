@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.models.blocks import ASPP, SeparableConv2d, conv_norm_act, pad_to_multiple
-from medseg.models.encoders import Encoder, scale_channels
+from medseg.models.blocks import ASPP, SeparableConv2d, conv_norm_act
+from medseg.models.encoders import Encoder, EncoderDecoder, scale_channels
 
 # atrous rates used when the config gives none (the paper's: doubled at output stride 8)
 DEFAULT_RATES: dict[int, tuple[int, int, int]] = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -61,27 +61,16 @@ class DeepLabV3PlusDecoder(nn.Module):
         return self.fuse(torch.cat([high, low], dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(EncoderDecoder):
     """Atrous encoder -> DeepLabv3+ decoder -> 1x1 head -> bilinear x4.
 
     ``(B, Cin, H, W) -> (B, out_channels, H, W)`` logits for any ``H x W`` (padded internally
-    to a multiple of the output stride, cropped back).
+    to a multiple of the output stride, cropped back: :class:`EncoderDecoder`).
     """
 
-    def __init__(self, encoder: Encoder, decoder: DeepLabV3PlusDecoder, out_channels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.head = nn.Conv2d(decoder.out_channels, out_channels, kernel_size=1)
-        self.multiple = max(encoder.strides)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        padded = pad_to_multiple(x, self.multiple)
-        logits = self.head(self.decoder(self.encoder(padded)))
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :h, :w]
-
+    def to_input_size(self, logits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """The head's ``(B, out_channels, H / 4, W / 4)`` upsampled (bilinear) to the padded size."""
+        return F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
 
 def build_deeplabv3plus(
     encoder: Encoder,

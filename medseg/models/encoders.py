@@ -40,7 +40,7 @@ import torch
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-from medseg.models.blocks import DoubleConv, SeparableConv2d, make_norm
+from medseg.models.blocks import DoubleConv, SeparableConv2d, make_norm, pad_to_multiple
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -90,6 +90,37 @@ class Encoder(nn.Module):
                 dilate(self.stages[i], stride // output_stride)
                 self.strides[i] = output_stride
         self.output_stride = output_stride
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder -> decoder -> 1x1 conv head: the set-up and forward every encoder-decoder
+    architecture shares (``UNet``, ``DeepLabV3Plus``; MONAI's ``BaseEncoder`` idea on the model side).
+
+    ``forward``: ``(B, Cin, H, W) -> (B, out_channels, H, W)`` logits for any ``H x W``: the
+    input is edge-padded (bottom/right) to a multiple of the encoder's deepest stride
+    (:func:`pad_to_multiple`), the decoder's output ``(B, decoder.out_channels, h, w)`` goes
+    through the head, :meth:`to_input_size` brings the logits to the padded size, and they are
+    cropped back. ``decoder``: a module taking the encoder's feature list and exposing
+    ``out_channels``. State-dict keys: ``encoder.*``, ``decoder.*``, ``head.*``.
+    """
+
+    def __init__(self, encoder: Encoder, decoder: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = nn.Conv2d(decoder.out_channels, out_channels, kernel_size=1)
+        self.multiple = max(encoder.strides)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        padded = pad_to_multiple(x, self.multiple)
+        logits = self.to_input_size(self.head(self.decoder(self.encoder(padded))), padded)
+        return logits[..., :h, :w]
+
+    def to_input_size(self, logits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """``logits`` at the size of ``padded`` (the padded input); the identity for a decoder that
+        ends at full resolution (U-Net), overridden by one that does not (DeepLabv3+)."""
+        return logits
 
 
 def dilate(module: nn.Module, dilation: int) -> None:

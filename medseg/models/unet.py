@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from medseg.models.blocks import DoubleConv, InceptionBlock, pad_to_multiple
-from medseg.models.encoders import Encoder
+from medseg.models.blocks import DoubleConv, InceptionBlock
+from medseg.models.encoders import Encoder, EncoderDecoder
 
 SkipFactory = Callable[[int], nn.Module]
 
@@ -105,24 +105,13 @@ class UNetDecoder(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(EncoderDecoder):
     """Encoder -> U-Net decoder -> 1x1 conv head; ``(B, Cin, H, W) -> (B, out_channels, H, W)`` logits.
 
     Any ``H x W``: the input is edge-padded (bottom/right) to a multiple of the encoder's
-    deepest stride and the logits are cropped back.
+    deepest stride and the logits are cropped back (:class:`EncoderDecoder`); the decoder
+    (:class:`UNetDecoder`) ends at full resolution.
     """
-
-    def __init__(self, encoder: Encoder, decoder: UNetDecoder, out_channels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.head = nn.Conv2d(decoder.out_channels, out_channels, kernel_size=1)
-        self.multiple = max(encoder.strides)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        features = self.encoder(pad_to_multiple(x, self.multiple))
-        return self.head(self.decoder(features))[..., :h, :w]
 
 
 def build_unet(
@@ -134,16 +123,7 @@ def build_unet(
     dropout: float | None = None,
 ) -> UNet:
     """Classic U-Net decoder on ``encoder`` (identity skip connections)."""
-    decoder = UNetDecoder(
-        encoder.out_channels,
-        encoder.strides,
-        decoder_channels,
-        skip_factory=None,
-        norm=norm,
-        residual=residual,
-        dropout=dropout,
-    )
-    return UNet(encoder, decoder, out_channels)
+    return _unet(encoder, out_channels, decoder_channels, None, norm, residual, dropout)
 
 
 def build_unet_inception(
@@ -156,13 +136,13 @@ def build_unet_inception(
     inception_branches: Sequence[float] = (0.25, 0.5, 0.125, 0.125),
 ) -> UNet:
     """U-Net with an ``InceptionBlock`` on every skip connection (branch widths as fractions)."""
-    decoder = UNetDecoder(
-        encoder.out_channels,
-        encoder.strides,
-        decoder_channels,
-        skip_factory=lambda channels: InceptionBlock(channels, inception_branches, norm=norm),
-        norm=norm,
-        residual=residual,
-        dropout=dropout,
-    )
+    return _unet(encoder, out_channels, decoder_channels,
+                 lambda channels: InceptionBlock(channels, inception_branches, norm=norm), norm, residual, dropout)  # fmt: skip
+
+
+def _unet(encoder: Encoder, out_channels: int, decoder_channels: Sequence[int] | None, skip_factory: SkipFactory | None,
+          norm: str, residual: bool, dropout: float | None) -> UNet:  # fmt: skip
+    """The U-Net both builders assemble (they differ only in ``skip_factory``)."""
+    decoder = UNetDecoder(encoder.out_channels, encoder.strides, decoder_channels, skip_factory=skip_factory,
+                          norm=norm, residual=residual, dropout=dropout)  # fmt: skip
     return UNet(encoder, decoder, out_channels)

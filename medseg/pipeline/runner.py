@@ -22,7 +22,7 @@ from medseg.config import Config, ConfigError, dump_config
 from medseg.errors import NothingToDo
 from medseg.logs import log_to_file
 from medseg.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
-from medseg.outputs import FAILURES_FILE
+from medseg.outputs import FAILURES_FILE, MODEL_RECORD, PROVENANCE, RUN_CONFIG, RUN_LOG
 from medseg.pipeline.spec import PipelineSpec
 from medseg.pipeline.stages import STAGES
 from medseg.pipeline.state import (
@@ -60,7 +60,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage of ``spec`` into ``run_dir`` (see :mod:`medseg.pipeline`). Returns the state."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with log_to_file(run_dir / "run.log"):  # every INFO line, the libraries' too (the console shows medseg's)
+    with log_to_file(run_dir / RUN_LOG):  # every INFO line, the libraries' too (the console shows medseg's)
         return _run(spec, cfg, run_dir, force or [], progress)
 
 
@@ -68,7 +68,7 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
     unknown = [f for f in force if f not in [s.name for s in spec.stages]]
     if unknown:
         raise ConfigError(f"--force {unknown}: not a stage of pipeline {spec.name} ({[s.name for s in spec.stages]})")
-    with atomic.atomic_path(run_dir / "config.yaml") as tmp:
+    with atomic.atomic_path(run_dir / RUN_CONFIG) as tmp:
         dump_config(cfg, tmp)
     atomic.write_text(run_dir / "pipeline.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     state = read_state(run_dir)
@@ -151,7 +151,7 @@ def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
         provenance["checkpoint"] = str(ctx.checkpoint)
         provenance["checkpoint_sha256"] = sha256_file(ctx.checkpoint)
         provenance["model_identity"] = _model_identity((ctx.checkpoint,), None)
-    record = ctx.model_dir / "model.json" if ctx.model_dir is not None else None
+    record = ctx.model_dir / MODEL_RECORD if ctx.model_dir is not None else None
     if record is not None and record.is_file():
         model = json.loads(record.read_text(encoding="utf-8"))
         provenance["model"] = str(ctx.model_dir)
@@ -159,7 +159,7 @@ def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
         provenance["postprocess"] = model.get("postprocess")
         files = tuple(ctx.model_dir / c["file"] for c in model.get("checkpoints", []))
         provenance["model_identity"] = _model_identity(files, ctx.model_dir)
-    atomic.write_json(ctx.run_dir / "provenance.json", provenance)
+    atomic.write_json(ctx.run_dir / PROVENANCE, provenance)
 
 
 def _model_identity(checkpoints: tuple[Path, ...], folder: Path | None) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def _model_identity(checkpoints: tuple[Path, ...], folder: Path | None) -> dict[
         info = path.stat() if path.exists() else None
         return (str(path), info.st_size if info else -1, info.st_mtime_ns if info else -1)
 
-    folder_files = [folder / "model.json", folder / FINGERPRINT_FILE, *(folder / n for n in CV_SUMMARY_FILES)] if folder else []
+    folder_files = [folder / MODEL_RECORD, folder / FINGERPRINT_FILE, *(folder / n for n in CV_SUMMARY_FILES)] if folder else []
     key = (tuple(stamp(p) for p in checkpoints), str(folder), tuple(stamp(p) for p in folder_files))
     return copy.deepcopy(_cached_identity(key, checkpoints, folder))
 

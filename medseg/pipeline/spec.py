@@ -8,7 +8,6 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medseg.config import (
@@ -20,7 +19,7 @@ from medseg.config import (
 )
 from medseg.pipeline.stages import STAGES
 from medseg.pipeline.state import STATE_FILE
-from medseg.text_input import NotTextError, read_user_text, yaml_problem
+from medseg.text_input import read_user_yaml
 
 
 class StageSpec(StrictModel):
@@ -139,14 +138,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     from medseg.config import load_config
 
     p = Path(path).resolve()
-    if not p.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
-    try:
-        tree = yaml.safe_load(read_user_text(p)) or {}
-    except NotTextError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+    tree = read_user_yaml(p, ConfigError, missing="pipeline file not found", name=path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for key in PATH_FIELDS:

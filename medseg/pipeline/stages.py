@@ -25,8 +25,25 @@ from medseg import atomic
 from medseg.config import Config, ConfigError, StrictModel, dump_config, format_validation_error
 from medseg.errors import MedsegError
 from medseg.manifest import read_manifest
-from medseg.outputs import EVAL_SUMMARY, FAILURES_FILE, predicted_case_ids, prob_file
-from medseg.pipeline.state import RunContext
+from medseg.outputs import (
+    BEST_CHECKPOINT,
+    CANDIDATES_CHOICE,
+    CANDIDATES_TABLE,
+    CASE_STATS,
+    CV_CHOSEN_DIR,
+    CV_SUMMARY,
+    CV_TABLE,
+    EVAL_SUMMARY,
+    FAILURES_FILE,
+    LAST_CHECKPOINT,
+    MODEL_RECORD,
+    PROVENANCE,
+    QC_RECORD,
+    RUN_CONFIG,
+    predicted_case_ids,
+    prob_file,
+)
+from medseg.pipeline.state import STATE_FILE, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +219,7 @@ def restore_plan(ctx: RunContext, record: dict[str, Any]) -> None:
     from medseg.config import load_config
 
     ctx.cfg = load_config(ctx.run_dir / "plan" / "plan.yaml", ctx.config_overrides)
-    with atomic.atomic_path(ctx.run_dir / "config.yaml") as tmp:
+    with atomic.atomic_path(ctx.run_dir / RUN_CONFIG) as tmp:
         dump_config(ctx.cfg, tmp)
 
 
@@ -224,15 +241,15 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     ``model/`` (:mod:`medseg.model_folder`): fold checkpoints, plan, folds, rule, evidence."""
     from medseg.candidate_runs import chosen_models
     from medseg.candidates import candidate_dir, read_choice
-    from medseg.cross_validation import CV_SUMMARY, CV_TABLE, OOF_DIR, evaluate_postprocessed
+    from medseg.cross_validation import OOF_DIR, evaluate_postprocessed
     from medseg.folds import FOLDS_FILE, cv_pool
-    from medseg.model_folder import FINGERPRINT_FILE, QC_FILE, write_model_folder
+    from medseg.model_folder import FINGERPRINT_FILE, write_model_folder
     from medseg.postprocess_selection import select_postprocessing, write_selection
     from medseg.review import calibrate_on_cv
 
     cv_dir = ctx.run_dir / "cv"
     if not (cv_dir / CV_SUMMARY).is_file():
-        raise ConfigError("stage postprocess needs the cv stage's results (cv/cv_summary.json); add a cv stage before it")
+        raise ConfigError(f"stage postprocess needs the cv stage's results (cv/{CV_SUMMARY}); add a cv stage before it")
     model_dir = ctx.stage_dir("model")
     oof = cv_dir / OOF_DIR
     cases = [c for c in cv_pool(ctx.cases()) if prob_file(oof, c.case_id).is_file()]
@@ -241,8 +258,8 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     log.info("postprocess: %s", selection.reason)
     chosen_cfg = ctx.cfg.model_copy(deep=True)
     chosen_cfg.inference = chosen_cfg.inference.model_copy(update=selection.chosen)
-    chosen = evaluate_postprocessed(chosen_cfg, cv_dir, cases, model_dir / "cv_chosen", progress=ctx.progress)
-    config_file = ctx.run_dir / "config.yaml"
+    chosen = evaluate_postprocessed(chosen_cfg, cv_dir, cases, model_dir / CV_CHOSEN_DIR, progress=ctx.progress)
+    config_file = ctx.run_dir / RUN_CONFIG
     n_folds = json.loads((cv_dir / FOLDS_FILE).read_text(encoding="utf-8"))["n_folds"]
     dice = chosen.get("metrics", {}).get("dice", {})
     hd95 = chosen.get("metrics", {}).get("hd95_mm", {})
@@ -250,14 +267,14 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     shipped = dict(selection.chosen)
     candidates = read_choice(cv_dir)
     if candidates is not None:  # the chosen candidate's config is the model's record, with its mirroring
-        config_file = candidate_dir(cv_dir, candidates["chosen"][0]) / "config.yaml"
+        config_file = candidate_dir(cv_dir, candidates["chosen"][0]) / RUN_CONFIG
         shipped["tta"] = bool(candidates["tta"])
     # the QC score's calibration on the shipped rule's out-of-fold Dice: the review list at inference
-    atomic.write_json(model_dir / QC_FILE, calibrate_on_cv(cases, oof, model_dir / "cv_chosen" / CV_TABLE))
+    atomic.write_json(model_dir / QC_RECORD, calibrate_on_cv(cases, oof, model_dir / CV_CHOSEN_DIR / CV_TABLE))
     fingerprint = ctx.run_dir / "plan" / FINGERPRINT_FILE  # the plan's dataset fingerprint: part of the model's identity
     evidence = [cv_dir / CV_TABLE, cv_dir / CV_SUMMARY, *([fingerprint] if fingerprint.is_file() else [])]
     if candidates is not None:
-        evidence += [cv_dir / "candidates.json", cv_dir / "candidates_table.csv"]
+        evidence += [cv_dir / CANDIDATES_CHOICE, cv_dir / CANDIDATES_TABLE]
     write_model_folder(
         model_dir, models, config_file, cv_dir / FOLDS_FILE, shipped, names=names, extra_files=evidence,
         summary={"cv_mean_dice": dice.get("mean"), "cv_mean_hd95_mm": hd95.get("mean"), "n_cases": dice.get("n"),
@@ -269,7 +286,7 @@ def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
 
 
 def restore_postprocess(ctx: RunContext, record: dict[str, Any]) -> None:
-    if (ctx.run_dir / "model" / "model.json").is_file():
+    if (ctx.run_dir / "model" / MODEL_RECORD).is_file():
         ctx.model_dir = ctx.run_dir / "model"
 
 
@@ -291,8 +308,8 @@ def stage_stats_report(ctx: RunContext, opts: StatsReportOptions) -> None:
     from medseg.stats_report import StatsReportInputs, write_stats_report
 
     stats_dir = ctx.run_dir / "stats"
-    if not (stats_dir / "case_stats.csv").is_file():
-        raise ConfigError("stage stats_report needs the stats stage's results (stats/case_stats.csv); add a stats stage before it")
+    if not (stats_dir / CASE_STATS).is_file():
+        raise ConfigError(f"stage stats_report needs the stats stage's results (stats/{CASE_STATS}); add a stats stage before it")
     cases = ctx.cases()
     groups = None
     if opts.group_by:
@@ -310,9 +327,9 @@ def stage_train(ctx: RunContext, opts: NoOptions) -> None:
     out = ctx.stage_dir("train")
     cfg = ctx.cfg.model_copy(deep=True)
     cfg.data.manifest = str(ctx.manifest)
-    result = train(cfg, out, resume=(out / "last.pt").is_file(), progress=ctx.progress)
-    best = out / "best.pt"
-    ctx.checkpoint = best if best.is_file() else out / "last.pt"
+    result = train(cfg, out, resume=(out / LAST_CHECKPOINT).is_file(), progress=ctx.progress)
+    best = out / BEST_CHECKPOINT
+    ctx.checkpoint = best if best.is_file() else out / LAST_CHECKPOINT
     log.info("train: %d epoch(s), best val Dice %.4f at epoch %d (%s)", result.epochs_done, result.best_metric,
              result.best_epoch, result.stop_reason)
 
@@ -325,6 +342,7 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
     The config inference used (:func:`effective_config`) becomes the run's config from here on:
     ``ctx.cfg``, the run's ``config.yaml`` and what the report shows.
     """
+    from medseg.inference.bundle import merge_settings
     from medseg.inference.cases import cases_from_manifest
     from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
@@ -334,11 +352,11 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
         model = read_model_folder(ctx.model_dir)
         user = inference_patch([o for o in ctx.config_overrides if o.startswith("inference.")])
-        bundle = load_bundle(model.checkpoints, settings={**model.postprocess, **user, **stage_options},
+        bundle = load_bundle(model.checkpoints, settings=merge_settings(model.postprocess, user, stage_options),
                              model_dir=ctx.model_dir)
     elif ctx.checkpoint is not None:  # the inference keys this pipeline's config sets explicitly
         explicit = ctx.cfg.inference.model_dump(mode="json", include=ctx.cfg.inference.model_fields_set)
-        bundle = load_bundle([ctx.checkpoint], settings={**explicit, **stage_options})
+        bundle = load_bundle([ctx.checkpoint], settings=merge_settings(explicit, stage_options))
     else:
         raise ConfigError("stage infer needs a model: add a train or cv + postprocess stage, or set 'checkpoint:' / "
                           "'model:' in the pipeline (--set pipeline.checkpoint=PATH or pipeline.model=DIR)")
@@ -368,7 +386,7 @@ def use_config(ctx: RunContext, cfg: Config) -> None:
     """Make ``cfg`` the run's config: ``ctx.cfg`` (the stages after this one, and their
     fingerprints) and the run's ``config.yaml``."""
     ctx.cfg = cfg
-    dump_config(cfg, ctx.run_dir / "config.yaml")
+    dump_config(cfg, ctx.run_dir / RUN_CONFIG)
 
 
 def remember_infer(ctx: RunContext) -> dict[str, Any]:
@@ -384,7 +402,7 @@ def restore_infer(ctx: RunContext, record: dict[str, Any]) -> None:
         use_config(ctx, Config.model_validate(record["config"]))
     except ValidationError as exc:
         log.warning("infer: the recorded config no longer validates (%s); the run's config stays the pipeline's",
-                    format_validation_error("state.json (infer)", exc))
+                    format_validation_error(f"{STATE_FILE} (infer)", exc))
 
 
 def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
@@ -406,7 +424,7 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
     failed_before = {f["case_id"] for f in ctx.failures if f.get("stage") == "infer"}
     missing = [c.case_id for c in cases if c.case_id not in done or c.case_id in failed_before]
     if missing:  # failed at inference: recorded there; evaluate the others
-        log.warning("evaluate: %d case(s) have no prediction (see failures.csv): %s", len(missing), missing[:5])
+        log.warning("evaluate: %d case(s) have no prediction (see %s): %s", len(missing), FAILURES_FILE, missing[:5])
     out = ctx.stage_dir("evaluate")
     predicted = [c for c in cases if c.case_id not in missing]
     try:
@@ -445,8 +463,9 @@ def stage_report(ctx: RunContext, opts: NoOptions) -> None:
     pred_dir = ctx.run_dir / "predictions"
     cases = ctx.cases()
     pred_stats_dir = ctx.run_dir / "prediction_stats"
-    pred_stats_dir = pred_stats_dir if (pred_stats_dir / "case_stats.csv").is_file() else None
-    provenance = json.loads((ctx.run_dir / "provenance.json").read_text(encoding="utf-8")) if (ctx.run_dir / "provenance.json").is_file() else {}
+    pred_stats_dir = pred_stats_dir if (pred_stats_dir / CASE_STATS).is_file() else None
+    provenance_file = ctx.run_dir / PROVENANCE
+    provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
     provenance["config"] = ctx.cfg.model_dump(mode="json")
     stats_dir = ctx.run_dir / "stats"
     eval_dir = ctx.run_dir / "evaluate"
@@ -462,8 +481,8 @@ def stage_report(ctx: RunContext, opts: NoOptions) -> None:
         provenance=provenance,
         axis=ctx.cfg.stats.axis,
         extent=ctx.cfg.stats.extent,
-        cv_dir=cv_dir if (cv_dir / "cv_summary.json").is_file() else None,
-        model_dir=model_dir if (model_dir / "model.json").is_file() else None,
+        cv_dir=cv_dir if (cv_dir / CV_SUMMARY).is_file() else None,
+        model_dir=model_dir if (model_dir / MODEL_RECORD).is_file() else None,
     )
     write_report(inputs, ctx.stage_dir("report"))
 
@@ -588,7 +607,7 @@ STAGES: dict[str, Stage] = {
     "train": Stage(stage_train, NoOptions, "train", restore_train, remember_train,
                    description="train one model on the train split, validated on val (resumes exactly)"),
     "cv": Stage(stage_cv, NoOptions, "cv",
-                description="k-fold cross-validation: fold models, out-of-fold predictions, cv_table.csv, cv_summary.json"),
+                description=f"k-fold cross-validation: fold models, out-of-fold predictions, {CV_TABLE}, {CV_SUMMARY}"),
     "postprocess": Stage(stage_postprocess, NoOptions, "model", restore_postprocess,
                          description="choose the post-processing on the out-of-fold predictions; the model folder model/"),
     "infer": Stage(stage_infer, InferOptions, "predictions", restore_infer, remember_infer,

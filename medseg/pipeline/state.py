@@ -27,7 +27,7 @@ from medseg.config import Config
 from medseg.errors import MedsegError
 from medseg.input_identity import input_identity
 from medseg.manifest import Case, read_manifest
-from medseg.model_folder import MODEL_FILE
+from medseg.outputs import MODEL_RECORD
 
 STATE_FILE = "state.json"
 FAILURES_BY_STAGE_FILE = "failures_by_stage.json"
@@ -97,7 +97,7 @@ def stage_fingerprint(
     chained with :func:`hash_text`)."""
     model_files = [file_identity(Path(checkpoint))] if checkpoint else []
     if model:
-        model_files.append(file_identity(Path(model) / MODEL_FILE))
+        model_files.append(file_identity(Path(model) / MODEL_RECORD))
     return hash_text(name, options, config, checkpoint, model, model_files, source,
                      hashlib.sha256(manifest_bytes).hexdigest(), upstream, manifest_files)
 

@@ -21,8 +21,6 @@ import yaml
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.cross_validation import (
-    CV_SUMMARY,
-    CV_TABLE,
     FOLD_DONE,
     OOF_DIR,
     fold_models,
@@ -34,6 +32,7 @@ from medseg.io import read_volume
 from medseg.manifest import read_manifest
 from medseg.metrics.uncertainty import bootstrap_mean_ci
 from medseg.model_folder import read_model_folder, write_model_folder
+from medseg.outputs import CV_SUMMARY, CV_TABLE
 from medseg.synth import generate_dataset
 
 pytestmark = pytest.mark.slow
