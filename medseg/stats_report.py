@@ -41,13 +41,12 @@ from medseg.errors import ConfigError
 from medseg.lesions import lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.manifest_groups import EMPTY_GROUP, group_label
-from medseg.report_html import (  # the main report's page helpers, shared rather than copied
-    ReportInputs,
-    _img_tag,
-    _overview,
-    _provenance_section,
-    _read_csv,
-    _table,
+from medseg.report_files import read_csv
+from medseg.report_page import (  # shared, not copied
+    img_tag,
+    overview,
+    provenance_section,
+    sortable_table,
     write_page,
 )
 
@@ -86,7 +85,7 @@ def write_stats_report(inputs: StatsReportInputs, out_dir: str | Path) -> Path:
     stats = inputs.stats_dir
     if not (stats / outputs.CASE_STATS).is_file():
         raise ConfigError(f"{stats}: no {outputs.CASE_STATS}; the report is made from the files of medseg stats (or a stats stage)")
-    cases = _read_csv(stats / outputs.CASE_STATS)
+    cases = read_csv(stats / outputs.CASE_STATS)
     cases = cases if cases is not None and "case_id" in cases.columns else pd.DataFrame(columns=list(CASE_COLUMNS))
     grouped = inputs.group_by is not None and inputs.groups is not None
     if grouped:
@@ -101,15 +100,15 @@ def write_stats_report(inputs: StatsReportInputs, out_dir: str | Path) -> Path:
         slices = _series_by_group(cases, cases.set_index("case_id")["slices_with_lesion"], inputs, labels)
         png = reporting.plot_case_histograms(slices, out / "slices_with_lesion.png", "slices with lesion per case",
                                              "Slices with lesion per case")
-        sections.append(("Slices with lesion", _img_tag(png, "Slices holding lesion, per case")))
+        sections.append(("Slices with lesion", img_tag(png, "Slices holding lesion, per case")))
         shown = [c for c in (CASE_COLUMNS[0], *([inputs.group_by] if grouped else []), *CASE_COLUMNS[1:])
                  if c in cases.columns]
         sections.append(("Cases", "<p>One row per case with statistics; click a column header to sort.</p>"
-                         + _table(cases[list(dict.fromkeys(shown))], "stats_cases")))
-    failures = _read_csv(stats / outputs.FAILURES_FILE)
+                         + sortable_table(cases[list(dict.fromkeys(shown))], "stats_cases")))
+    failures = read_csv(stats / outputs.FAILURES_FILE)
     if failures is not None and len(failures):
-        sections.append(("Failures", f"<p>{len(failures)} case(s) could not be measured:</p>" + _table(failures, "failures")))
-    sections.append(("Provenance", _provenance_section(_provenance(inputs))))
+        sections.append(("Failures", f"<p>{len(failures)} case(s) could not be measured:</p>" + sortable_table(failures, "failures")))
+    sections.append(("Provenance", provenance_section(_provenance(inputs))))
     return write_page(out / outputs.REPORT_PAGE, inputs.title, sections)
 
 
@@ -133,7 +132,7 @@ def _series_by_group(cases: pd.DataFrame, values: pd.Series, inputs: StatsReport
 
 def _dataset_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[str, str]) -> str:
     """The manifest line of the main report, the lesions in total, and the per-group table."""
-    parts = [_overview(ReportInputs(inputs.title, inputs.cases), None)]
+    parts = [overview(inputs.cases, None)]
     if not len(cases):
         return "".join(parts) + "<p class='headline'>No case could be measured (see Failures).</p>"
     volume = cases["lesion_volume_ml"].astype(float)
@@ -149,7 +148,7 @@ def _dataset_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[s
                          "cases with lesion": int((group["n_lesions_3d"] > 0).sum()), "lesions": int(group["n_lesions_3d"].sum()),
                          "median volume (mL)": float(group["lesion_volume_ml"].median()),
                          "median slices with lesion": float(group["slices_with_lesion"].median())})
-        parts.append(f"<h3>By {html.escape(inputs.group_by)}</h3>" + _table(pd.DataFrame(rows), "groups"))
+        parts.append(f"<h3>By {html.escape(inputs.group_by)}</h3>" + sortable_table(pd.DataFrame(rows), "groups"))
     return "".join(parts)
 
 
@@ -157,16 +156,16 @@ def _curves_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[st
     """The curve of all cases (the stats' own files) and, with groups, the groups' curves
     recomputed from ``slice_stats.csv`` over each group's cases (also written as ``group_curves.csv``)."""
     stats = inputs.stats_dir
-    curve = _read_csv(stats / outputs.LESION_CURVE)
+    curve = read_csv(stats / outputs.LESION_CURVE)
     if curve is None or not len(curve):
         return "<p>No lesion-distribution curve in the statistics.</p>"
     figures = []
-    per_case = _read_csv(stats / outputs.LESION_CURVE_PER_CASE)
+    per_case = read_csv(stats / outputs.LESION_CURVE_PER_CASE)
     png = reporting.plot_lesion_curve(curve, out / outputs.LESION_CURVE_PNG, inputs.axis, inputs.extent, per_case,
                                       title=f"Lesion distribution, all cases (n={len(cases)})")
-    figures.append(_img_tag(png, "All cases: lesion area per slice along the normalised axis (grey: single cases)"))
+    figures.append(img_tag(png, "All cases: lesion area per slice along the normalised axis (grey: single cases)"))
     if labels:
-        slices = _read_csv(stats / outputs.SLICE_STATS)
+        slices = read_csv(stats / outputs.SLICE_STATS)
         curves = {}
         for value, label in labels.items():
             ids = set(cases.loc[cases[inputs.group_by] == value, "case_id"])
@@ -176,14 +175,14 @@ def _curves_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[st
         atomic.write_csv(out / GROUP_CURVES, table)
         png = reporting.plot_group_curves(curves, out / "lesion_curve_groups.png", inputs.axis, inputs.extent,
                                           title=f"Lesion distribution by {inputs.group_by}")
-        figures.append(_img_tag(png, f"By {inputs.group_by}: mean lesion area per slice (band: inter-quartile range) and "
+        figures.append(img_tag(png, f"By {inputs.group_by}: mean lesion area per slice (band: inter-quartile range) and "
                                      f"share of cases with lesion; groups: {'; '.join(labels.values())}"))
     return "".join(figures)
 
 
 def _sizes_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[str, str], out: Path) -> str:
     """Histogram of every 3-D lesion's volume (``lesion_volumes.csv``), one per group."""
-    lesions = _read_csv(inputs.stats_dir / outputs.LESION_VOLUMES)
+    lesions = read_csv(inputs.stats_dir / outputs.LESION_VOLUMES)
     if lesions is None or "volume_ml" not in lesions.columns:
         return (f"<p>No {outputs.LESION_VOLUMES} in {html.escape(str(inputs.stats_dir))} (statistics of an older medseg): "
                 "run the statistics again for the lesion sizes.</p>")
@@ -191,7 +190,7 @@ def _sizes_part(inputs: StatsReportInputs, cases: pd.DataFrame, labels: dict[str
     series = _series_by_group(cases, volumes, inputs, labels)
     png = reporting.plot_case_histograms(series, out / "lesion_volumes.png", "lesion volume (mL)",
                                          "Lesion sizes (every 3-D lesion)", log_bins=True)
-    return _img_tag(png, f"Volume of each 3-D lesion ({len(lesions)} lesions), logarithmic bins")
+    return img_tag(png, f"Volume of each 3-D lesion ({len(lesions)} lesions), logarithmic bins")
 
 
 def _provenance(inputs: StatsReportInputs) -> dict[str, Any]:

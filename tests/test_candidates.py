@@ -137,11 +137,11 @@ def test_auto_pipeline_with_candidates_ships_the_chosen_ones(tmp_path):
 
 def test_report_shows_the_candidates_choice(tmp_path):
     from medseg.candidates import write_choice
-    from medseg.report_html import _candidates_part
+    from medseg.report_cv import candidates_part
 
     table = pd.DataFrame({"a": [0.80, 0.70, 0.75, 0.90], "b": [0.78, 0.72, 0.74, 0.88], "a+b": [0.84, 0.76, 0.79, 0.92]})
     choice = choose_combination(table, ["p1", "p2", "p3", "p4"], ["a", "b"], pairs=True, min_gain=0.002)
     write_choice(choice, tmp_path, [CandidateConfig(name="a"), CandidateConfig(name="b", set={"model.arch": "unet"})])
-    html = _candidates_part(tmp_path)
+    html = candidates_part(tmp_path)
     assert "Configuration chosen on cross-validation: a+b" in html and "pair a+b averaged" in html
     assert html.count("<tr") >= 4  # header + 3 combinations

@@ -246,15 +246,15 @@ def test_reader_arrays_are_c_contiguous_copies_with_the_same_values(dtype, chunk
     """The reader hands MONAI (I, J, K) arrays already C-contiguous (torch's copy where torch
     supports the dtype, numpy's otherwise), so ``LoadImage`` makes no second copy. The
     transposing copy goes in chunks of J planes: 6 planes in chunks of 4 leave a short last one."""
-    from medseg import io
-    from medseg.io import _contiguous
+    from medseg import volume
+    from medseg.volume import contiguous
 
     if chunk_planes is not None:
-        monkeypatch.setattr(io, "TRANSPOSE_CHUNK_BYTES", chunk_planes * 5 * 7 * np.dtype(dtype).itemsize)
+        monkeypatch.setattr(volume, "TRANSPOSE_CHUNK_BYTES", chunk_planes * 5 * 7 * np.dtype(dtype).itemsize)
     values = np.arange(5 * 6 * 7).reshape(7, 6, 5)
     buffer = (values % 3 if dtype is np.bool_ else values).astype(dtype)  # distinct values: a misplaced voxel shows
     for view in (buffer.transpose(2, 1, 0), buffer.transpose(1, 2, 0), buffer[:, ::2]):  # (K, J, I) seen as (I, J, K); others
-        out = _contiguous(view)
+        out = contiguous(view)
         assert out.flags.c_contiguous and out.dtype == view.dtype
         np.testing.assert_array_equal(out, view)
-        assert _contiguous(out) is out
+        assert contiguous(out) is out

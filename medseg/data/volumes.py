@@ -66,10 +66,13 @@ class TrainVolume:
 
 def _code_digest() -> str:
     import medseg.io
+    import medseg.io_dicom
     import medseg.preprocessing
     import medseg.transforms
+    import medseg.volume
 
-    text = "".join(inspect.getsource(m) for m in (medseg.io, medseg.preprocessing, medseg.transforms))
+    modules = (medseg.io, medseg.io_dicom, medseg.volume, medseg.preprocessing, medseg.transforms)  # the reading code
+    text = "".join(inspect.getsource(m) for m in modules)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
