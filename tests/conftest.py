@@ -103,3 +103,48 @@ def install_plugin(site: Path, package: str, source: str, entry_points: list[str
     (info / "entry_points.txt").write_text("[medseg.models]\n" + "".join(f"{line}\n" for line in entry_points))
     return site
 
+
+
+def save_tiny_checkpoint(path: Path, channels: list[str], modality: str = "MR", context: int = 1,
+                         out_channels: int = 1, inference: dict | None = None, seed: int = 0,
+                         nan_weights: bool = False) -> Path:
+    """A freshly initialised (untrained) tiny U-Net checkpoint (width 0.125, ``channels`` x
+    ``2 * context + 1`` slices) following the training contract (``extra``: config, channels,
+    modality). ``nan_weights``: the first convolution's weights are NaN (a diverged training run)."""
+    import torch
+
+    from medseg.config import Config, InferenceConfig, ModelConfig, PreprocessConfig
+    from medseg.models import build_model
+    from medseg.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model_cfg = ModelConfig(arch="unet", encoder="unet", in_channels=len(channels) * (2 * context + 1),
+                            out_channels=out_channels, width=0.125)
+    model = build_model(model_cfg)
+    if nan_weights:
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            conv.weight.fill_(float("nan"))
+    config = Config(model=model_cfg, preprocess=PreprocessConfig(context_slices=context),
+                    inference=InferenceConfig(**(inference or {})))
+    extra = {"config": config.model_dump(mode="json"), "channels": list(channels), "modality": modality}
+    return save_checkpoint(path, model, model_cfg, extra)
+
+
+TINY_MODEL = {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125}  # 2 channels x 3 slices
+TINY_TRAIN = {"epochs": 1, "samples_per_epoch": 16, "batch_size": 4, "patch_size": [48, 48], "num_workers": 0,
+              "threads": 1, "amp": "off"}  # fmt: skip
+
+
+def write_tiny_config(path: Path, manifest: Path, *updates: dict[str, dict]) -> Path:
+    """A tiny training config for two-channel phantoms (:data:`TINY_MODEL`, one short epoch of
+    :data:`TINY_TRAIN`) written as YAML; each of ``updates`` (``{section: {key: value}}``) is merged
+    in section by section, in order."""
+    import yaml
+
+    tree = {"data": {"manifest": str(manifest)}, "model": dict(TINY_MODEL), "train": dict(TINY_TRAIN)}
+    for update in updates:
+        for name, values in update.items():
+            tree.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path

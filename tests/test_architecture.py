@@ -149,3 +149,22 @@ def test_cli_lists_every_command_module_even_one_that_fails_to_import(monkeypatc
     assert cli.main(["synth", "--out", "anywhere"]) == 1
     err = capsys.readouterr().err
     assert "error: medseg synth cannot be loaded: medseg.commands.synth failed to import" in err, err
+
+
+def layer_table_names() -> set[str]:
+    """The code names (between backticks) of docs/architecture.md's layer table."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = text.split("| layer | modules | job |", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"`([^`]+)`", rows))
+
+
+def test_every_module_is_in_the_layer_table():
+    """Each module file of medseg/ is named in the layer table as ``name.py``; each package by
+    its folder (``engine/``, or ``commands/*.py``), which covers every module under it."""
+    named = layer_table_names()
+    folders = {name.split("/", 1)[0] for name in named if "/" in name}
+    missing = [path.name for path in sorted(PACKAGE.glob("*.py"))
+               if not path.name.startswith("__") and path.name not in named]  # fmt: skip
+    missing += [f"{path.name}/" for path in sorted(PACKAGE.iterdir())
+                if (path / "__init__.py").is_file() and path.name not in folders]  # fmt: skip
+    assert not missing, "add to the layer table of docs/architecture.md: " + ", ".join(missing)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_tiny_config
 
 from medseg.cli import main
 
@@ -202,20 +203,14 @@ def test_help_lists_the_command():
 def test_compare_real_cv_and_evaluation_runs_of_phantoms(tmp_path):
     """`medseg compare` as a user runs it: on two `medseg cv` folders (seeds 0 and 1) and on two
     `medseg evaluate` folders of their fold-0 models' predictions, through the CLI subprocess."""
-    import yaml
 
     from medseg.synth import generate_dataset
 
     manifest = generate_dataset(tmp_path / "data", 5, shape=(48, 44, 16), seed=3, val_fraction=0.0, test_fraction=0.0)
     runs = []
     for seed in (0, 1):
-        config = tmp_path / f"cv_{seed}.yaml"
-        config.write_text(yaml.safe_dump({
-            "data": {"manifest": str(manifest)},
-            "model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125},
-            "train": {"epochs": 1, "samples_per_epoch": 16, "batch_size": 4, "patch_size": [48, 48], "num_workers": 0,
-                      "threads": 1, "amp": "off", "seed": seed},
-            "inference": {"min_lesion_mm3": 0.0}, "cv": {"folds": 2}}))  # fmt: skip
+        config = write_tiny_config(tmp_path / f"cv_{seed}.yaml", manifest, {
+            "train": {"seed": seed}, "inference": {"min_lesion_mm3": 0.0}, "cv": {"folds": 2}})  # fmt: skip
         assert main(["cv", str(config), "--out", str(tmp_path / f"cv_{seed}"), "--no-progress"]) == 0
         pred, ev = tmp_path / f"pred_{seed}", tmp_path / f"eval_{seed}"
         assert main(["infer", "--checkpoint", str(tmp_path / f"cv_{seed}" / "fold_0" / "last.pt"), "--manifest",

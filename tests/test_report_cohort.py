@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from browser import open_in_browser
-from conftest import REPO, artifact_path
-from inference.infer_helpers import save_tiny_checkpoint
+from conftest import REPO, artifact_path, save_tiny_checkpoint
 from PIL import Image
 
 from medseg.cli import main

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import save_tiny_checkpoint
 
 from medseg.atomic import write_csv
 from medseg.manifest import read_manifest
@@ -95,9 +96,6 @@ def test_stats_and_evaluation_tables_are_rounded(phantoms, tmp_path):
 
 
 def test_inference_tables_are_rounded(phantoms, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "inference"))
-    from infer_helpers import save_tiny_checkpoint
-
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", ["flair", "t1"], inference={"min_lesion_mm3": 0.0})
     out = tmp_path / "inf"
     proc = run_cli("infer", "--checkpoint", checkpoint, "--manifest", phantoms, "--out", out, "--no-progress")

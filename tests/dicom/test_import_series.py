@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tiny_checkpoint
 from dicom_helpers import PATIENT_ID, PATIENT_NAME, STUDY_UID, write_series
 
 from medseg.io import Geometry, read_volume
@@ -127,21 +128,12 @@ def test_channel_names_the_column(tmp_path):
     assert case.modality == "CT" and read_volume(case.images["ct"]).shape == (10, 8, 5)
 
 
-def tiny_checkpoint(path: Path, channels: list[str], modality: str) -> Path:
-    from medseg.config import ModelConfig
-    from medseg.models import build_model
-    from medseg.models.checkpoint import save_checkpoint
-
-    cfg = ModelConfig(arch="unet", encoder="unet", in_channels=3 * len(channels), width=0.125)
-    return save_checkpoint(path, build_model(cfg), cfg, {"channels": channels, "modality": modality})
-
-
 @pytest.mark.slow  # several `medseg import dicom` subprocesses: 28-34 s on a loaded 2-core machine
 def test_model_names_the_channel_and_drops_other_modalities(tmp_path):
     archive = tmp_path / "archive"
     add_series(archive / "ct", UID + "31", modality="CT", description="chest", number=2)
     add_series(archive / "mr", UID + "32", modality="MR", description="T1", number=5)
-    model = tiny_checkpoint(tmp_path / "model.pt", ["ct"], "CT")
+    model = save_tiny_checkpoint(tmp_path / "model.pt", ["ct"], "CT")
     proc = medseg_import(archive, "--model", model, "--out", tmp_path / "m.csv", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (case,) = read_manifest(tmp_path / "m.csv")
@@ -154,7 +146,7 @@ def test_model_names_the_channel_and_drops_other_modalities(tmp_path):
     assert proc.returncode == 2 and "--channel flair disagrees with the model" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "m2.csv").exists()
     # a model with several channels needs a rule for each
-    multi = tiny_checkpoint(tmp_path / "multi.pt", ["flair", "t1"], "MR")
+    multi = save_tiny_checkpoint(tmp_path / "multi.pt", ["flair", "t1"], "MR")
     proc = medseg_import(archive, "--model", multi, "--out", tmp_path / "m3.csv", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "takes channels flair, t1 (MR)" in proc.stderr and "--series flair=REGEX --series t1=REGEX" in proc.stderr

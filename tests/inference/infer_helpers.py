@@ -1,17 +1,13 @@
-"""Helpers of the inference tests: identity-like models, phantoms, checkpoints following the contract."""
+"""Helpers of the inference tests: identity-like models and CT phantoms (tiny checkpoints: tests/conftest.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from medseg.config import Config, InferenceConfig, ModelConfig, PreprocessConfig
+from medseg.config import Config, InferenceConfig, PreprocessConfig
 from medseg.inference.runner import InferenceBundle
-from medseg.models import build_model
-from medseg.models.checkpoint import save_checkpoint
 
 BODY_HU, LESION_HU, AIR_HU = 0, 200, -1000
 # CT window (-160, 240) -> body 0.4, lesion 0.9 after normalisation; the identity cuts at 0.65
@@ -59,15 +55,3 @@ def identity_bundle(context: int = 1, n_channels: int = 1, preprocess: Preproces
     channels = ["ct"] if n_channels == 1 else [f"c{i}" for i in range(n_channels)]
     return InferenceBundle([ChannelThreshold(centre, CT_LEVEL).eval()], config, channels, modality, [], torch.device("cpu"))
 
-
-def save_tiny_checkpoint(path: Path, channels: list[str], modality: str = "MR", context: int = 1,
-                         out_channels: int = 1, inference: dict | None = None, seed: int = 0) -> Path:
-    """A freshly initialised tiny U-Net checkpoint following the training contract (extra config/channels/modality)."""
-    torch.manual_seed(seed)
-    model_cfg = ModelConfig(arch="unet", encoder="unet", in_channels=len(channels) * (2 * context + 1),
-                            out_channels=out_channels, width=0.125)
-    model = build_model(model_cfg)
-    config = Config(model=model_cfg, preprocess=PreprocessConfig(context_slices=context),
-                    inference=InferenceConfig(**(inference or {})))
-    extra = {"config": config.model_dump(mode="json"), "channels": list(channels), "modality": modality}
-    return save_checkpoint(path, model, model_cfg, extra)

@@ -14,8 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_affine, make_case_files
-from infer_helpers import save_tiny_checkpoint
+from conftest import make_affine, make_case_files, save_tiny_checkpoint
 
 from medseg.cli import main
 from medseg.config import Config, InferenceConfig

@@ -75,8 +75,7 @@ def test_dicom_seg_alone_and_non_dicom_cases_fail_clearly(tmp_path, rng):
 @pytest.mark.slow
 def test_infer_report_pipeline_writes_segs_and_records_non_dicom_rows(tmp_path, rng):
     """`medseg run pipelines/infer_report.yaml` over a manifest with DICOM and NIfTI rows."""
-    from conftest import REPO
-    from infer_helpers import save_tiny_checkpoint
+    from conftest import REPO, save_tiny_checkpoint
 
     from medseg.cli import main
     from medseg.manifest import Case, write_manifest
@@ -123,7 +122,7 @@ def test_nested_seg_settings_from_set():
 
 
 def test_infer_cli_output_format(tmp_path, rng, capsys):
-    from infer_helpers import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     from medseg.cli import main
 

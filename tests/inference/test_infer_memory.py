@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from infer_helpers import save_tiny_checkpoint
+from conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt"

@@ -44,7 +44,7 @@ def without_references(identifier):
 
 @pytest.mark.slow
 def test_pacs_loop_over_dimse(orthanc, site_secret, tmp_path, monkeypatch, capsys):
-    from infer_helpers import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     from medseg.cli import main
     from medseg.pacs.client import connect

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import save_tiny_checkpoint
 from dicom_helpers import PATIENT_ID, PATIENT_NAME, STUDY_UID, write_series
-from infer_helpers import ct_phantom, save_tiny_checkpoint
+from infer_helpers import ct_phantom
 
 from medseg.io import Geometry, read_volume
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_checkpoint
 
 from medseg.manifest import Case
 
@@ -134,27 +135,5 @@ def predictions(tmp_path: Path, dataset: list[Case]) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly initialised (untrained) tiny U-Net checkpoint for the dataset's channels."""
-    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
-
-
-def save_untrained_checkpoint(path: Path, seed: int = 0, nan_weights: bool = False) -> Path:
-    """Tiny U-Net (width 0.125, 2 channels x 3 context slices, MR) following the training
-    contract (``extra``: config, channels, modality), without training. ``nan_weights``: the
-    first convolution's weights are NaN (a diverged training run)."""
-    import torch
-
-    from medseg.config import Config, InferenceConfig, ModelConfig, PreprocessConfig
-    from medseg.models import build_model
-    from medseg.models.checkpoint import save_checkpoint
-
-    torch.manual_seed(seed)
-    model_cfg = ModelConfig(arch="unet", encoder="unet", in_channels=len(CHANNELS) * 3, out_channels=1, width=0.125)
-    config = Config(model=model_cfg, preprocess=PreprocessConfig(context_slices=1), inference=InferenceConfig(threads=1))
-    extra = {"config": config.model_dump(mode="json"), "channels": CHANNELS, "modality": "MR"}
-    model = build_model(model_cfg)
-    if nan_weights:
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        with torch.no_grad():
-            conv.weight.fill_(float("nan"))
-    return save_checkpoint(path, model, model_cfg, extra)
+    """A freshly initialised (untrained) tiny U-Net checkpoint for the dataset's channels (MR, 3 slices)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", CHANNELS, "MR", inference={"threads": 1})

@@ -53,7 +53,7 @@ def _dicom_series(folder: Path, modality: str = "CT", frame_of_reference: bool =
 
 @pytest.fixture(scope="module")
 def ct_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from infer_helpers import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ct") / "ct.pt", ["ct"], modality="CT",
                                 inference={"min_lesion_mm3": 0.0, "threads": 1})

@@ -51,7 +51,7 @@ def _archive(root: Path) -> Path:
 
 def _model_folder(tmp: Path) -> Path:
     """A one-fold CT model folder whose rule differs from the defaults (min lesion 90 mm^3)."""
-    from infer_helpers import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     from medseg.model_folder import write_model_folder
 

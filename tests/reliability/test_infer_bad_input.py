@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from .conftest import (
-    assert_some_failed,
-    case_rows,
-    leftovers,
-    read_failures,
-    run_cli,
-    save_untrained_checkpoint,
-    write_rows,
-)
+from conftest import save_tiny_checkpoint
+
+from .conftest import CHANNELS, assert_some_failed, case_rows, leftovers, read_failures, run_cli, write_rows
 
 
 def test_nan_weights_fail_each_case_clearly_and_leave_no_file(tmp_path, manifest):
-    checkpoint = save_untrained_checkpoint(tmp_path / "nan.pt", nan_weights=True)
+    checkpoint = save_tiny_checkpoint(tmp_path / "nan.pt", CHANNELS, "MR", inference={"threads": 1}, nan_weights=True)
     out = tmp_path / "out"
     proc = run_cli("infer", "--checkpoint", checkpoint, "--manifest", manifest, "--split", "test", "--out", out,
                    "--no-progress", "--write-prob")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import yaml
+from conftest import write_tiny_config
 
 from .conftest import (
     assert_refused,
@@ -97,14 +97,7 @@ def test_an_image_given_as_the_reference_fails_its_case_in_evaluate(tmp_path, da
 
 def write_train_config(path: Path, manifest: Path, **train) -> Path:
     """A tiny 2.5D U-Net config for the phantoms (2 channels x 3 slices, 32 x 32 patches)."""
-    tree = {
-        "data": {"manifest": str(manifest)},
-        "model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125},
-        "train": {"epochs": 1, "samples_per_epoch": 8, "batch_size": 4, "patch_size": [32, 32],
-                  "num_workers": 0, "threads": 1, "amp": "off", **train},
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_tiny_config(path, manifest, {"train": {"samples_per_epoch": 8, "patch_size": [32, 32], **train}})
 
 
 def test_an_image_given_as_the_label_is_refused_by_train(tmp_path, dataset):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import write_tiny_config
 
 from medseg.cli import main
 from medseg.config import load_config
@@ -39,18 +40,7 @@ pytestmark = pytest.mark.slow
 
 
 def write_config(path: Path, manifest: Path, **sections) -> Path:
-    tree = {
-        "data": {"manifest": str(manifest)},
-        "model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125},
-        "train": {"epochs": 1, "samples_per_epoch": 16, "batch_size": 4, "patch_size": [48, 48],
-                  "num_workers": 0, "threads": 1, "amp": "off"},
-        "inference": {"min_lesion_mm3": 0.0},
-        "cv": {"folds": 3},
-    }  # fmt: skip
-    for name, values in sections.items():
-        tree.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_tiny_config(path, manifest, {"inference": {"min_lesion_mm3": 0.0}, "cv": {"folds": 3}}, sections)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_affine, make_case_files
 
 import medseg.models
 from medseg.config import Config
@@ -22,7 +23,6 @@ from medseg.engine.throughput import (
 from medseg.engine.trainer import Trainer
 from medseg.errors import ConfigError
 from medseg.manifest import Case
-from tests.conftest import make_affine, make_case_files
 
 
 def tiny_config(**model) -> Config:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from conftest import write_tiny_config
 
 from medseg.cli import main
 from medseg.config import load_config
@@ -29,16 +29,7 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, manifest: Path, cache: Path, **sections) -> Path:
-    tree = {
-        "data": {"manifest": str(manifest)},
-        "model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125},
-        "train": {"epochs": 1, "samples_per_epoch": 16, "batch_size": 4, "patch_size": [48, 48],
-                  "num_workers": 0, "threads": 1, "amp": "off", "cache_dir": str(cache)},
-    }  # fmt: skip
-    for name, values in sections.items():
-        tree.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_tiny_config(path, manifest, {"train": {"cache_dir": str(cache)}}, sections)
 
 
 def drop_column(manifest: Path, column: str, out: Path) -> Path:
