@@ -126,6 +126,17 @@ def step_train(args: argparse.Namespace) -> dict:
             **trainer.budget_record}  # fmt: skip
 
 
+def load_checkpoint(path: Path) -> dict:
+    """An nnU-Net checkpoint with ``weights_only=True``: only tensors, containers and the numpy
+    scalar/dtype types its logging holds are unpickled (never arbitrary objects)."""
+    import numpy as np
+    from numpy._core.multiarray import scalar
+
+    allowed = [scalar, np.dtype, *{type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.bool_)}]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def step_predict(args: argparse.Namespace) -> dict:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -135,7 +146,7 @@ def step_predict(args: argparse.Namespace) -> dict:
     model_dir = Path(args.model_dir)
     plans = json.loads((model_dir / "plans.json").read_text())
     dataset_json = json.loads((model_dir / "dataset.json").read_text())
-    checkpoint = torch.load(model_dir / f"fold_{args.fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(model_dir / f"fold_{args.fold}" / "checkpoint_final.pth")
     pm = PlansManager(plans)
     cm = pm.get_configuration(checkpoint["init_args"]["configuration"])
     heads = pm.get_label_manager(dataset_json).num_segmentation_heads
