@@ -21,7 +21,6 @@ import itertools
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -64,8 +63,9 @@ def run_candidates(cfg: Config, manifest: str | Path, cv_dir: str | Path, progre
     candidates = cfg.cv.candidates
     configs = {c.name: candidate_config(cfg, c) for c in candidates}
     results: dict[str, CVResult] = {}
-    for name, ccfg in configs.items():
-        log.info("cv: candidate %s (%s)", name, ", ".join(f"{k}={v}" for k, v in ccfg_set(cfg, name).items()) or "the run's config")
+    for candidate in candidates:
+        name, ccfg = candidate.name, configs[candidate.name]
+        log.info("cv: candidate %s (%s)", name, ", ".join(f"{k}={v}" for k, v in candidate.set.items()) or "the run's config")
         folder = candidate_dir(out, name)
         results[name] = run_cross_validation(ccfg, manifest, folder, progress)
         dump_config(ccfg, folder / RUN_CONFIG)
@@ -74,7 +74,8 @@ def run_candidates(cfg: Config, manifest: str | Path, cv_dir: str | Path, progre
         raise MedsegError(f"{out}: the candidates' folds differ ({sorted(folds_text)}); they must share cv.folds and cv.seed")
     shutil.copyfile(candidate_dir(out, candidates[0].name) / FOLDS_FILE, out / FOLDS_FILE)
 
-    cases = [c for c in cv_pool(read_manifest(manifest))
+    all_cases = read_manifest(manifest)
+    cases = [c for c in cv_pool(all_cases)
              if all(prob_file(candidate_dir(out, n) / OOF_DIR, c.case_id).is_file() for n in configs)]
     if not cases:
         raise MedsegError(f"{out}: no pool case has an out-of-fold probability from every candidate")
@@ -84,7 +85,7 @@ def run_candidates(cfg: Config, manifest: str | Path, cv_dir: str | Path, progre
     dice = score_combinations(cases, {n: candidate_dir(out, n) / OOF_DIR for n in names}, combos, cfg)
     choice = choose_combination(dice, patients, names, cfg.cv.ensemble_pairs, cfg.cv.selection_min_gain)
     if cfg.cv.try_tta:
-        choice = _try_tta(cfg, configs, choice, out, read_manifest(manifest), cases, patients, progress)
+        choice = _try_tta(cfg, configs, choice, out, all_cases, cases, patients, progress)
     for reason in choice.reasons:
         log.info("cv: %s", reason)
     write_choice(choice, out, candidates)
@@ -103,11 +104,6 @@ def run_candidates(cfg: Config, manifest: str | Path, cv_dir: str | Path, progre
     failures = [f for r in results.values() for f in r.failures]
     models, _ = chosen_models(out, read_folds(out / FOLDS_FILE).n_folds, cfg.cv.repeats)
     return CVResult(out, read_folds(out / FOLDS_FILE), models, summary, failures)
-
-
-def ccfg_set(cfg: Config, name: str) -> dict[str, Any]:
-    """The settings candidate ``name`` changes (for the log)."""
-    return next(c.set for c in cfg.cv.candidates if c.name == name)
 
 
 def _try_tta(cfg: Config, configs: dict[str, Config], choice: CandidateChoice, out: Path, all_cases: list[Case],
