@@ -18,7 +18,14 @@ from medseg.pacs.config import PacsConfig
 from medseg.pacs.contract import PacsError
 
 from .conftest import AET, CALLING_AE
-from .test_pacs_loop import PIPELINE, check_segs_in_orthanc, ledger, upload_series
+from .test_pacs_loop import (
+    PIPELINE,
+    check_segs_in_orthanc,
+    ledger,
+    stored_once,
+    tiny_ct_checkpoint,
+    upload_series,
+)
 
 
 @pytest.fixture
@@ -44,24 +51,18 @@ def without_references(identifier):
 
 @pytest.mark.slow
 def test_pacs_loop_over_dimse(orthanc, site_secret, tmp_path, monkeypatch, capsys):
-    from conftest import save_tiny_checkpoint
-
     from medseg.cli import main
     from medseg.pacs.client import connect
     from medseg.pipeline.stages import STAGES, Stage
 
-    # threshold within the untrained tiny model's probabilities: masks with lesion and background
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", ["ct"], modality="CT",
-                                      inference={"threshold": 0.4312, "min_lesion_mm3": 0.0})  # fmt: skip
+    checkpoint = tiny_ct_checkpoint(tmp_path)
     uids = upload_series(orthanc, tmp_path, 2, first=40)
     before = orthanc.instance_count()
 
     # 1. C-FIND, C-GET, infer, C-STORE: one SEG per series, equal to the NIfTI mask
     run1 = tmp_path / "run1"
     assert main(dimse_args(orthanc, checkpoint, run1)) == 0
-    assert orthanc.instance_count() == before + 2
-    table = ledger(run1)
-    assert sorted(table["series_uid"]) == sorted(uids) and set(table["status"]) == {"stored"}
+    table = stored_once(orthanc, run1, uids, before)
     assert set(table["pacs_status"]) == {"C-STORE: stored"}
     for uid in uids:  # retrieved by C-GET: every instance of the series, one file each
         assert len(list((run1 / "pacs_in" / STUDY_UID / uid).glob("*.dcm"))) == 10

@@ -71,6 +71,23 @@ def ledger(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "pacs_ledger.csv", dtype=str, keep_default_na=False)
 
 
+def tiny_ct_checkpoint(tmp_path: Path) -> Path:
+    """An untrained tiny CT model whose probabilities lie within 0.4306-0.4321, higher inside the
+    body than in air: threshold 0.4312 makes masks with lesion and background, so comparing the
+    SEGs with the NIfTI masks says something."""
+    return save_tiny_checkpoint(tmp_path / "tiny.pt", ["ct"], modality="CT",
+                                inference={"threshold": 0.4312, "min_lesion_mm3": 0.0})  # fmt: skip
+
+
+def stored_once(orthanc, run: Path, uids: list[str], before: int) -> pd.DataFrame:
+    """Check a first run stored one SEG per series of ``uids`` (Orthanc grew by as many, every
+    ledger row ``stored``); returns the run's ledger."""
+    assert orthanc.instance_count() == before + len(uids)
+    table = ledger(run)
+    assert sorted(table["series_uid"]) == sorted(uids) and set(table["status"]) == {"stored"}
+    return table
+
+
 def check_segs_in_orthanc(orthanc, runs: list[Path], tmp_path: Path) -> int:
     """Every SEG Orthanc holds equals the NIfTI mask of the run case it was made for, voxel for
     voxel, on the grid of the series it references; returns how many SEGs were compared."""
@@ -102,19 +119,14 @@ def check_segs_in_orthanc(orthanc, runs: list[Path], tmp_path: Path) -> int:
 def test_pacs_round_trip_rerun_kill_resume_and_pacs_down(orthanc, pacs_env, tmp_path, monkeypatch, capsys):
     from medseg.cli import main
 
-    # the untrained tiny model's probabilities lie within 0.4306-0.4321, higher inside the body
-    # than in air: this threshold makes masks with lesion and background, so the comparison says something
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", ["ct"], modality="CT",
-                                      inference={"threshold": 0.4312, "min_lesion_mm3": 0.0})  # fmt: skip
+    checkpoint = tiny_ct_checkpoint(tmp_path)
     first_uids = upload_series(orthanc, tmp_path, 2, first=1)
     before = orthanc.instance_count()
 
     # 1. the round trip: one SEG per series, equal to the NIfTI mask
     run1 = tmp_path / "run1"
     assert main(run_args(orthanc, checkpoint, run1)) == 0
-    assert orthanc.instance_count() == before + 2
-    table = ledger(run1)
-    assert sorted(table["series_uid"]) == sorted(first_uids) and set(table["status"]) == {"stored"}
+    stored_once(orthanc, run1, first_uids, before)
     assert check_segs_in_orthanc(orthanc, [run1], tmp_path) == 2
     for path in run1.rglob("*"):  # identifiers only in the DICOM files (the retrieved series, the SEGs)
         if path.is_file() and path.suffix != ".dcm":
