@@ -43,6 +43,7 @@ import pandas as pd
 from medseg.config import CandidateConfig, Config
 from medseg.errors import ConfigError, MedsegError
 from medseg.manifest import Case
+from medseg.metrics import uncertainty
 from medseg.metrics.uncertainty import bootstrap_mean_ci
 from medseg.outputs import CANDIDATES_CHOICE, CANDIDATES_TABLE
 
@@ -93,12 +94,12 @@ class CandidateChoice:
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, patients: Sequence[str]) -> dict[str, Any]:
-    """``a - b`` per case (Dice of two combinations on the same cases): mean, 95 % patient
-    bootstrap interval (None under 3 patients), wins (a better), losses, ties."""
-    diff = np.asarray(a, float) - np.asarray(b, float)
-    ci = bootstrap_mean_ci(diff, list(patients))
-    return {"mean": float(np.nanmean(diff)), "ci95": None if ci is None else [ci[0], ci[1]],
-            "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "ties": int((diff == 0).sum())}
+    """``a - b`` (Dice of two combinations on the same cases) as a JSON record:
+    :func:`medseg.metrics.uncertainty.paired_difference`'s mean, 95 % patient-bootstrap interval
+    (None under 3 patients) and patients better (wins) / worse (losses) / tied."""
+    d = uncertainty.paired_difference(a, b, patients)
+    return {"mean": d.mean, "ci95": None if d.ci95 is None else [d.ci95[0], d.ci95[1]],
+            "wins": d.wins, "losses": d.losses, "ties": d.ties}
 
 
 def _fmt_diff(d: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ Statistics (the first run is the baseline; every other run is compared with it):
   :func:`medseg.metrics.uncertainty.bootstrap_mean_ci` (resampling patients);
 - the paired difference ``run - baseline`` per case, its mean and 95 % patient-bootstrap interval;
 - per patient (the mean of the patient's case differences): wins (the run is better: higher Dice /
-  lesion scores, lower distances), losses and ties (a difference within :data:`TIE_TOLERANCE` of 0);
+  lesion scores, lower distances), losses and ties (a difference within :data:`medseg.metrics.uncertainty.TIE_TOLERANCE` of 0);
 - when both runs are CV runs whose common cases sit in the same folds: each fold's two means.
 
 Missing values: a case whose metric is empty, NaN or infinite in either run (HD95 of an empty mask)
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.errors import InputFileError, MedsegError, printable_path
-from medseg.metrics.uncertainty import MIN_PATIENTS, bootstrap_mean_ci
+from medseg.metrics.uncertainty import MIN_PATIENTS, bootstrap_mean_ci, paired_difference
 from medseg.outputs import CV_TABLE, EVAL_PER_CASE
 
 #: pipeline stage folders holding the tables (``medseg.pipeline.stages``)
@@ -58,8 +58,6 @@ METRIC_DIRECTION: dict[str, int] = {
 }  # fmt: skip
 #: compared when no metric is named (those every run's table has)
 DEFAULT_METRICS = ("dice", "hd95_mm", "lesion_f1")
-#: a per-patient difference this small is a tie (floating-point rounding, not a change)
-TIE_TOLERANCE = 1e-9
 #: fewer common cases than this are refused (the bootstrap needs this many patients)
 MIN_CASES = MIN_PATIENTS
 
@@ -243,25 +241,16 @@ def compare_runs(runs: list[RunTable], metrics: list[str] | None = None) -> Comp
     base = runs[0]
     for run in runs[1:]:
         for metric in chosen:
-            a = base.cases.loc[case_ids, metric].to_numpy(dtype=float)
-            b = run.cases.loc[case_ids, metric].to_numpy(dtype=float)
-            ok = ~(np.isnan(a) | np.isnan(b))
-            diff = b[ok] - a[ok]
-            low, high = _ci(diff, patients[ok])
-            per_patient = pd.DataFrame({"patient_id": patients[ok], "baseline": a[ok], "value": b[ok], "difference": diff})
-            grouped = per_patient.groupby("patient_id", sort=True)
-            by_patient = grouped.mean()
-            by_patient["n_cases"] = grouped.size()
-            signed = by_patient["difference"].to_numpy() * METRIC_DIRECTION[metric]
-            signed[np.abs(signed) <= TIE_TOLERANCE] = 0.0  # (a + d) - a and case means leave rounding noise
-            diff_rows.append({"run": run.label, "metric": metric, "n_cases": int(ok.sum()), "n_patients": len(by_patient),
-                              "mean_difference": float(diff.mean()) if diff.size else np.nan, "ci_low": low,
-                              "ci_high": high, "wins": int((signed > 0).sum()), "losses": int((signed < 0).sum()),
-                              "ties": int((signed == 0).sum())})  # fmt: skip
-            for patient_id, row in by_patient.iterrows():
-                patient_rows.append({"run": run.label, "metric": metric, "patient_id": patient_id,
-                                     "n_cases": int(row["n_cases"]), "baseline": row["baseline"], "value": row["value"],
-                                     "difference": row["difference"]})  # fmt: skip
+            d = paired_difference(run.cases.loc[case_ids, metric].to_numpy(dtype=float),
+                                  base.cases.loc[case_ids, metric].to_numpy(dtype=float), patients, METRIC_DIRECTION[metric])
+            low, high = d.ci95 or (np.nan, np.nan)
+            diff_rows.append({"run": run.label, "metric": metric, "n_cases": int(d.n_cases.sum()),
+                              "n_patients": len(d.patients), "mean_difference": d.mean, "ci_low": low, "ci_high": high,
+                              "wins": d.wins, "losses": d.losses, "ties": d.ties})  # fmt: skip
+            for k, patient_id in enumerate(d.patients):
+                patient_rows.append({"run": run.label, "metric": metric, "patient_id": str(patient_id),
+                                     "n_cases": int(d.n_cases[k]), "baseline": d.baseline[k], "value": d.value[k],
+                                     "difference": d.difference[k]})  # fmt: skip
         fold_rows += _per_fold(base, run, case_ids, chosen, notes)
     return Comparison(
         baseline=base.label, metrics=chosen, case_ids=case_ids, n_patients=len(set(patients)),

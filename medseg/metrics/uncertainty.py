@@ -10,6 +10,7 @@ Deterministic for a given ``seed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +19,8 @@ N_RESAMPLES = 10_000
 #: fewer patients than this give no interval (a 2-patient bootstrap has 3 distinct means)
 MIN_PATIENTS = 3
 #: how the ``ci95`` entries of ``cv_summary.json`` are computed (written beside them)
+#: a per-patient difference this small is a tie (floating-point rounding, not a change)
+TIE_TOLERANCE = 1e-9
 CI_METHOD = f"95 % percentile bootstrap of the case mean, resampling patients ({N_RESAMPLES} resamples, seed 0)"
 
 
@@ -52,3 +55,48 @@ def bootstrap_mean_ci(
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``value - baseline`` on the same cases (:func:`paired_difference`). ``mean``: over cases;
+    ``ci95``: its patient-bootstrap interval (None under :data:`MIN_PATIENTS` patients);
+    ``patients`` (sorted), ``n_cases``, ``baseline``, ``value``, ``difference``: per patient (the
+    means of its cases); ``wins`` / ``losses`` / ``ties``: patients whose difference is better /
+    worse / within :data:`TIE_TOLERANCE` (better: higher for ``direction`` +1, lower for -1)."""
+
+    mean: float
+    ci95: tuple[float, float] | None
+    patients: np.ndarray
+    n_cases: np.ndarray
+    baseline: np.ndarray
+    value: np.ndarray
+    difference: np.ndarray
+    wins: int
+    losses: int
+    ties: int
+
+
+def paired_difference(value: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,
+                      patients: Sequence[str], direction: int = 1) -> PairedDifference:
+    """Paired ``value - baseline`` per case (one entry each, same order), cases with a NaN on
+    either side left out; per-patient means decide wins and losses (two scans of a patient are
+    one piece of evidence)."""
+    a = np.asarray(baseline, dtype=np.float64).ravel()
+    b = np.asarray(value, dtype=np.float64).ravel()
+    ids = np.asarray(patients, dtype=str).ravel()
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b, ids = a[ok], b[ok], ids[ok]
+    diff = b - a
+    unique, index = np.unique(ids, return_inverse=True)
+    counts = np.bincount(index, minlength=unique.size)
+    per = {name: np.bincount(index, weights=x, minlength=unique.size) / np.maximum(counts, 1)
+           for name, x in (("baseline", a), ("value", b), ("difference", diff))}
+    signed = per["difference"] * direction
+    signed[np.abs(signed) <= TIE_TOLERANCE] = 0.0  # (a + d) - a and case means leave rounding noise
+    return PairedDifference(
+        mean=float(diff.mean()) if diff.size else float("nan"), ci95=bootstrap_mean_ci(diff, list(ids)),
+        patients=unique, n_cases=counts, baseline=per["baseline"], value=per["value"], difference=per["difference"],
+        wins=int((signed > 0).sum()), losses=int((signed < 0).sum()), ties=int((signed == 0).sum()),
+    )
+
