@@ -26,14 +26,14 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from medseg.comparison import compare_runs, display_tables, read_run
+from medseg.comparison import compare_runs, display_tables, markdown_table, read_run
 from medseg.cross_validation import evaluate_oof
 from medseg.io import read_volume, write_mask
 from medseg.labels import read_label
 from medseg.outputs import mask_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_nnunet import METRICS, markdown_table, resolve_run  # noqa: E402
+from peer_nnunet import METRICS, resolve_run  # noqa: E402
 
 CROP = (160, 192)
 BATCH = 8

@@ -48,7 +48,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from medseg.comparison import RunTable, compare_runs, display_tables, read_run
+from medseg.comparison import RunTable, compare_runs, display_tables, markdown_table, read_run
 from medseg.config import Config, load_config
 from medseg.cross_validation import evaluate_oof
 from medseg.errors import MedsegError
@@ -247,15 +247,6 @@ def score(setting: str, pred_dir: Path, out_dir: Path, inputs: RunInputs, case_i
         os.symlink(path.resolve(), mask_file(masks, case_id))
     evaluate_oof(inputs.cfg, out_dir, inputs.folds, inputs.cases, "cpu", progress=False, pred_dir=masks)
     return read_run(out_dir, label=setting)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """``frame`` as a markdown table (cells as text, ``|`` escaped)."""
-    def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

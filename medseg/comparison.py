@@ -347,7 +347,8 @@ def headline(comparison: Comparison) -> str:
             "lower distances)")  # fmt: skip
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a markdown table (cells as text, ``|`` escaped)."""
     def cell(value: object) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -361,7 +362,7 @@ def to_markdown(comparison: Comparison) -> str:
     parts = ["# Run comparison", "", headline(comparison), ""]
     parts += [f"- {note}" for note in comparison.notes] + ([""] if comparison.notes else [])
     for title, frame in display_tables(comparison).items():
-        parts += [f"## {title}", "", _markdown_table(frame), ""]
+        parts += [f"## {title}", "", markdown_table(frame), ""]
     return "\n".join(parts)
 
 
