@@ -35,10 +35,10 @@ def child(checkpoint: Path, case_dir: Path, policy: bool, repeats: int) -> dict:
     import numpy as np
     import torch
 
+    from medseg.inference import predictor as P
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import CasePredictor, load_bundle
-    from medseg.prediction import predictor as P
-    from medseg.preprocessing import IMAGE_KEY
+    from medseg.transforms.preprocessing import IMAGE_KEY
 
     bundle = load_bundle([checkpoint], [f"inference.keep_freed_memory={str(policy).lower()}"])
     predictor = CasePredictor(bundle)

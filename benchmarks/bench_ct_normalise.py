@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRanged
 from timing import best_of
 
-from medseg.preprocessing import NormalizeCTd
+from medseg.transforms.preprocessing import NormalizeCTd
 
 
 def main() -> None:

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.auto.model_folder import read_model_folder
 from medseg.inference.cases import cases_from_manifest
 from medseg.inference.runner import CasePredictor, load_bundle
 from medseg.io import read_volume
 from medseg.labels import read_label
 from medseg.metrics.voxel import voxel_metrics
-from medseg.model_folder import read_model_folder
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

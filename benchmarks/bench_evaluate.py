@@ -1,4 +1,4 @@
-"""Time ``medseg.evaluation.evaluate`` on the BraTS 2018 cases against reading their files.
+"""Time ``medseg.evaluation.runner.evaluate`` on the BraTS 2018 cases against reading their files.
 
 Builds a prediction folder in a temporary directory (each case's whole-tumour reference dilated
 by one voxel, written on the reference grid), then times, in this process:
@@ -26,7 +26,7 @@ from scipy import ndimage
 from timing import best_of
 
 from medseg.config import load_config
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
 from medseg.io import read_volume, write_mask
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brats18"
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"BraTS data not found at {args.data}", file=sys.stderr)
         return 1
-    logging.getLogger("medseg.evaluation").setLevel(logging.ERROR)  # "no detection scores" is expected
+    logging.getLogger("medseg.evaluation.runner").setLevel(logging.ERROR)  # "no detection scores" is expected
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         manifest, pred, files = build(args.data, tmp)

@@ -136,8 +136,8 @@ def train_fallback(out: Path, minutes: float, device: torch.device, brats: Path)
     from medseg.config import Config, ModelConfig, PreprocessConfig
     from medseg.models import build_model
     from medseg.models.checkpoint import save_checkpoint
-    from medseg.preprocessing import channel_key, context_stack, preprocess_transforms
-    from medseg.transforms import apply_chain
+    from medseg.transforms.loading import apply_chain
+    from medseg.transforms.preprocessing import channel_key, context_stack, preprocess_transforms
 
     channels = ["flair", "t1ce", "t2"]
     pre = PreprocessConfig(context_slices=1)
@@ -191,8 +191,8 @@ def train_ct_model(model_cfg, preprocess, steps: int, tmp: Path, device: torch.d
     batches of 8 slices (70% with lesion) cropped to one random 128x128 window, Dice + BCE,
     bf16 autocast."""
     from medseg.models import build_model
-    from medseg.preprocessing import channel_key, context_stack, preprocess_transforms
-    from medseg.transforms import apply_chain
+    from medseg.transforms.loading import apply_chain
+    from medseg.transforms.preprocessing import channel_key, context_stack, preprocess_transforms
 
     chain = preprocess_transforms(preprocess, "CT", ["ct"], True)
     volumes = []
@@ -249,7 +249,7 @@ def baseline_predict(model: torch.nn.Module, image: torch.Tensor, context: int, 
     (Dice to the reference 0.66 against 0.90), which is a quality difference, not a speed one."""
     from monai.inferers import sliding_window_inference
 
-    from medseg.preprocessing import context_stack
+    from medseg.transforms.preprocessing import context_stack
 
     volume = image.as_tensor() if hasattr(image, "as_tensor") else image
     device = next(model.parameters()).device
@@ -276,12 +276,12 @@ def bench_volume(name: str, bundle, case, repeats: int, tmp: Path, label: Path |
 
     import nibabel as nib
 
+    from medseg.inference.postprocess import postprocess
+    from medseg.inference.predictor import default_batch_size
     from medseg.inference.runner import CasePredictor
     from medseg.io import write_mask
-    from medseg.prediction.postprocess import postprocess
-    from medseg.prediction.predictor import default_batch_size
-    from medseg.preprocessing import IMAGE_KEY
     from medseg.runtime import autocast_dtype
+    from medseg.transforms.preprocessing import IMAGE_KEY
 
     predictor = CasePredictor(bundle)
     cfg = bundle.inference
@@ -353,8 +353,8 @@ def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]
     edge-padded onto the pooling grid as ``predict_volume`` places them."""
     import torch.nn.functional as F
 
-    from medseg.prediction.predictor import default_batch_size, effective_roi, network_stride, window_padding
-    from medseg.preprocessing import context_stack
+    from medseg.inference.predictor import default_batch_size, effective_roi, network_stride, window_padding
+    from medseg.transforms.preprocessing import context_stack
 
     cfg = bundle.inference
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -372,7 +372,7 @@ def forward_stacks(bundle, image: torch.Tensor, axis: int) -> list[torch.Tensor]
 
 
 def run_forward(bundle, stacks: list[torch.Tensor]) -> None:
-    from medseg.prediction.predictor import EnsembleProbability
+    from medseg.inference.predictor import EnsembleProbability
     from medseg.runtime import autocast_dtype
 
     net = EnsembleProbability(bundle.models, (), autocast_dtype(bundle.inference.precision, bundle.device), False)
@@ -391,7 +391,7 @@ def bench_batch(bundle, cases, tmp: Path, repeats: int) -> dict:
     import shutil
 
     from medseg.inference.runner import CasePredictor, run_inference
-    from medseg.preprocessing import IMAGE_KEY
+    from medseg.transforms.preprocessing import IMAGE_KEY
 
     predictor = CasePredictor(bundle)
     axis = predictor.ras_axis + 1
@@ -421,7 +421,7 @@ def sweep(bundle, case, repeats: int) -> list[dict]:
     """Forward throughput (slices/s) on the BraTS case's stacks for batch size x memory format x
     precision, interleaved, best of ``repeats`` rounds (justifies the ``InferenceConfig`` defaults)."""
     from medseg.inference.runner import CasePredictor
-    from medseg.preprocessing import IMAGE_KEY, context_stack
+    from medseg.transforms.preprocessing import IMAGE_KEY, context_stack
 
     predictor = CasePredictor(bundle)
     axis = predictor.ras_axis + 1
@@ -488,9 +488,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from medseg.config import ModelConfig
+    from medseg.inference import prepare_models
     from medseg.inference.cases import InferenceCase
     from medseg.inference.runner import InferenceBundle, load_bundle
-    from medseg.prediction import prepare_models
 
     brats = Path(args.brats_dir).resolve()
     if not brats.is_dir():

@@ -30,7 +30,7 @@ import pandas as pd
 
 from medseg.config import Config
 from medseg.engine import train
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
 from medseg.synth import generate_dataset
 
 MODELS = {

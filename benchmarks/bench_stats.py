@@ -82,8 +82,8 @@ def main() -> int:
     from monai.transforms import LoadImaged
 
     from medseg.config import Config
-    from medseg.dataset_stats import compute_dataset_stats
     from medseg.manifest import read_manifest
+    from medseg.stats.dataset import compute_dataset_stats
 
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
         folder = Path(tmp)

@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 
 from medseg.config import load_config
+from medseg.inference.postprocess import postprocess
 from medseg.io import read_volume
 from medseg.labels import read_label
 from medseg.manifest import read_manifest
 from medseg.metrics.uncertainty import bootstrap_mean_ci
 from medseg.metrics.voxel import voxel_metrics
 from medseg.outputs import prob_file
-from medseg.prediction.postprocess import postprocess
 
 TABLES = {"plan's rule": Path("cv") / "cv_table.csv", "chosen rule": Path("model") / "cv_chosen" / "cv_table.csv"}
 

@@ -26,8 +26,8 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
+from medseg.auto.cross_validation import evaluate_oof
 from medseg.comparison import compare_runs, display_tables, markdown_table, read_run
-from medseg.cross_validation import evaluate_oof
 from medseg.io import read_volume, write_mask
 from medseg.labels import read_label
 from medseg.outputs import mask_file

@@ -19,7 +19,7 @@ run resumes; ``--force`` trains again):
    with mirroring (nnU-Net's default) and without. A ``3d*`` configuration runs only when a
    synthetic step says the budget holds at least ``MIN_3D_ITERATIONS`` iterations, else it is
    recorded as ``skipped: budget holds N iterations``;
-4. each setting's masks scored by :func:`medseg.cross_validation.evaluate_oof` (the code that
+4. each setting's masks scored by :func:`medseg.auto.cross_validation.evaluate_oof` (the code that
    writes medseg's ``cv_table.csv``: Dice, HD95, lesion F1 ...) and set beside medseg's
    out-of-fold table with :func:`medseg.comparison.compare_runs` (means with 95 % patient-
    bootstrap intervals, paired differences medseg - nnU-Net with their intervals, wins/losses).
@@ -48,15 +48,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from medseg.auto.cross_validation import evaluate_oof
+from medseg.auto.folds import FoldAssignment, cv_pool, read_folds
+from medseg.auto.planning import DEFAULT_MINUTES
 from medseg.comparison import RunTable, compare_runs, display_tables, markdown_table, read_run
 from medseg.config import Config, load_config
-from medseg.cross_validation import evaluate_oof
 from medseg.errors import MedsegError
-from medseg.folds import FoldAssignment, cv_pool, read_folds
 from medseg.manifest import Case, read_manifest
 from medseg.nnunet_export import FILE_ENDING, SPLITS_FILE, export_nnunet, write_splits
 from medseg.outputs import mask_file
-from medseg.planning import DEFAULT_MINUTES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_budget import iterations_in_budget  # noqa: E402
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.nnunet_python:
         p.error("--nnunet-python (or NNUNET_PYTHON) is required: the python of the venv where nnunetv2 is installed")
-    logging.getLogger("medseg.evaluation").setLevel(logging.ERROR)  # "no detection scores": nnU-Net writes masks only
+    logging.getLogger("medseg.evaluation.runner").setLevel(logging.ERROR)  # "no detection scores": nnU-Net writes masks only
     try:
         return run_benchmark(args)
     except (MedsegError, ValueError) as exc:

@@ -8,7 +8,7 @@ network with stride-2 max-pools is not shift-equivariant, so the two masks can d
 although both compute the same model on the same pixels. This script measures that on one
 BraTS case, fp32, whole volume, masks post-processed and mapped to the source grid exactly
 as ``medseg infer`` does (``predict_volume`` itself now places slices on the grid where the
-configured ROI window would put them: ``medseg.prediction.predictor.window_padding``):
+configured ROI window would put them: ``medseg.inference.predictor.window_padding``):
 
 - ``shift (dy, dx)``: the slice edge-padded by dy rows at the top and dx columns at the left
   (then to the stride multiple as usual); Dice of the mask against the unshifted one;
@@ -37,7 +37,7 @@ def probabilities(model: torch.nn.Module, image: torch.Tensor, context: int, axi
                   shift: tuple[int, int] = (0, 0), centre_in: int | None = None, batch: int = 8) -> torch.Tensor:
     """(R, A, S) foreground probabilities of ``image`` (C, R, A, S), slice by slice along
     ``axis``, each slice placed at ``shift`` or centred in a ``centre_in`` square (edge-padded)."""
-    from medseg.preprocessing import context_stack
+    from medseg.transforms.preprocessing import context_stack
 
     n = image.shape[axis]
     out = torch.empty(image.shape[1:])
@@ -66,9 +66,9 @@ def main() -> int:
     import nibabel as nib
 
     from medseg.inference.cases import InferenceCase
+    from medseg.inference.postprocess import postprocess
     from medseg.inference.runner import CasePredictor, load_bundle
-    from medseg.prediction.postprocess import postprocess
-    from medseg.preprocessing import IMAGE_KEY
+    from medseg.transforms.preprocessing import IMAGE_KEY
 
     case_dir = Path(args.brats_dir) / args.case
     if not case_dir.is_dir():

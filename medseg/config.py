@@ -375,7 +375,7 @@ class InferenceConfig(StrictModel):
     ``tta``: average over in-plane flips ``tta_flips`` (0 = first, 1 = second in-plane axis)
     besides the plain prediction.
 
-    Post-processing (:func:`medseg.prediction.postprocess`): binary models threshold the
+    Post-processing (:func:`medseg.inference.postprocess`): binary models threshold the
     probability at ``threshold`` (voxel is lesion when ``prob >= threshold``), multi-class models
     take the argmax; then optional ``fill_holes`` (MONAI ``FillHoles``) and
     ``largest_component`` (MONAI ``KeepLargestConnectedComponent``); then lesions (3-D
@@ -601,7 +601,7 @@ class TrainConfig(StrictModel):
 
 class PostprocessSearchConfig(StrictModel):
     """Post-processing candidates scored on the out-of-fold predictions (``cv`` stage, then
-    ``postprocess`` stage; :mod:`medseg.postprocess_selection`).
+    ``postprocess`` stage; :mod:`medseg.auto.postprocess_selection`).
 
     The grid is every combination of ``thresholds`` x ``min_lesion_mm3`` x
     ``component_fractions`` (0 = keep every component, 1 = the largest only; see
@@ -661,7 +661,7 @@ class CrossValidationConfig(StrictModel):
 
     The pool is every labelled manifest row whose split is not ``test`` (``train``, ``val`` or
     empty); its **patients** are shuffled with ``seed`` and dealt round-robin into ``folds``
-    folds (:mod:`medseg.folds`), so a patient's cases are always in one fold. Fold k trains on
+    folds (:mod:`medseg.auto.folds`), so a patient's cases are always in one fold. Fold k trains on
     the other folds and predicts fold k: every pool patient is predicted exactly once by a
     model that never saw it (out-of-fold). The weights kept per fold are the last epoch's
     (with ``train.ema_decay``, their average), never the best validation epoch's: choosing the
@@ -676,7 +676,7 @@ class CrossValidationConfig(StrictModel):
     over the two models' mean, 9-11 of 12 patients better, in two pairs of runs
     (docs/benchmarks.md, "A second training seed ... averaging seeds").
 
-    ``candidates`` (nnU-Net's "find best configuration"; :mod:`medseg.candidates`): two or more
+    ``candidates`` (nnU-Net's "find best configuration"; :mod:`medseg.auto.candidates`): two or more
     configurations, each cross-validated on the same folds at the same budget; the best single
     one, or the best pair averaged (``ensemble_pairs``) when it gains more than
     ``selection_min_gain`` mean out-of-fold Dice, is shipped. ``try_tta``: also predict the

@@ -1,6 +1,6 @@
 """Geometry primitives: axis names and maps, RAS views, grid checks, bounding boxes, 3-D and
 per-slice connected components, lesion diameters. One owner for each; statistics
-(:mod:`medseg.lesions`), metrics, inference and transforms import them from here.
+(:mod:`medseg.stats.lesions`), metrics, inference and transforms import them from here.
 
 Axis conventions: an array read from a file is (I, J, K) in index order; its 4x4 ``affine`` maps
 voxel indices to RAS millimetres (nibabel's convention; ITK files are LPS on disk and converted on

@@ -215,7 +215,7 @@ def import_dicom(
     One row per CT/MR series by default, channel ``channel`` (default ``image``); each row's
     image is ``series_dir/<case_id>/``, a folder of links to exactly that series' files.
     ``model`` (a model folder or checkpoint): channel names and modality from it
-    (:func:`medseg.model_folder.read_model_inputs`); only series of its modality become rows.
+    (:func:`medseg.auto.model_folder.read_model_inputs`); only series of its modality become rows.
     ``series`` (``NAME=REGEX`` rules): one row per study instead, channel NAME = the study's one
     series whose SeriesDescription / ProtocolName matches REGEX (``series_dir/<case_id>/<NAME>/``);
     a model with several channels needs a rule for each. ``modality``: only series of it.
@@ -336,7 +336,7 @@ def _dicom_inputs(channel: str | None, model: str | Path | None, series: Sequenc
     if model is None:
         channels = names or [channel_name(channel or "image")]
         return _DicomInputs(channels, wanted, source, rules)
-    from medseg.model_folder import read_model_inputs
+    from medseg.auto.model_folder import read_model_inputs
 
     inputs = read_model_inputs(model)
     if wanted and wanted != inputs.modality:

@@ -15,7 +15,7 @@ DICOM series folder   ``files`` (how many), ``listing_sha256``: the SHA-256 of t
 missing / unreadable  ``error``: the reason (the case fails on reading anyway)
 ====================  =======================================================================
 
-Used by the inference completion marker (:mod:`medseg.inference.outputs`: a case whose inputs
+Used by the inference completion marker (:mod:`medseg.inference.case_files`: a case whose inputs
 changed is predicted again) and the pipeline's stage fingerprints (:mod:`medseg.pipeline.state`:
 a stage whose manifest's files changed runs again). A copy that keeps the mtime, size and first
 64 KiB but changes a voxel further on is not seen (the price of not reading whole volumes); a

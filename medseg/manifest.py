@@ -80,7 +80,7 @@ def case_id_problem(case_id: str, name_extra: int | None = None) -> str | None:
 
     Refused: empty, a path separator (``/``, ``\\``), a leading ``.`` (hidden files, ``.``, ``..``).
     With ``name_extra`` (the bytes the caller's longest file name adds to the id: suffix and
-    temporary-name parts, e.g. :data:`medseg.inference.outputs.CASE_NAME_EXTRA_BYTES`), also an
+    temporary-name parts, e.g. :data:`medseg.inference.case_files.CASE_NAME_EXTRA_BYTES`), also an
     id whose UTF-8 bytes plus ``name_extra`` exceed :data:`NAME_MAX`. The length is left to the
     commands that make the names (each fails that case alone), not to reading the manifest:
     ``stats`` makes no file from an id.

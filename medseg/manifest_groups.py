@@ -1,5 +1,5 @@
 """Cases grouped by a manifest column (``site``, ``scanner``, ``timepoint``, ...), for reports
-that compare cohorts (:mod:`medseg.stats_report`). Torch-free and reads no volume, so a command
+that compare cohorts (:mod:`medseg.report.stats_page`). Torch-free and reads no volume, so a command
 checks its ``--group-by`` before any work.
 
 A group column is ``modality``, ``split``, ``patient_id`` or any extra column of the manifest

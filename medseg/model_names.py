@@ -35,7 +35,7 @@ ARCHITECTURE_OPTIONS: dict[str, frozenset[str]] = {
 
 # architectures that predict lesion instances (boxes, learned scores, masks) instead of a dense
 # map: trained on per-slice instance targets (``data.labels.instances``), inferred per whole
-# slice with 3-D linking (:mod:`medseg.prediction.instances`)
+# slice with 3-D linking (:mod:`medseg.inference.instances`)
 INSTANCE_ARCHITECTURES: frozenset[str] = frozenset({"maskrcnn"})
 
 

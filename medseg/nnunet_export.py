@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from medseg import atomic
+from medseg.auto.folds import read_folds
 from medseg.config import LabelConfig
 from medseg.errors import ConfigError, InputFileError, MedsegError
-from medseg.folds import read_folds
 from medseg.geometry import grid_mismatch
 from medseg.io import Geometry, read_volume, write_mask, write_volume
 from medseg.labels import read_label

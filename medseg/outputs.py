@@ -18,7 +18,7 @@ For every case ``<case_id>``, all on the source image's voxel grid (same shape a
                          ``lesion_id, voxels, volume_ml, score_mean, score_max``; written
                          together with the instance map. ``score_source`` ``learned`` (an
                          instance model's scores) makes evaluation take the instances as the
-                         predicted lesions (:mod:`medseg.evaluation`).
+                         predicted lesions (:mod:`medseg.evaluation.runner`).
 ``dicom_seg_file``       + :data:`DICOM_SEG_SUFFIX`: DICOM Segmentation of the mask referencing the
                          source series (``inference.output_format`` dicom-seg or both; with
                          dicom-seg alone no ``mask_file`` is written).
@@ -38,7 +38,7 @@ failed).
 Evaluation folder (``medseg evaluate``): :data:`EVAL_PER_CASE`, :data:`EVAL_LESION_MATCHES`,
 :data:`EVAL_PR_CURVE`, :data:`EVAL_SUMMARY`, plus :data:`FAILURES_FILE`.
 
-Statistics folder (``medseg stats``, the ``stats`` stage; :mod:`medseg.dataset_stats`):
+Statistics folder (``medseg stats``, the ``stats`` stage; :mod:`medseg.stats.dataset`):
 :data:`SLICE_STATS`, :data:`CASE_STATS`, :data:`LESION_CURVE`, :data:`LESION_CURVE_PER_CASE`,
 :data:`LESION_CURVE_PNG`, :data:`LESION_VOLUMES`, :data:`RUN_CONFIG`, plus :data:`FAILURES_FILE`.
 A report folder holds :data:`REPORT_PAGE` and its PNGs.
@@ -48,15 +48,15 @@ Run files (training runs, cross-validation, pipeline runs, model folders)
 :data:`RUN_CONFIG` the resolved config saved with a run (``medseg train``, a CV candidate, a
 pipeline run, ``medseg stats``); :data:`LAST_CHECKPOINT` a training run's weights after its last
 epoch (where ``--resume`` continues; a CV fold's model) and :data:`BEST_CHECKPOINT` those of its
-best validation epoch; :data:`MODEL_RECORD` a model folder's record (:mod:`medseg.model_folder`,
+best validation epoch; :data:`MODEL_RECORD` a model folder's record (:mod:`medseg.auto.model_folder`,
 written last); :data:`CV_TABLE` / :data:`CV_SUMMARY` the out-of-fold table and its summary
-(:mod:`medseg.cross_validation`), also in a model folder's :data:`CV_CHOSEN_DIR` (the
+(:mod:`medseg.auto.cross_validation`), also in a model folder's :data:`CV_CHOSEN_DIR` (the
 out-of-fold predictions under the chosen post-processing); :data:`POSTPROCESS_SELECTION` the
 post-processing rule chosen on them (``chosen`` / ``current``: rules with exactly the keys
 :data:`POSTPROCESS_RULE_KEYS`, :class:`medseg.config.InferenceConfig` fields) and
-:data:`POSTPROCESS_CANDIDATES` every rule tried (:mod:`medseg.postprocess_selection`);
+:data:`POSTPROCESS_CANDIDATES` every rule tried (:mod:`medseg.auto.postprocess_selection`);
 :data:`CANDIDATES_CHOICE` / :data:`CANDIDATES_TABLE` the configuration chosen among
-``cv.candidates`` and every combination's scores (:mod:`medseg.candidates`); :data:`QC_RECORD`
+``cv.candidates`` and every combination's scores (:mod:`medseg.auto.candidates`); :data:`QC_RECORD`
 the QC score's calibration a model folder ships (:mod:`medseg.review`).
 :data:`RUN_LOG` every log line of a run (``medseg infer``, ``medseg run``); :data:`PROVENANCE` a
 pipeline run's record (versions, the model that ran).

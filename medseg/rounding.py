@@ -28,7 +28,7 @@ losses, learning rates)                         noise of a float goes
 Integer, boolean and text columns (ids, counts, flags) are never touched, and neither is
 anything but a CSV table: probability maps are volumes. Every table goes through
 :func:`round_table` in :func:`medseg.atomic.write_csv` (and the per-case lesion tables of
-:mod:`medseg.inference.outputs`). Tables medseg reads back for computation see the rounded
+:mod:`medseg.inference.case_files`). Tables medseg reads back for computation see the rounded
 values: the mean of Dice values rounded to 4 digits moves by less than 5e-5.
 """
 

@@ -91,13 +91,12 @@ def test_one_atomic_writer():
     assert not offenders, "write outputs through medseg.atomic.atomic_path: " + ", ".join(offenders)
 
 
-@pytest.mark.parametrize(("importer", "imported"), [("medseg.engine", "medseg.inference"), ("medseg.io", "medseg.config"),
-                                                    ("medseg.prediction", "medseg.inference"), ("medseg.runtime", "medseg.engine"),
-                                                    ("medseg.runtime", "medseg.inference")])  # fmt: skip
-def test_layers_do_not_import_upwards(importer, imported):
-    graph = import_graph()
-    offenders = [f"{a} -> {b}" for a, targets in graph.items() if a == importer or a.startswith(importer + ".")
-                 for b in targets if b == imported or b.startswith(imported + ".")]  # fmt: skip
+def test_training_never_imports_batch_inference():
+    """The engine's validation shares the per-volume path (``inference.predictor``,
+    ``postprocess``, ``instances``) with ``medseg infer``, never the batch layer above it."""
+    shared = {"medseg.inference", "medseg.inference.predictor", "medseg.inference.postprocess", "medseg.inference.instances"}
+    offenders = [f"{a} -> {b}" for a, targets in import_graph().items() if a.startswith("medseg.engine")
+                 for b in targets if b.startswith("medseg.inference") and b not in shared]  # fmt: skip
     assert not offenders, offenders
 
 
@@ -151,20 +150,51 @@ def test_cli_lists_every_command_module_even_one_that_fails_to_import(monkeypatc
     assert "error: medseg synth cannot be loaded: medseg.commands.synth failed to import" in err, err
 
 
-def layer_table_names() -> set[str]:
-    """The code names (between backticks) of docs/architecture.md's layer table."""
+def layer_table() -> list[list[str]]:
+    """docs/architecture.md's layer table, top layer first: per layer the code names between
+    backticks that name a module (``name.py``, ``pkg/name.py``) or a package (``pkg/``,
+    ``pkg/*.py``); other code words in the cells are prose."""
     text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
-    rows = text.split("| layer | modules | job |", 1)[1].split("\n\n", 1)[0]
-    return set(re.findall(r"`([^`]+)`", rows))
+    rows = text.split("| layer | modules | job |", 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
+    return [[name for name in re.findall(r"`([^`]+)`", row.split("|")[2]) if name.endswith((".py", "/"))] for row in rows]
+
+
+def layer_of(module: str, table: list[list[str]]) -> int | None:
+    """The layer index (0 = top) of a dotted module: its own ``pkg/name.py`` entry, else the
+    nearest package entry above it."""
+    parts = module.split(".")[1:]
+    entries = {}
+    for index, names in enumerate(table):
+        for name in names:
+            entries[name.removesuffix("*.py")] = index
+    own = "/".join(parts) + ".py"
+    if own in entries:
+        return entries[own]
+    for depth in range(len(parts), 0, -1):
+        package = "/".join(parts[:depth]) + "/"
+        if package in entries:
+            return entries[package]
+    return None
 
 
 def test_every_module_is_in_the_layer_table():
-    """Each module file of medseg/ is named in the layer table as ``name.py``; each package by
-    its folder (``engine/``, or ``commands/*.py``), which covers every module under it."""
-    named = layer_table_names()
-    folders = {name.split("/", 1)[0] for name in named if "/" in name}
-    missing = [path.name for path in sorted(PACKAGE.glob("*.py"))
-               if not path.name.startswith("__") and path.name not in named]  # fmt: skip
-    missing += [f"{path.name}/" for path in sorted(PACKAGE.iterdir())
-                if (path / "__init__.py").is_file() and path.name not in folders]  # fmt: skip
+    """Each module of medseg/ has a layer: a flat module by its ``name.py`` entry, a module in a
+    package by its own entry or its package's (``engine/``, ``commands/*.py``)."""
+    table = layer_table()
+    missing = [name for name in module_files() if name not in ("medseg", "medseg.__main__") and layer_of(name, table) is None]
     assert not missing, "add to the layer table of docs/architecture.md: " + ", ".join(missing)
+
+
+def test_imports_follow_the_layer_table():
+    """No module imports from a layer above its own (docs/architecture.md, top row highest)."""
+    table = layer_table()
+    names = ["entry points", "orchestrators", "shared compute", "contracts and primitives"]
+    assert len(table) == len(names)
+    offenders = []
+    for importer, targets in import_graph().items():
+        if importer in ("medseg", "medseg.__main__"):
+            continue
+        for target in targets:
+            if target != "medseg" and layer_of(target, table) < layer_of(importer, table):
+                offenders.append(f"{importer} ({names[layer_of(importer, table)]}) -> {target} ({names[layer_of(target, table)]})")
+    assert not offenders, "imports running up the layer table:\n" + "\n".join(sorted(offenders))

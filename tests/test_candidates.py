@@ -10,7 +10,7 @@ import pytest
 from conftest import make_affine, write_nifti
 from pydantic import ValidationError
 
-from medseg.candidates import choose_combination, choose_tta, combination_name, score_combinations
+from medseg.auto.candidates import choose_combination, choose_tta, combination_name, score_combinations
 from medseg.config import CandidateConfig, Config, CrossValidationConfig
 from medseg.manifest import Case
 
@@ -105,8 +105,8 @@ def test_auto_pipeline_with_candidates_ships_the_chosen_ones(tmp_path):
     from conftest import REPO
     from test_pipeline_auto import TINY, _brats_like
 
+    from medseg.auto.model_folder import read_model_folder
     from medseg.cli import main
-    from medseg.model_folder import read_model_folder
 
     source = _brats_like(tmp_path)
     run_dir = tmp_path / "run"
@@ -136,8 +136,8 @@ def test_auto_pipeline_with_candidates_ships_the_chosen_ones(tmp_path):
 
 
 def test_report_shows_the_candidates_choice(tmp_path):
-    from medseg.candidates import write_choice
-    from medseg.report_cv import candidates_part
+    from medseg.auto.candidates import write_choice
+    from medseg.report.cv import candidates_part
 
     table = pd.DataFrame({"a": [0.80, 0.70, 0.75, 0.90], "b": [0.78, 0.72, 0.74, 0.88], "a+b": [0.84, 0.76, 0.79, 0.92]})
     choice = choose_combination(table, ["p1", "p2", "p3", "p4"], ["a", "b"], pairs=True, min_gain=0.002)

@@ -22,7 +22,7 @@ DICE_STEP = {**{f"p{i}": 0.05 for i in range(7)}, "p7": -0.02, "p8": -0.02, "p9"
 
 
 def cv_table(dice: np.ndarray, hd95: np.ndarray, f1: np.ndarray, folds: list[int] = FOLDS) -> pd.DataFrame:
-    """A cv_table.csv as medseg.cross_validation writes it: per-case rows then a ``mean`` row."""
+    """A cv_table.csv as medseg.auto.cross_validation writes it: per-case rows then a ``mean`` row."""
     rows = pd.DataFrame({"case_id": CASES, "patient_id": PATIENTS, "fold": folds, "region": "lesion", "dice": dice,
                          "hd95_mm": hd95, "lesion_f1": f1})  # fmt: skip
     mean = {"case_id": "mean", "patient_id": "", "fold": -1, "region": "", "dice": dice.mean(),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from medseg.auto.folds import FOLDS_FILE, assign_folds, cv_pool, load_or_create_folds, read_folds
 from medseg.errors import ConfigError, ManifestError
-from medseg.folds import FOLDS_FILE, assign_folds, cv_pool, load_or_create_folds, read_folds
 from medseg.manifest import Case
 
 

@@ -78,7 +78,7 @@ def test_channels_load_in_parallel_with_the_same_arrays_and_locale(tmp_path, rng
     locale) and NIfTI side by side give the arrays read one by one, and the locale survives."""
     import locale
 
-    from medseg.transforms import LoadVolumed
+    from medseg.transforms.loading import LoadVolumed
 
     affine = make_affine("lps", spacing=(0.8, 0.8, 2.5))
     arrays, files = {}, {}

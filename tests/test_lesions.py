@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from medseg.geometry import max_diameter_mm
-from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
+from medseg.stats.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 
 
 def test_hand_computed_case_statistics():

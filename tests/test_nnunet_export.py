@@ -18,9 +18,9 @@ import SimpleITK as sitk
 from conftest import make_affine, make_case_files, write_nifti
 
 from medseg.atomic import write_json
+from medseg.auto.folds import assign_folds
 from medseg.config import LabelConfig
 from medseg.errors import ConfigError, InputFileError, MedsegError
-from medseg.folds import assign_folds
 from medseg.importers import import_nnunet
 from medseg.io import read_volume
 from medseg.manifest import Case, read_manifest

@@ -14,10 +14,10 @@ import torch
 import yaml
 from conftest import REPO
 
+from medseg.auto.model_folder import read_model_folder
 from medseg.cli import main
 from medseg.io import read_volume
 from medseg.manifest import read_manifest
-from medseg.model_folder import read_model_folder
 from medseg.synth import generate_dataset
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ from browser import open_in_browser
 from conftest import REPO, artifact_path
 
 from medseg.cli import main
-from medseg.lesions import lesion_distribution_curve
 from medseg.manifest import read_manifest
+from medseg.stats.lesions import lesion_distribution_curve
 
 TINY = ["--set", "train.max_minutes=0.5", "--set", "train.epochs=1", "--set", "train.samples_per_epoch=32",
         "--set", "train.batch_size=8", "--set", "train.patch_size=[64,64]", "--set", "train.num_workers=0"]

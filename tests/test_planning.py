@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medseg.auto.fingerprint import compute_fingerprint
+from medseg.auto.planning import plan_dataset, plan_from_fingerprint, round_patch
 from medseg.cli import main
 from medseg.config import Config, LabelConfig, load_config
 from medseg.errors import ConfigError, ManifestError
-from medseg.fingerprint import compute_fingerprint
 from medseg.manifest import Case, read_manifest, write_manifest
-from medseg.planning import plan_dataset, plan_from_fingerprint, round_patch
 
 MARGIN = 8  # preprocess.crop_margin default: the training slice is the foreground box + 2 x 8 px
 
@@ -396,7 +396,7 @@ def test_brats_plan_reproduces_the_hand_written_recipe(tmp_path, requires_brats)
     ([], "dice"),
 ])
 def test_postprocess_objective_from_lesions_per_case(volumes, objective):
-    from medseg.plan_rules import determine_postprocess_objective as postprocess_objective
+    from medseg.auto.plan_rules import determine_postprocess_objective as postprocess_objective
 
     fingerprint = {"cases": [{"lesion_volumes_mm3": v} for v in volumes]}
     chosen, reason = postprocess_objective(fingerprint, 10.0)

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 from conftest import make_affine, write_nifti
 
-from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
-from medseg.errors import GeometryMismatchError, InputFileError, MedsegError
-from medseg.manifest import Case
-from medseg.metrics.voxel import hd95_assd
-from medseg.outputs import POSTPROCESS_RULE_KEYS
-from medseg.postprocess_selection import (
+from medseg.auto.postprocess_selection import (
     Components,
     candidate_rules,
     read_selection,
     select_postprocessing,
     write_selection,
 )
-from medseg.prediction.postprocess import postprocess
+from medseg.config import Config, InferenceConfig, PostprocessSearchConfig
+from medseg.errors import GeometryMismatchError, InputFileError, MedsegError
+from medseg.inference.postprocess import postprocess
+from medseg.manifest import Case
+from medseg.metrics.voxel import hd95_assd
+from medseg.outputs import POSTPROCESS_RULE_KEYS
 
 SPACING = (0.8, 0.8, 2.5)  # voxel 1.6 mm3
 AFFINE = make_affine("oblique", spacing=SPACING)

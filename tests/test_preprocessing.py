@@ -10,8 +10,8 @@ from monai.transforms import Invertd
 
 from medseg.config import LabelConfig, PreprocessConfig
 from medseg.errors import GeometryMismatchError, InputFileError
-from medseg.preprocessing import context_stack, foreground_mask, preprocess_transforms
-from medseg.transforms import apply_chain
+from medseg.transforms.loading import apply_chain
+from medseg.transforms.preprocessing import context_stack, foreground_mask, preprocess_transforms
 
 
 def _mr_case(tmp_path, affine, rng, shape=(40, 36, 14)):

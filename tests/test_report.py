@@ -10,11 +10,11 @@ from conftest import artifact_path
 from scipy import ndimage
 
 from medseg.config import Config
-from medseg.dataset_stats import compute_dataset_stats, prediction_cases, write_dataset_stats
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
 from medseg.io import read_volume, write_mask
 from medseg.manifest import read_manifest
-from medseg.report_html import ReportInputs, write_report
+from medseg.report.html import ReportInputs, write_report
+from medseg.stats.dataset import compute_dataset_stats, prediction_cases, write_dataset_stats
 from medseg.synth import generate_dataset
 
 

@@ -21,10 +21,10 @@ from PIL import Image
 
 from medseg.cli import main
 from medseg.config import Config
-from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
 from medseg.manifest import read_manifest
 from medseg.outputs import CASES_COLUMNS, CASES_TABLE, lesion_table_file
-from medseg.report_html import ReportInputs, predicted_cases_table, write_report
+from medseg.report.html import ReportInputs, predicted_cases_table, write_report
+from medseg.stats.dataset import compute_dataset_stats, write_dataset_stats
 from medseg.synth import generate_dataset
 
 STORED = {"min_lesion_mm3": 90.0, "fill_holes": True}  # the checkpoint's inference settings (defaults: 10, false)
@@ -207,7 +207,7 @@ def test_table_from_the_prediction_statistics_and_the_reference_curve_kept(phant
     for case in cases:
         shutil.copy(case.label, pred / f"{case.case_id}_mask.nii.gz")
     cfg = Config()
-    from medseg.dataset_stats import prediction_cases
+    from medseg.stats.dataset import prediction_cases
 
     write_dataset_stats(compute_dataset_stats(cases, cfg, progress=False), cfg, tmp_path / "stats")
     stats = compute_dataset_stats(prediction_cases(cases, pred), cfg, progress=False)

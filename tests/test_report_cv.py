@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medseg.report_html import ReportInputs, write_report
+from medseg.report.html import ReportInputs, write_report
 
 SECTION = "Expected accuracy (cross-validation)"
 
@@ -32,7 +32,7 @@ EPOCHS = [10, 12, 9]
 
 
 def _cv_files(folder: Path, values: dict[str, list[float]]) -> None:
-    """cv_table.csv (+ mean row) and cv_summary.json as medseg.cross_validation writes them."""
+    """cv_table.csv (+ mean row) and cv_summary.json as medseg.auto.cross_validation writes them."""
     folder.mkdir(parents=True)
     rows = pd.DataFrame({"case_id": [f"case{i}" for i in range(6)], "patient_id": [f"p{i}" for i in range(6)],
                          "fold": FOLDS, "region": "lesion", **values})  # fmt: skip

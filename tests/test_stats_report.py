@@ -22,7 +22,7 @@ from medseg.errors import ConfigError
 from medseg.manifest import Case, read_manifest
 from medseg.manifest_groups import EMPTY_GROUP, MAX_GROUPS, case_groups
 from medseg.pipeline import STAGES
-from medseg.stats_report import StatsReportInputs, write_stats_report
+from medseg.report.stats_page import StatsReportInputs, write_stats_report
 from medseg.synth import generate_dataset
 
 SITES = ["A", "A", "A", "B", "B"]  # the group test's site column: legend "site A (n=3)", "site B (n=2)"

@@ -12,7 +12,7 @@ def add_set_option(parser: argparse.ArgumentParser, help: str, metavar: str = "K
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
-    """The ``--overwrite`` every command writing into ``--out`` shares (``medseg.output_folder``)."""
+    """The ``--overwrite`` every command writing into ``--out`` shares (``medseg.run_folder``)."""
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds files this command did not write (same names replaced)")
 
@@ -25,9 +25,9 @@ def with_shortcuts(args: argparse.Namespace, shortcuts: dict[str, str]) -> list[
 
 
 def run_claimed(args: argparse.Namespace, command: str, body: Callable[[argparse.Namespace], int]) -> int:
-    """``body(args)`` holding ``args.out`` for ``command`` (:func:`medseg.output_folder.claim_output_folder`),
+    """``body(args)`` holding ``args.out`` for ``command`` (:func:`medseg.run_folder.claim_output_folder`),
     claimed first: a second run on the same ``--out`` or a foreign folder is refused at once."""
-    from medseg.output_folder import claim_output_folder
+    from medseg.run_folder import claim_output_folder
 
     with claim_output_folder(args.out, command, overwrite=args.overwrite):
         return body(args)

@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from medseg.auto.cross_validation import run_cross_validation
     from medseg.config import load_config
-    from medseg.cross_validation import run_cross_validation
-    from medseg.output_folder import claim_output_folder
+    from medseg.run_folder import claim_output_folder
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).name.split(".")[0] / "cv"

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.config import dump_config, load_config
-    from medseg.evaluation import evaluate
+    from medseg.evaluation.runner import evaluate
 
     cfg = load_config(args.config, with_shortcuts(args, {"split": "evaluation.split"}))
     summary = evaluate(args.pred, args.manifest, args.out, cfg, progress=not args.no_progress,

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.model_names import model_name
     from medseg.models.checkpoint import model_from_checkpoint, write_inference_checkpoint
     from medseg.models.export import SUFFIXES, export_model, onnxruntime_available, verify_export
-    from medseg.output_folder import check_output_file
+    from medseg.run_folder import check_output_file
 
     if args.height < 1 or args.width < 1:
         raise ConfigError("--height and --width must be positive")

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.geometry import reindex_onto
     from medseg.io import read_volume
     from medseg.labels import present_values
-    from medseg.output_folder import check_output_file
+    from medseg.run_folder import check_output_file
 
     settings = seg_settings(args.overrides)
     check_output_file(args.out)

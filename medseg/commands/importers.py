@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medseg import importers
-    from medseg.output_folder import check_output_file
+    from medseg.run_folder import check_output_file
 
     if args.val_fraction + args.test_fraction >= 1.0:
         from medseg.errors import MedsegError
@@ -124,8 +124,8 @@ def _run_dicom(args: argparse.Namespace) -> int:
     from medseg.atomic import write_csv
     from medseg.dicom.import_series import SERIES_FOLDER
     from medseg.errors import MedsegError
-    from medseg.output_folder import check_output_file, check_output_folder
     from medseg.outputs import FAILURES_FILE
+    from medseg.run_folder import check_output_file, check_output_folder
 
     out = Path(args.out)
     failures = out.with_name(f"{out.stem}_{FAILURES_FILE}")

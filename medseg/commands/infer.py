@@ -83,7 +83,7 @@ def _device(requested: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from medseg.errors import MedsegError
     from medseg.logs import log_to_file
-    from medseg.output_folder import claim_output_folder
+    from medseg.run_folder import claim_output_folder
     from medseg.runtime import torchrun_rank
 
     # first, before any model is loaded or case read: an unwritable or busy --out fails now
@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         raise MedsegError("--split needs --manifest")
     rule: dict[str, Any] = {}
     if args.model:
-        from medseg.model_folder import read_model_folder
+        from medseg.auto.model_folder import read_model_folder
 
         folder = read_model_folder(args.model)
         checkpoints, rule = folder.checkpoints, folder.postprocess

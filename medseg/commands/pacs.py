@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides).pacs
     client = connect(cfg)
     if args.action == "query":
-        from medseg.model_folder import read_model_inputs
+        from medseg.auto.model_folder import read_model_inputs
         from medseg.pacs.transfer import find
 
         modalities = {cfg.modality} if cfg.modality else {"CT", "MR"}

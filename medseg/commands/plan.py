@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from medseg.output_folder import check_output_file
-    from medseg.planning import plan_dataset
+    from medseg.auto.planning import plan_dataset
+    from medseg.run_folder import check_output_file
 
     check_output_file(args.out)
     plan = plan_dataset(args.manifest, args.out, device=args.device, minutes_per_fold=args.minutes_per_fold,

@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from medseg.errors import ConfigError
-    from medseg.output_folder import claim_output_folder
     from medseg.outputs import FAILURES_FILE, REPORT_PAGE
     from medseg.pipeline import choose_run_dir, load_pipeline, run_pipeline
+    from medseg.run_folder import claim_output_folder
 
     if args.list_stages:
         print(list_stages())

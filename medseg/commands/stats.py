@@ -54,11 +54,11 @@ def _run(args: argparse.Namespace) -> int:
         from medseg.manifest_groups import case_groups
 
         groups = case_groups(cases, args.group_by, args.manifest)
-    from medseg.dataset_stats import (  # torch, MONAI: after the cheap checks
+    from medseg.labels import require_listed_foreground
+    from medseg.stats.dataset import (  # torch, MONAI: after the cheap checks
         compute_dataset_stats,
         write_dataset_stats,
     )
-    from medseg.labels import require_listed_foreground
 
     stats = compute_dataset_stats(cases, cfg, progress=not args.no_progress)
     require_listed_foreground(stats.cases, cases, cfg.data.labels, "manifest")  # else an all-zero curve
@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report or groups is not None:
         from pathlib import Path
 
-        from medseg.stats_report import StatsReportInputs, write_stats_report
+        from medseg.report.stats_page import StatsReportInputs, write_stats_report
 
         inputs = StatsReportInputs(Path(args.out), cases, title=f"Lesion statistics — {Path(args.manifest).name}",
                                    group_by=args.group_by, groups=groups, axis=cfg.stats.axis, extent=cfg.stats.extent,

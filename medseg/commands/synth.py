@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.output_folder import check_output_file, claim_output_folder
+    from medseg.run_folder import check_output_file, claim_output_folder
     from medseg.synth import check_request, generate_dataset
 
     check_request(args.n, tuple(args.shape), args.modality, args.touching_pairs)  # before any folder or memory

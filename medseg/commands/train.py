@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.auto.folds import FOLDS_FILE
 from medseg.commands import add_overwrite_option, add_set_option, with_shortcuts
-from medseg.folds import FOLDS_FILE
 from medseg.outputs import LAST_CHECKPOINT
 
 HELP = "train a 2D/2.5D segmentation model on the manifest's train split (torchrun for several processes)"
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.engine import train
     from medseg.errors import ConfigError
-    from medseg.output_folder import claim_output_folder
+    from medseg.run_folder import claim_output_folder
 
     overrides = with_shortcuts(args, {"folds": "cv.folds"})
     if args.fold is None and (args.folds is not None or args.folds_dir is not None):

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from medseg.data.augment import RandLesionCropd, RandModalityIntensityd, train_transforms
 from medseg.data.datasets import SliceDataset
 from medseg.data.sampling import LesionAwareSampler
 from medseg.data.slices import SliceIndex
 from medseg.data.volumes import TrainVolume, fingerprint, load_volume, load_volumes
+from medseg.transforms.augment import RandLesionCropd, RandModalityIntensityd, train_transforms
 
 __all__ = [
     "LesionAwareSampler",

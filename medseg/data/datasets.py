@@ -1,7 +1,7 @@
 """2.5D slice dataset over preprocessed volumes.
 
 A sample is the indexed slice plus ``context`` neighbours on each side, for every channel
-(``medseg.preprocessing.context_stack``: neighbour offset major, channel minor, edges
+(``medseg.transforms.preprocessing.context_stack``: neighbour offset major, channel minor, edges
 replicated), and its label slice, then the (seeded) augmentation chain.
 """
 
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from medseg.data.slices import SliceIndex
 from medseg.data.volumes import TrainVolume
-from medseg.preprocessing import context_stack
+from medseg.transforms.preprocessing import context_stack
 
 
 class SliceDataset(Dataset):

@@ -1,7 +1,7 @@
 """Slice index: every training slice of every volume, with its lesion statistics.
 
 The index is the unit of sampling: position ``i`` names slice ``slice[i]`` of volume
-``case[i]``. Per-slice lesion voxels come from ``medseg.lesions.case_lesion_stats`` on the
+``case[i]``. Per-slice lesion voxels come from ``medseg.stats.lesions.case_lesion_stats`` on the
 slice-major label (axis 0), so sampling and ``medseg stats`` count lesions the same way.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg.data.volumes import TrainVolume
-from medseg.lesions import case_lesion_stats
+from medseg.stats.lesions import case_lesion_stats
 
 
 @dataclass(frozen=True)

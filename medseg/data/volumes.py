@@ -1,6 +1,6 @@
 """Preprocessed training volumes: the shared preprocessing chain, cached on disk by fingerprint.
 
-Every case goes through ``medseg.preprocessing.preprocess_transforms`` (the chain inference
+Every case goes through ``medseg.transforms.preprocessing.preprocess_transforms`` (the chain inference
 uses too) once; the result is stored slice-major for fast 2.5D access:
 
 - ``image``: (C, S, H, W) float32 — channels in manifest order, then slices along
@@ -67,11 +67,11 @@ class TrainVolume:
 def _code_digest() -> str:
     import medseg.io
     import medseg.io_dicom
-    import medseg.preprocessing
-    import medseg.transforms
+    import medseg.transforms.loading
+    import medseg.transforms.preprocessing
     import medseg.volume
 
-    modules = (medseg.io, medseg.io_dicom, medseg.volume, medseg.preprocessing, medseg.transforms)  # the reading code
+    modules = (medseg.io, medseg.io_dicom, medseg.volume, medseg.transforms.preprocessing, medseg.transforms.loading)  # the reading code
     text = "".join(inspect.getsource(m) for m in modules)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -131,7 +131,7 @@ def check_not_constant(image: torch.Tensor | np.ndarray, path: str | Path) -> No
 def apply_checked_chain(chain: Compose, data: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
     """``apply_chain(chain, data)`` with :func:`check_not_constant` on each of ``image_keys``
     (file paths in ``data``) right after the chain's ``LoadVolumed`` has read them."""
-    from medseg.transforms import LoadVolumed, apply_chain
+    from medseg.transforms.loading import LoadVolumed, apply_chain
 
     transforms = list(chain.transforms)
     split = next((i + 1 for i, t in enumerate(transforms) if isinstance(t, LoadVolumed)), None)
@@ -156,7 +156,7 @@ def _sub_chain(chain: Compose, transforms: list[Any]) -> Compose:
 def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False) -> TrainVolume:
     """Run the shared preprocessing chain on one labelled case; return it slice-major (with
     ``instances``: per-slice instance ids as the label, module docstring)."""
-    from medseg.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
+    from medseg.transforms.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
     if case.label is None:
         raise MedsegError(f"case {case.case_id}: training needs a label file")
     values = instances and labels.instances == "values"

@@ -35,7 +35,7 @@ def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | 
     """Read ``data.manifest`` and check it against the config; raise before any training work.
 
     Without ``fold`` the manifest's ``train`` and ``val`` rows are used. With ``fold`` k
-    (cross-validation, :mod:`medseg.folds`): the pool (labelled rows not in ``test``) is dealt
+    (cross-validation, :mod:`medseg.auto.folds`): the pool (labelled rows not in ``test``) is dealt
     into ``cfg.cv.folds`` patient-level folds stored in ``folds_dir/folds.json`` (created on
     first use, reused after); fold k's patients are the validation (held-out) cases and the
     other folds train.
@@ -49,7 +49,7 @@ def check_training_setup(cfg: Config, fold: int | None = None, folds_dir: str | 
     manifest = Path(cfg.data.manifest)
     cases = read_manifest(manifest)
     if fold is not None:
-        from medseg.folds import FOLDS_FILE, load_or_create_folds
+        from medseg.auto.folds import FOLDS_FILE, load_or_create_folds
 
         if folds_dir is None:
             raise ConfigError(f"a fold needs the folder that holds (or will hold) its {FOLDS_FILE}")

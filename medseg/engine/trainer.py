@@ -16,7 +16,7 @@ Instance models (``maskrcnn``): the cached volumes hold per-slice lesion instanc
 (summed; no Dice/CE), and unset ``model.anchor_sizes`` are sized from the training lesions and
 written into the run's config.
 
-Cross-validation (``fold=k``, :mod:`medseg.folds`): the held-out fold is validated every
+Cross-validation (``fold=k``, :mod:`medseg.auto.folds`): the held-out fold is validated every
 epoch for the record, but nothing is chosen on it: no ``best.pt``, no early stopping; the
 fold's model is ``last.pt`` (the weights after the last epoch).
 Time budget (``train.max_minutes``): after the first epoch the trainer measures how many epochs

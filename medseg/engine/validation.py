@@ -1,8 +1,8 @@
 """Validation on whole volumes, exactly as inference predicts and post-processes them.
 
 Each validation volume (slice-major (C, S, H, W), see ``medseg.data.volumes``) goes through
-``medseg.prediction.predict_volume`` (2.5D stacks, sliding window, precision and TTA from the
-``inference`` config section) and ``medseg.prediction.postprocess`` (threshold, optional hole
+``medseg.inference.predict_volume`` (2.5D stacks, sliding window, precision and TTA from the
+``inference`` config section) and ``medseg.inference.postprocess`` (threshold, optional hole
 filling / largest component, small-lesion removal), then ``medseg.metrics.voxel`` scores the
 mask against the label on the preprocessed grid: Dice and HD95 (mm, using the volume's
 spacing). Checkpoint selection therefore sees what ``medseg infer`` would write.
@@ -45,8 +45,8 @@ def score_volume(
     model: nn.Module, volume: TrainVolume, context: int, cfg: InferenceConfig, device: torch.device
 ) -> tuple[float, float]:
     """(Dice, HD95 mm) of one volume's post-processed prediction (HD95 NaN when undefined)."""
+    from medseg.inference import postprocess, predict_volume
     from medseg.metrics.voxel import voxel_metrics
-    from medseg.prediction import postprocess, predict_volume
 
     prob = predict_volume([model], volume.image, context, cfg, device, axis=1)  # (S, H, W) or (K, S, H, W)
     mask = postprocess(prob, volume.spacing, cfg)

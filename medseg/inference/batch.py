@@ -20,8 +20,7 @@ from medseg.atomic import write_csv, write_json
 from medseg.errors import MedsegError
 from medseg.inference.bundle import InferenceBundle
 from medseg.inference.case import CasePredictor, PreparedCase
-from medseg.inference.cases import InferenceCase
-from medseg.inference.outputs import (
+from medseg.inference.case_files import (
     SEG_NOT_ASKED,
     PartialCaseError,
     case_name_problem,
@@ -30,6 +29,7 @@ from medseg.inference.outputs import (
     is_complete,
     read_marker,
 )
+from medseg.inference.cases import InferenceCase
 from medseg.inference.preflight import preflight
 from medseg.input_identity import inputs_identity
 from medseg.outputs import CASES_COLUMNS, CASES_TABLE, FAILURES_FILE, INFERENCE_RECORD

@@ -17,7 +17,7 @@ from torch import nn
 
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override, set_dotted
 from medseg.errors import ConfigError, MedsegError
-from medseg.prediction.predictor import network_stride, prepare_models
+from medseg.inference.predictor import network_stride, prepare_models
 from medseg.runtime import (
     keep_freed_memory,
     resolve_device,
@@ -58,9 +58,9 @@ class InferenceBundle:
 
     @property
     def identity(self) -> dict[str, Any]:
-        """The model that runs, for run records (:func:`medseg.model_folder.model_identity`)."""
+        """The model that runs, for run records (:func:`medseg.auto.model_folder.model_identity`)."""
         if self._identity is None:
-            from medseg.model_folder import model_identity
+            from medseg.auto.model_folder import model_identity
 
             self._identity = model_identity(self.checkpoints, self.model_dir)
         return self._identity

@@ -23,21 +23,21 @@ from medseg import __version__
 from medseg.errors import MedsegError, printable_path
 from medseg.geometry import AXIS_INDEX, index_axis, label_components
 from medseg.inference.bundle import InferenceBundle
+from medseg.inference.case_files import CaseWriter, SegExport, discard_case
 from medseg.inference.cases import InferenceCase
-from medseg.inference.lesion_table import lesion_table
-from medseg.inference.outputs import CaseWriter, SegExport, discard_case
-from medseg.io import Geometry
-from medseg.model_names import is_instance_arch
-from medseg.prediction.instances import (
+from medseg.inference.instances import (
     InstancePrediction,
     drop_low_scores,
     instances_in_mask,
     predict_instances,
 )
-from medseg.prediction.postprocess import postprocess
-from medseg.prediction.predictor import predict_volume
-from medseg.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
+from medseg.inference.lesion_table import lesion_table
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import predict_volume
+from medseg.io import Geometry
+from medseg.model_names import is_instance_arch
 from medseg.review import qc_columns, read_qc
+from medseg.transforms.preprocessing import IMAGE_KEY, channel_key, preprocess_transforms
 
 log = logging.getLogger(__name__)
 

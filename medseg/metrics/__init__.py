@@ -7,7 +7,7 @@ lesion-wise P/R/F1 and BraTS lesion-wise Dice.
 ``uncertainty``: patient-level bootstrap interval of a mean over cases.
 ``case_scores``: one case's masks -> its per-region table rows (``lesion_scores``: the
 predicted lesions' detection scores); ``summary``: those rows pooled over the cases.
-File handling lives in :mod:`medseg.evaluation_files`, the case loop in :mod:`medseg.evaluation`.
+File handling lives in :mod:`medseg.evaluation.files`, the case loop in :mod:`medseg.evaluation.runner`.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def case_box(
 
 @dataclass(frozen=True)
 class CaseArrays:
-    """One case as scoring needs it (:func:`medseg.evaluation_files.read_case` reads it).
+    """One case as scoring needs it (:func:`medseg.evaluation.files.read_case` reads it).
 
     ``reference``: raw reference label values and ``prediction``: the predicted class map
     (``0`` background, ``1..K`` classes), integer ``(I, J, K)`` on one grid with voxel-to-RAS

@@ -13,7 +13,7 @@ The score ranks predicted lesions for AP (:mod:`medseg.metrics.detection`). Wher
   volume (larger first), and ``summary.json`` says ``"score_source": "none"`` so nobody
   mistakes that AP for a ranked one.
 
-:func:`medseg.evaluation_files.read_score_source` reads the files behind each kind.
+:func:`medseg.evaluation.files.read_score_source` reads the files behind each kind.
 """
 
 from __future__ import annotations

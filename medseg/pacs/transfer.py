@@ -100,8 +100,8 @@ def pull(
     ``model``: a model folder or checkpoint; only series of its modality are retrieved, the
     rows are named after its channels. Raises :class:`NothingToAnswer` when no series is left."""
     from medseg import importers
+    from medseg.auto.model_folder import read_model_inputs
     from medseg.manifest import write_manifest
-    from medseg.model_folder import read_model_inputs
 
     modalities = {cfg.modality} if cfg.modality else {"CT", "MR"}
     if model is not None:

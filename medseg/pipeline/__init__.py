@@ -32,8 +32,8 @@ finished cases themselves (inference).
 Stages, in this order (each optional): ``synth`` (demo phantoms), ``import`` (manifest from
 ``source``), ``validate``, ``plan`` (the config derived from the data replaces ``config``;
 ``--set`` config overrides still apply on top), ``stats``, ``stats_report`` (the statistics'
-HTML report without a model, :mod:`medseg.stats_report`), ``train`` (one model on the
-train/val split), ``cv`` (k-fold cross-validation, :mod:`medseg.cross_validation`),
+HTML report without a model, :mod:`medseg.report.stats_page`), ``train`` (one model on the
+train/val split), ``cv`` (k-fold cross-validation, :mod:`medseg.auto.cross_validation`),
 ``postprocess`` (rule chosen on the out-of-fold predictions + the model folder ``model/``),
 ``infer`` (the model folder if there is one, else the trained/given checkpoint), ``evaluate``,
 ``prediction_stats`` (lesion statistics and curve of the predicted masks), ``report``. Overrides: ``section.key=value`` (config), ``pipeline.<field>=value``,

@@ -18,10 +18,10 @@ import yaml
 
 from medseg import __version__, atomic
 from medseg.atomic import sha256_file
+from medseg.auto.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
 from medseg.config import Config, ConfigError, dump_config
 from medseg.errors import NothingToDo
 from medseg.logs import log_to_file
-from medseg.model_folder import CV_SUMMARY_FILES, FINGERPRINT_FILE, model_identity
 from medseg.outputs import FAILURES_FILE, MODEL_RECORD, PROVENANCE, RUN_CONFIG, RUN_LOG
 from medseg.pipeline.spec import PipelineSpec
 from medseg.pipeline.stages import STAGES
@@ -136,7 +136,7 @@ def _run(spec: PipelineSpec, cfg: Config, run_dir: Path, force: list[str], progr
 
 def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
     """``provenance.json``: versions, manifest, stage timings and the model the run uses:
-    ``model_identity`` (:func:`medseg.model_folder.model_identity`: checkpoint files with sha256,
+    ``model_identity`` (:func:`medseg.auto.model_folder.model_identity`: checkpoint files with sha256,
     for a model folder the dataset fingerprint's sha256 and the cross-validated accuracy), the
     model folder's when there is one (inference prefers it), else the checkpoint's. The older
     keys (``checkpoint_sha256``, ``model_checkpoints_sha256``, ``postprocess``) stay."""
@@ -163,7 +163,7 @@ def _write_provenance(ctx: RunContext, timings: dict[str, float]) -> None:
 
 
 def _model_identity(checkpoints: tuple[Path, ...], folder: Path | None) -> dict[str, Any]:
-    """:func:`~medseg.model_folder.model_identity`, hashed once per version of the files (the
+    """:func:`~medseg.auto.model_folder.model_identity`, hashed once per version of the files (the
     provenance is rewritten after every stage; an ensemble's checkpoints take seconds to hash)."""
     def stamp(path: Path) -> tuple[str, int, int]:
         info = path.stat() if path.exists() else None

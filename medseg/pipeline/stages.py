@@ -94,10 +94,10 @@ class ImportOptions(StrictModel):
 
 
 class PlanOptions(StrictModel):
-    """``medseg plan``: derive the config from the data (:mod:`medseg.planning`). The pipeline's
+    """``medseg plan``: derive the config from the data (:mod:`medseg.auto.planning`). The pipeline's
     config overrides (``--set section.key=value``) are applied on top of the plan.
     ``measure``: size the epochs from the planned model's training steps timed on this machine
-    (``false``: the assumed throughput of :mod:`medseg.planning`)."""
+    (``false``: the assumed throughput of :mod:`medseg.auto.planning`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     minutes_per_fold: float | None = Field(default=None, gt=0.0)
@@ -204,7 +204,7 @@ def restore_import(ctx: RunContext, record: dict[str, Any]) -> None:
 def stage_plan(ctx: RunContext, opts: PlanOptions) -> None:
     """Derive the config from the data (``plan/plan.yaml``, ``plan/fingerprint.json``); the
     pipeline's ``--set`` config overrides then apply on top of it."""
-    from medseg.planning import plan_dataset
+    from medseg.auto.planning import plan_dataset
 
     out = ctx.stage_dir("plan")
     plan = plan_dataset(ctx.manifest, out / "plan.yaml", device=opts.device, minutes_per_fold=opts.minutes_per_fold,
@@ -223,10 +223,10 @@ def restore_plan(ctx: RunContext, record: dict[str, Any]) -> None:
 
 
 def stage_cv(ctx: RunContext, opts: NoOptions) -> None:
-    """k-fold cross-validation over the pool (:mod:`medseg.cross_validation`): fold models,
+    """k-fold cross-validation over the pool (:mod:`medseg.auto.cross_validation`): fold models,
     out-of-fold predictions, ``cv/cv_table.csv`` and ``cv/cv_summary.json``."""
-    from medseg.candidate_runs import run_candidates
-    from medseg.cross_validation import run_cross_validation
+    from medseg.auto.candidate_runs import run_candidates
+    from medseg.auto.cross_validation import run_cross_validation
 
     run = run_candidates if ctx.cfg.cv.candidates else run_cross_validation
     result = run(ctx.cfg, ctx.manifest, ctx.stage_dir("cv"), progress=ctx.progress)
@@ -237,13 +237,13 @@ def stage_cv(ctx: RunContext, opts: NoOptions) -> None:
 
 def stage_postprocess(ctx: RunContext, opts: NoOptions) -> None:
     """Choose the post-processing on the out-of-fold predictions and assemble the model folder
-    ``model/`` (:mod:`medseg.model_folder`): fold checkpoints, plan, folds, rule, evidence."""
-    from medseg.candidate_runs import chosen_models
-    from medseg.candidates import candidate_dir, read_choice
-    from medseg.cross_validation import OOF_DIR, evaluate_postprocessed
-    from medseg.folds import FOLDS_FILE, cv_pool
-    from medseg.model_folder import FINGERPRINT_FILE, write_model_folder
-    from medseg.postprocess_selection import select_postprocessing, write_selection
+    ``model/`` (:mod:`medseg.auto.model_folder`): fold checkpoints, plan, folds, rule, evidence."""
+    from medseg.auto.candidate_runs import chosen_models
+    from medseg.auto.candidates import candidate_dir, read_choice
+    from medseg.auto.cross_validation import OOF_DIR, evaluate_postprocessed
+    from medseg.auto.folds import FOLDS_FILE, cv_pool
+    from medseg.auto.model_folder import FINGERPRINT_FILE, write_model_folder
+    from medseg.auto.postprocess_selection import select_postprocessing, write_selection
     from medseg.review import calibrate_on_cv
 
     cv_dir = ctx.run_dir / "cv"
@@ -290,8 +290,8 @@ def restore_postprocess(ctx: RunContext, record: dict[str, Any]) -> None:
 
 
 def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
-    from medseg.dataset_stats import compute_dataset_stats, write_dataset_stats
     from medseg.labels import require_listed_foreground
+    from medseg.stats.dataset import compute_dataset_stats, write_dataset_stats
 
     cases = ctx.cases(opts.split)
     stats = compute_dataset_stats(cases, ctx.cfg, progress=ctx.progress)
@@ -301,10 +301,10 @@ def stage_stats(ctx: RunContext, opts: SplitOptions) -> None:
 
 
 def stage_stats_report(ctx: RunContext, opts: StatsReportOptions) -> None:
-    """The lesion statistics report without a model (:mod:`medseg.stats_report`), from the stats
+    """The lesion statistics report without a model (:mod:`medseg.report.stats_page`), from the stats
     stage's files; with ``group_by``, the groups' curves overlaid in one figure."""
     from medseg.manifest_groups import case_groups
-    from medseg.stats_report import StatsReportInputs, write_stats_report
+    from medseg.report.stats_page import StatsReportInputs, write_stats_report
 
     stats_dir = ctx.run_dir / "stats"
     if not (stats_dir / CASE_STATS).is_file():
@@ -347,7 +347,7 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
     stage_options = opts.model_dump(include={"tta", "write_prob", "output_format"}, exclude_none=True)
     if ctx.model_dir is not None:  # the fold ensemble with its rule, under the user's own --set inference.*
-        from medseg.model_folder import read_model_folder
+        from medseg.auto.model_folder import read_model_folder
 
         model = read_model_folder(ctx.model_dir)
         user = inference_patch([o for o in ctx.config_overrides if o.startswith("inference.")])
@@ -405,13 +405,13 @@ def restore_infer(ctx: RunContext, record: dict[str, Any]) -> None:
 
 
 def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
-    """Evaluate the predicted cases (of ``split``) against their labels (:func:`medseg.evaluation.evaluate`).
+    """Evaluate the predicted cases (of ``split``) against their labels (:func:`medseg.evaluation.runner.evaluate`).
 
     A labelled case without a prediction failed at inference and is recorded there, so it is
     left out here rather than recorded a second time; a case that fails evaluation is recorded
     with stage ``evaluate`` and the others go on.
     """
-    from medseg.evaluation import EvaluationError, evaluate
+    from medseg.evaluation.runner import EvaluationError, evaluate
 
     pred_dir = ctx.run_dir / "predictions"
     cases = [c for c in ctx.cases(opts.split) if c.label is not None]
@@ -439,7 +439,7 @@ def stage_evaluate(ctx: RunContext, opts: SplitOptions) -> None:
 def stage_prediction_stats(ctx: RunContext, opts: NoOptions) -> None:
     """The lesion statistics and distribution curve of the predicted masks (``predictions/``),
     as ``stats`` computes them for the reference labels."""
-    from medseg.dataset_stats import compute_dataset_stats, prediction_cases, write_dataset_stats
+    from medseg.stats.dataset import compute_dataset_stats, prediction_cases, write_dataset_stats
 
     pred_dir = ctx.run_dir / "predictions"
     out = ctx.stage_dir("prediction_stats")
@@ -457,7 +457,7 @@ def stage_prediction_stats(ctx: RunContext, opts: NoOptions) -> None:
 
 
 def stage_report(ctx: RunContext, opts: NoOptions) -> None:
-    from medseg.report_html import ReportInputs, write_report
+    from medseg.report.html import ReportInputs, write_report
 
     pred_dir = ctx.run_dir / "predictions"
     cases = ctx.cases()

@@ -19,9 +19,9 @@ from conftest import make_affine, make_case_files, save_tiny_checkpoint
 from medseg.cli import main
 from medseg.config import Config, InferenceConfig
 from medseg.errors import ConfigError, MedsegError
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
+from medseg.inference.case_files import expected_outputs, is_complete
 from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
-from medseg.inference.outputs import expected_outputs, is_complete
 from medseg.inference.runner import apply_inference_overrides, inference_patch, load_bundle, merge_failures
 from medseg.runtime import shard
 
@@ -134,7 +134,7 @@ def test_written_files_are_what_finish_computes(tmp_path, checkpoint):
 @pytest.mark.parametrize(("n", "dtype"), [(0, np.uint8), (255, np.uint8), (256, np.uint16), (65535, np.uint16),
                                           (65536, np.uint32)])
 def test_lesion_map_file_type_is_the_smallest_that_holds_the_ids(n, dtype):
-    from medseg.inference.outputs import lesion_map_dtype
+    from medseg.inference.case_files import lesion_map_dtype
 
     assert lesion_map_dtype(n) is dtype
 
@@ -144,9 +144,9 @@ def test_lesion_map_file_type_is_the_smallest_that_holds_the_ids(n, dtype):
 def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, checkpoint, overlap, stage, monkeypatch):
     """``marker``: every file and the marker written, then an error; ``table``: an error while
     the mask and lesion map are still being written in the writer's threads."""
-    from medseg.inference import case, outputs, runner
+    from medseg.inference import case, case_files, runner
 
-    real_close, real_table = outputs.CaseWriter.close, case.lesion_table
+    real_close, real_table = case_files.CaseWriter.close, case.lesion_table
 
     def close(self, info=None):
         if self.case_id == "case0":
@@ -162,17 +162,17 @@ def test_a_failure_while_writing_is_recorded_and_its_files_removed(tmp_path, che
             raise OSError("disk full")
         return real_table(*args, **kwargs)
 
-    real_write_volume = outputs.write_volume
+    real_write_volume = case_files.write_volume
 
     def slow_write_volume(*args, **kwargs):
         time.sleep(0.3)  # still writing when the table fails: the files land after the error
         return real_write_volume(*args, **kwargs)
 
     if stage == "marker":
-        monkeypatch.setattr(outputs.CaseWriter, "close", close)
+        monkeypatch.setattr(case_files.CaseWriter, "close", close)
     else:
         monkeypatch.setattr(case, "lesion_table", lesion_table)
-        monkeypatch.setattr(outputs, "write_volume", slow_write_volume)
+        monkeypatch.setattr(case_files, "write_volume", slow_write_volume)
     manifest = _manifest(tmp_path, 3)
     out = tmp_path / "out"
     cases = cases_from_manifest(manifest, ["flair", "t1"], "MR")

@@ -12,7 +12,7 @@ from medseg.geometry import index_axis, inplane_diameter_mm, max_inplane_diamete
 from medseg.geometry import label_components as label_lesions
 from medseg.inference import postprocess
 from medseg.inference.lesion_table import LESION_COLUMNS, lesion_table
-from medseg.prediction.postprocess import remove_small_lesions
+from medseg.inference.postprocess import remove_small_lesions
 
 
 def test_threshold_is_inclusive_and_tensor_or_array():

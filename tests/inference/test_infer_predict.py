@@ -10,8 +10,8 @@ from torch import nn
 
 from medseg.config import InferenceConfig, ModelConfig
 from medseg.inference import predict_volume
+from medseg.inference.predictor import effective_roi
 from medseg.models import build_model
-from medseg.prediction.predictor import effective_roi
 from medseg.runtime import autocast_dtype, cpu_has_fast_bf16
 
 
@@ -117,8 +117,8 @@ def test_bad_axis_is_refused():
 def test_slice_stacks_match_context_stack(channels_last, axis, padding):
     import torch.nn.functional as F
 
-    from medseg.prediction.predictor import SliceStacks
-    from medseg.preprocessing import context_stack
+    from medseg.inference.predictor import SliceStacks
+    from medseg.transforms.preprocessing import context_stack
 
     volume = torch.randn(3, 7, 6, 5)
     stacks = SliceStacks(volume, axis, 2, channels_last, padding)
@@ -134,8 +134,8 @@ def test_whole_slice_window_skips_the_inferer_with_the_same_probabilities():
     import torch.nn.functional as F
     from monai.inferers import sliding_window_inference
 
-    from medseg.prediction.predictor import window_padding
-    from medseg.preprocessing import context_stack
+    from medseg.inference.predictor import window_padding
+    from medseg.transforms.preprocessing import context_stack
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="unet", encoder="resnet18", in_channels=6, width=0.125)).eval()
@@ -186,7 +186,7 @@ def test_slices_sit_on_the_pooling_grid_where_the_configured_window_puts_them(pl
 
 
 def test_window_padding_centres_smaller_slices_modulo_the_stride():
-    from medseg.prediction.predictor import window_padding
+    from medseg.inference.predictor import window_padding
 
     assert window_padding((162, 191), (256, 256), 32) == ((15, 15), (0, 1))  # a BraTS slice: 192 x 192
     assert window_padding((447, 353), (256, 256), 32) == ((0, 0), (0, 0))  # tiled from pixel 0

@@ -1,5 +1,5 @@
 """Instance models at inference: pixels claimed per slice, slices linked into 3-D lesions with
-learned scores, instances restricted to the post-processed mask (medseg.prediction.instances)."""
+learned scores, instances restricted to the post-processed mask (medseg.inference.instances)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from medseg.config import InferenceConfig
 from medseg.geometry import consecutive_labels, label_components
-from medseg.prediction.instances import claim_pixels, instances_in_mask, link_slices, predict_instances
+from medseg.inference.instances import claim_pixels, instances_in_mask, link_slices, predict_instances
 
 
 def test_claim_pixels_takes_the_best_weighted_instance():
@@ -107,7 +107,7 @@ def test_predict_instances_links_slices_into_lesions_with_learned_scores():
 
 
 def test_drop_low_scores_keeps_order_and_renumbers():
-    from medseg.prediction.instances import drop_low_scores
+    from medseg.inference.instances import drop_low_scores
 
     lesions = np.array([[[1, 2, 3, 0]]], dtype=np.int32)
     out, n, mean, best = drop_low_scores(lesions, np.array([0.9, 0.3, 0.8]), np.array([0.95, 0.4, 0.85]), 0.5)

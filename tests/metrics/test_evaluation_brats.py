@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.config import load_config
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
 from medseg.io import read_volume, write_mask
 
 BRATS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats18"

@@ -16,7 +16,7 @@ import pytest
 from medseg.cli import main
 from medseg.config import Config, load_config
 from medseg.errors import ManifestError
-from medseg.evaluation import evaluate
+from medseg.evaluation.runner import evaluate
 
 # i -> anterior (0.9 mm), j -> superior (2 mm, the axial slicing axis), k -> left (1.5 mm, flipped R)
 AFFINE = np.array(

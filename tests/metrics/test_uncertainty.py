@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.cross_validation import summarise
-from medseg.folds import FoldAssignment
+from medseg.auto.cross_validation import summarise
+from medseg.auto.folds import FoldAssignment
 from medseg.metrics.uncertainty import CI_METHOD, MIN_PATIENTS, bootstrap_mean_ci
 
 

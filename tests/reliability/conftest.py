@@ -67,7 +67,7 @@ def assert_some_failed(proc: subprocess.CompletedProcess[str]) -> None:
 def leftovers(folder: Path) -> list[str]:
     """Temporary files (``*.partial*``, ``*.tmp``, hidden files but the output folder's ownership
     marker) anywhere under ``folder``."""
-    from medseg.output_folder import OWNER_NAME
+    from medseg.run_folder import OWNER_NAME
 
     if not folder.exists():
         return []

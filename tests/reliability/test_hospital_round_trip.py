@@ -53,7 +53,7 @@ def _model_folder(tmp: Path) -> Path:
     """A one-fold CT model folder whose rule differs from the defaults (min lesion 90 mm^3)."""
     from conftest import save_tiny_checkpoint
 
-    from medseg.model_folder import write_model_folder
+    from medseg.auto.model_folder import write_model_folder
 
     checkpoint = save_tiny_checkpoint(tmp / "fold_0_last.pt", ["ct"], modality="CT", inference={"threads": 1})
     (tmp / "config.yaml").write_text("{}\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg.output_folder import LOCK_NAME
+from medseg.run_folder import LOCK_NAME
 
 from .conftest import ENV, assert_refused, case_rows, leftovers, run_cli, write_rows
 
@@ -202,7 +202,7 @@ _CONTENDER = """
 import sys, time
 from pathlib import Path
 from medseg.errors import OutputError
-from medseg.output_folder import OutputLock
+from medseg.run_folder import OutputLock
 
 folder, sync, me, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 record = OutputLock._record
@@ -255,7 +255,7 @@ def test_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_path
     import time
 
     from medseg.errors import OutputError
-    from medseg.output_folder import UNREADABLE_STALE_S, OutputLock
+    from medseg.run_folder import UNREADABLE_STALE_S, OutputLock
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medseg.errors import OutputError
-from medseg.output_folder import LOCK_NAME, OWNER_NAME, check_output_owner, folder_owner
+from medseg.run_folder import LOCK_NAME, OWNER_NAME, check_output_owner, folder_owner
 
 from .conftest import assert_refused, leftovers, run_cli
 

@@ -19,20 +19,20 @@ import pytest
 import yaml
 from conftest import write_tiny_config
 
-from medseg.cli import main
-from medseg.config import load_config
-from medseg.cross_validation import (
+from medseg.auto.cross_validation import (
     FOLD_DONE,
     OOF_DIR,
     fold_models,
     run_cross_validation,
 )
+from medseg.auto.folds import FOLDS_FILE, read_folds
+from medseg.auto.model_folder import read_model_folder, write_model_folder
+from medseg.cli import main
+from medseg.config import load_config
 from medseg.engine.setup import check_training_setup
-from medseg.folds import FOLDS_FILE, read_folds
 from medseg.io import read_volume
 from medseg.manifest import read_manifest
 from medseg.metrics.uncertainty import bootstrap_mean_ci
-from medseg.model_folder import read_model_folder, write_model_folder
 from medseg.outputs import CV_SUMMARY, CV_TABLE
 from medseg.synth import generate_dataset
 

@@ -21,8 +21,8 @@ from medseg.data import (
     train_transforms,
 )
 from medseg.manifest import read_manifest
-from medseg.preprocessing import IMAGE_KEY, channel_key, context_stack, preprocess_transforms
 from medseg.synth import generate_dataset
+from medseg.transforms.preprocessing import IMAGE_KEY, channel_key, context_stack, preprocess_transforms
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def _corner(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int]:
 
 
 def test_translate_sets_the_training_crop_margin():
-    from medseg.data.augment import crop_margin
+    from medseg.transforms.augment import crop_margin
 
     assert crop_margin(AugmentConfig(translate=0.25), (160, 192)) == (40, 48)
     assert crop_margin(AugmentConfig(translate=0.25, enabled=False), (160, 192)) == (0, 0)

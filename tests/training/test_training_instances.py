@@ -108,7 +108,7 @@ def test_evaluation_counts_instances_and_ranks_by_learned_score(trained, tmp_pat
     out = tmp_path / "pred"
     assert main(["infer", "--checkpoint", str(root / "run" / "last.pt"), "--manifest", str(manifest),
                  "--out", str(out), "--no-progress"]) == 0  # fmt: skip
-    from medseg.evaluation import evaluate
+    from medseg.evaluation.runner import evaluate
 
     summary = evaluate(out, manifest, tmp_path / "eval", cfg, progress=False)
     assert summary["score_source"] == "learned"

@@ -1,10 +1,10 @@
 """Experiment planning: a manifest -> a full medseg config, by documented rules.
 
 Like nnU-Net's experiment planner, for medseg's 2D/2.5D models: :func:`plan_dataset` reads a
-manifest, fingerprints its cross-validation pool (:mod:`medseg.fingerprint`; test cases are
-never read), applies the rules (:mod:`medseg.plan_rules`: the rule table, one ``determine_*``
+manifest, fingerprints its cross-validation pool (:mod:`medseg.auto.fingerprint`; test cases are
+never read), applies the rules (:mod:`medseg.auto.plan_rules`: the rule table, one ``determine_*``
 function per decision, composed by :func:`plan_from_fingerprint`), times the planned model's
-training steps on this machine (:mod:`medseg.plan_speed`) and writes the config YAML with one
+training steps on this machine (:mod:`medseg.auto.plan_speed`) and writes the config YAML with one
 comment line per decision, plus ``fingerprint.json`` beside it.
 """
 
@@ -13,9 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from medseg.config import LabelConfig
-from medseg.errors import ConfigError, ManifestError, MedsegError
-from medseg.plan_rules import (
+from medseg.auto.plan_rules import (
     DEFAULT_MINUTES,
     MeasuredSpeed,
     Plan,
@@ -23,7 +21,9 @@ from medseg.plan_rules import (
     plan_yaml,
     round_patch,
 )
-from medseg.plan_speed import measure_speed
+from medseg.auto.plan_speed import measure_speed
+from medseg.config import LabelConfig
+from medseg.errors import ConfigError, ManifestError, MedsegError
 
 # the rules' and the measurement's public names, importable from here as before the split
 __all__ = ["DEFAULT_MINUTES", "MeasuredSpeed", "Plan", "measure_speed", "plan_dataset", "plan_device",
@@ -66,8 +66,8 @@ def plan_dataset(
     the pool mixes modalities, ``ConfigError`` for fewer than 2 patients.
     """
     from medseg import atomic
-    from medseg.fingerprint import compute_fingerprint
-    from medseg.folds import cv_pool
+    from medseg.auto.fingerprint import compute_fingerprint
+    from medseg.auto.folds import cv_pool
     from medseg.manifest import read_manifest
 
     resolved = plan_device(device)

@@ -13,7 +13,7 @@ Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
     fold_0.pt ... fold_N.pt slim inference checkpoints (no optimiser state), one per fold
                             (+ fold_<k>_r<r>.pt for ``cv.repeats`` > 1)
     config.yaml             the config the folds were trained with (the plan)
-    folds.json              the patient-level fold assignment (:mod:`medseg.folds`)
+    folds.json              the patient-level fold assignment (:mod:`medseg.auto.folds`)
     postprocess.json        the rule chosen on the out-of-fold predictions and why
     postprocess_candidates.csv, cv_summary.json   the evidence behind it
     fingerprint.json        the plan's dataset fingerprint (part of the model's identity)

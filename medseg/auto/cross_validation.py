@@ -1,7 +1,7 @@
 """k-fold cross-validation: train every fold, predict each held-out patient once, score them.
 
 ``run_cross_validation(cfg, manifest, out_dir)`` -- the pipeline stage ``cv`` and
-``medseg cv`` -- does, for each fold k of :mod:`medseg.folds`:
+``medseg cv`` -- does, for each fold k of :mod:`medseg.auto.folds`:
 
 1. train on the other folds (:class:`medseg.engine.Trainer` with ``fold=k``; the fold's model
    is its ``last.pt``: nothing is chosen on the held-out patients);
@@ -9,7 +9,7 @@
    probabilities: the post-processing search needs them), so every pool patient is predicted
    exactly once by a model that never saw it;
 
-then evaluates ``oof/`` against the references (:func:`medseg.evaluation.evaluate`) and writes
+then evaluates ``oof/`` against the references (:func:`medseg.evaluation.runner.evaluate`) and writes
 the CV table. Layout of ``out_dir``::
 
     folds.json          patient-level fold assignment (fixed for the run)
@@ -49,10 +49,10 @@ from typing import Any
 import pandas as pd
 
 from medseg.atomic import write_csv, write_json
+from medseg.auto.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.config import Config
 from medseg.errors import MedsegError
-from medseg.evaluation import describe
-from medseg.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
+from medseg.evaluation.runner import describe
 from medseg.manifest import Case, read_manifest
 from medseg.metrics.uncertainty import CI_METHOD, bootstrap_mean_ci
 from medseg.outputs import (
@@ -233,7 +233,7 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     """Evaluate the out-of-fold masks (``out_dir/oof``, or ``pred_dir``) against the references;
     write ``evaluation/``, ``cv_table.csv`` and ``cv_summary.json`` into ``eval_root``
     (default ``out_dir``). Returns the summary."""
-    from medseg.evaluation import evaluate
+    from medseg.evaluation.runner import evaluate
 
     oof = pred_dir or out_dir / OOF_DIR
     root = eval_root or out_dir
@@ -264,8 +264,8 @@ def evaluate_postprocessed(cfg: Config, cv_dir: Path, cases: list[Case], out_dir
     (e.g. the rule chosen on them), evaluated like :func:`evaluate_oof` into ``out_dir``."""
     import tempfile
 
+    from medseg.inference.postprocess import postprocess
     from medseg.io import read_volume, write_mask
-    from medseg.prediction.postprocess import postprocess
 
     folds = read_folds(cv_dir / FOLDS_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)

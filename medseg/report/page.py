@@ -1,5 +1,5 @@
-"""The pieces of a medseg report page, shared by every report (:mod:`medseg.report_html`,
-:mod:`medseg.stats_report`): numbers and figures as HTML, sortable tables, the dataset overview,
+"""The pieces of a medseg report page, shared by every report (:mod:`medseg.report.html`,
+:mod:`medseg.report.stats_page`): numbers and figures as HTML, sortable tables, the dataset overview,
 the provenance section, and the page itself (style and table-sorting script)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Whole-volume 2.5D sliding-window prediction: ``predict_volume``.
 
 A volume (C, R, A, S) is cut into slices normal to one axis; each slice with its ``context``
-neighbours on both sides forms a (C * (2k + 1), H, W) input (``medseg.preprocessing.
+neighbours on both sides forms a (C * (2k + 1), H, W) input (``medseg.transforms.preprocessing.
 context_stack``: neighbour-major channel order, edge slices replicated). Batches of these
 stacks go through MONAI's ``SlidingWindowInferer``; only one batch of stacks exists at a
 time, so memory grows with the volume (one slice-major copy of the input, the output), never
@@ -100,7 +100,7 @@ class SliceStacks:
     """2.5D inputs of slices ``start:stop`` as views of one slice-major copy of the volume.
 
     ``volume``: (C, ...) with slices along ``axis``. Same values and channel order as
-    ``medseg.preprocessing.context_stack`` (neighbour offset major, modality minor, edges
+    ``medseg.transforms.preprocessing.context_stack`` (neighbour offset major, modality minor, edges
     replicated). The copy is made once, with ``context`` replicated edge slices at both ends,
     in a layout where the 2.5D stack of slice i is one run of memory:
 

@@ -1,5 +1,5 @@
 """The ``cv`` stage with ``cv.candidates``: one cross-validation per candidate, the choice
-(:mod:`medseg.candidates`), and the chosen combination's out-of-fold set in ``cv/``.
+(:mod:`medseg.auto.candidates`), and the chosen combination's out-of-fold set in ``cv/``.
 
 Layout of ``cv_dir``::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.atomic import write_json
-from medseg.candidates import (
+from medseg.auto.candidates import (
     CandidateChoice,
     candidate_config,
     candidate_dir,
@@ -36,8 +36,7 @@ from medseg.candidates import (
     score_combinations,
     write_choice,
 )
-from medseg.config import Config, dump_config
-from medseg.cross_validation import (
+from medseg.auto.cross_validation import (
     OOF_DIR,
     CVResult,
     evaluate_postprocessed,
@@ -45,8 +44,9 @@ from medseg.cross_validation import (
     predict_fold,
     run_cross_validation,
 )
+from medseg.auto.folds import FOLDS_FILE, cv_pool, read_folds
+from medseg.config import Config, dump_config
 from medseg.errors import MedsegError
-from medseg.folds import FOLDS_FILE, cv_pool, read_folds
 from medseg.manifest import Case, read_manifest
 from medseg.outputs import CV_SUMMARY, RUN_CONFIG, prob_file
 

@@ -1,6 +1,6 @@
 """Evaluate a folder of predicted masks against the manifest's reference labels (files -> tables).
 
-The runner of three parts: :mod:`medseg.evaluation_files` reads each case's files (the prediction
+The runner of three parts: :mod:`medseg.evaluation.files` reads each case's files (the prediction
 folder's files are named in :mod:`medseg.outputs`, the contract: per case a mask (required), a
 probability map and a lesion instance map with its table (optional));
 :mod:`medseg.metrics.case_scores` scores each case region by region (regions: ``data.labels`` or
@@ -47,7 +47,7 @@ from tqdm import tqdm
 from medseg import __version__, atomic
 from medseg.config import Config
 from medseg.errors import InputFileError, ManifestError, MedsegError
-from medseg.evaluation_files import (
+from medseg.evaluation.files import (
     PredictionFiles,
     has_prediction,
     prediction_files,

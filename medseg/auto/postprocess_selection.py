@@ -6,7 +6,7 @@ grid of the case's label) predicted by a model that never saw the case (the ``cv
 the reference label (mapped to 0/1 with ``data.labels``). Candidates: every rule of
 ``cv.postprocess`` (:class:`medseg.config.PostprocessSearchConfig`) plus the config's own
 ``inference`` rule, each expressed in :class:`medseg.config.InferenceConfig` keys and applied
-exactly as :func:`medseg.prediction.postprocess.postprocess` does (threshold -> fill holes ->
+exactly as :func:`medseg.inference.postprocess.postprocess` does (threshold -> fill holes ->
 lesions under ``min_lesion_mm3`` removed -> lesions under ``min_component_fraction`` x the
 largest remaining one removed).
 
@@ -32,7 +32,7 @@ it by more than ``min_gain``, or the winner's mean HD95 is lower by more than
 ``min_hd95_gain_mm`` with no more undefined cases and a mean Dice no lower than the current
 one's minus ``dice_tolerance``.
 
-Lesions (``cv.postprocess.objective``): every rule's per-case lesion F1 is counted as :mod:`medseg.evaluation` does (reference lesions = 3-D components at
+Lesions (``cv.postprocess.objective``): every rule's per-case lesion F1 is counted as :mod:`medseg.evaluation.runner` does (reference lesions = 3-D components at
 ``evaluation.connectivity``, matched with ``evaluation.matching`` / ``iou_threshold``), from the
 same component tables: a rule's predicted lesions are its kept components (relabelled at the
 evaluation's connectivity when it differs from ``inference.connectivity``). With objective
@@ -60,16 +60,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from medseg.atomic import write_csv, write_json
-from medseg.config import Config, InferenceConfig
-from medseg.errors import InputFileError, MedsegError
-from medseg.geometry import label_components
-from medseg.io import Volume, check_same_grid, read_volume
-from medseg.labels import read_label
-from medseg.manifest import Case
-from medseg.metrics.lesion import lesion_counts, match_lesions, overlap_table
-from medseg.metrics.voxel import hd95_assd
-from medseg.outputs import POSTPROCESS_CANDIDATES, POSTPROCESS_RULE_KEYS, POSTPROCESS_SELECTION, prob_file
-from medseg.postprocess_rules import (  # the rules' maths; re-exported: medseg.postprocess_selection's public names
+from medseg.auto.postprocess_rules import (  # the rules' maths; re-exported: medseg.auto.postprocess_selection's public names
     Components,
     candidate_rules,
     current_rule,
@@ -80,6 +71,15 @@ from medseg.postprocess_rules import (  # the rules' maths; re-exported: medseg.
     rule_groups,
     rule_key,
 )
+from medseg.config import Config, InferenceConfig
+from medseg.errors import InputFileError, MedsegError
+from medseg.geometry import label_components
+from medseg.io import Volume, check_same_grid, read_volume
+from medseg.labels import read_label
+from medseg.manifest import Case
+from medseg.metrics.lesion import lesion_counts, match_lesions, overlap_table
+from medseg.metrics.voxel import hd95_assd
+from medseg.outputs import POSTPROCESS_CANDIDATES, POSTPROCESS_RULE_KEYS, POSTPROCESS_SELECTION, prob_file
 from medseg.progress import progress_enabled
 
 __all__ = ["Components", "PER_CASE_CSV", "PostprocessSelection", "candidate_rules", "current_rule", "describe_rule",

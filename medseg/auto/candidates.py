@@ -170,11 +170,11 @@ def score_combinations(cases: Sequence[Case], prob_dirs: dict[str, Path], combos
     """Per-case Dice (rows: ``cases``' ids) of each combination in ``combos`` (names of
     ``prob_dirs``: a candidate's out-of-fold folder), the averaged probabilities post-processed
     with ``cfg.inference``. Each probability map is read once per case."""
+    from medseg.inference.postprocess import postprocess
     from medseg.io import check_same_grid, read_volume
     from medseg.labels import read_label
     from medseg.metrics.voxel import voxel_metrics
     from medseg.outputs import prob_file
-    from medseg.prediction.postprocess import postprocess
 
     rows = []
     for case in cases:

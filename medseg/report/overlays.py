@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medseg import reporting
 from medseg.geometry import AXIS_INDEX
 from medseg.manifest import Case
 from medseg.outputs import mask_file
+from medseg.report import plots as reporting
 
 
 def pick_cases(metrics: pd.DataFrame) -> list[tuple[str, str]]:

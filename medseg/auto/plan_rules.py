@@ -2,10 +2,10 @@
 
 Like nnU-Net's experiment planner (one ``determine_*`` function per decision), for medseg's
 2D/2.5D models: each ``determine_*`` below decides one setting from the fingerprint
-(:mod:`medseg.fingerprint`) and returns it with its rule line (the line written into the plan);
+(:mod:`medseg.auto.fingerprint`) and returns it with its rule line (the line written into the plan);
 :func:`plan_from_fingerprint` composes them into a validated :class:`medseg.config.Config`.
-:func:`medseg.planning.plan_dataset` fingerprints a manifest, runs these rules and writes the
-plan; the training speed the epochs rest on is measured by :mod:`medseg.plan_speed`.
+:func:`medseg.auto.planning.plan_dataset` fingerprints a manifest, runs these rules and writes the
+plan; the training speed the epochs rest on is measured by :mod:`medseg.auto.plan_speed`.
 
 Axes are RAS ``(R, A, S)``: R = sagittal slices, A = coronal, S = axial. "Round" below means
 round half up.
@@ -502,7 +502,7 @@ def plan_from_fingerprint(
     cpu_bf16: bool | None = None,
     throughput: float | MeasuredSpeed | None = None,
 ) -> Plan:
-    """Apply the rules of the module docstring to ``fingerprint`` (``medseg.fingerprint``).
+    """Apply the rules of the module docstring to ``fingerprint`` (``medseg.auto.fingerprint``).
 
     ``labels``: the label mapping to keep (its ``foreground``, and its ``allowed_values`` when
     set); default ``nonzero`` with the values seen. ``cpu_bf16``: whether the CPU that will
@@ -577,7 +577,7 @@ def plan_yaml(plan: Plan, header: str = "") -> str:
     """The config as YAML (the form of ``medseg.config.dump_config``) under a comment header
     listing the rules."""
     lines = [f"# {line}" for line in header.splitlines()] if header else []
-    lines += ["# Planned by `medseg plan` (medseg/planning.py); one line per decision:"]
+    lines += ["# Planned by `medseg plan` (medseg/auto/planning.py); one line per decision:"]
     lines += [f"#   {rule}" for rule in plan.rules]
     body = yaml.safe_dump(plan.config.model_dump(mode="json"), sort_keys=False)
     return "\n".join(lines) + "\n" + body

@@ -1,7 +1,7 @@
 """Dataset fingerprint: what ``medseg plan`` measures on the cross-validation pool.
 
 The fingerprint is computed from the labelled cases whose split is not ``test``
-(:func:`medseg.folds.cv_pool`); test cases are never read. Every case is read with the same
+(:func:`medseg.auto.folds.cv_pool`); test cases are never read. Every case is read with the same
 readers as training (``medseg.io.read_volume``, reoriented with ``to_ras``, label mapped with
 ``map_labels``), so all axis triples are in RAS order ``(R, A, S)`` (R = sagittal slices,
 A = coronal, S = axial).
@@ -14,9 +14,9 @@ key                         meaning
 shape, spacing              RAS-oriented grid: voxels and mm per voxel along (R, A, S)
 modality, label_values      manifest modality; raw label values present (before mapping)
 cropped_extent              voxels of the foreground bounding box along (R, A, S)
-                            (``medseg.preprocessing.foreground_mask``: body / brain; the whole
+                            (``medseg.transforms.preprocessing.foreground_mask``: body / brain; the whole
                             grid when the mask is empty)
-n_lesions                   3-D lesions (26-connectivity, ``medseg.lesions.label_components``)
+n_lesions                   3-D lesions (26-connectivity, ``medseg.stats.lesions.label_components``)
 lesion_volumes_mm3          their volumes in mm^3
 lesion_slice_fraction       share of axial (S) slices that hold lesion
 intensity[channel]          ``{"foreground": stats, "lesion": stats}`` over the body foreground
@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from medseg.auto.folds import cv_pool
 from medseg.config import LabelConfig
 from medseg.errors import MedsegError
-from medseg.folds import cv_pool
 from medseg.geometry import bounding_box, label_components, to_ras
 from medseg.io import check_same_grid, read_volume
 from medseg.labels import map_labels, present_values
@@ -117,7 +117,7 @@ def case_fingerprint(case: Case, labels: LabelConfig, pooled: _Pooled | None = N
         volume = read_volume(case.images[channel])
         check_same_grid(volume, raw, f"case {case.case_id}, channel {channel}")
         images.append(to_ras(volume.array, volume.affine)[0])
-    from medseg.preprocessing import foreground_mask
+    from medseg.transforms.preprocessing import foreground_mask
 
     foreground = foreground_mask(np.stack(images), case.modality)
     box = bounding_box(foreground)

@@ -2,7 +2,7 @@
 3-D components of one case's mask with their sizes and overlaps (a rule is a selection of
 component ids), and the decision between the grid's winner and the current rule.
 
-Arrays in, numbers out; no file is read here. :mod:`medseg.postprocess_selection` loads the
+Arrays in, numbers out; no file is read here. :mod:`medseg.auto.postprocess_selection` loads the
 out-of-fold probabilities, scores every rule with these pieces and writes the choice (its module
 docstring states the scoring, the empty-mask policy and the selection rules).
 """
@@ -17,8 +17,8 @@ import numpy as np
 
 from medseg.config import InferenceConfig, PostprocessSearchConfig
 from medseg.geometry import bounding_box, label_foreground
+from medseg.inference.postprocess import HOPS, discretise
 from medseg.metrics.lesion import OverlapTable
-from medseg.prediction.postprocess import HOPS, discretise
 
 
 def _rule(threshold: float, min_mm3: float, fraction: float, fill: bool) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def _fmt_hd(value: float) -> str:
 def decide(winner: int, current: int, rules: list[dict[str, Any]], mean_dice: np.ndarray, mean_hd95: np.ndarray,
             undefined: np.ndarray, search: PostprocessSearchConfig) -> tuple[int, str]:
     """(chosen candidate index, one-line reason): the winner or the current rule (the selection rules of
-    :mod:`medseg.postprocess_selection`'s docstring)."""
+    :mod:`medseg.auto.postprocess_selection`'s docstring)."""
     d_w, d_c = float(mean_dice[winner]), float(mean_dice[current])
     h_w, h_c = float(mean_hd95[winner]), float(mean_hd95[current])
     hd = f"HD95 {_fmt_hd(h_w)} vs {_fmt_hd(h_c)} mm"

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medseg import reporting
 from medseg.outputs import (
     CANDIDATES_CHOICE,
     CANDIDATES_TABLE,
@@ -25,8 +24,9 @@ from medseg.outputs import (
     POSTPROCESS_RULE_KEYS,
     POSTPROCESS_SELECTION,
 )
-from medseg.report_files import read_csv_lenient, read_json
-from medseg.report_page import img_tag, num, sortable_table
+from medseg.report import plots as reporting
+from medseg.report.files import read_csv_lenient, read_json
+from medseg.report.page import img_tag, num, sortable_table
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _postprocess_part(model_dir: Path, out: Path) -> str:
 
 def candidates_part(cv_dir: Path) -> str:
     """``cv.candidates``: the configuration chosen on the out-of-fold predictions, each step's
-    reason (paired intervals) and every combination's scores (:mod:`medseg.candidates`'
+    reason (paired intervals) and every combination's scores (:mod:`medseg.auto.candidates`'
     ``candidates.json`` / ``candidates_table.csv``)."""
     choice = read_json(cv_dir / CANDIDATES_CHOICE)
     if choice is None:

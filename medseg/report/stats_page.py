@@ -36,19 +36,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medseg import atomic, outputs, reporting
+from medseg import atomic, outputs
 from medseg.errors import ConfigError
-from medseg.lesions import lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.manifest_groups import EMPTY_GROUP, group_label
-from medseg.report_files import read_csv
-from medseg.report_page import (  # shared, not copied
+from medseg.report import plots as reporting
+from medseg.report.files import read_csv
+from medseg.report.page import (  # shared, not copied
     img_tag,
     overview,
     provenance_section,
     sortable_table,
     write_page,
 )
+from medseg.stats.lesions import lesion_distribution_curve
 
 GROUP_CURVES = "group_curves.csv"  # per group: the lesion-distribution curve's rows, with group and label columns
 CASE_COLUMNS = ("case_id", "modality", "split", "n_slices", "slices_with_lesion", "n_lesions_3d", "lesion_volume_ml",

@@ -15,9 +15,9 @@ be rebuilt alone. A missing or unreadable cross-validation / post-processing fil
 its part of the page, never the report. Only manifest case ids appear; nothing is read from
 DICOM headers.
 
-The page is assembled here; :mod:`medseg.report_files` reads the run's files (leniently),
-:mod:`medseg.report_cv` builds the cross-validation section, :mod:`medseg.report_overlays` reads
-the volumes and draws the slice overlays, and :mod:`medseg.report_page` holds the page pieces
+The page is assembled here; :mod:`medseg.report.files` reads the run's files (leniently),
+:mod:`medseg.report.cv` builds the cross-validation section, :mod:`medseg.report.overlays` reads
+the volumes and draws the slice overlays, and :mod:`medseg.report.page` holds the page pieces
 every report shares.
 """
 
@@ -31,7 +31,6 @@ from typing import Any
 
 import pandas as pd
 
-from medseg import reporting
 from medseg.manifest import Case
 from medseg.outputs import (
     CASE_STATS,
@@ -51,10 +50,11 @@ from medseg.outputs import (
     lesion_table_file,
     mask_file,
 )
-from medseg.report_cv import cv_section
-from medseg.report_files import read_csv, read_csv_lenient, read_json
-from medseg.report_overlays import overlay_png, pick_cases
-from medseg.report_page import img_tag, num, overview, provenance_section, sortable_table, write_page
+from medseg.report import plots as reporting
+from medseg.report.cv import cv_section
+from medseg.report.files import read_csv, read_csv_lenient, read_json
+from medseg.report.overlays import overlay_png, pick_cases
+from medseg.report.page import img_tag, num, overview, provenance_section, sortable_table, write_page
 
 __all__ = ["ReportInputs", "predicted_cases_table", "write_page", "write_report"]  # write_page: re-exported
 
@@ -77,7 +77,7 @@ class ReportInputs:
 
 def _reference_curve_of(inputs: ReportInputs, case_ids: set[str], n_bins: int) -> pd.DataFrame | None:
     """The reference lesion-distribution curve over ``case_ids`` only (the predicted cases)."""
-    from medseg.lesions import lesion_distribution_curve
+    from medseg.stats.lesions import lesion_distribution_curve
 
     slices = read_csv(inputs.ref_stats_dir / SLICE_STATS) if inputs.ref_stats_dir else None
     if slices is None or not case_ids:

@@ -1,6 +1,6 @@
 """Per-slice and per-case lesion statistics, and the lesion-distribution curve.
 
-Inputs are RAS-oriented arrays with axes (R, A, S) (see ``medseg.transforms``); ``axis``
+Inputs are RAS-oriented arrays with axes (R, A, S) (see ``medseg.transforms.loading``); ``axis``
 is 0 (sagittal slices), 1 (coronal) or 2 (axial). Slice index 0 is the most left /
 posterior / inferior slice.
 

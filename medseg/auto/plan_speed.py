@@ -1,8 +1,8 @@
 """The planned model's training speed on the planning machine (for the epochs and, on a CPU,
 ``train.threads``): the one part of planning that runs the training engine.
 
-:func:`medseg.planning.plan_dataset` plans once with assumed speeds
-(:mod:`medseg.plan_rules`), measures that plan here and plans again with the measurement.
+:func:`medseg.auto.planning.plan_dataset` plans once with assumed speeds
+(:mod:`medseg.auto.plan_rules`), measures that plan here and plans again with the measurement.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from medseg.auto.plan_rules import MeasuredSpeed, four_digits
 from medseg.config import Config
-from medseg.plan_rules import MeasuredSpeed, four_digits
 
 if TYPE_CHECKING:
     from medseg.manifest import Case

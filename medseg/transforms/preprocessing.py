@@ -46,7 +46,7 @@ from monai.transforms import (
 
 from medseg.config import LabelConfig, PreprocessConfig
 from medseg.geometry import AXIS_INDEX
-from medseg.transforms import CheckSameGridd, LoadVolumed, MapLabelsd
+from medseg.transforms.loading import CheckSameGridd, LoadVolumed, MapLabelsd
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"

@@ -31,7 +31,7 @@ from torch import nn
 
 from medseg.config import InferenceConfig
 from medseg.geometry import bounding_box, consecutive_labels
-from medseg.prediction.predictor import SliceStacks, default_batch_size, evaluating
+from medseg.inference.predictor import SliceStacks, default_batch_size, evaluating
 from medseg.runtime import autocast, autocast_dtype, resolve_device
 
 LINK_OVERLAP = 0.5

@@ -22,7 +22,6 @@ from medseg.errors import MedsegError
 from medseg.geometry import AXIS_INDEX, to_ras
 from medseg.io import check_same_grid, read_volume
 from medseg.labels import read_label
-from medseg.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 from medseg.manifest import Case
 from medseg.outputs import (
     CASE_STATS,
@@ -36,6 +35,7 @@ from medseg.outputs import (
     mask_file,
 )
 from medseg.progress import progress_enabled
+from medseg.stats.lesions import case_lesion_stats, foreground_extent, lesion_distribution_curve
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def compute_dataset_stats(cases: list[Case], cfg: Config, progress: bool = True,
 
 def write_dataset_stats(stats: DatasetStats, cfg: Config, out_dir: str | Path, title: str = "") -> dict[str, Path]:
     """Write the CSVs, the curve PNG and the resolved config; returns the paths."""
-    from medseg.reporting import plot_lesion_curve
+    from medseg.report.plots import plot_lesion_curve
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
