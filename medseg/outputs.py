@@ -57,7 +57,10 @@ post-processing rule chosen on them (``chosen`` / ``current``: rules with exactl
 :data:`POSTPROCESS_CANDIDATES` every rule tried (:mod:`medseg.auto.postprocess_selection`);
 :data:`CANDIDATES_CHOICE` / :data:`CANDIDATES_TABLE` the configuration chosen among
 ``cv.candidates`` and every combination's scores (:mod:`medseg.auto.candidates`); :data:`QC_RECORD`
-the QC score's calibration a model folder ships (:mod:`medseg.review`).
+the QC score's calibration a model folder ships (:mod:`medseg.review`); :data:`BACKENDS_DIR` /
+:data:`BACKENDS_RECORD` its compiled models and each one's check against the fp32 torch
+ensemble (:mod:`medseg.inference.backends`); :data:`STUDENT_DIR` / :data:`DISTILL_RECORD` its
+distilled student and that student's out-of-fold check (:mod:`medseg.auto.distill`).
 :data:`RUN_LOG` every log line of a run (``medseg infer``, ``medseg run``); :data:`PROVENANCE` a
 pipeline run's record (versions, the model that ran).
 """
@@ -108,6 +111,10 @@ PROVENANCE = "provenance.json"
 CANDIDATES_CHOICE = "candidates.json"
 CANDIDATES_TABLE = "candidates_table.csv"
 QC_RECORD = "qc.json"
+BACKENDS_DIR = "backends"  # a model folder's compiled models (medseg accelerate)
+BACKENDS_RECORD = "backends.json"  # each backend/precision's check against the fp32 torch ensemble
+STUDENT_DIR = "student"  # a model folder's distilled student (medseg distill)
+DISTILL_RECORD = "distill.json"  # the student's out-of-fold check against the ensemble
 POSTPROCESS_RULE_KEYS = ("threshold", "min_lesion_mm3", "min_component_fraction", "fill_holes", "largest_component")
 
 
