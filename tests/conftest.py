@@ -1,7 +1,9 @@
-"""Shared fixtures: synthetic NIfTI volumes with non-identity affines, real-data locations."""
+"""Shared fixtures: synthetic NIfTI volumes with non-identity affines, phantom datasets built
+once per session (:func:`phantom_manifest`), tiny checkpoints and configs, real-data locations."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -71,6 +73,59 @@ def requires_nrrd() -> Path:
     if not NRRD_DIR.is_dir():
         pytest.skip(f"real NRRD data not available at {NRRD_DIR} (only on the team's machines)")
     return NRRD_DIR
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``build(n_cases, shape, seed=0, val_fraction=0.25, test_fraction=0.25, modality="MR",
+    touching_pairs=0, instance_labels=False) -> manifest``: :func:`medseg.synth.generate_dataset`'s
+    phantoms (channels flair and t1 for MR, ct for CT; (I, J, K) = ``shape``; cases
+    ``phantom_000``...; manifest paths relative to its folder), built once per session for each
+    distinct set of arguments and shared by every test that asks for the same set.
+
+    Read-only: a test that needs other columns or rows writes its own manifest elsewhere
+    (:func:`relocated_manifest`) and its outputs into its own folder, never beside the phantoms.
+    """
+    from medseg.synth import generate_dataset
+
+    built: dict[tuple, Path] = {}
+
+    def build(n_cases: int, shape: tuple[int, int, int], seed: int = 0, val_fraction: float = 0.25,
+              test_fraction: float = 0.25, modality: str = "MR", touching_pairs: int = 0,
+              instance_labels: bool = False) -> Path:  # fmt: skip
+        key = (n_cases, tuple(shape), seed, val_fraction, test_fraction, modality, touching_pairs, instance_labels)
+        if key not in built:
+            name = f"phantoms_{modality}_{n_cases}x{'x'.join(map(str, shape))}_s{seed}"
+            built[key] = generate_dataset(tmp_path_factory.mktemp(name), n_cases, modality, tuple(shape), seed,
+                                          val_fraction=val_fraction, test_fraction=test_fraction,
+                                          touching_pairs=touching_pairs, instance_labels=instance_labels)  # fmt: skip
+        return built[key]
+
+    return build
+
+
+def manifest_rows(manifest: Path):
+    """``manifest``'s rows as a ``pandas.DataFrame`` of strings (empty cells ""), its file columns
+    (``image_*``, ``label``) made absolute: edit them, then write them anywhere (``to_csv``)."""
+    import pandas as pd
+
+    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for column in rows.columns:
+        if column.startswith("image_") or column == "label":
+            rows[column] = [str((manifest.parent / v).resolve()) if v else "" for v in rows[column]]
+    return rows
+
+
+def relocated_manifest(manifest: Path, path: Path, drop: tuple[str, ...] = (), **columns: object) -> Path:
+    """``manifest``'s rows written to ``path`` (another folder) with absolute file paths
+    (:func:`manifest_rows`), the columns ``drop`` left out and each of ``columns`` set (one value
+    for every row, or a list with one per row; a new name is appended as the last column)."""
+    rows = manifest_rows(manifest).drop(columns=list(drop))
+    for column, values in columns.items():
+        rows[column] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(path, index=False)
+    return path
 
 
 def make_case_files(tmp: Path, case_id: str, affine: np.ndarray, shape=(40, 36, 12), channels=("flair", "t1"),

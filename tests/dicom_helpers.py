@@ -31,6 +31,22 @@ GEOMETRIES = {
 }
 
 
+#: spacing (I, J, K) in mm and origin (LPS) of :func:`ct_phantom_series`'s grid
+SERIES_SPACING = (0.7, 0.9, 3.2)
+SERIES_ORIGIN = (-20.0, 31.5, 12.0)
+
+
+def ct_phantom_series(shape: tuple[int, int, int], rng: np.random.Generator,
+                      kind: str = "oblique") -> tuple[np.ndarray, np.ndarray, Geometry]:  # fmt: skip
+    """``infer_helpers.ct_phantom`` (air, a body box, three lesions at 200 HU) on a
+    :data:`GEOMETRIES` ``kind`` grid of :data:`SERIES_SPACING` and :data:`SERIES_ORIGIN`: returns
+    ``(image, lesion mask, geometry)``, both arrays (I, J, K) = ``shape``, for :func:`write_series`."""
+    from infer_helpers import ct_phantom
+
+    image, lesion = ct_phantom(shape, rng)
+    return image, lesion, Geometry(image.shape, SERIES_SPACING, SERIES_ORIGIN, tuple(GEOMETRIES[kind].ravel()))
+
+
 def _base(sop_class: str, sop_uid: str, modality: str):
     import pydicom
     from pydicom.dataset import FileMetaDataset

@@ -19,7 +19,6 @@ from conftest import install_plugin
 from medseg.config import ModelConfig, load_config
 from medseg.model_names import model_name
 from medseg.models.registry import build_model
-from medseg.synth import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DROPPED = "model.arch monai:SegResNet: dropped model.decoder_channels, model.dropout, model.width"
@@ -34,10 +33,9 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
+def manifest(phantom_manifest) -> Path:
     """Three small two-channel MR phantoms (2 train, 1 val)."""
-    return generate_dataset(tmp_path_factory.mktemp("swap"), 3, shape=(48, 44, 12), seed=1, val_fraction=0.34,
-                            test_fraction=0)  # fmt: skip
+    return phantom_manifest(3, (48, 44, 12), seed=1, val_fraction=0.34, test_fraction=0)
 
 
 def builtin_config(path: Path, manifest: Path) -> Path:

@@ -200,13 +200,10 @@ def test_help_lists_the_command():
 
 
 @pytest.mark.slow  # two 2-fold CVs, two inferences and evaluations of phantoms: ~60 s on 2 cores
-def test_compare_real_cv_and_evaluation_runs_of_phantoms(tmp_path):
+def test_compare_real_cv_and_evaluation_runs_of_phantoms(tmp_path, phantom_manifest):
     """`medseg compare` as a user runs it: on two `medseg cv` folders (seeds 0 and 1) and on two
     `medseg evaluate` folders of their fold-0 models' predictions, through the CLI subprocess."""
-
-    from medseg.synth import generate_dataset
-
-    manifest = generate_dataset(tmp_path / "data", 5, shape=(48, 44, 16), seed=3, val_fraction=0.0, test_fraction=0.0)
+    manifest = phantom_manifest(5, (48, 44, 16), seed=3, val_fraction=0.0, test_fraction=0.0)
     runs = []
     for seed in (0, 1):
         config = write_tiny_config(tmp_path / f"cv_{seed}.yaml", manifest, {

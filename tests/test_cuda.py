@@ -78,11 +78,9 @@ def test_gpu_inference_matches_the_cpu_probabilities():
     assert 2 * (a & b).sum() / max(1, a.sum() + b.sum()) > 0.98
 
 
-def test_short_amp_training_run_on_cuda(tmp_path: Path):
+def test_short_amp_training_run_on_cuda(tmp_path: Path, phantom_manifest):
     from medseg.engine import train
-    from medseg.synth import generate_dataset
-
-    manifest = generate_dataset(tmp_path / "phantoms", 4, shape=(64, 60, 16), seed=0, val_fraction=0.25, test_fraction=0)
+    manifest = phantom_manifest(4, (64, 60, 16), seed=0, val_fraction=0.25, test_fraction=0)
     cfg = Config.model_validate({
         "data": {"manifest": str(manifest)},
         "preprocess": {"context_slices": 1},

@@ -17,7 +17,6 @@ import yaml
 
 from medseg.manifest import read_manifest
 from medseg.outputs import MASK_SUFFIX
-from medseg.synth import generate_dataset
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -34,10 +33,9 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
+def manifest(phantom_manifest) -> Path:
     """Three small phantoms (2 train, 1 val) whose labels hold 0 and 1."""
-    return generate_dataset(tmp_path_factory.mktemp("messages"), 3, shape=(48, 44, 12), seed=1, val_fraction=0.34,
-                            test_fraction=0)  # fmt: skip
+    return phantom_manifest(3, (48, 44, 12), seed=1, val_fraction=0.34, test_fraction=0)
 
 
 def tiny_config(path: Path, manifest: Path) -> Path:

@@ -25,7 +25,6 @@ from medseg.importers import import_nnunet
 from medseg.io import read_volume
 from medseg.manifest import Case, read_manifest
 from medseg.nnunet_export import export_nnunet, nnunet_splits, write_splits
-from medseg.synth import generate_dataset
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -41,10 +40,9 @@ def _budget_module():
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> list[Case]:
+def phantoms(phantom_manifest) -> list[Case]:
     """Three MR phantoms (two channels): RAS, LPS and oblique storage, anisotropic spacing."""
-    folder = tmp_path_factory.mktemp("phantoms")
-    return read_manifest(generate_dataset(folder, n_cases=3, shape=(40, 40, 10), seed=3))
+    return read_manifest(phantom_manifest(3, (40, 40, 10), seed=3))
 
 
 def _nib(path: Path) -> tuple[np.ndarray, np.ndarray]:

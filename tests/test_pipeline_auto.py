@@ -18,7 +18,6 @@ from medseg.auto.model_folder import read_model_folder
 from medseg.cli import main
 from medseg.io import read_volume
 from medseg.manifest import read_manifest
-from medseg.synth import generate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +26,9 @@ TINY = ["--set", "train.epochs=1", "--set", "train.samples_per_epoch=16", "--set
         "--set", "stage.plan.device=cpu"]  # fmt: skip
 
 
-def _brats_like(tmp_path):
+def _brats_like(tmp_path, phantom_manifest):
     """Phantoms renamed into a BraTS-like folder (<case>/<case>_<channel>.nii.gz, <case>_seg.nii.gz)."""
-    manifest = generate_dataset(tmp_path / "synth", 5, shape=(48, 44, 16), seed=4)
+    manifest = phantom_manifest(5, (48, 44, 16), seed=4)
     root = tmp_path / "brats_like"
     for case in read_manifest(manifest):
         folder = root / case.case_id
@@ -40,8 +39,8 @@ def _brats_like(tmp_path):
     return root
 
 
-def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
-    source = _brats_like(tmp_path)
+def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys, phantom_manifest):
+    source = _brats_like(tmp_path, phantom_manifest)
     run_dir = tmp_path / "run"
     args = ["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.source={source}", "--out", str(run_dir),
             "--no-progress", *TINY]  # fmt: skip
@@ -84,8 +83,8 @@ def test_auto_pipeline_from_a_dataset_folder(tmp_path, capsys):
     assert all(v["runs"] == 1 for v in json.loads((run_dir / "state.json").read_text()).values())
 
 
-def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
-    manifest = generate_dataset(tmp_path / "data", 6, shape=(48, 44, 16), seed=5, val_fraction=0.0, test_fraction=0.17)
+def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path, phantom_manifest):
+    manifest = phantom_manifest(6, (48, 44, 16), seed=5, val_fraction=0.0, test_fraction=0.17)
     test_ids = [c.case_id for c in read_manifest(manifest) if c.split == "test"]
     run_dir = tmp_path / "run"
     assert main(["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.manifest={manifest}",
@@ -125,10 +124,10 @@ def test_auto_pipeline_predicts_the_test_split_with_the_model_folder(tmp_path):
     assert "<h2>Review first</h2>" in (other / "report" / "report.html").read_text()
 
 
-def test_repeats_per_fold_are_averaged_out_of_fold_and_kept_in_the_model_folder(tmp_path):
+def test_repeats_per_fold_are_averaged_out_of_fold_and_kept_in_the_model_folder(tmp_path, phantom_manifest):
     """cv.repeats=2: two seeds per fold; a held-out case's probabilities are their average
     (what `medseg infer` gives with both checkpoints), and the model folder keeps all four."""
-    source = _brats_like(tmp_path)
+    source = _brats_like(tmp_path, phantom_manifest)
     run_dir = tmp_path / "run"
     args = ["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.source={source}", "--out", str(run_dir),
             "--no-progress", *TINY, "--set", "cv.folds=2", "--set", "cv.repeats=2", "--set", "train.seed=7"]  # fmt: skip

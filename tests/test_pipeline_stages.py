@@ -17,7 +17,6 @@ from medseg.manifest import read_manifest
 from medseg.outputs import mask_file
 from medseg.pipeline import STAGES, RunContext, SplitOptions, Stage, load_pipeline
 from medseg.pipeline.stages import stage_evaluate
-from medseg.synth import generate_dataset
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -49,8 +48,8 @@ def test_registry_order_is_the_pipeline_order(tmp_path):
         load_pipeline(tmp_path / "bad.yaml")
 
 
-def test_evaluate_leaves_out_a_case_that_failed_at_inference(tmp_path):
-    manifest = generate_dataset(tmp_path / "data", 3, shape=(40, 36, 12), seed=2, val_fraction=0.0, test_fraction=0.0)
+def test_evaluate_leaves_out_a_case_that_failed_at_inference(tmp_path, phantom_manifest):
+    manifest = phantom_manifest(3, (40, 36, 12), seed=2, val_fraction=0.0, test_fraction=0.0)
     cases = read_manifest(manifest)
     run_dir = tmp_path / "run"
     pred = run_dir / "predictions"

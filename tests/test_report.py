@@ -15,15 +15,14 @@ from medseg.io import read_volume, write_mask
 from medseg.manifest import read_manifest
 from medseg.report.html import ReportInputs, write_report
 from medseg.stats.dataset import compute_dataset_stats, prediction_cases, write_dataset_stats
-from medseg.synth import generate_dataset
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory):
+def report_dir(tmp_path_factory, phantom_manifest):
     """Phantoms, predictions = reference dilated once (one case: lesions removed), stats,
     evaluation and the report."""
     tmp = tmp_path_factory.mktemp("report")
-    manifest = generate_dataset(tmp / "data", n_cases=4, shape=(48, 44, 16), seed=3)
+    manifest = phantom_manifest(4, (48, 44, 16), seed=3)
     cases = read_manifest(manifest)
     pred = tmp / "pred"
     for i, case in enumerate(cases):

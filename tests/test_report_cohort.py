@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from browser import open_in_browser
-from conftest import REPO, artifact_path, save_tiny_checkpoint
+from conftest import REPO, artifact_path, relocated_manifest, save_tiny_checkpoint
 from PIL import Image
 
 from medseg.cli import main
@@ -25,21 +25,18 @@ from medseg.manifest import read_manifest
 from medseg.outputs import CASES_COLUMNS, CASES_TABLE, lesion_table_file
 from medseg.report.html import ReportInputs, predicted_cases_table, write_report
 from medseg.stats.dataset import compute_dataset_stats, write_dataset_stats
-from medseg.synth import generate_dataset
 
 STORED = {"min_lesion_mm3": 90.0, "fill_holes": True}  # the checkpoint's inference settings (defaults: 10, false)
 
 
 @pytest.fixture(scope="module")
-def hospital_run(tmp_path_factory):
+def hospital_run(tmp_path_factory, phantom_manifest):
     """Three phantoms without labels, a tiny U-Net checkpoint (arch/encoder unet, STORED
     settings) and one infer_report run with a user override (connectivity 6)."""
     tmp = tmp_path_factory.mktemp("cohort")
-    labelled = generate_dataset(tmp / "data", n_cases=3, shape=(40, 36, 12), seed=6)
-    rows = pd.read_csv(labelled, dtype=str, keep_default_na=False)
-    rows["label"], rows["split"] = "", ""  # a hospital manifest: no labels, no splits
-    manifest = tmp / "data" / "hospital.csv"
-    rows.to_csv(manifest, index=False)
+    labelled = phantom_manifest(3, (40, 36, 12), seed=6)
+    # a hospital manifest: no labels, no splits
+    manifest = relocated_manifest(labelled, tmp / "data" / "hospital.csv", label="", split="")
     checkpoint = save_tiny_checkpoint(tmp / "model.pt", ["flair", "t1"], "MR", inference=STORED)
     run_dir = tmp / "run"
     args = ["run", str(REPO / "pipelines" / "infer_report.yaml"), "--set", f"pipeline.checkpoint={checkpoint}",
@@ -151,9 +148,8 @@ def test_unlabelled_report_lists_the_predicted_cases_without_a_reference(hospita
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cohort_sources")
-    return read_manifest(generate_dataset(tmp / "data", n_cases=3, shape=(40, 36, 12), seed=2)), tmp
+def phantoms(phantom_manifest):
+    return read_manifest(phantom_manifest(3, (40, 36, 12), seed=2))
 
 
 def _write_lesion_table(pred, case_id, volumes):
@@ -162,7 +158,7 @@ def _write_lesion_table(pred, case_id, volumes):
 
 
 def test_table_from_the_lesion_tables_when_there_is_no_cohort_table(phantoms, tmp_path):
-    cases, _ = phantoms
+    cases = phantoms
     pred = tmp_path / "pred"
     pred.mkdir()
     _write_lesion_table(pred, cases[0].case_id, [0.5, 1.5])
@@ -180,7 +176,7 @@ def test_table_from_the_lesion_tables_when_there_is_no_cohort_table(phantoms, tm
 
 
 def test_table_from_the_cohort_table_of_medseg_infer(phantoms, tmp_path):
-    cases, _ = phantoms
+    cases = phantoms
     pred = tmp_path / "pred"
     pred.mkdir()
     _write_lesion_table(pred, cases[0].case_id, [9.0])  # the cohort table wins over the lesion tables
@@ -201,7 +197,7 @@ def test_table_from_the_cohort_table_of_medseg_infer(phantoms, tmp_path):
 def test_table_from_the_prediction_statistics_and_the_reference_curve_kept(phantoms, tmp_path):
     """Masks only (no lesion tables): the table from the prediction statistics; with the
     reference statistics the predicted curve is still drawn against them."""
-    cases, _ = phantoms
+    cases = phantoms
     pred = tmp_path / "pred"
     pred.mkdir()
     for case in cases:
@@ -224,7 +220,7 @@ def test_table_from_the_prediction_statistics_and_the_reference_curve_kept(phant
 
 
 def test_identity_line_names_the_cross_validated_accuracy(phantoms, tmp_path):
-    cases, _ = phantoms
+    cases = phantoms
     provenance = {"config": {"model": {"arch": "deeplabv3plus", "encoder": "resnet18"}},
                   "model_identity": {"checkpoints": [{"file": "fold_0.pt", "sha256": "a" * 64},
                                                      {"file": "fold_1.pt", "sha256": "b" * 64}],
@@ -277,7 +273,7 @@ def test_cohort_report_in_headless_chromium(hospital_run, tmp_path):
 def test_review_first_lists_the_flagged_cases_or_says_why_none(phantoms, tmp_path, useful):
     import json
 
-    cases, _ = phantoms
+    cases = phantoms
     pred = tmp_path / "pred"
     pred.mkdir()
     rows = [[c.case_id, 1, 0.5, 0.5, 3, score, (score >= 0.3) if useful else None, "not asked"]

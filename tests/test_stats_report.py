@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import open_in_browser
-from conftest import REPO, artifact_path
+from conftest import REPO, artifact_path, relocated_manifest
 from PIL import Image
 
 from medseg.errors import ConfigError
@@ -23,7 +23,6 @@ from medseg.manifest import Case, read_manifest
 from medseg.manifest_groups import EMPTY_GROUP, MAX_GROUPS, case_groups
 from medseg.pipeline import STAGES
 from medseg.report.stats_page import StatsReportInputs, write_stats_report
-from medseg.synth import generate_dataset
 
 SITES = ["A", "A", "A", "B", "B"]  # the group test's site column: legend "site A (n=3)", "site B (n=2)"
 COLUMNS = "case_id, patient_id, modality, image_flair, image_t1, label, split, site"
@@ -35,15 +34,10 @@ def medseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort(tmp_path_factory, phantom_manifest) -> Path:
     """Five small phantoms, their manifest with a ``site`` column (:data:`SITES`)."""
     tmp = tmp_path_factory.mktemp("cohort")
-    manifest = generate_dataset(tmp / "data", n_cases=len(SITES), shape=(40, 36, 12), seed=6)
-    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    rows["site"] = SITES
-    sites = tmp / "data" / "sites.csv"
-    rows.to_csv(sites, index=False)
-    return sites
+    return relocated_manifest(phantom_manifest(len(SITES), (40, 36, 12), seed=6), tmp / "data" / "sites.csv", site=SITES)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from medseg.atomic import write_csv
 from medseg.manifest import read_manifest
 from medseg.outputs import MASK_SUFFIX
 from medseg.rounding import column_rule, round_table
-from medseg.synth import generate_dataset
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -66,9 +65,8 @@ def test_write_csv_writes_no_float_noise(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("rounding"), 3, shape=(48, 44, 12), seed=2, val_fraction=0.34,
-                            test_fraction=0)  # fmt: skip
+def phantoms(phantom_manifest) -> Path:
+    return phantom_manifest(3, (48, 44, 12), seed=2, val_fraction=0.34, test_fraction=0)
 
 
 def test_stats_and_evaluation_tables_are_rounded(phantoms, tmp_path):

@@ -10,7 +10,7 @@
    exactly once by a model that never saw it;
 
 then evaluates ``oof/`` against the references (:func:`medseg.evaluation.runner.evaluate`) and writes
-the CV table. Layout of ``out_dir``::
+the CV table and summary (computed from rows by :mod:`medseg.auto.cv_summary`). Layout of ``out_dir``::
 
     folds.json          patient-level fold assignment (fixed for the run)
     fold_<k>/           the fold's training run (last.pt, history.csv, config.yaml, tensorboard/)
@@ -49,12 +49,11 @@ from typing import Any
 import pandas as pd
 
 from medseg.atomic import write_csv, write_json
+from medseg.auto.cv_summary import cv_table, first_region_rows, summarise
 from medseg.auto.folds import FOLDS_FILE, FoldAssignment, cv_pool, load_or_create_folds, read_folds
 from medseg.config import Config
 from medseg.errors import MedsegError
-from medseg.evaluation.runner import describe
 from medseg.manifest import Case, read_manifest
-from medseg.metrics.uncertainty import CI_METHOD, bootstrap_mean_ci
 from medseg.outputs import (
     CV_SUMMARY,
     CV_TABLE,
@@ -73,8 +72,6 @@ FOLD_KEY = "fold_key.json"
 FOLD_DONE = "fold_done.json"
 FOLD_MODEL = LAST_CHECKPOINT  # a fold's model: its weights after the last epoch (nothing chosen on held-out patients)
 POSTPROCESS_SETTINGS = (*POSTPROCESS_RULE_KEYS, "connectivity")  # the rule recorded in the CV summary
-TABLE_METRICS = ("dice", "hd95_mm", "assd_mm", "lesion_precision", "lesion_recall", "lesion_f1",
-                 "ref_volume_ml", "pred_volume_ml")  # fmt: skip
 
 
 @dataclass
@@ -180,52 +177,10 @@ def predict_fold(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     return [{"case_id": cid, "stage": "cv", "error": f"fold {fold}: {err}"} for cid, err in summary.failures]
 
 
-def cv_table(metrics: pd.DataFrame, folds: FoldAssignment, cases: list[Case]) -> pd.DataFrame:
-    """Per-case rows of ``metrics_per_case.csv`` with fold and patient, then a ``mean`` row."""
-    fold_of = folds.fold_of_patient()
-    patient = {c.case_id: c.patient_id for c in cases}
-    rows = metrics.copy()
-    rows["case_id"] = rows["case_id"].astype(str)
-    rows.insert(1, "patient_id", rows["case_id"].map(patient))
-    rows.insert(2, "fold", rows["patient_id"].map(fold_of).astype(int))
-    keep = ["case_id", "patient_id", "fold", "region", *[m for m in TABLE_METRICS if m in rows.columns]]
-    rows = rows[keep].sort_values(["fold", "case_id"], kind="stable").reset_index(drop=True)
-    mean = {"case_id": "mean", "patient_id": "", "fold": -1, "region": ""}
-    mean.update({m: rows[m].mean(skipna=True) for m in keep[4:]})
-    return pd.concat([rows, pd.DataFrame([mean])], ignore_index=True)
-
-
-def summarise(table: pd.DataFrame, folds: FoldAssignment, out_dir: Path, device: str, repeats: int = 1) -> dict[str, Any]:
-    """Out-of-fold means over cases and per fold, fold training times (``cv_summary.json``):
-    a fold's seconds add up its ``repeats`` models, its epochs are repeat 0's."""
-    cases = table[table["case_id"] != "mean"]
-    metrics = [m for m in TABLE_METRICS if m in cases.columns]
-    per_fold = {
-        str(k): {"n_cases": int((cases["fold"] == k).sum()),
-                 **{m: float(cases.loc[cases["fold"] == k, m].mean()) for m in ("dice", "hd95_mm", "lesion_f1") if m in metrics}}
-        for k in range(folds.n_folds)
-    }  # fmt: skip
-    done = [[_read_json(fold_dir(out_dir, k, r) / FOLD_DONE) or {} for r in range(repeats)] for k in range(folds.n_folds)]
-    seconds = [sum(d["seconds"] for d in fold) if all(d.get("seconds") is not None for d in fold) else None for fold in done]
-    return {
-        "what": "out-of-fold: every pool case predicted once by its fold's model(s), which did not train on its patient",
-        "n_folds": folds.n_folds,
-        "repeats": repeats,
-        "n_cases": int(len(cases)),
-        "n_patients": int(cases["patient_id"].nunique()),
-        "metrics": {m: {**describe(cases[m]), "ci95": _ci95(cases, m)} for m in metrics},
-        "ci95": CI_METHOD,
-        "per_fold": per_fold,
-        "fold_training_seconds": seconds,
-        "fold_epochs": [fold[0].get("epochs") for fold in done],
-        "device": device,
-    }
-
-
-def _ci95(cases: pd.DataFrame, metric: str) -> list[float] | None:
-    """95 % patient-level bootstrap interval of the case mean of ``metric`` (None: < 3 patients)."""
-    ci = bootstrap_mean_ci(cases[metric].to_numpy(dtype=float), cases["patient_id"].astype(str).tolist())
-    return None if ci is None else [ci[0], ci[1]]
+def fold_records(out_dir: Path, n_folds: int, repeats: int) -> list[list[dict[str, Any]]]:
+    """Per fold, per repeat, its ``fold_done.json`` record (``{}`` where missing or unreadable):
+    what :func:`medseg.auto.cv_summary.summarise` reads the training seconds and epochs from."""
+    return [[_read_json(fold_dir(out_dir, k, r) / FOLD_DONE) or {} for r in range(repeats)] for k in range(n_folds)]
 
 
 def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[Case], device: str,
@@ -246,13 +201,11 @@ def evaluate_oof(cfg: Config, out_dir: Path, folds: FoldAssignment, cases: list[
     eval_cfg = cfg.model_copy(deep=True)
     eval_cfg.evaluation.split = None
     evaluate(oof, cfg.data.manifest or "cross-validation pool", eval_dir, eval_cfg, progress=progress, cases=predicted)
-    metrics = pd.read_csv(eval_dir / EVAL_PER_CASE, dtype={"case_id": str})
-    regions = metrics["region"].unique().tolist()
-    metrics = metrics[metrics["region"] == regions[0]]  # the first region is the one the models segment
+    region, metrics = first_region_rows(pd.read_csv(eval_dir / EVAL_PER_CASE, dtype={"case_id": str}))
     table = cv_table(metrics, folds, cases)
     write_csv(root / CV_TABLE, table)
-    summary = summarise(table, folds, out_dir, device, cfg.cv.repeats)
-    summary["region"] = regions[0]
+    summary = summarise(table, folds, fold_records(out_dir, folds.n_folds, cfg.cv.repeats), device)
+    summary["region"] = region
     summary["n_pool_cases"] = len(pool)
     summary["inference"] = cfg.inference.model_dump(mode="json", include=set(POSTPROCESS_SETTINGS))
     write_json(root / CV_SUMMARY, summary)

@@ -9,21 +9,20 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from dicom_helpers import GEOMETRIES, PATIENT_ID, PATIENT_NAME, write_series
+from dicom_helpers import PATIENT_ID, PATIENT_NAME, ct_phantom_series, write_series
 from infer_helpers import ct_phantom, identity_bundle
 
 from medseg.config import InferenceConfig
 from medseg.dicom.seg_reader import read_dicom_seg
 from medseg.inference.cases import InferenceCase
 from medseg.inference.runner import run_inference
-from medseg.io import Geometry, read_volume
+from medseg.io import read_volume
 
 pytest.importorskip("highdicom")
 
 
 def dicom_phantom(tmp_path, rng, kind="oblique", name="series"):
-    image, lesion = ct_phantom((34, 30, 10), rng)
-    geometry = Geometry(image.shape, (0.7, 0.9, 3.2), (-20.0, 31.5, 12.0), tuple(GEOMETRIES[kind].ravel()))
+    image, lesion, geometry = ct_phantom_series((34, 30, 10), rng, kind)
     folder = tmp_path / name
     write_series(folder, image, geometry, order="shuffled")
     return folder, lesion

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.auto.cross_validation import summarise
+from medseg.auto.cv_summary import summarise
 from medseg.auto.folds import FoldAssignment
 from medseg.metrics.uncertainty import CI_METHOD, MIN_PATIENTS, bootstrap_mean_ci
 
@@ -55,7 +55,7 @@ def test_deterministic_for_a_seed_and_validates_its_inputs():
         bootstrap_mean_ci(values, level=1.0)
 
 
-def test_cv_summary_carries_a_patient_level_interval_per_metric(tmp_path):
+def test_cv_summary_carries_a_patient_level_interval_per_metric():
     """Patient p0 has two scans; the summary's interval resamples patients, not scans."""
     table = pd.DataFrame({
         "case_id": ["a0", "a1", "b", "c", "d", "mean"], "patient_id": ["p0", "p0", "p1", "p2", "p3", ""],
@@ -63,7 +63,7 @@ def test_cv_summary_carries_a_patient_level_interval_per_metric(tmp_path):
         "dice": [0.5, 0.6, 0.8, 0.9, 0.7, 0.7], "hd95_mm": [20.0, 18.0, 4.0, 3.0, np.nan, 11.25],
     })  # fmt: skip
     folds = FoldAssignment(n_folds=2, seed=0, patients=(("p0", "p1"), ("p2", "p3")), case_ids=("a0", "a1", "b", "c", "d"))
-    summary = summarise(table, folds, tmp_path, "cpu")
+    summary = summarise(table, folds, [[{}], [{}]], "cpu")
     assert summary["ci95"] == CI_METHOD
     cases = table.iloc[:-1]
     dice_ci = summary["metrics"]["dice"]["ci95"]

@@ -14,7 +14,6 @@ from medseg.config import Config, ModelConfig, load_config
 from medseg.errors import ConfigError
 from medseg.model_names import MONAI_NETWORKS
 from medseg.models.registry import build_model, list_monai_networks
-from medseg.synth import generate_dataset
 
 # small settings so every network trains in seconds on a CPU (the defaults also build)
 SMALL = {
@@ -69,9 +68,8 @@ def test_bad_names_and_options_are_clear_errors():
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("monai_phantoms")
-    return generate_dataset(out, 3, shape=(64, 56, 8), seed=1, val_fraction=0.34, test_fraction=0)
+def phantoms(phantom_manifest) -> Path:
+    return phantom_manifest(3, (64, 56, 8), seed=1, val_fraction=0.34, test_fraction=0)
 
 
 @pytest.mark.slow

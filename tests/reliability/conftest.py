@@ -104,14 +104,12 @@ def case_rows(cases: list[Case]) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
+def dataset(phantom_manifest) -> list[Case]:
     """Three 32 x 32 x 8 MR phantoms (flair, t1, binary label), one patient each, split test /
     train / val. Read-only: tests write their own manifests and copies."""
     from medseg.manifest import read_manifest
-    from medseg.synth import generate_dataset
 
-    manifest = generate_dataset(tmp_path_factory.mktemp("phantoms"), N_CASES, shape=(32, 32, 8))
-    return read_manifest(manifest)
+    return read_manifest(phantom_manifest(N_CASES, (32, 32, 8)))
 
 
 @pytest.fixture

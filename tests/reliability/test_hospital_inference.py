@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.io import Geometry, read_volume
+from medseg.io import read_volume
 
 from .conftest import ENV, assert_refused, assert_some_failed, leftovers, read_failures, run_cli
 
@@ -36,11 +36,9 @@ SHAPE = (34, 30, 10)
 def _dicom_series(folder: Path, modality: str = "CT", frame_of_reference: bool = True, uid_tail: str = "2") -> Path:
     """A small oblique series (body box with two bright lesions) written with pydicom."""
     import pydicom
-    from dicom_helpers import GEOMETRIES, write_series
-    from infer_helpers import ct_phantom
+    from dicom_helpers import ct_phantom_series, write_series
 
-    image, _ = ct_phantom(SHAPE, np.random.default_rng(3))
-    geometry = Geometry(SHAPE, (0.7, 0.9, 3.2), (-20.0, 31.5, 12.0), tuple(GEOMETRIES["oblique"].ravel()))
+    image, _, geometry = ct_phantom_series(SHAPE, np.random.default_rng(3))
     paths = write_series(folder, image, geometry, modality=modality, order="shuffled",
                          series_uid=f"1.2.826.0.1.3680043.8.498.{uid_tail}")
     if not frame_of_reference:

@@ -28,13 +28,9 @@ def _archive(root: Path) -> Path:
     in another folder; one patient."""
     import numpy as np
     import pydicom
-    from dicom_helpers import GEOMETRIES, write_series
-    from infer_helpers import ct_phantom
+    from dicom_helpers import ct_phantom_series, write_series
 
-    from medseg.io import Geometry
-
-    image, _ = ct_phantom((34, 30, 10), np.random.default_rng(5))
-    geometry = Geometry(image.shape, (0.7, 0.9, 3.2), (-20.0, 31.5, 12.0), tuple(GEOMETRIES["oblique"].ravel()))
+    image, _, geometry = ct_phantom_series((34, 30, 10), np.random.default_rng(5))
     study = root / "DOE_JANE_SECRET-123" / "CT"
     write_series(study, image, geometry, series_uid="1.2.826.0.1.3680043.8.498.21")
     for path in write_series(study / "tmp", image, geometry, series_uid="1.2.826.0.1.3680043.8.498.22"):

@@ -34,7 +34,6 @@ from medseg.io import read_volume
 from medseg.manifest import read_manifest
 from medseg.metrics.uncertainty import bootstrap_mean_ci
 from medseg.outputs import CV_SUMMARY, CV_TABLE
-from medseg.synth import generate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +43,8 @@ def write_config(path: Path, manifest: Path, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cv_phantoms")
-    return generate_dataset(out, 6, shape=(48, 44, 16), seed=2, val_fraction=0.34, test_fraction=0.17)
+def data(phantom_manifest) -> Path:
+    return phantom_manifest(6, (48, 44, 16), seed=2, val_fraction=0.34, test_fraction=0.17)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ torchrun with two CPU processes (gloo) trains one epoch and writes one checkpoin
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_tiny_config
+from conftest import manifest_rows, relocated_manifest, write_tiny_config
 
 from medseg.cli import main
 from medseg.config import load_config
-from medseg.synth import generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -23,27 +21,12 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    return generate_dataset(out, 3, shape=(48, 44, 16), seed=1, val_fraction=0.34, test_fraction=0)
+def manifest(phantom_manifest) -> Path:
+    return phantom_manifest(3, (48, 44, 16), seed=1, val_fraction=0.34, test_fraction=0)
 
 
 def write_config(path: Path, manifest: Path, cache: Path, **sections) -> Path:
     return write_tiny_config(path, manifest, {"train": {"cache_dir": str(cache)}}, sections)
-
-
-def drop_column(manifest: Path, column: str, out: Path) -> Path:
-    with manifest.open() as fh:
-        rows = list(csv.DictReader(fh))
-    base = manifest.parent
-    with out.open("w", newline="") as fh:
-        fields = [c for c in rows[0] if c != column]
-        writer = csv.DictWriter(fh, fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (str(base / v) if k.startswith("image_") or k == "label" else v)
-                             for k, v in row.items() if k != column})  # fmt: skip
-    return out
 
 
 def test_bad_configs_fail_before_training(manifest, tmp_path, capsys):
@@ -53,7 +36,7 @@ def test_bad_configs_fail_before_training(manifest, tmp_path, capsys):
                         ["train.epochz", "unknown key"]),
         "unknown model": (write_config(tmp_path / "b.yaml", manifest, cache, model={"arch": "unet_incepton"}), [],
                           ["unknown arch 'unet_incepton'", "unet_inception"]),
-        "missing column": (write_config(tmp_path / "c.yaml", drop_column(manifest, "split", tmp_path / "m.csv"), cache),
+        "missing column": (write_config(tmp_path / "c.yaml", relocated_manifest(manifest, tmp_path / "m.csv", drop=("split",)), cache),
                            [], ["missing column", "split"]),
         "in_channels": (write_config(tmp_path / "d.yaml", manifest, cache, model={"in_channels": 3}), [],
                         ["model.in_channels is 3", "['flair', 't1']", "set model.in_channels: 6"]),
@@ -70,9 +53,7 @@ def test_bad_configs_fail_before_training(manifest, tmp_path, capsys):
 
 
 def test_mixed_modalities_are_refused(manifest, tmp_path, capsys):
-    frame = pd.read_csv(manifest)
-    for col in [c for c in frame.columns if c.startswith("image_")] + ["label"]:
-        frame[col] = [str(manifest.parent / v) for v in frame[col]]
+    frame = manifest_rows(manifest)
     frame.loc[0, "modality"] = "CT"
     mixed = tmp_path / "mixed.csv"
     frame.to_csv(mixed, index=False)
@@ -82,9 +63,7 @@ def test_mixed_modalities_are_refused(manifest, tmp_path, capsys):
 
 
 def test_a_patient_in_train_and_val_is_refused(manifest, tmp_path, capsys):
-    frame = pd.read_csv(manifest)
-    for col in [c for c in frame.columns if c.startswith("image_")] + ["label"]:
-        frame[col] = [str(manifest.parent / v) for v in frame[col]]
+    frame = manifest_rows(manifest)
     val_patient = frame.loc[frame["split"] == "val", "patient_id"].iloc[0]
     frame.loc[frame["split"] == "train", "patient_id"] = [val_patient] + list(frame.loc[frame["split"] == "train", "patient_id"])[1:]
     leaky = tmp_path / "leaky.csv"

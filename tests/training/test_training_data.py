@@ -21,15 +21,13 @@ from medseg.data import (
     train_transforms,
 )
 from medseg.manifest import read_manifest
-from medseg.synth import generate_dataset
 from medseg.transforms.preprocessing import IMAGE_KEY, channel_key, context_stack, preprocess_transforms
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
+def cases(phantom_manifest):
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("phantoms")
-    return read_manifest(generate_dataset(out, 3, shape=(48, 44, 16), seed=3, val_fraction=0.34, test_fraction=0))
+    return read_manifest(phantom_manifest(3, (48, 44, 16), seed=3, val_fraction=0.34, test_fraction=0))
 
 
 def toy_volume(case_id: str = "toy", n_slices: int = 6, lesion_slices=(2, 3)) -> TrainVolume:
@@ -244,14 +242,14 @@ def test_translate_sets_the_training_crop_margin():
     assert crop_margin(AugmentConfig(translate=0.25, enabled=False), (160, 192)) == (0, 0)
 
 
-def test_instance_labels_per_slice(tmp_path):
+def test_instance_labels_per_slice(tmp_path, phantom_manifest):
     """Instance models train on per-slice lesion ids: ``values`` keeps touching lesions apart
     (an instance-labelled reference), ``components`` merges them; the cache tells the two apart."""
     from medseg.config import LabelConfig
     from medseg.data.volumes import slice_instances
 
-    manifest = generate_dataset(tmp_path / "data", 1, shape=(48, 48, 12), seed=2, val_fraction=0, test_fraction=0,
-                                touching_pairs=1, instance_labels=True)
+    manifest = phantom_manifest(1, (48, 48, 12), seed=2, val_fraction=0, test_fraction=0, touching_pairs=1,
+                                instance_labels=True)
     case = read_manifest(manifest)[0]
     preprocess = PreprocessConfig()
     values, components = LabelConfig(instances="values"), LabelConfig(instances="components")

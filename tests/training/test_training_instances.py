@@ -25,7 +25,6 @@ from medseg.engine import train
 from medseg.geometry import label_components
 from medseg.io import read_volume
 from medseg.manifest import read_manifest
-from medseg.synth import generate_dataset
 
 STEPS = 180  # per epoch, 2 epochs: about 100 s on 2 idle CPU cores, 490 s on a loaded machine
 
@@ -34,10 +33,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, Config]:
+def trained(tmp_path_factory, phantom_manifest) -> tuple[Path, Path, Config]:
     root = tmp_path_factory.mktemp("maskrcnn")
-    manifest = generate_dataset(root / "data", 3, shape=(64, 64, 10), seed=4, val_fraction=0.0, test_fraction=0.0,
-                                touching_pairs=1, instance_labels=True)
+    manifest = phantom_manifest(3, (64, 64, 10), seed=4, val_fraction=0.0, test_fraction=0.0, touching_pairs=1,
+                                instance_labels=True)
     cfg = Config.model_validate({
         "data": {"manifest": str(manifest), "labels": {"instances": "values"}},
         "preprocess": {"context_slices": 0},

@@ -16,13 +16,11 @@ from medseg.engine import train
 from medseg.engine.checkpointing import read_resume_state
 from medseg.errors import ConfigError, MedsegError
 from medseg.models.checkpoint import load_checkpoint, model_from_checkpoint
-from medseg.synth import generate_dataset
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    return generate_dataset(out, 4, shape=(48, 44, 16), seed=0, val_fraction=0.25, test_fraction=0)
+def manifest(phantom_manifest) -> Path:
+    return phantom_manifest(4, (48, 44, 16), seed=0, val_fraction=0.25, test_fraction=0)
 
 
 @pytest.fixture(scope="module")
