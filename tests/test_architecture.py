@@ -69,9 +69,9 @@ def test_output_file_names_have_one_owner():
     assert {"last.pt", "best.pt", "config.yaml", "model.json", "postprocess.json"} <= set(files)
     # whole names: spelled in code (f-strings and messages included) only by medseg.outputs;
     # docstrings and comments may name them
-    patterns = {file: re.compile(rf"(?<![\w.-]){re.escape(file)}(?![\w-])") for file in files}
-    offenders += [f"{name}: {file}" for name, path in module_files().items() if name != "medseg.outputs"
-                  for file, pattern in patterns.items() if any(pattern.search(text) for text in code_strings(path))]  # fmt: skip
+    spelled = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, files)) + r")(?![\w-])")
+    offenders += [f"{name}: {match}" for name, path in module_files().items() if name != "medseg.outputs"
+                  for match in sorted({m.group(1) for text in code_strings(path) for m in spelled.finditer(text)})]  # fmt: skip
     assert not offenders, "spell output names through medseg.outputs: " + ", ".join(offenders)
 
 

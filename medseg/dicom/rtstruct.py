@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom.seg_reader import compile_select
+from medseg.dicom.seg_reader import compile_select, read_label_object
 from medseg.dicom.series import grid_index
 from medseg.errors import InputFileError
 from medseg.io import Geometry
@@ -71,16 +71,9 @@ def read_rtstruct(path: str | Path, geometry: Geometry, rois: str | None = None)
     edge: the RTSTRUCT was drawn on another image, so nothing is clipped), and for malformed
     contours (ContourData not x, y, z triples, non-finite coordinates, a contour item naming no
     ROI)."""
-    import pydicom
-
     path = Path(path)
     pattern = compile_select(rois, path)
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:  # pydicom raises several types for damaged files
-        raise InputFileError(path, f"cannot read DICOM ({exc})") from None
-    if str(getattr(ds, "Modality", "")) != "RTSTRUCT":
-        raise InputFileError(path, f"not an RTSTRUCT (Modality {getattr(ds, 'Modality', None)!r})")
+    ds = read_label_object(path, "RTSTRUCT", "an RTSTRUCT")
     try:
         names = roi_names(ds)
     except (TypeError, ValueError) as exc:

@@ -56,15 +56,11 @@ def read_dicom_seg(path: str | Path, geometry: Geometry, segments: str | None = 
     data or the per-frame functional groups).
     """
     import highdicom as hd
-    import pydicom
 
     path = Path(path)
     pattern = compile_select(segments, path)
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:  # pydicom raises several types for damaged files
-        raise InputFileError(path, f"cannot read DICOM ({exc})") from None
-    if str(getattr(ds, "Modality", "")) != "SEG" or "SegmentSequence" not in ds:
+    ds = read_label_object(path, "SEG", "a DICOM Segmentation")
+    if "SegmentSequence" not in ds:
         raise InputFileError(path, f"not a DICOM Segmentation (Modality {getattr(ds, 'Modality', None)!r})")
     try:
         defined = segment_labels(ds)
@@ -178,6 +174,21 @@ def _place(mask: np.ndarray, inside: np.ndarray, affine: np.ndarray, geometry: G
                 and j0 + n_rows <= geometry.size[1]):
             raise InputFileError(path, f"a frame at slice k = {k} lies outside the image grid {geometry.size}")
         mask[i0:i0 + n_cols, j0:j0 + n_rows, k] |= inside[s].T.astype(np.uint8)
+
+
+def read_label_object(path: Path, modality: str, what: str):
+    """The DICOM label object at ``path`` (pydicom dataset) when its Modality is ``modality``;
+    a file pydicom cannot read, or another modality, is an ``InputFileError`` naming ``path``
+    and, for the second, ``what`` was expected."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises several types for damaged files
+        raise InputFileError(path, f"cannot read DICOM ({exc})") from None
+    if str(getattr(ds, "Modality", "")) != modality:
+        raise InputFileError(path, f"not {what} (Modality {getattr(ds, 'Modality', None)!r})")
+    return ds
 
 
 def compile_select(pattern: str | None, path: Path) -> re.Pattern[str] | None:
