@@ -16,7 +16,7 @@ $(VENV)/.medseg-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,export]"
+	$(PY) -m pip install --quiet -e ".[dev,export,fast]"
 	touch $@
 
 # Main job on the embedded default: the demo pipeline (synthetic phantoms -> statistics ->

@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "train": "medseg.commands.train",
     "cv": "medseg.commands.cv",
     "infer": "medseg.commands.infer",
+    "accelerate": "medseg.commands.accelerate",
+    "distill": "medseg.commands.distill",
     "run": "medseg.commands.run",
     "pacs": "medseg.commands.pacs",
 }

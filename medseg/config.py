@@ -406,10 +406,15 @@ class InferenceConfig(StrictModel):
     in-plane boxes, where that first pass is not confidently background: a slice is skipped when
     its first-pass probability stays below ``cascade_threshold`` everywhere and on the
     ``cascade_margin_slices`` slices on each side of it; on the other slices the remaining models
-    see the box around the first pass's pixels at or above ``cascade_threshold``, grown by
-    ``cascade_margin_px`` pixels (and snapped to the network's pooling grid). Elsewhere the first
-    model's probability stands. The fraction of slices and pixels skipped goes into the run's
-    record. ``cascade: false`` runs every model on every slice.
+    see the whole slice (``cascade_margin_px`` ``None``, exact for any network) or only the box
+    around the first pass's pixels at or above ``cascade_threshold``, grown by
+    ``cascade_margin_px`` pixels and snapped to the network's pooling grid (for fully convolutional
+    networks; DeepLabV3+'s image pooling sees the whole slice, so boxes change its masks).
+    Elsewhere the first model's probability stands. The fraction of slices and pixels skipped goes into the run's
+    record. ``cascade: false`` runs every model on every slice. ``student``: ``auto`` runs a
+    model folder's distilled student instead of its folds when ``medseg distill`` accepted it
+    (its out-of-fold Dice within the margin of the ensemble's; :mod:`medseg.auto.distill`),
+    ``false`` (or ``off``) always runs the fold ensemble, ``true`` requires the student.
 
     Runtime (:mod:`medseg.inference.backends`): ``backend`` ``torch`` (eager PyTorch) or
     ``onnxruntime`` / ``openvino`` (the ONNX export of each model; ``pip install medseg[fast]``).
@@ -418,7 +423,9 @@ class InferenceConfig(StrictModel):
     precision (``auto`` = fp32). A model folder accepts a backend and precision only after
     ``medseg accelerate`` has checked that its masks match the fp32 torch ensemble on the
     cross-validation patients (Dice >= 0.995 per case); otherwise inference refuses it and names
-    the measured Dice.
+    the measured Dice. ``auto`` (the default): a model folder on the CPU runs the accepted
+    variant that predicted its cross-validation cases fastest (of ``precision`` unless that is
+    ``auto``), everything else torch; the run's record names what ran.
     """
 
     roi_size: tuple[int, int] = (512, 512)
@@ -446,12 +453,13 @@ class InferenceConfig(StrictModel):
     cascade: bool = True
     cascade_threshold: float = Field(default=0.05, gt=0.0, lt=0.5)
     cascade_margin_slices: int = Field(default=2, ge=0)
-    cascade_margin_px: int = Field(default=32, ge=0)
-    backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    cascade_margin_px: int | None = Field(default=None, ge=0)
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    student: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _precision_fits_backend(self) -> InferenceConfig:
-        if self.precision == "int8" and self.backend == "torch":
+        if self.precision == "int8" and self.backend == "torch":  # auto: an accepted int8 variant, else refused at load
             raise ValueError("precision int8 needs backend onnxruntime or openvino (eager torch has no int8 path here)")
         if self.precision == "fp16" and self.backend != "torch":
             raise ValueError(f"precision fp16 is a CUDA autocast setting; backend {self.backend} runs fp32, bf16 or int8")

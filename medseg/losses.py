@@ -23,7 +23,9 @@ class SegmentationLoss(nn.Module):
     """``loss(logits, target) -> ()``.
 
     ``logits``: (B, K, H, W) float (any dtype; computed in float32). ``target``: (B, 1, H, W),
-    0/1 for K = 1, class indices 0..K-1 for K > 1 (any numeric dtype).
+    0/1 for K = 1, class indices 0..K-1 for K > 1 (any numeric dtype). For K = 1 the target may
+    also be a probability in [0, 1] (distillation's soft targets, :mod:`medseg.auto.distill`):
+    MONAI's soft Dice and the BCE with logits take it as it is.
     """
 
     def __init__(self, out_channels: int, cfg: LossConfig | None = None) -> None:

@@ -18,6 +18,9 @@ Layout (written by the ``postprocess`` stage of ``pipelines/auto.yaml``, or by
     postprocess_candidates.csv, cv_summary.json   the evidence behind it
     fingerprint.json        the plan's dataset fingerprint (part of the model's identity)
     qc.json                 the QC score's calibration on the out-of-fold predictions (medseg.review)
+    student/ + distill.json optional (``medseg distill``, :mod:`medseg.auto.distill`): one network
+                            distilled from the ensemble, and its out-of-fold check; used only when
+                            the record says so and the checkpoint's sha256 matches (:func:`read_student`)
 
 Nothing in it names a patient except by the manifest's ids (folds.json lists case and patient
 ids as the manifest gives them).
@@ -26,6 +29,7 @@ ids as the manifest gives them).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +38,16 @@ from typing import Any
 from medseg import __version__
 from medseg.atomic import copy_file, sha256_file, write_json
 from medseg.errors import MedsegError
-from medseg.outputs import CV_CHOSEN_DIR, CV_SUMMARY, MODEL_RECORD, POSTPROCESS_RULE_KEYS
+from medseg.outputs import (
+    CV_CHOSEN_DIR,
+    CV_SUMMARY,
+    DISTILL_RECORD,
+    LAST_CHECKPOINT,
+    MODEL_RECORD,
+    POSTPROCESS_RULE_KEYS,
+    RUN_CONFIG,
+    STUDENT_DIR,
+)
 from medseg.text_input import read_user_json
 
 FORMAT = "medseg-model-folder"
@@ -231,3 +244,73 @@ def read_model_inputs(path: str | Path) -> ModelInputs:
         raise MedsegError(f"{named}: names no input channels and CT/MR modality (channels {channels!r}, "
                           f"modality {modality!r}); write it with medseg train or pipelines/auto.yaml")
     return ModelInputs([str(c) for c in channels], str(modality).upper(), source)
+
+
+FOLD_CHECKPOINT = re.compile(r"(?:^|_)fold_(\d+)(?:_r(\d+))?\.pt$")  # [<candidate>_]fold_<k>[_r<r>].pt
+STUDENT_FORMAT = "medseg-distill"
+STUDENT_CHECKPOINT = f"{STUDENT_DIR}/{LAST_CHECKPOINT}"  # the student's weights after its last epoch, slim
+
+
+def checkpoints_by_fold(folder: ModelFolder) -> dict[int, list[Path]]:
+    """The folder's checkpoints grouped by the cross-validation fold whose patients they did not
+    see: ``fold_<k>.pt``, its repeats ``fold_<k>_r<r>.pt`` and a chosen candidate's
+    ``<name>_fold_<k>.pt`` all belong to fold k (the names :func:`write_model_folder` is given by
+    the ``postprocess`` stage). Raises ``MedsegError`` naming a checkpoint whose name says no fold."""
+    groups: dict[int, list[Path]] = {}
+    for path in folder.checkpoints:
+        match = FOLD_CHECKPOINT.search(path.name)
+        if match is None:
+            raise MedsegError(f"{path}: the name says no cross-validation fold (fold_<k>.pt expected), so which "
+                              "patients the model saw is unknown")  # fmt: skip
+        groups.setdefault(int(match.group(1)), []).append(path)
+    return dict(sorted(groups.items()))
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """A distilled student that may stand in for the ensemble: its checkpoint (sha256 checked),
+    its config file and the whole ``distill.json`` record."""
+
+    checkpoint: Path
+    config: Path
+    record: dict[str, Any]
+
+
+def fold_sha256(folder: ModelFolder) -> dict[str, str]:
+    """Each fold checkpoint's sha256 by file name, as ``model.json`` lists it (checked on reading)."""
+    return {Path(entry["file"]).name: entry["sha256"] for entry in folder.record["checkpoints"]}
+
+
+def read_student(path: str | Path) -> StudentRecord | None:
+    """The model folder's distilled student when its ``distill.json`` says ``use_student: true``,
+    else ``None`` (no record, or the student lost the out-of-fold check).
+
+    The checkpoint must be the file the record vouches for: ``student/last.pt`` with the sha256
+    written there; a changed, missing or unvouched checkpoint raises ``MedsegError`` naming the
+    file (never a silent fall-back to a file nobody checked). A record of another format also
+    raises."""
+    folder = Path(path)
+    record_path = folder / DISTILL_RECORD
+    if not record_path.is_file():
+        return None
+    record = read_user_json(record_path, MedsegError)
+    if not isinstance(record, dict) or record.get("format") != STUDENT_FORMAT:
+        raise MedsegError(f"{record_path}: not a medseg distillation record (format {STUDENT_FORMAT!r} expected)")
+    if record.get("use_student") is not True:
+        return None
+    student = record.get("student")
+    expected = student.get("sha256") if isinstance(student, dict) else None
+    checkpoint, config = folder / STUDENT_CHECKPOINT, folder / STUDENT_DIR / RUN_CONFIG
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise MedsegError(f"{record_path}: 'student.sha256' (64 hex digits) missing; the student is not vouched for")
+    if not checkpoint.is_file() or checkpoint.resolve().parent != (folder / STUDENT_DIR).resolve():
+        raise MedsegError(f"{checkpoint}: student checkpoint named in {record_path} not found in the model folder")
+    if sha256_file(checkpoint) != expected.lower():
+        raise MedsegError(f"{checkpoint}: sha256 differs from the one in {record_path} (file replaced or damaged); "
+                          "run medseg distill again or delete the record")  # fmt: skip
+    teachers = student.get("teacher_sha256")
+    current = fold_sha256(read_model_folder(folder))
+    if teachers != current:
+        raise MedsegError(f"{record_path}: the student was distilled from other fold checkpoints than {folder / MODEL_RECORD} "
+                          "lists now (folds retrained or replaced); run medseg distill again, or inference.student=off")  # fmt: skip
+    return StudentRecord(checkpoint, config, record)

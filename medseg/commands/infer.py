@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.errors import MedsegError
-    from medseg.inference.bundle import merge_settings
+    from medseg.inference.bundle import load_model_folder, merge_settings
     from medseg.inference.cases import cases_from_inputs, cases_from_manifest, check_cases
     from medseg.inference.runner import inference_patch, load_bundle, run_inference
 
@@ -119,19 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         options["output_format"] = args.output_format
     if args.split and not args.manifest:
         raise MedsegError("--split needs --manifest")
-    rule: dict[str, Any] = {}
+    # the user's --set inference.*, under the options above (a model folder's rule beneath both)
+    settings = merge_settings(inference_patch(args.overrides), options)
     if args.model:
-        from medseg.auto.model_folder import read_model_folder
-
-        folder = read_model_folder(args.model)
-        checkpoints, rule = folder.checkpoints, folder.postprocess
-        log.info("model folder %s: %d fold model(s) averaged; post-processing %s", args.model, len(checkpoints),
-                 folder.postprocess or "of the checkpoints")
+        bundle = load_model_folder(args.model, settings, device=_device(args.device))
     else:
-        checkpoints = args.checkpoint
-    # the folder's rule, under the user's --set inference.*, under the options above
-    settings = merge_settings(rule, inference_patch(args.overrides), options)
-    bundle = load_bundle(checkpoints, device=_device(args.device), settings=settings, model_dir=args.model)
+        bundle = load_bundle(args.checkpoint, device=_device(args.device), settings=settings)
     if args.manifest:
         cases = cases_from_manifest(args.manifest, bundle.channels, bundle.modality, args.split)
     else:

@@ -2,7 +2,8 @@
 
 A sample is the indexed slice plus ``context`` neighbours on each side, for every channel
 (``medseg.transforms.preprocessing.context_stack``: neighbour offset major, channel minor, edges
-replicated), and its label slice, then the (seeded) augmentation chain.
+replicated), and its label slice -- or, for a volume with a ``soft_label`` (distillation), that
+slice of the teacher's probability -- then the (seeded) augmentation chain.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from medseg.transforms.preprocessing import context_stack
 
 class SliceDataset(Dataset):
     """``dataset[position]`` or ``dataset[(position, seed)]`` ->
-    ``{"image": (C*(2k+1), h, w) float32, "label": (1, h, w) float32 0/1}``.
+    ``{"image": (C*(2k+1), h, w) float32, "label": (1, h, w) float32 0/1}`` (``label`` in [0, 1]:
+    the teacher's probability, for a volume with a ``soft_label``).
 
     ``h, w`` is the volume's in-plane size, or the patch size when ``transform`` crops. With a
     seed, ``transform`` is re-seeded first, so the sample is a pure function of
@@ -51,6 +53,8 @@ class SliceDataset(Dataset):
             "image": context_stack(volume.image, z, self.context, axis=1),
             "label": volume.label[z][None].to(torch.float32),
         }
+        if volume.soft_label is not None:  # a copy: the chain must never write into the volume
+            data["label"] = volume.soft_label[z][None].to(torch.float32, copy=True)
         if self.transform is not None:
             if seed is not None:
                 self.transform.set_random_state(seed=int(seed))

@@ -12,6 +12,10 @@ uses too) once; the result is stored slice-major for fast 2.5D access:
   ``components`` = 8-connected components of the slice's mask, ``values`` = one id per distinct
   raw value (an instance-labelled reference). Every consumer that wants the mask reads ``label > 0``.
 - ``spacing``: voxel size in mm along (S, H, W).
+- ``soft_label`` (distillation, :mod:`medseg.auto.distill`; ``None`` otherwise): (S, H, W)
+  float32 in [0, 1], a teacher's foreground probability on this grid; samples then carry it as
+  their target, and ``label`` holds ``soft_label >= 0.5`` (what the slice index and the
+  lesion-aware sampling read). Never cached on disk.
 
 The on-disk cache (``train.cache_dir``) holds one ``<case_id>-<fingerprint>.pt`` per case; the
 fingerprint covers the image and label files (path, size, modification time), the channels,
@@ -58,6 +62,7 @@ class TrainVolume:
     label: torch.Tensor
     spacing: tuple[float, float, float]
     instances: bool = False  # ``label`` holds per-slice instance ids (module docstring)
+    soft_label: torch.Tensor | None = None  # (S, H, W) float32 teacher probability (module docstring)
 
     @property
     def n_slices(self) -> int:
@@ -153,24 +158,33 @@ def _sub_chain(chain: Compose, transforms: list[Any]) -> Compose:
                    lazy=chain.lazy, overrides=chain.overrides)
 
 
-def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False) -> TrainVolume:
+def preprocess_case(case: Case, preprocess: PreprocessConfig, labels: LabelConfig, instances: bool = False,
+                    use_label: bool = True) -> TrainVolume:
     """Run the shared preprocessing chain on one labelled case; return it slice-major (with
-    ``instances``: per-slice instance ids as the label, module docstring)."""
+    ``instances``: per-slice instance ids as the label, module docstring).
+
+    ``use_label=False`` (distillation: the targets come from a teacher): the label file is never
+    read, the case may have none, and ``label`` is all 0 on the image's grid (the same grid: the
+    chain's crop reads only the image)."""
     from medseg.transforms.preprocessing import IMAGE_KEY, LABEL_KEY, channel_key, preprocess_transforms
-    if case.label is None:
+    if case.label is None and use_label:
         raise MedsegError(f"case {case.case_id}: training needs a label file")
     values = instances and labels.instances == "values"
-    chain = preprocess_transforms(preprocess, case.modality, case.channels, with_label=True, label_cfg=labels,
+    chain = preprocess_transforms(preprocess, case.modality, case.channels, with_label=use_label, label_cfg=labels,
                                   label_values=values)
     data = {channel_key(c): str(p) for c, p in case.images.items()}
-    data[LABEL_KEY] = str(case.label)
+    if use_label:
+        data[LABEL_KEY] = str(case.label)
     out = apply_checked_chain(chain, data, [channel_key(c) for c in case.images])
-    image, label = out[IMAGE_KEY], out[LABEL_KEY]
+    image = out[IMAGE_KEY]
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing_ras = np.linalg.norm(affine[:3, :3], axis=0)
     axis = SLICE_AXIS[preprocess.slice_axis]
     order = [axis, *[a for a in range(3) if a != axis]]
-    slice_major = torch.movedim(label.as_tensor()[0], axis, 0).contiguous()
+    if use_label:
+        slice_major = torch.movedim(out[LABEL_KEY].as_tensor()[0], axis, 0).contiguous()
+    else:
+        slice_major = torch.zeros(torch.movedim(image.as_tensor()[0], axis, 0).shape, dtype=torch.uint8)
     if instances:
         slice_major = torch.from_numpy(slice_instances(slice_major.numpy(), values, f"case {case.case_id}"))
     return TrainVolume(

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg.config import Config
 from medseg.errors import ConfigError, ManifestError
 from medseg.manifest import Case, read_manifest
+
+if TYPE_CHECKING:
+    from medseg.data.volumes import TrainVolume
 
 
 @dataclass
@@ -24,6 +28,19 @@ class TrainingCases:
     val: list[Case]
     channels: list[str]
     modality: str
+
+
+@dataclass
+class PreparedData:
+    """Training data the caller has built (distillation, :mod:`medseg.auto.distill`): the cases
+    (channels and modality for the checkpoint's contract), and their preprocessed volumes, in
+    the same order, each with its targets (``TrainVolume.soft_label``: the teacher's
+    probabilities). The trainer then reads no manifest and loads no volume; with no ``val``
+    volumes it validates nothing and keeps the last epoch's weights."""
+
+    cases: TrainingCases
+    train: list[TrainVolume]
+    val: list[TrainVolume]
 
 
 def expected_in_channels(n_channels: int, context_slices: int) -> int:

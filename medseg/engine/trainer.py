@@ -19,6 +19,9 @@ written into the run's config.
 Cross-validation (``fold=k``, :mod:`medseg.auto.folds`): the held-out fold is validated every
 epoch for the record, but nothing is chosen on it: no ``best.pt``, no early stopping; the
 fold's model is ``last.pt`` (the weights after the last epoch).
+Prepared data (``prepared``, :class:`medseg.engine.setup.PreparedData`; distillation): the
+caller's cases and volumes replace the manifest's, e.g. volumes whose targets are a teacher's
+probabilities (``TrainVolume.soft_label``; the Dice + BCE loss takes them as they are).
 Time budget (``train.max_minutes``): after the first epoch the trainer measures how many epochs
 fit; when fewer than ``train.epochs`` do, the learning-rate schedule is shortened to end there
 (a machine slower than the plan assumed trains fewer epochs, each schedule complete).
@@ -70,7 +73,7 @@ from medseg.engine.optim import (
     fit_scheduler,
     optimiser_step,
 )
-from medseg.engine.setup import TrainingCases, check_training_setup
+from medseg.engine.setup import PreparedData, TrainingCases, check_training_setup
 from medseg.engine.validation import ValidationResult, shard, validate
 from medseg.errors import ConfigError, MedsegError
 from medseg.losses import build_loss
@@ -137,6 +140,7 @@ class Trainer:
     ``fold``/``folds_dir``: train cross-validation fold ``fold`` with the assignment in
     ``folds_dir/folds.json`` (:func:`medseg.engine.setup.check_training_setup`).
     ``single_process``: one process even under torchrun (no DDP; ``cuda:LOCAL_RANK``).
+    ``prepared``: train on these cases and volumes instead of the manifest's (module docstring).
     """
 
     def __init__(
@@ -148,8 +152,10 @@ class Trainer:
         fold: int | None = None,
         folds_dir: str | Path | None = None,
         single_process: bool = False,
+        prepared: PreparedData | None = None,
     ) -> None:
         self.cfg = cfg
+        self.prepared = prepared
         self.single_process = single_process
         self.out_dir = Path(out_dir)
         self.fold = fold
@@ -165,6 +171,9 @@ class Trainer:
         cache = cfg.train.cache_dir
         show = self.progress and info.is_main
         inst = self.detector
+        if self.prepared is not None:
+            self._use_prepared(self.prepared, info)
+            return
         if cache is not None and info.distributed:  # rank 0 fills the cache, the others read it
             if info.is_main:
                 load_volumes(cases.train + cases.val, cfg.preprocess, cfg.data.labels, cache, show, inst)
@@ -177,6 +186,19 @@ class Trainer:
         self.val_volumes = load_volumes(shard(cases.val, info), cfg.preprocess, cfg.data.labels, cache, show, inst)
         if self.detector and cfg.model.anchor_sizes is None:
             self._size_anchors(info)
+        self._index_and_loader(cases, info)
+
+    def _use_prepared(self, prepared: PreparedData, info: DistInfo) -> None:
+        """The caller's volumes (:class:`PreparedData`) in place of the manifest's."""
+        if self.detector:
+            raise ConfigError("prepared training data (distillation) needs a segmentation model, not an instance model")
+        self.train_volumes = list(prepared.train)
+        self.val_volumes = shard(list(prepared.val), info)
+        self._index_and_loader(prepared.cases, info)
+
+    def _index_and_loader(self, cases: TrainingCases, info: DistInfo) -> None:
+        """Slice index, lesion-aware sampler, dataset and loader over ``self.train_volumes``."""
+        cfg = self.cfg
         index = SliceIndex.from_volumes(self.train_volumes, connectivity_2d=cfg.stats.connectivity_2d)
         t = cfg.train
         self.steps_per_epoch = max(1, math.ceil(t.samples_per_epoch / (t.batch_size * info.world_size)))
@@ -416,7 +438,10 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         """Train until ``train.epochs``, early stopping or the time budget; see the module docstring."""
-        cases = check_training_setup(self.cfg, self.fold, self.folds_dir)
+        if self.prepared is not None:
+            cases = self.prepared.cases
+        else:
+            cases = check_training_setup(self.cfg, self.fold, self.folds_dir)
         if self.single_process:  # e.g. one cross-validation fold per torchrun rank: no DDP
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             device = resolve_train_device(self.cfg.train.device, local_rank)

@@ -19,6 +19,7 @@ from medseg import __version__
 from medseg.atomic import write_csv, write_json
 from medseg.errors import MedsegError
 from medseg.inference.bundle import InferenceBundle
+from medseg.inference.cascade import CascadeStats
 from medseg.inference.case import CasePredictor, PreparedCase
 from medseg.inference.case_files import (
     SEG_NOT_ASKED,
@@ -227,6 +228,7 @@ class BatchRun:
                     try:
                         with self.slice_bar(case.case_id, self.predictor.n_slices(current)) as advance:
                             prob, seconds = self.predictor.probabilities(current, advance)
+                        self.say_cascade(case.case_id, current.cascade)
                     except Exception as exc:  # noqa: BLE001
                         error = exc
                 self.settle()
@@ -239,6 +241,30 @@ class BatchRun:
                         self.settle()  # one case at a time: its outputs before the next case is read
                 del current, prob
             self.settle()
+
+    def say_cascade(self, case_id: str, stats: CascadeStats | None) -> None:
+        """One line per case predicted by a fold-ensemble cascade: what the other models skipped."""
+        if stats is None:
+            return
+        log.info("case %s: cascade, the other %d model(s) skipped %.1f%% of %d slices, %.1f%% of the slice x pixel "
+                 "work", case_id, len(self.bundle.models) - 1, 100 * stats.slices_skipped, stats.n_slices,
+                 100 * stats.pixels_skipped)
+
+    def cascade_record(self, cases: Sequence[InferenceCase]) -> dict[str, Any]:
+        """``inference.json``'s ``cascade``: whether the ensemble ran as a cascade, and the mean
+        fractions its other models skipped over the cases of ``cases`` whose marker records them
+        (predicted now or by an earlier run with the same settings; 0 such cases: None)."""
+        cfg = self.bundle.inference
+        records = [r["cascade"] for r in (read_marker(self.out, c.case_id) for c in cases)
+                   if r is not None and isinstance(r.get("cascade"), dict)]  # fmt: skip
+        slices = [float(r["slices_skipped"]) for r in records]
+        pixels = [float(r["pixels_skipped"]) for r in records]
+        return {
+            "enabled": bool(cfg.cascade and len(self.bundle.models) >= 2),
+            "cases": len(records),
+            "mean_slices_skipped": round(sum(slices) / len(slices), 4) if slices else None,
+            "mean_pixels_skipped": round(sum(pixels) / len(pixels), 4) if pixels else None,
+        }
 
     @contextmanager
     def slice_bar(self, case_id: str, n_slices: int) -> Iterator[Callable[[int], None] | None]:
@@ -291,6 +317,7 @@ class BatchRun:
                 "device": str(bundle.device),
                 "world_size": world,
                 "inference": bundle.inference.model_dump(mode="json"),
+                "cascade": self.cascade_record(self.cases),
                 "rank0": {"done": len(summary.done), "skipped": len(summary.skipped),
                           "failed": len(summary.failures), "seconds": round(summary.seconds, 3)},
             })
@@ -342,8 +369,9 @@ def run_inference(
 
     Writes each case's outputs (:mod:`.outputs`), ``failures_file`` (case_id, error; header
     only when nothing failed; merged by rank 0) and ``inference.json`` (settings, checkpoints,
-    counts; rank 0). ``rank_sharding=False``: this process predicts every case given, whatever
-    torchrun's environment says (the caller shares the work out, e.g. one CV fold per rank).
+    counts, a fold-ensemble cascade's mean skipped fractions; rank 0). ``rank_sharding=False``:
+    this process predicts every case given, whatever torchrun's environment says (the caller
+    shares the work out, e.g. one CV fold per rank).
     Returns this rank's summary (:class:`BatchRun`).
     """
     return BatchRun(bundle, out_dir, show_progress, rank_sharding, failures_file).run(cases)

@@ -18,6 +18,7 @@ from torch import nn
 from medseg.config import Config, InferenceConfig, format_validation_error, parse_override, set_dotted
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.predictor import network_stride, prepare_models
+from medseg.outputs import DISTILL_RECORD
 from medseg.runtime import (
     keep_freed_memory,
     resolve_device,
@@ -154,6 +155,11 @@ def load_bundle(
     values by inference key, e.g. ``{"tta": True}``), validated together once. Raises
     ``MedsegError`` naming the file otherwise. ``model_dir``: the model folder they came from
     (named in the run's record). Process-wide settings take effect here: ``threads`` and ``keep_freed_memory``.
+
+    ``inference.backend`` other than torch: the models are the folder's compiled ones
+    (:func:`compiled_models`), used only when ``medseg accelerate`` accepted that backend and
+    precision for exactly these checkpoints; the backend and precision are part of
+    :attr:`InferenceBundle.inference`, so they reach the run's record and the case fingerprint.
     """
     from medseg.models.checkpoint import load_checkpoint, model_from_loaded
 
@@ -201,6 +207,94 @@ def load_bundle(
     if config.inference.keep_freed_memory:
         keep_freed_memory()
     set_threads(config.inference.threads)
+    if config.inference.backend == "auto":
+        chosen = _auto_backend(paths, config.inference, dev, Path(model_dir) if model_dir else None)
+        config = config.model_copy(update={"inference": config.inference.model_copy(update=chosen)})
+    if config.inference.backend != "torch":
+        from medseg.inference.backends import resolve_precision
+
+        models = compiled_models(paths, models, config.inference, dev, Path(model_dir) if model_dir else None)
+        precision = resolve_precision(config.inference.backend, config.inference.precision)  # auto -> fp32, recorded
+        config = config.model_copy(update={"inference": config.inference.model_copy(update={"precision": precision})})
     return InferenceBundle(models, config, channels, modality, paths, dev, Path(model_dir) if model_dir else None)
 
+
+def load_model_folder(
+    model_dir: str | Path, settings: Mapping[str, Any] | None = None, device: str | torch.device | None = None
+) -> InferenceBundle:
+    """A model folder as one bundle: its fold models averaged, or its distilled student.
+
+    The post-processing chosen on cross-validation comes first, then ``settings`` (the user's
+    ``--set inference.*`` and command options, typed by key). With ``inference.student`` ``auto``
+    (the default) a student that ``medseg distill`` accepted stands in for the folds
+    (:func:`medseg.auto.model_folder.read_student`: its checkpoint and the folds it learned from
+    must be the ones recorded, else ``MedsegError``); ``false`` always loads the folds, ``true``
+    requires the student.
+    """
+    from medseg.auto.model_folder import read_model_folder, read_student
+
+    folder = read_model_folder(model_dir)
+    merged = merge_settings(folder.postprocess, settings or {})
+    student_mode = merged.get("student", "auto")
+    if student_mode not in ("auto", True, False):
+        raise ConfigError(f"inference.student must be auto, true or false (off), got {student_mode!r}")
+    student = read_student(folder.path) if student_mode is not False else None
+    if student is None and student_mode is True:
+        raise MedsegError(f"{model_dir}: inference.student=true but the folder has no student that medseg distill "
+                          f"accepted (see its {DISTILL_RECORD}); run medseg distill or use inference.student=auto")  # fmt: skip
+    if student is not None:
+        check = student.record.get("comparison", {})
+        log.info("model folder %s: its distilled student stands in for the %d fold model(s) (%s); post-processing %s",
+                 model_dir, len(folder.checkpoints), check.get("summary", "accepted out-of-fold by medseg distill"),
+                 folder.postprocess or "of the checkpoints")  # fmt: skip
+        return load_bundle([student.checkpoint], device=device, settings=merged, model_dir=model_dir)
+    log.info("model folder %s: %d fold model(s) averaged; post-processing %s", model_dir, len(folder.checkpoints),
+             folder.postprocess or "of the checkpoints")
+    return load_bundle(folder.checkpoints, device=device, settings=merged, model_dir=model_dir)
+
+
+def _auto_backend(
+    checkpoints: Sequence[Path], cfg: InferenceConfig, device: torch.device, model_dir: Path | None
+) -> dict[str, str]:
+    """``inference.backend: auto`` resolved: the fastest variant ``medseg accelerate`` accepted for
+    this model folder's checkpoints (:func:`medseg.inference.backends.fastest_accepted`), else
+    torch. Plain checkpoints and GPUs run torch; int8 without an accepted int8 variant is refused."""
+    chosen = None
+    if model_dir is not None and device.type == "cpu":
+        from medseg.inference.backends import fastest_accepted
+
+        chosen = fastest_accepted(model_dir, checkpoints, cfg.precision)
+    if chosen is not None:
+        log.info("inference.backend auto: %s %s (accepted by medseg accelerate, fastest on the CV cases)", *chosen)
+        return {"backend": chosen[0], "precision": chosen[1]}
+    if cfg.precision == "int8":
+        raise ConfigError("inference.precision int8: no int8 variant accepted for these checkpoints "
+                          "(medseg accelerate MODEL_DIR --backend onnxruntime|openvino --precision int8)")  # fmt: skip
+    return {"backend": "torch"}
+
+
+def compiled_models(
+    checkpoints: Sequence[Path], models: Sequence[nn.Module], cfg: InferenceConfig, device: torch.device,
+    model_dir: Path | None,
+) -> list[nn.Module]:
+    """The compiled counterparts of ``models`` for ``cfg.backend`` / ``cfg.precision``
+    (:mod:`medseg.inference.backends`), from the model folder ``model_dir``.
+
+    Refused (``MedsegError``): plain checkpoints (no model folder: no cross-validation patients
+    whose masks could have been checked against the torch ensemble), a GPU device (the compiled
+    backends run on the CPU), and a variant that ``medseg accelerate`` has not accepted for
+    these exact checkpoints (the message names the measured Dice, or the command to run)."""
+    from medseg.inference.backends import load_accepted_models, resolve_precision
+
+    if model_dir is None:
+        names = ", ".join(str(p) for p in checkpoints)
+        raise MedsegError(
+            f"inference.backend={cfg.backend}: {names} is not a model folder; a compiled backend is used only after "
+            "medseg accelerate has checked its masks against the torch ensemble on the folder's cross-validation "
+            "patients: run with --model DIR (pipelines/auto.yaml's model/) or inference.backend=torch"
+        )
+    if device.type != "cpu":
+        raise ConfigError(f"inference.backend={cfg.backend} runs on the CPU; use --device cpu or inference.backend=torch")
+    precision = resolve_precision(cfg.backend, cfg.precision)
+    return list(load_accepted_models(model_dir, checkpoints, models, cfg.backend, precision, cfg.threads))
 

@@ -23,6 +23,7 @@ from medseg import __version__
 from medseg.errors import MedsegError, printable_path
 from medseg.geometry import AXIS_INDEX, index_axis, label_components
 from medseg.inference.bundle import InferenceBundle
+from medseg.inference.cascade import CascadeStats
 from medseg.inference.case_files import CaseWriter, SegExport, discard_case
 from medseg.inference.cases import InferenceCase
 from medseg.inference.instances import (
@@ -55,6 +56,7 @@ class PreparedCase:
     seconds: float
     seg_export: SegExport | None = None  # how its DICOM SEG is written (output_format dicom-seg/both)
     detections: InstancePrediction | None = None  # instance models: linked lesions on the preprocessed grid
+    cascade: CascadeStats | None = None  # fold ensembles with inference.cascade: what the other models skipped
 
 
 @dataclass
@@ -165,7 +167,8 @@ class CasePredictor:
     ) -> tuple[torch.Tensor, float]:
         """The network's part: (R, A, S) or (K, R, A, S) probabilities on the preprocessed grid
         (:func:`predict_volume`), and the seconds it took; ``progress`` is called with the number
-        of slices done.
+        of slices done. A fold ensemble predicted as a cascade (``inference.cascade``) leaves what
+        its other models skipped in ``prepared.cascade`` (None otherwise).
 
         Raises ``MedsegError`` when a probability is NaN/Inf (NaN weights, an overflow in reduced
         precision): the image was checked for NaN on reading, so the model is to blame, and a NaN
@@ -178,10 +181,13 @@ class CasePredictor:
             )
             prepared.detections = found
             return found.prob, time.perf_counter() - start
+        cascades: list[CascadeStats] = []
         prob = predict_volume(
             self.bundle.models, prepared.data[IMAGE_KEY], self.bundle.config.preprocess.context_slices,
             self.bundle.inference, self.bundle.device, axis=self.ras_axis + 1, progress=progress,
+            on_cascade=cascades.append,
         )
+        prepared.cascade = cascades[0] if cascades else None
         if not bool(torch.isfinite(prob).all()):
             names = ", ".join(str(p) for p in self.bundle.checkpoints) or "the in-memory model"
             raise MedsegError(
@@ -254,8 +260,12 @@ class CasePredictor:
         (:mod:`medseg.input_identity`). Returns the written paths."""
         with CaseWriter(out_dir, prepared.case.case_id, prepared.geometry, fingerprint, inputs) as writer:
             result = self.finish(prepared, prob, predict_seconds, writer)
-            info = {"medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
-                    "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
+            info: dict[str, Any] = {
+                "medseg_version": __version__, "n_lesions": None if result.table is None else len(result.table),
+                "cohort": result.cohort, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+            }
+            if prepared.cascade is not None:
+                info["cascade"] = prepared.cascade.as_record()
             return writer.close(info)
 
     def run_case(self, case: InferenceCase, out_dir: str | Path) -> list[Path]:

@@ -21,7 +21,9 @@ than the ROI, from its first pixel otherwise -- edge-padding only up to the next
 multiple. So the one-window shortcut gives the masks of the ROI-sized window it replaces.
 
 Probabilities: sigmoid of the logits for one output channel, softmax over channels for more.
-Flip TTA and several models are averaged in probability space (float32).
+Flip TTA and several models are averaged in probability space (float32). With several
+models and ``InferenceConfig.cascade`` the models after the first run only on the slices and
+in-plane boxes where the first is not confidently background (:mod:`.cascade`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from medseg.config import InferenceConfig
+from medseg.inference.cascade import CascadeStats, cascade_refine
 from medseg.runtime import autocast_dtype, resolve_device
 
 CPU_BATCH = 4  # windows per forward on CPU: 48 slices/s at 4 vs 37 at 16 (docs/benchmarks.md)
@@ -138,7 +141,9 @@ class SliceStacks:
             padding[dim] = pad
         self.slices = edge_padded_copy(ordered, padding)
 
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
+    def __call__(self, start: int, stop: int, box: tuple[slice, slice] | None = None) -> torch.Tensor:
+        """Stacks of slices ``start:stop``: (N, Cin, H, W) of the padded plane, or only its
+        ``box`` (rows, columns of the padded plane; a cascade's second pass): (N, Cin, h, w)."""
         n, c, k = stop - start, self.channels, self.context
         h, w = self.plane
         cin = c * (2 * k + 1)
@@ -146,8 +151,12 @@ class SliceStacks:
         if self.channels_last:
             s_padded = base.shape[2]
             view = base.as_strided((n, h, w, cin), (c, w * s_padded * c, s_padded * c, 1), base.storage_offset() + start * c)
+            if box is not None:
+                view = view[:, box[0], box[1]]
             return view.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # (N, Cin, H, W), NHWC memory
         view = base.as_strided((n, cin, h, w), (c * h * w, h * w, w, 1), base.storage_offset() + start * c * h * w)
+        if box is not None:
+            view = view[:, :, box[0], box[1]]
         return view.contiguous()
 
 
@@ -224,6 +233,7 @@ def predict_volume(
     device: str | torch.device | None,
     axis: int = -1,
     progress: Callable[[int], None] | None = None,
+    on_cascade: Callable[[CascadeStats], None] | None = None,
 ) -> torch.Tensor:
     """Probabilities of every voxel of ``image`` from 2.5D sliding-window prediction.
 
@@ -231,8 +241,14 @@ def predict_volume(
     the same K; their probabilities are averaged). ``image``: (C, R, A, S) float32 (a MetaTensor
     is fine; its meta is not used). ``axis``: spatial slicing axis as an index of ``image``
     (-1 = S = axial slices, 1 = R = sagittal, 2 = A = coronal). ``cfg``: window, overlap,
-    batch, precision, TTA. ``device``: where the models run (``None`` = CUDA if available).
-    ``progress``: called with the number of slices done after each batch (on a GPU: queued).
+    batch, precision, TTA, cascade. ``device``: where the models run (``None`` = CUDA if available).
+    ``progress``: called with the number of slices done after each batch (on a GPU: queued;
+    with a cascade: of the first model's pass).
+
+    Two or more models with ``cfg.cascade``: the first model predicts every slice and the others
+    only the boxes where it is not confidently background (:mod:`.cascade`); ``on_cascade`` is then
+    called once with what they skipped (:class:`.cascade.CascadeStats`). Otherwise every model
+    runs on every slice (``on_cascade`` is not called).
 
     Returns a CPU float32 tensor: (R, A, S) foreground probability when K == 1, else
     (K, R, A, S) class probabilities (softmax over K); stored slice-major, so it is a strided
@@ -242,10 +258,13 @@ def predict_volume(
     ``prepare_models`` once (channels_last weights).
     """
     dev = resolve_device(device)
-    amp = autocast_dtype(cfg.precision, dev)
-    network = EnsembleProbability(models, cfg.tta_flips if cfg.tta else (), amp, cfg.channels_last)
+    amp = autocast_dtype(cfg.precision, dev) if cfg.backend in ("torch", "auto") else None  # compiled: own precision
+    flips = cfg.tta_flips if cfg.tta else ()
+    cascade = cfg.cascade and len(models) >= 2
+    first = EnsembleProbability(models[:1] if cascade else models, flips, amp, cfg.channels_last)
+    rest = EnsembleProbability(models[1:], flips, amp, cfg.channels_last) if cascade else None
     with evaluating(models, dev):
-        return _predict(network, image, context, cfg, dev, axis, progress)
+        return _predict(first, rest, network_stride(models), image, context, cfg, dev, axis, progress, on_cascade)
 
 
 @contextmanager
@@ -264,16 +283,56 @@ def evaluating(models: Sequence[nn.Module], dev: torch.device) -> Iterator[None]
             model.train(training)
 
 
+def window_predictor(
+    network: EnsembleProbability, plane: Sequence[int], cfg: InferenceConfig, dev: torch.device, batch: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The callable that predicts (N, Cin, h, w) inputs of in-plane size ``plane`` = (h, w):
+    ``network`` itself when one window covers them, else MONAI's ``SlidingWindowInferer`` over
+    them with ``cfg``'s window (shrunk to the plane where smaller), overlap and blending."""
+    roi = effective_roi(cfg.roi_size, plane)
+    # one window covering the slice: blending weights are constant, so the inferer's padding,
+    # importance map and weighted accumulation are pure overhead (predict of a BraTS case on
+    # the CPU: 2.06 s -> 1.76 s); the network then runs on the whole slices -- same probabilities
+    if tuple(roi) == tuple(plane):
+        return network
+    inferer = SlidingWindowInferer(
+        roi_size=roi,
+        sw_batch_size=batch,
+        overlap=cfg.overlap,
+        mode=cfg.blend,
+        sw_device=dev,
+        device=dev,
+        cache_roi_weight_map=True,
+    )
+    return partial(inferer, network=network)
+
+
+def _box_pass(
+    network: EnsembleProbability, stacks: SliceStacks, cfg: InferenceConfig, dev: torch.device, batch: int,
+    start: int, stop: int, box: tuple[slice, slice],
+) -> torch.Tensor:
+    """A cascade's second pass on slices ``start:stop``: (N, K, h, w) probabilities of ``network``
+    on the ``box`` (rows, columns) of the padded plane, tiled like a full slice when larger than
+    the window."""
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    return window_predictor(network, shape, cfg, dev, batch)(stacks(start, stop, box))
+
+
 def _predict(
     network: EnsembleProbability,
+    rest: EnsembleProbability | None,
+    stride: int,
     image: torch.Tensor,
     context: int,
     cfg: InferenceConfig,
     dev: torch.device,
     axis: int,
     progress: Callable[[int], None] | None,
+    on_cascade: Callable[[CascadeStats], None] | None,
 ) -> torch.Tensor:
-    """``predict_volume``'s body: batches of 2.5D stacks through the inferer into one output."""
+    """``predict_volume``'s body: batches of 2.5D stacks through ``network`` into one output, then,
+    with ``rest`` (the other models of a cascade), its boxes (:func:`.cascade.cascade_refine`).
+    ``stride``: the pooling grid of every model, so the padding is the full ensemble's."""
     volume = image.as_tensor() if hasattr(image, "as_tensor") else image  # MetaTensor ops are slow
     if volume.ndim != 4:
         raise ValueError(f"image must be (C, R, A, S), got shape {tuple(volume.shape)}")
@@ -283,24 +342,9 @@ def _predict(
     n_slices = volume.shape[spatial_axis]
     plane = [s for i, s in enumerate(volume.shape[1:], start=1) if i != spatial_axis]
     batch = cfg.batch_size or default_batch_size(dev)
-    padding = window_padding(plane, cfg.roi_size, network_stride(network.models))
+    padding = window_padding(plane, cfg.roi_size, stride)
     padded_plane = [n + before + after for n, (before, after) in zip(plane, padding, strict=True)]
-    roi = effective_roi(cfg.roi_size, padded_plane)
-    # one window covering the slice: blending weights are constant, so the inferer's padding,
-    # importance map and weighted accumulation are pure overhead (predict of a BraTS case on
-    # the CPU: 2.06 s -> 1.76 s); the network then runs on the whole slices -- same probabilities
-    predict: Callable[[torch.Tensor], torch.Tensor] = network
-    if tuple(roi) != tuple(padded_plane):
-        inferer = SlidingWindowInferer(
-            roi_size=roi,
-            sw_batch_size=batch,
-            overlap=cfg.overlap,
-            mode=cfg.blend,
-            sw_device=dev,
-            device=dev,
-            cache_roi_weight_map=True,
-        )
-        predict = partial(inferer, network=network)
+    predict = window_predictor(network, padded_plane, cfg, dev, batch)
 
     # on a GPU the volume goes over once and the stacks and the output stay there: no host work
     # and no synchronising copy per batch (the CPU queues the batches while the GPU runs them)
@@ -317,6 +361,13 @@ def _predict(
         if progress is not None:
             progress(stop)
     assert out is not None
+    if rest is not None:
+        stats = cascade_refine(
+            out, partial(_box_pass, rest, stacks, cfg, dev, batch), len(network.models) + len(rest.models), padding,
+            stride, cfg.cascade_threshold, cfg.cascade_margin_slices, cfg.cascade_margin_px, batch,
+        )
+        if on_cascade is not None:
+            on_cascade(stats)
     del stacks
     out = torch.movedim(out.cpu(), 1, spatial_axis)  # back to the axis order of ``image`` (a strided view)
     return out[0] if out.shape[0] == 1 else out

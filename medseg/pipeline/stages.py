@@ -347,12 +347,10 @@ def stage_infer(ctx: RunContext, opts: InferOptions) -> None:
 
     stage_options = opts.model_dump(include={"tta", "write_prob", "output_format"}, exclude_none=True)
     if ctx.model_dir is not None:  # the fold ensemble with its rule, under the user's own --set inference.*
-        from medseg.auto.model_folder import read_model_folder
+        from medseg.inference.bundle import load_model_folder
 
-        model = read_model_folder(ctx.model_dir)
         user = inference_patch([o for o in ctx.config_overrides if o.startswith("inference.")])
-        bundle = load_bundle(model.checkpoints, settings=merge_settings(model.postprocess, user, stage_options),
-                             model_dir=ctx.model_dir)
+        bundle = load_model_folder(ctx.model_dir, merge_settings(user, stage_options))
     elif ctx.checkpoint is not None:  # the inference keys this pipeline's config sets explicitly
         explicit = ctx.cfg.inference.model_dump(mode="json", include=ctx.cfg.inference.model_fields_set)
         bundle = load_bundle([ctx.checkpoint], settings=merge_settings(explicit, stage_options))
