@@ -6,9 +6,14 @@ interleaved over ``--rounds`` rounds (best time kept), each variant predicts it 
 own ``CasePredictor`` (``probabilities`` timed = the network part; ``finish`` = the mask
 ``medseg infer`` writes, post-processed with the folder's chosen rule, on the source grid):
 
-- ``single``: the fold model that held the patient out (its out-of-fold model);
-- ``ensemble``: every fold model on every slice (``inference.cascade=false``);
+- ``reference``: the full fp32 torch ensemble (every fold on every slice): the masks every
+  variant is compared with (``dice_to_ensemble``);
+- ``single``: the fold model that held the patient out (its out-of-fold model), torch, the
+  folder's precision (``auto``: bf16 autocast on CPUs with fast bf16);
+- ``ensemble``: every fold model on every slice (``inference.cascade=false``), same precision;
 - ``cascade``: the fold-ensemble cascade (:mod:`medseg.inference.cascade`) with the settings given;
+- ``single <backend-precision>`` / ``cascade <backend-precision>``: the same with each compiled
+  variant ``medseg accelerate`` accepted for the folder (``--no-backends`` leaves them out);
 - more variants: add an entry to :func:`variants`.
 
 Per case and variant: network seconds, ratio to ``single``, Dice of the mask to the full
@@ -30,7 +35,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_ensemble.py [--model runs/qc_brats/model] [--cases 3] [--rounds 2]
     .venv/bin/python benchmarks/bench_ensemble.py --sweep --thresholds 0.02,0.05,0.1 \\
-        --margin-slices-list 0,1,2,4 --margin-px-list 0,16,32,64,128,512 --rounds 2
+        --margin-slices-list 0,1,2,4 --margin-px-list -1,32,128 --rounds 2   # -1: whole slices
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import torch
 from medseg.auto.folds import read_folds
 from medseg.auto.model_folder import read_model_folder
 from medseg.comparison import markdown_table
+from medseg.inference.backends import read_backends_record
 from medseg.inference.bundle import InferenceBundle
 from medseg.inference.case import CasePredictor, PreparedCase
 from medseg.inference.cases import InferenceCase, cases_from_manifest
@@ -63,6 +69,7 @@ from medseg.inference.runner import load_bundle
 from medseg.labels import read_label
 from medseg.manifest import read_manifest
 from medseg.metrics.voxel import voxel_metrics
+from medseg.outputs import BACKENDS_RECORD
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "runs" / "qc_brats" / "model"
 
@@ -121,16 +128,28 @@ def with_inference(bundle: InferenceBundle, models: list | None = None, checkpoi
                                checkpoints=checkpoints if checkpoints is not None else bundle.checkpoints)
 
 
-def variants(ensemble: InferenceBundle, fold: int, cascades: list[dict[str, float]]) -> list[Variant]:
-    """The variants timed for a patient held out by ``fold``: single (that fold's model), the full
-    ensemble, one cascade per entry of ``cascades``. Add new variants here."""
-    out = [Variant("single", with_inference(ensemble, [ensemble.models[fold]], [ensemble.checkpoints[fold]])),
+def variants(ensemble: InferenceBundle, fold: int, cascades: list[dict[str, Any]],
+             compiled: dict[str, InferenceBundle]) -> list[Variant]:
+    """The variants timed for a patient held out by ``fold``. ``ensemble`` is loaded with the
+    folder's settings (precision ``auto``: bf16 autocast on CPUs with fast bf16). ``reference``:
+    the full fp32 torch ensemble every variant's mask is compared with; ``single``: that fold's
+    model alone (torch, the folder's precision); ``ensemble``: every model on every slice; one
+    cascade per entry of ``cascades``; per compiled variant accepted by ``medseg accelerate``
+    (``compiled``): its single model and its cascade. Add new variants here."""
+    out = [Variant("reference", with_inference(ensemble, cascade=False, precision="fp32")),
+           Variant("single", with_inference(ensemble, [ensemble.models[fold]], [ensemble.checkpoints[fold]])),
            Variant("ensemble", with_inference(ensemble, cascade=False))]
     for c in cascades:
         name = "cascade" if len(cascades) == 1 else "cascade t={threshold} s={margin_slices} px={margin_px}".format(**c)
         out.append(Variant(name, with_inference(ensemble, cascade=True, cascade_threshold=c["threshold"],
                                                 cascade_margin_slices=int(c["margin_slices"]),
-                                                cascade_margin_px=int(c["margin_px"])), c))
+                                                cascade_margin_px=c["margin_px"]), c))
+    for name, bundle in compiled.items():
+        out.append(Variant(f"single {name}", with_inference(bundle, [bundle.models[fold]], [bundle.checkpoints[fold]])))
+        c = cascades[0]
+        out.append(Variant(f"cascade {name}", with_inference(bundle, cascade=True, cascade_threshold=c["threshold"],
+                                                             cascade_margin_slices=int(c["margin_slices"]),
+                                                             cascade_margin_px=c["margin_px"])))
     return out
 
 
@@ -143,10 +162,11 @@ def run_variant(predictor: CasePredictor, prepared: PreparedCase) -> tuple[float
     return seconds, result.mask, stats
 
 
-def bench_case(case: InferenceCase, fold: int, ensemble: InferenceBundle, cascades: list[dict[str, float]],
-               rounds: int, label: Path | None, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def bench_case(case: InferenceCase, fold: int, ensemble: InferenceBundle, cascades: list[dict[str, Any]],
+               compiled: dict[str, InferenceBundle], rounds: int, label: Path | None,
+               say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Rows (one per variant) of one patient."""
-    todo = variants(ensemble, fold, cascades)
+    todo = variants(ensemble, fold, cascades, compiled)
     reader = CasePredictor(ensemble)
     prepared = reader.prepare(case)
     predictors = {v.name: CasePredictor(v.bundle) for v in todo}
@@ -176,7 +196,7 @@ def bench_case(case: InferenceCase, fold: int, ensemble: InferenceBundle, cascad
         rows.append({
             "case_id": case.case_id, "fold": fold, "variant": v.name, **(v.cascade or {}),
             "seconds": round(best, 3), "ratio": round(best / single, 3), "work": round(work, 3),
-            "dice_to_ensemble": round(dice(masks[v.name], masks["ensemble"]), 5),
+            "dice_to_ensemble": round(dice(masks[v.name], masks["reference"]), 5),
             "dice_to_reference": round(dice(masks[v.name], reference), 4) if reference is not None else None,
             "slices_skipped": stats[v.name].get("slices_skipped"), "pixels_skipped": stats[v.name].get("pixels_skipped"),
             "peak_rss_mb": round(rss[v.name], 1),
@@ -192,6 +212,7 @@ def sweep_summary(frame: pd.DataFrame, min_dice: float, max_cost: float) -> pd.D
     cascades = frame[frame.variant.str.startswith("cascade")].copy()
     cascades["single_seconds"] = cascades.case_id.map(single)
     rows = []
+    cascades["margin_px"] = cascades["margin_px"].fillna(-1)  # -1: whole slices
     for (t, s, px), group in cascades.groupby(["threshold", "margin_slices", "margin_px"]):
         cost = group.seconds.sum() / group.single_seconds.sum()
         rows.append({"threshold": t, "margin_slices": int(s), "margin_px": int(px),
@@ -216,16 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--threshold", type=float, default=None, help="cascade_threshold (default: the folder's config)")
     parser.add_argument("--margin-slices", type=int, default=None, help="cascade_margin_slices")
-    parser.add_argument("--margin-px", type=int, default=None, help="cascade_margin_px")
+    parser.add_argument("--margin-px", type=int, default=None, help="cascade_margin_px (-1: whole slices)")
     parser.add_argument("--sweep", action="store_true", help="every combination of the lists below")
     parser.add_argument("--thresholds", default="0.02,0.05,0.1,0.2")
     parser.add_argument("--margin-slices-list", dest="margin_slices_list", default="0,1,2,4")
-    parser.add_argument("--margin-px-list", dest="margin_px_list", default="0,16,32,64,128,512",
-                        help="512: the whole plane of a BraTS slice (exact for networks with global pooling)")
+    parser.add_argument("--margin-px-list", dest="margin_px_list", default="-1,32,128",
+                        help="-1: whole slices (exact for networks with global pooling)")
     parser.add_argument("--min-dice", type=float, default=0.995)
     parser.add_argument("--max-cost", type=float, default=1.5)
     parser.add_argument("--json", type=Path, help="also write the JSON summary here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="inference.key=value")
+    parser.add_argument("--no-backends", action="store_true", help="leave out the folder's accepted compiled variants")
+    parser.add_argument("--backends", default=None, help="only these accepted variants, e.g. onnxruntime-int8,openvino-bf16")
     args = parser.parse_args(argv)
     logging.getLogger("medseg").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -236,16 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     names = [p.stem for p in folder.checkpoints]
     if names != [f"fold_{k}" for k in range(folds.n_folds)]:
         raise SystemExit(f"expected checkpoints fold_0..fold_{folds.n_folds - 1}, got {names}")
-    ensemble = load_bundle(folder.checkpoints, args.overrides, settings=folder.postprocess, model_dir=folder.path)
+    ensemble = load_bundle(folder.checkpoints, args.overrides, settings={**folder.postprocess, "backend": "torch"},
+                           model_dir=folder.path)
     base = ensemble.inference
+    compiled: dict[str, InferenceBundle] = {}
+    if not args.no_backends and (folder.path / BACKENDS_RECORD).is_file():
+        for entry in read_backends_record(folder.path)["entries"].values():
+            name = f"{entry['backend']}-{entry['precision']}"
+            if entry.get("accepted") and (args.backends is None or name in args.backends.split(",")):
+                settings = {**folder.postprocess, "backend": entry["backend"], "precision": entry["precision"],
+                            "threads": args.threads}
+                compiled[name] = load_bundle(
+                    folder.checkpoints, args.overrides, settings=settings, model_dir=folder.path)
     if args.sweep:
         grid = itertools.product(parse_floats(args.thresholds), parse_floats(args.margin_slices_list),
                                  parse_floats(args.margin_px_list))
-        cascades = [{"threshold": t, "margin_slices": int(s), "margin_px": int(px)} for t, s, px in grid]
+        cascades = [{"threshold": t, "margin_slices": int(s), "margin_px": None if px < 0 else int(px)} for t, s, px in grid]
     else:
         cascades = [{"threshold": args.threshold if args.threshold is not None else base.cascade_threshold,
                      "margin_slices": args.margin_slices if args.margin_slices is not None else base.cascade_margin_slices,
-                     "margin_px": args.margin_px if args.margin_px is not None else base.cascade_margin_px}]
+                     "margin_px": (None if args.margin_px < 0 else args.margin_px) if args.margin_px is not None
+                     else base.cascade_margin_px}]
     rows_by_id = {c.case_id: c for c in read_manifest(manifest)}
     fold_of = folds.fold_of_patient()
     cases = [c for c in cases_from_manifest(manifest, ensemble.channels, ensemble.modality)
@@ -256,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for case in cases:
         row = rows_by_id[case.case_id]
-        rows += bench_case(case, fold_of[row.patient_id], ensemble, cascades, args.rounds, row.label,
+        rows += bench_case(case, fold_of[row.patient_id], ensemble, cascades, compiled, args.rounds, row.label,
                            lambda line: print(line, flush=True))
     frame = pd.DataFrame(rows)
     summary: dict[str, Any] = {

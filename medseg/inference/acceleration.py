@@ -151,7 +151,8 @@ def accelerate(
     compiled = [backends.load_backend_model(backends.compiled_file(out, ckpt.stem, backend, name_precision), backend,
                                             name_precision, int(getattr(model, "multiple", 1)), threads)
                 for ckpt, model in zip(folder.checkpoints, reference.models, strict=True)]  # fmt: skip
-    inference = reference.inference.model_copy(update={"backend": backend, "precision": name_precision})
+    inference = reference.inference.model_copy(update={"backend": backend, "precision": name_precision,
+                                                       "channels_last": False})  # as load_bundle runs it
     candidate = dataclasses.replace(reference, models=compiled,
                                     config=reference.config.model_copy(update={"inference": inference}))  # fmt: skip
 

@@ -177,6 +177,9 @@ class OnnxRuntimeModel(BackendModel):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: a fold ensemble runs several sessions one after another,
+        # and each one's spinning threads would take the cores from the next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

@@ -215,7 +215,9 @@ def load_bundle(
 
         models = compiled_models(paths, models, config.inference, dev, Path(model_dir) if model_dir else None)
         precision = resolve_precision(config.inference.backend, config.inference.precision)  # auto -> fp32, recorded
-        config = config.model_copy(update={"inference": config.inference.model_copy(update={"precision": precision})})
+        # the runtimes take NCHW arrays: stacks built channels-last would be transposed once more per batch
+        compiled_settings = {"precision": precision, "channels_last": False}
+        config = config.model_copy(update={"inference": config.inference.model_copy(update=compiled_settings)})
     return InferenceBundle(models, config, channels, modality, paths, dev, Path(model_dir) if model_dir else None)
 
 

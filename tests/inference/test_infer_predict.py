@@ -194,3 +194,33 @@ def test_window_padding_centres_smaller_slices_modulo_the_stride():
     for n in range(1, 256):
         (before, after), _ = window_padding((n, 300), (256, 256), 32)
         assert (before - (256 - n) // 2) % 32 == 0 and (before + n + after) % 32 == 0 and 0 <= after < 32
+
+
+class ThreadRecorder(nn.Module):
+    """(N, C, H, W) -> zeros (N, 1, H, W); records torch's intra-op thread count at each call."""
+
+    multiple = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add(torch.get_num_threads())
+        return torch.zeros((x.shape[0], 1, *x.shape[2:]))
+
+
+@pytest.mark.parametrize(("backend", "threads_inside"), [("torch", 2), ("auto", 2), ("onnxruntime", 1), ("openvino", 1)])
+def test_compiled_backends_predict_with_one_torch_thread_and_restore_it(backend, threads_inside):
+    """A compiled runtime brings its own thread pool; torch's spinning workers would take its
+    cores between batches, so torch runs single-threaded around it and gets its count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = ThreadRecorder()
+        cfg = InferenceConfig(backend=backend, precision="fp32", cascade=False)
+        predict_volume([model], torch.zeros(1, 16, 16, 6), 1, cfg, "cpu")
+        assert model.seen == {threads_inside}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
