@@ -53,8 +53,8 @@ def calibration_from(bundle, case, n: int = 32) -> list[np.ndarray]:
 
 def variant_bundle(torch_bundle, name: str, tmp: Path, calibration: list[np.ndarray]):
     """The bundle of variant ``name`` (``<backend>-<precision>``): torch ones by settings, compiled
-    ones with :func:`medseg.inference.backends.compile_model`'s models in place of the torch ones."""
-    from medseg.inference import backends
+    ones with :func:`medseg.inference.compilation.compile_model`'s models in place of the torch ones."""
+    from medseg.inference import backends, compilation
 
     backend, precision = name.split("-")
     if backend == "torch":
@@ -63,7 +63,7 @@ def variant_bundle(torch_bundle, name: str, tmp: Path, calibration: list[np.ndar
     precision = backends.resolve_precision(backend, precision)
     models = []
     for k, model in enumerate(torch_bundle.models):
-        files = backends.compile_model(model, torch_bundle.config.model.in_channels, tmp / name, f"m{k}", backend,
+        files = compilation.compile_model(model, torch_bundle.config.model.in_channels, tmp / name, f"m{k}", backend,
                                        precision, calibration)  # fmt: skip
         models.append(backends.load_backend_model(files[0], backend, precision, int(getattr(model, "multiple", 1)),
                                                   torch_bundle.inference.threads))  # fmt: skip

@@ -3,7 +3,7 @@ them against the fp32 torch ensemble on the cross-validation patients.
 
 1. Every fold checkpoint of the model folder (:func:`medseg.auto.model_folder.read_model_folder`)
    is exported into ``MODEL_DIR/<BACKENDS_DIR>/<backend>-<precision>/``
-   (:func:`medseg.inference.backends.compile_model`). int8 is calibrated per fold model on that
+   (:func:`medseg.inference.compilation.compile_model`). int8 is calibrated per fold model on that
    fold's *training* patients of the pool manifest (its held-out patients never calibrate it; a
    checkpoint whose name gives no fold, ``fold_<k>[_r<r>].pt``, is calibrated on every pool
    patient of ``folds.json``).
@@ -38,7 +38,7 @@ import numpy as np
 
 from medseg.atomic import sha256_file, write_json
 from medseg.errors import MedsegError
-from medseg.inference import backends
+from medseg.inference import backends, compilation
 from medseg.outputs import BACKENDS_DIR, BACKENDS_RECORD
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def accelerate(
     if name_precision == "int8":
         train_rows = [r for r in rows if r.case_id in pool and r.label is not None]
         say(f"{name}: calibration stacks from {len(train_rows)} pool case(s)")
-        stacks_by_case = backends.calibration_stacks(train_rows, reference.config, _stride(reference.models),
+        stacks_by_case = compilation.calibration_stacks(train_rows, reference.config, _stride(reference.models),
                                                      per_case=calibration_per_case)  # fmt: skip
     files: list[dict[str, str]] = []
     calibration: dict[str, list[str]] = {}
@@ -144,7 +144,7 @@ def accelerate(
             calibration[ckpt.name] = cases
             stacks = [s for c in cases for s in stacks_by_case[c]]
         say(f"{name}: compiling {ckpt.name}")
-        written = backends.compile_model(model, in_channels, out, ckpt.stem, backend, name_precision, stacks)
+        written = compilation.compile_model(model, in_channels, out, ckpt.stem, backend, name_precision, stacks)
         files += [{"checkpoint": ckpt.name, "file": p.relative_to(folder_path).as_posix(), "sha256": sha256_file(p)}
                   for p in written]  # fmt: skip
     compile_seconds = time.perf_counter() - start

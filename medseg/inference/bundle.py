@@ -245,9 +245,10 @@ def load_model_folder(
         raise MedsegError(f"{model_dir}: inference.student=true but the folder has no student that medseg distill "
                           f"accepted (see its {DISTILL_RECORD}); run medseg distill or use inference.student=auto")  # fmt: skip
     if student is not None:
-        check = student.record.get("comparison", {})
-        log.info("model folder %s: its distilled student stands in for the %d fold model(s) (%s); post-processing %s",
-                 model_dir, len(folder.checkpoints), check.get("summary", "accepted out-of-fold by medseg distill"),
+        check = student.record.get("check", {})
+        log.info("model folder %s: its distilled student stands in for the %d fold model(s) (out-of-fold Dice %s "
+                 "against the folds' %s; inference.student=false runs the folds); post-processing %s", model_dir,
+                 len(folder.checkpoints), check.get("students_mean_dice"), check.get("ensemble_mean_dice"),
                  folder.postprocess or "of the checkpoints")  # fmt: skip
         return load_bundle([student.checkpoint], device=device, settings=merged, model_dir=model_dir)
     log.info("model folder %s: %d fold model(s) averaged; post-processing %s", model_dir, len(folder.checkpoints),

@@ -19,7 +19,7 @@ from medseg.atomic import write_json
 from medseg.auto.folds import FOLDS_FILE, assign_folds
 from medseg.auto.model_folder import read_model_folder, write_model_folder
 from medseg.errors import ConfigError, MedsegError
-from medseg.inference import backends
+from medseg.inference import backends, compilation
 from medseg.inference.acceleration import accelerate, mask_dice
 from medseg.inference.bundle import load_bundle
 from medseg.manifest import read_manifest
@@ -104,7 +104,7 @@ def test_compiled_model_behaves_like_the_torch_network(backend, precision, tmp_p
     model = build_model(ModelConfig(arch="unet", encoder="unet", in_channels=6, out_channels=1, width=0.125)).eval()
     rng = np.random.default_rng(0)
     stacks = [rng.standard_normal((1, 6, 48, 64)).astype(np.float32) for _ in range(6)]
-    files = backends.compile_model(model, 6, tmp_path, "fold_0", backend, precision, stacks)
+    files = compilation.compile_model(model, 6, tmp_path, "fold_0", backend, precision, stacks)
     compiled = backends.load_backend_model(files[0], backend, precision, model.multiple, threads=1)
     assert list(compiled.parameters()) == [] and not compiled.training and compiled.multiple == model.multiple
     tolerance = {"fp32": 1e-4, "bf16": 0.05, "int8": 0.1}[precision]
@@ -131,7 +131,7 @@ def test_int8_files_are_quantized(tmp_path):
 
     model = build_model(ModelConfig(arch="unet", encoder="unet", in_channels=6, out_channels=1, width=0.125)).eval()
     stacks = [np.random.default_rng(1).standard_normal((1, 6, 48, 48)).astype(np.float32) for _ in range(4)]
-    (file,) = backends.compile_model(model, 6, tmp_path, "fold_0", "onnxruntime", "int8", stacks)
+    (file,) = compilation.compile_model(model, 6, tmp_path, "fold_0", "onnxruntime", "int8", stacks)
     graph = onnx.load(str(file)).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("QuantizeLinear") > 5 and ops.count("DequantizeLinear") > 5
@@ -146,7 +146,7 @@ def test_calibration_takes_slices_with_and_without_lesion(pool):
 
     cases = read_manifest(pool)[:2]
     config = Config.model_validate({"model": {"arch": "unet", "encoder": "unet", "in_channels": 6, "width": 0.125}})
-    stacks = backends.calibration_stacks(cases, config, stride=16, per_case=6)
+    stacks = compilation.calibration_stacks(cases, config, stride=16, per_case=6)
     assert set(stacks) == {c.case_id for c in cases}
     for arrays in stacks.values():
         assert len(arrays) == 6
