@@ -101,14 +101,14 @@ def test_candidate_config_is_validated():
 
 
 @pytest.mark.slow  # two 2-fold cross-validations and the mirrored out-of-fold pass: ~60 s on 2 cores
-def test_auto_pipeline_with_candidates_ships_the_chosen_ones(tmp_path):
+def test_auto_pipeline_with_candidates_ships_the_chosen_ones(tmp_path, phantom_manifest):
     from conftest import REPO
     from test_pipeline_auto import TINY, _brats_like
 
     from medseg.auto.model_folder import read_model_folder
     from medseg.cli import main
 
-    source = _brats_like(tmp_path)
+    source = _brats_like(tmp_path, phantom_manifest)
     run_dir = tmp_path / "run"
     candidates = "[{name: deeplab, set: {}}, {name: unet, set: {model.arch: unet_inception}}]"
     args = ["run", str(REPO / "pipelines" / "auto.yaml"), "--set", f"pipeline.source={source}", "--out", str(run_dir),
