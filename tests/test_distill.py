@@ -141,7 +141,7 @@ def test_no_held_out_patient_or_teacher_that_saw_one_reaches_its_fold_student(tm
     assert check["paired_difference"]["mean"] == pytest.approx((per_case["student_dice"] - 0.5).mean())
     assert record["use_student"] is (check["students_mean_dice"] >= 0.5 - 0.01)
     assert set(record) >= {"format", "use_student", "check", "students", "per_case", "student", "settings", "failures"}
-    student = read_student(model)
+    student = read_student(read_model_folder(model))
     assert (student is not None) is record["use_student"]
 
 
@@ -209,28 +209,28 @@ def accepted_student(tmp: Path) -> tuple[Path, Path, Path, dict]:
 
 def test_read_student_returns_it_only_when_chosen_and_unchanged(tmp_path):
     folder, _, checkpoint, record = accepted_student(tmp_path)
-    student = read_student(folder)
+    student = read_student(read_model_folder(folder))
     assert student is not None and student.checkpoint == checkpoint and student.record["use_student"] is True
 
     write_json(folder / DISTILL_RECORD, {**record, "use_student": False})
-    assert read_student(folder) is None  # lost the out-of-fold check
+    assert read_student(read_model_folder(folder)) is None  # lost the out-of-fold check
     write_json(folder / DISTILL_RECORD, {**record, "student": {**record["student"], "teacher_sha256": {"fold_0.pt": "0" * 64}}})
     with pytest.raises(MedsegError, match="other fold checkpoints"):
-        read_student(folder)  # distilled from folds this folder no longer holds
+        read_student(read_model_folder(folder))  # distilled from folds this folder no longer holds
     write_json(folder / DISTILL_RECORD, record)
     data = bytearray(checkpoint.read_bytes())
     data[len(data) // 2] ^= 0xFF
     checkpoint.write_bytes(bytes(data))
     with pytest.raises(MedsegError, match="sha256 differs"):
-        read_student(folder)
+        read_student(read_model_folder(folder))
     checkpoint.unlink()
     with pytest.raises(MedsegError, match="not found"):
-        read_student(folder)
+        read_student(read_model_folder(folder))
     write_json(folder / DISTILL_RECORD, {"format": "other", "use_student": True})
     with pytest.raises(MedsegError, match="not a medseg distillation record"):
-        read_student(folder)
+        read_student(read_model_folder(folder))
     (folder / DISTILL_RECORD).unlink()
-    assert read_student(folder) is None  # no record: no student
+    assert read_student(read_model_folder(folder)) is None  # no record: no student
 
 
 def test_infer_runs_the_accepted_student_unless_told_off(tmp_path):

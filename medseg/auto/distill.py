@@ -53,6 +53,7 @@ from medseg.auto.model_folder import (
     STUDENT_CHECKPOINT,
     STUDENT_FORMAT,
     checkpoints_by_fold,
+    fold_sha256,
     read_model_folder,
 )
 from medseg.config import Config, dump_config, load_config
@@ -298,7 +299,7 @@ def run_distillation(
                 failures += failed
         record = _record(root, plans, trained, ensemble, ensemble_source, dice, failures, settings, student_text,
                          manifest, unlabeled)  # fmt: skip
-        _ship(root, work / FULL_STUDENT / LAST_CHECKPOINT, cfg, record)
+        _ship(root, work / FULL_STUDENT / LAST_CHECKPOINT, cfg, record, fold_sha256(folder))
     path = write_json(root / DISTILL_RECORD, record)
     log.info("distill: %s; use_student %s", record["check"]["reason"], record["use_student"])
     return DistillResult(path, record, failures)
@@ -350,17 +351,9 @@ def _record(root: Path, plans: list[StudentPlan], trained: dict[str, dict[str, A
     }
 
 
-def teacher_sha256(root: Path) -> dict[str, str]:
-    """The fold checkpoints the student learned from, by file name, as the model folder's record
-    vouches for them (a student is stale once its folder's folds are retrained)."""
-    from medseg.auto.model_folder import fold_sha256, read_model_folder
-
-    return fold_sha256(read_model_folder(root))
-
-
-def _ship(root: Path, source: Path, cfg: Config, record: dict[str, Any]) -> None:
-    """The full student as ``student/last.pt`` (slim) + ``student/config.yaml``; its sha256 into
-    ``record``."""
+def _ship(root: Path, source: Path, cfg: Config, record: dict[str, Any], teachers: dict[str, str]) -> None:
+    """The full student as ``student/last.pt`` (slim) + ``student/config.yaml``; its sha256 and
+    ``teachers`` (the fold checkpoints' sha256 by file name) into ``record``."""
     from medseg.models.checkpoint import write_inference_checkpoint
 
     target = root / STUDENT_CHECKPOINT
@@ -370,7 +363,7 @@ def _ship(root: Path, source: Path, cfg: Config, record: dict[str, Any]) -> None
     full = next(s for s in record["students"] if s["student"] == FULL_STUDENT)
     record["student"] = {"file": STUDENT_CHECKPOINT, "sha256": sha256_file(target), "config": f"{STUDENT_DIR}/{RUN_CONFIG}",
                          "trained_on_patients": full["trained_on_patients"], "teachers": full["teachers"],
-                         "teacher_sha256": teacher_sha256(root)}  # fmt: skip
+                         "teacher_sha256": teachers}  # fmt: skip
 
 
 __all__ = ["DistillResult", "DistillSettings", "run_distillation", "teacher_probabilities"]

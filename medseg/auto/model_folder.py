@@ -258,12 +258,19 @@ def checkpoints_by_fold(folder: ModelFolder) -> dict[int, list[Path]]:
     the ``postprocess`` stage). Raises ``MedsegError`` naming a checkpoint whose name says no fold."""
     groups: dict[int, list[Path]] = {}
     for path in folder.checkpoints:
-        match = FOLD_CHECKPOINT.search(path.name)
-        if match is None:
+        fold = fold_of_checkpoint(path)
+        if fold is None:
             raise MedsegError(f"{path}: the name says no cross-validation fold (fold_<k>.pt expected), so which "
                               "patients the model saw is unknown")  # fmt: skip
-        groups.setdefault(int(match.group(1)), []).append(path)
+        groups.setdefault(fold, []).append(path)
     return dict(sorted(groups.items()))
+
+
+def fold_of_checkpoint(path: str | Path) -> int | None:
+    """The cross-validation fold whose patients the checkpoint ``[<candidate>_]fold_<k>[_r<r>].pt``
+    did not see (k), or ``None`` when its name says no fold."""
+    match = FOLD_CHECKPOINT.search(Path(path).name)
+    return None if match is None else int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -281,15 +288,16 @@ def fold_sha256(folder: ModelFolder) -> dict[str, str]:
     return {Path(entry["file"]).name: entry["sha256"] for entry in folder.record["checkpoints"]}
 
 
-def read_student(path: str | Path) -> StudentRecord | None:
+def read_student(model: ModelFolder) -> StudentRecord | None:
     """The model folder's distilled student when its ``distill.json`` says ``use_student: true``,
-    else ``None`` (no record, or the student lost the out-of-fold check).
+    else ``None`` (no record, or the student lost the out-of-fold check). ``model``: the folder as
+    :func:`read_model_folder` read it (its fold checkpoints' sha256 already checked).
 
     The checkpoint must be the file the record vouches for: ``student/last.pt`` with the sha256
-    written there; a changed, missing or unvouched checkpoint raises ``MedsegError`` naming the
-    file (never a silent fall-back to a file nobody checked). A record of another format also
-    raises."""
-    folder = Path(path)
+    written there, distilled from the fold checkpoints the folder holds now; a changed, missing
+    or unvouched checkpoint raises ``MedsegError`` naming the file (never a silent fall-back to a
+    file nobody checked). A record of another format also raises."""
+    folder = model.path
     record_path = folder / DISTILL_RECORD
     if not record_path.is_file():
         return None
@@ -309,8 +317,7 @@ def read_student(path: str | Path) -> StudentRecord | None:
         raise MedsegError(f"{checkpoint}: sha256 differs from the one in {record_path} (file replaced or damaged); "
                           "run medseg distill again or delete the record")  # fmt: skip
     teachers = student.get("teacher_sha256")
-    current = fold_sha256(read_model_folder(folder))
-    if teachers != current:
+    if teachers != fold_sha256(model):
         raise MedsegError(f"{record_path}: the student was distilled from other fold checkpoints than {folder / MODEL_RECORD} "
                           "lists now (folds retrained or replaced); run medseg distill again, or inference.student=off")  # fmt: skip
     return StudentRecord(checkpoint, config, record)

@@ -5,7 +5,7 @@ them against the fp32 torch ensemble on the cross-validation patients.
    is exported into ``MODEL_DIR/<BACKENDS_DIR>/<backend>-<precision>/``
    (:func:`medseg.inference.compilation.compile_model`). int8 is calibrated per fold model on that
    fold's *training* patients of the pool manifest (its held-out patients never calibrate it; a
-   checkpoint whose name gives no fold, ``fold_<k>[_r<r>].pt``, is calibrated on every pool
+   checkpoint whose name gives no fold, ``[<candidate>_]fold_<k>[_r<r>].pt``, is calibrated on every pool
    patient of ``folds.json``).
 2. Every patient of the model folder's ``folds.json`` that the manifest holds goes through
    medseg's inference path (:class:`medseg.inference.case.CasePredictor`: preprocessing, the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,9 +41,6 @@ from medseg.inference import backends, compilation
 from medseg.outputs import BACKENDS_DIR, BACKENDS_RECORD
 
 log = logging.getLogger(__name__)
-
-FOLD_NAME = re.compile(r"^fold_(\d+)(?:_r\d+)?$")  # model folder checkpoint stems (medseg.auto.model_folder)
-
 
 @dataclass(frozen=True)
 class AccelerationResult:
@@ -140,7 +136,7 @@ def accelerate(
     for ckpt, model in zip(folder.checkpoints, reference.models, strict=True):
         stacks: list[np.ndarray] = []
         if name_precision == "int8":
-            cases = _calibration_cases(ckpt.stem, folds, rows, stacks_by_case)
+            cases = _calibration_cases(ckpt, folds, rows, stacks_by_case)
             calibration[ckpt.name] = cases
             stacks = [s for c in cases for s in stacks_by_case[c]]
         say(f"{name}: compiling {ckpt.name}")
@@ -193,18 +189,20 @@ def _stride(models: Sequence[Any]) -> int:
     return network_stride(models)
 
 
-def _calibration_cases(stem: str, folds: Any, rows: Sequence[Any], stacks_by_case: dict[str, Any]) -> list[str]:
-    """Case ids calibrating the checkpoint ``stem``: its fold's training patients (all pool cases
-    when the name gives no fold)."""
-    match = FOLD_NAME.match(stem)
+def _calibration_cases(checkpoint: Path, folds: Any, rows: Sequence[Any], stacks_by_case: dict[str, Any]) -> list[str]:
+    """Case ids calibrating ``checkpoint``: its fold's training patients (all pool cases when the
+    name gives no fold; :func:`medseg.auto.model_folder.fold_of_checkpoint`)."""
+    from medseg.auto.model_folder import fold_of_checkpoint
+
+    fold = fold_of_checkpoint(checkpoint)
     held: set[str] = set()
-    if match and int(match.group(1)) < folds.n_folds:
-        held = set(folds.patients[int(match.group(1))])
+    if fold is not None and fold < folds.n_folds:
+        held = set(folds.patients[fold])
     else:
-        log.warning("%s: no fold in the checkpoint's name; calibrating on every pool case", stem)
+        log.warning("%s: no fold in the checkpoint's name; calibrating on every pool case", checkpoint.name)
     cases = [r.case_id for r in rows if r.case_id in stacks_by_case and r.patient_id not in held]
     if not cases:
-        raise MedsegError(f"{stem}: no labelled training case of its fold in the manifest to calibrate int8 on")
+        raise MedsegError(f"{checkpoint.name}: no labelled training case of its fold in the manifest to calibrate int8 on")
     return cases
 
 
@@ -216,17 +214,18 @@ def _compare(
     from medseg.inference.case import CasePredictor
 
     torch_predictor, backend_predictor = CasePredictor(reference), CasePredictor(candidate)
+    # one read per case: the candidate shares the reference's preprocessing, so its predictor inverts
+    # with the chain that preprocessed (MONAI inverts what that chain recorded on the image)
+    backend_predictor.chain = torch_predictor.chain
     per_case: dict[str, float] = {}
     seconds = {"torch_fp32_predict": 0.0, "backend_predict": 0.0, "read_preprocess": 0.0}
     for case in cases:
         if case.case_id not in pool:
             continue
-        # each predictor reads the case itself: its chain inverts only what it applied (MONAI tracks the transforms)
         prepared = torch_predictor.prepare(case)
         seconds["read_preprocess"] += prepared.seconds
         prob, t_torch = torch_predictor.probabilities(prepared)
         mask_torch = torch_predictor.finish(prepared, prob).mask
-        prepared = backend_predictor.prepare(case)
         prob, t_backend = backend_predictor.probabilities(prepared)
         mask_backend = backend_predictor.finish(prepared, prob).mask
         del prepared, prob

@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def inference_threads(threads: int | None) -> int:
 # --------------------------------------------------------------------------- the runtime modules
 
 
-class BackendModel(nn.Module):
+class BackendModel(nn.Module, ABC):
     """A compiled model as the torch network (module docstring): ``(N, Cin, H, W)`` float32 ->
     ``(N, K, H, W)`` float32 logits on the CPU. ``multiple``: the torch model's pooling stride;
     ``file``: what it runs."""
@@ -161,8 +162,9 @@ class BackendModel(nn.Module):
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         return torch.from_numpy(self.run(array))
 
-    def run(self, array: np.ndarray) -> np.ndarray:  # pragma: no cover - the subclasses'
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, array: np.ndarray) -> np.ndarray:
+        """(N, Cin, H, W) float32 C-contiguous array -> (N, K, H, W) float32 logits (the runtime's call)."""
 
 
 class OnnxRuntimeModel(BackendModel):
@@ -247,18 +249,20 @@ def read_backends_record(model_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def accepted_entry(model_dir: str | Path, checkpoints: Sequence[Path], backend: str, precision: str) -> dict[str, Any]:
+def accepted_entry(model_dir: str | Path, checkpoints: Sequence[Path], backend: str, precision: str,
+                   sha256: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The record entry of ``backend``/``precision`` when ``medseg accelerate`` accepted it for
-    exactly ``checkpoints`` (same files, same sha256, same order) and its compiled files are the
-    ones it checked (sha256). Raises ``MedsegError`` otherwise, naming the measured Dice or
-    saying how to check it."""
+    exactly ``checkpoints`` (same files, same sha256, same order; ``sha256``: their hashes when
+    the caller has them already) and its compiled files are the ones it checked (sha256). Raises
+    ``MedsegError`` otherwise, naming the measured Dice or saying how to check it."""
     folder = Path(model_dir)
     name = variant_name(backend, precision)
     command = f"medseg accelerate {folder} --manifest POOL.csv --backend {backend} --precision {precision}"
     entry = read_backends_record(folder)["entries"].get(name)
     if not isinstance(entry, dict):
         raise MedsegError(f"{folder}: inference.backend={backend} precision={precision} not checked: run {command}")
-    have = [{"file": p.name, "sha256": sha256_file(p)} for p in checkpoints]
+    hashes = list(sha256) if sha256 is not None else [sha256_file(p) for p in checkpoints]
+    have = [{"file": p.name, "sha256": h} for p, h in zip(checkpoints, hashes, strict=True)]
     if [{"file": c.get("file"), "sha256": c.get("sha256")} for c in entry.get("checkpoints", [])] != have:
         raise MedsegError(f"{folder / BACKENDS_RECORD}: {name} was checked for other checkpoints than the model "
                           f"folder's (changed since); run {command} again")  # fmt: skip
@@ -275,44 +279,48 @@ def accepted_entry(model_dir: str | Path, checkpoints: Sequence[Path], backend: 
     return entry
 
 
-def fastest_accepted(model_dir: str | Path, checkpoints: Sequence[Path], precision: str) -> tuple[str, str] | None:
+def fastest_accepted(model_dir: str | Path, checkpoints: Sequence[Path], precision: str,
+                     sha256: Sequence[str] | None = None) -> tuple[str, str] | None:  # fmt: skip
     """``inference.backend: auto``: the (backend, precision) that ``medseg accelerate`` accepted
-    for exactly ``checkpoints`` and that predicted the cross-validation cases fastest, among the
-    variants this machine can run (packages installed; bf16 only on CPUs with fast bf16) and, when
-    ``precision`` is not ``auto``, of that precision. ``None``: no such variant (no record, none
-    accepted, checkpoints changed since): the caller runs torch."""
+    for exactly ``checkpoints`` (``sha256``: their hashes, if known) and that predicted the
+    cross-validation cases fastest, among the variants this machine can run (packages installed;
+    bf16 only on CPUs with fast bf16) and, when ``precision`` is not ``auto``, of that precision.
+    ``None``: no such variant (no record, none accepted, checkpoints changed since): the caller
+    runs torch. Candidates are checked fastest first; the first that holds is taken."""
     from medseg.runtime import cpu_has_fast_bf16
 
     folder = Path(model_dir)
     if not (folder / BACKENDS_RECORD).is_file():
         return None
-    runnable: list[tuple[float, str, str]] = []
+    candidates: list[tuple[float, str, str]] = []
     for entry in read_backends_record(folder)["entries"].values():
         backend, compiled = str(entry.get("backend")), str(entry.get("precision"))
         if not entry.get("accepted") or backend not in BACKENDS or precision not in ("auto", compiled):
             continue
         if not backend_available(backend) or (compiled == "bf16" and not cpu_has_fast_bf16()):
             continue
+        candidates.append((float((entry.get("timings_s") or {}).get("backend_predict", math.inf)), backend, compiled))
+    if not candidates:
+        return None
+    hashes = list(sha256) if sha256 is not None else [sha256_file(p) for p in checkpoints]
+    for _, backend, compiled in sorted(candidates):
         try:
-            accepted_entry(folder, checkpoints, backend, compiled)
+            accepted_entry(folder, checkpoints, backend, compiled, hashes)
         except MedsegError:
             continue  # checked for other checkpoints or files changed: not a candidate
-        seconds = float((entry.get("timings_s") or {}).get("backend_predict", math.inf))
-        runnable.append((seconds, backend, compiled))
-    if not runnable:
-        return None
-    _, backend, compiled = min(runnable)
-    return backend, compiled
+        return backend, compiled
+    return None
 
 
 def load_accepted_models(
     model_dir: str | Path, checkpoints: Sequence[Path], models: Sequence[nn.Module], backend: str, precision: str,
-    threads: int | None,
+    threads: int | None, sha256: Sequence[str] | None = None,
 ) -> list[BackendModel]:
-    """The compiled models of an accepted variant (:func:`accepted_entry`), one per checkpoint
-    (in order), each with its torch model's ``multiple``."""
+    """The compiled models of an accepted variant (:func:`accepted_entry`; ``sha256``: the
+    checkpoints' hashes, if known), one per checkpoint (in order), each with its torch model's
+    ``multiple``."""
     require_backend(backend)
-    accepted_entry(model_dir, checkpoints, backend, precision)
+    accepted_entry(model_dir, checkpoints, backend, precision, sha256)
     folder = variant_dir(model_dir, backend, precision)
     return [
         load_backend_model(compiled_file(folder, Path(ckpt).stem, backend, precision), backend, precision,

@@ -207,18 +207,25 @@ def load_bundle(
     if config.inference.keep_freed_memory:
         keep_freed_memory()
     set_threads(config.inference.threads)
+    folder = Path(model_dir) if model_dir else None
+    identity = None  # the bundle's identity, taken once: its checkpoint hashes also check a compiled variant
+    if folder is not None and dev.type == "cpu" and config.inference.backend != "torch":
+        from medseg.auto.model_folder import model_identity
+
+        identity = model_identity(paths, folder)
+    sha256 = None if identity is None else [entry["sha256"] for entry in identity["checkpoints"]]
     if config.inference.backend == "auto":
-        chosen = _auto_backend(paths, config.inference, dev, Path(model_dir) if model_dir else None)
+        chosen = _auto_backend(paths, config.inference, dev, folder, sha256)
         config = config.model_copy(update={"inference": config.inference.model_copy(update=chosen)})
     if config.inference.backend != "torch":
         from medseg.inference.backends import resolve_precision
 
-        models = compiled_models(paths, models, config.inference, dev, Path(model_dir) if model_dir else None)
+        models = compiled_models(paths, models, config.inference, dev, folder, sha256)
         precision = resolve_precision(config.inference.backend, config.inference.precision)  # auto -> fp32, recorded
         # the runtimes take NCHW arrays: stacks built channels-last would be transposed once more per batch
         compiled_settings = {"precision": precision, "channels_last": False}
         config = config.model_copy(update={"inference": config.inference.model_copy(update=compiled_settings)})
-    return InferenceBundle(models, config, channels, modality, paths, dev, Path(model_dir) if model_dir else None)
+    return InferenceBundle(models, config, channels, modality, paths, dev, folder, _identity=identity)
 
 
 def load_model_folder(
@@ -240,7 +247,7 @@ def load_model_folder(
     student_mode = merged.get("student", "auto")
     if student_mode not in ("auto", True, False):
         raise ConfigError(f"inference.student must be auto, true or false (off), got {student_mode!r}")
-    student = read_student(folder.path) if student_mode is not False else None
+    student = read_student(folder) if student_mode is not False else None
     if student is None and student_mode is True:
         raise MedsegError(f"{model_dir}: inference.student=true but the folder has no student that medseg distill "
                           f"accepted (see its {DISTILL_RECORD}); run medseg distill or use inference.student=auto")  # fmt: skip
@@ -257,7 +264,8 @@ def load_model_folder(
 
 
 def _auto_backend(
-    checkpoints: Sequence[Path], cfg: InferenceConfig, device: torch.device, model_dir: Path | None
+    checkpoints: Sequence[Path], cfg: InferenceConfig, device: torch.device, model_dir: Path | None,
+    sha256: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """``inference.backend: auto`` resolved: the fastest variant ``medseg accelerate`` accepted for
     this model folder's checkpoints (:func:`medseg.inference.backends.fastest_accepted`), else
@@ -266,7 +274,7 @@ def _auto_backend(
     if model_dir is not None and device.type == "cpu":
         from medseg.inference.backends import fastest_accepted
 
-        chosen = fastest_accepted(model_dir, checkpoints, cfg.precision)
+        chosen = fastest_accepted(model_dir, checkpoints, cfg.precision, sha256)
     if chosen is not None:
         log.info("inference.backend auto: %s %s (accepted by medseg accelerate, fastest on the CV cases)", *chosen)
         return {"backend": chosen[0], "precision": chosen[1]}
@@ -278,10 +286,11 @@ def _auto_backend(
 
 def compiled_models(
     checkpoints: Sequence[Path], models: Sequence[nn.Module], cfg: InferenceConfig, device: torch.device,
-    model_dir: Path | None,
+    model_dir: Path | None, sha256: Sequence[str] | None = None,
 ) -> list[nn.Module]:
     """The compiled counterparts of ``models`` for ``cfg.backend`` / ``cfg.precision``
-    (:mod:`medseg.inference.backends`), from the model folder ``model_dir``.
+    (:mod:`medseg.inference.backends`), from the model folder ``model_dir`` (``sha256``: the
+    checkpoints' hashes, if taken already).
 
     Refused (``MedsegError``): plain checkpoints (no model folder: no cross-validation patients
     whose masks could have been checked against the torch ensemble), a GPU device (the compiled
@@ -299,5 +308,5 @@ def compiled_models(
     if device.type != "cpu":
         raise ConfigError(f"inference.backend={cfg.backend} runs on the CPU; use --device cpu or inference.backend=torch")
     precision = resolve_precision(cfg.backend, cfg.precision)
-    return list(load_accepted_models(model_dir, checkpoints, models, cfg.backend, precision, cfg.threads))
+    return list(load_accepted_models(model_dir, checkpoints, models, cfg.backend, precision, cfg.threads, sha256))
 

@@ -258,12 +258,12 @@ def predict_volume(
     ``prepare_models`` once (channels_last weights).
     """
     dev = resolve_device(device)
-    amp = autocast_dtype(cfg.precision, dev) if cfg.backend in ("torch", "auto") else None  # compiled: own precision
+    compiled = cfg.backend not in ("torch", "auto")  # a compiled runtime: its own precision and threads
+    amp = None if compiled else autocast_dtype(cfg.precision, dev)
     flips = cfg.tta_flips if cfg.tta else ()
     cascade = cfg.cascade and len(models) >= 2
     first = EnsembleProbability(models[:1] if cascade else models, flips, amp, cfg.channels_last)
     rest = EnsembleProbability(models[1:], flips, amp, cfg.channels_last) if cascade else None
-    compiled = cfg.backend not in ("torch", "auto")
     with evaluating(models, dev), torch_threads(1 if compiled and dev.type == "cpu" else None):
         return _predict(first, rest, network_stride(models), image, context, cfg, dev, axis, progress, on_cascade)
 
@@ -324,15 +324,22 @@ def window_predictor(
     return partial(inferer, network=network)
 
 
-def _box_pass(
-    network: EnsembleProbability, stacks: SliceStacks, cfg: InferenceConfig, dev: torch.device, batch: int,
-    start: int, stop: int, box: tuple[slice, slice],
-) -> torch.Tensor:
-    """A cascade's second pass on slices ``start:stop``: (N, K, h, w) probabilities of ``network``
-    on the ``box`` (rows, columns) of the padded plane, tiled like a full slice when larger than
-    the window."""
-    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-    return window_predictor(network, shape, cfg, dev, batch)(stacks(start, stop, box))
+class BoxPass:
+    """A cascade's second pass (:func:`.cascade.cascade_refine`'s ``rest``): (N, K, h, w)
+    probabilities of ``network`` on slices ``start:stop`` cut to a ``box`` (rows, columns) of the
+    padded plane, tiled like a full slice when larger than the window. One window predictor per
+    box size, reused (whole kept slices, the default, are all one size)."""
+
+    def __init__(self, network: EnsembleProbability, stacks: SliceStacks, cfg: InferenceConfig, dev: torch.device,
+                 batch: int) -> None:  # fmt: skip
+        self.network, self.stacks, self.cfg, self.dev, self.batch = network, stacks, cfg, dev, batch
+        self.predictors: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, start: int, stop: int, box: tuple[slice, slice]) -> torch.Tensor:
+        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        if shape not in self.predictors:
+            self.predictors[shape] = window_predictor(self.network, shape, self.cfg, self.dev, self.batch)
+        return self.predictors[shape](self.stacks(start, stop, box))
 
 
 def _predict(
@@ -380,7 +387,7 @@ def _predict(
     assert out is not None
     if rest is not None:
         stats = cascade_refine(
-            out, partial(_box_pass, rest, stacks, cfg, dev, batch), len(network.models) + len(rest.models), padding,
+            out, BoxPass(rest, stacks, cfg, dev, batch), len(network.models) + len(rest.models), padding,
             stride, cfg.cascade_threshold, cfg.cascade_margin_slices, cfg.cascade_margin_px, batch,
         )
         if on_cascade is not None:
